@@ -1,0 +1,1 @@
+"""fastardiff.recipes"""

@@ -1,0 +1,127 @@
+"""Checkpoint format: one torch file of plain tensors and JSON-able dicts (loadable with weights_only=True),
+with its config also written as JSON beside it (model.pt -> model.json)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastardiff.errors import CheckpointError
+
+from .config import Calibration, DriftARConfig
+from .models import ARTransformer, DriftDecoder, build_models
+
+CHECKPOINT_FORMAT = "fastardiff-checkpoint"
+CHECKPOINT_VERSION = 1
+FAMILY = "drift-ar"
+
+
+@dataclass
+class DriftARCheckpoint:
+    config: DriftARConfig
+    calibration: Calibration
+    target: ARTransformer
+    draft: ARTransformer
+    decoder: DriftDecoder
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def eval(self) -> "DriftARCheckpoint":
+        for m in (self.target, self.draft, self.decoder):
+            m.eval().requires_grad_(False)
+        return self
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, ckpt: DriftARCheckpoint) -> Path:
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "family": FAMILY,
+        "config": ckpt.config.to_dict(),
+        "calibration": ckpt.calibration.to_dict(),
+        "meta": ckpt.meta,
+        "target": ckpt.target.state_dict(),
+        "draft": ckpt.draft.state_dict(),
+        "decoder": ckpt.decoder.state_dict(),
+    }
+    atomic_torch_save(payload, path)
+    side = {k: payload[k] for k in ("format", "version", "family", "config", "calibration", "meta")}
+    path.with_suffix(".json").write_text(json.dumps(side, indent=2, sort_keys=True))
+    return path
+
+
+def read_payload(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> dict:
+    """Load a fastardiff torch file safely and check its header; errors name the problem and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass --ckpt with the path of a .pt file "
+                              "(the shipped default is recipes/checkpoints/tiny-mnist.pt)")
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a directory; pass the checkpoint file itself (e.g. {path}/model.pt)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt / foreign files
+        raise CheckpointError(f"'{path}' is not a readable fastardiff checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise CheckpointError(f"'{path}' is not a {expected_format} file (no '{expected_format}' header); "
+                              "train one with `fastardiff train` or use the shipped default")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"'{path}' has format version {payload.get('version')}, this fastardiff reads "
+                              f"version {CHECKPOINT_VERSION}; re-export or upgrade fastardiff")
+    return payload
+
+
+def load_checkpoint(path: str | Path, attention_impl: str = "reference",
+                    expected_config: DriftARConfig | None = None) -> DriftARCheckpoint:
+    payload = read_payload(path)
+    if payload.get("family") != FAMILY:
+        raise CheckpointError(f"'{path}' is a checkpoint of model family '{payload.get('family')}', "
+                              f"expected '{FAMILY}'")
+    config = DriftARConfig.from_dict(payload["config"])
+    if expected_config is not None and config != expected_config:
+        diff = sorted(k for k, v in expected_config.to_dict().items() if config.to_dict().get(k) != v)
+        raise CheckpointError(f"'{path}' was trained with a different config (differs in {diff})")
+    target, draft, decoder = build_models(config, attention_impl)
+    for name, module in (("target", target), ("draft", draft), ("decoder", decoder)):
+        try:
+            module.load_state_dict(payload[name])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"'{path}': weights of '{name}' do not match its config "
+                                  f"({str(err).splitlines()[0][:160]})") from None
+    return DriftARCheckpoint(config, Calibration.from_dict(payload["calibration"]), target, draft, decoder,
+                             payload.get("meta", {}), Path(path)).eval()
+
+
+def default_checkpoint_path() -> Path:
+    return Path(__file__).resolve().parent / "checkpoints" / "tiny-mnist.pt"
+
+
+def default_classifier_path() -> Path:
+    return Path(__file__).resolve().parent / "checkpoints" / "digit-classifier.pt"

@@ -1,0 +1,71 @@
+"""The engine interface every backend implements, and the backend registry.
+
+All arrays are numpy (the runtime owns host buffers; a GPU backend may keep device copies internally).
+  draft_step(tokens[B,K,D] f32, lengths[B] i64, k_cache[L,B,H,S,Dh], v_cache, cond[B] i64)
+      -> mean[B,K,D], entropy[B,K], shallow_entropy[B,K], new_k[L,B,H,K,Dh], new_v
+  target_verify(same inputs with the target's cache) -> mean[B,K,D], entropy[B,K], new_k, new_v
+  decoder(tokens[B,N,D], entropy[B,N], cond[B]) -> image[B,C,H,W] in [-1, 1]
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Protocol
+
+import numpy as np
+
+from fastardiff.errors import EngineError
+
+from .manifest import Manifest, load_manifest
+
+
+class DraftOutput(NamedTuple):
+    mean: np.ndarray
+    entropy: np.ndarray
+    shallow_entropy: np.ndarray
+    new_k: np.ndarray
+    new_v: np.ndarray
+
+
+class VerifyOutput(NamedTuple):
+    mean: np.ndarray
+    entropy: np.ndarray
+    new_k: np.ndarray
+    new_v: np.ndarray
+
+
+class Engines(Protocol):
+    manifest: Manifest
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput: ...
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput: ...
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray: ...
+
+
+# backend name (as written in manifest.backend) -> "module:factory"; factory(engine_dir, manifest) -> Engines.
+# Modules are imported only when their backend is used, so ONNX engines never import torch.
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "fastardiff.runtime.backend_onnxruntime:load_onnxruntime_engines",
+    "aoti": "fastardiff.runtime.backend_aoti:load_aoti_engines",
+    "tensorrt": "fastardiff.runtime.backend_tensorrt:load_tensorrt_engines",
+}
+
+
+def register_backend(name: str, spec: str) -> None:
+    BACKENDS[name] = spec
+
+
+def _factory(name: str) -> Callable:
+    import importlib
+
+    if name not in BACKENDS:
+        raise EngineError(f"manifest asks for backend '{name}', which this fastardiff does not know; "
+                          f"known: {', '.join(sorted(BACKENDS))}")
+    module_name, attr = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_engines(engine_dir, **options) -> Engines:
+    """Read the manifest, pick its backend, verify hashes (inside the backend) and return loaded engines."""
+    manifest = load_manifest(engine_dir)
+    return _factory(manifest.backend)(engine_dir, manifest, **options)
