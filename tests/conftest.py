@@ -1,0 +1,68 @@
+"""Shared fixtures. GPU tests are marked `gpu` and skipped cleanly without CUDA."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from fastardiff.recipes.config import get_config
+
+    return get_config("tiny-mnist")
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tiny_config):
+    """A tiny-mnist checkpoint with seeded random weights (for shape/contract tests, not quality)."""
+    import torch
+
+    from fastardiff.recipes.checkpoint import DriftARCheckpoint
+    from fastardiff.recipes.config import Calibration
+    from fastardiff.recipes.models import build_models
+
+    torch.manual_seed(0)
+    target, draft, decoder = build_models(tiny_config)
+    return DriftARCheckpoint(tiny_config, Calibration(e_max=1.0), target, draft, decoder).eval()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint_path(random_checkpoint, tmp_path_factory):
+    from fastardiff.recipes.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt", random_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint_path():
+    """The trained default model. It must exist: it is shipped in the repository."""
+    from fastardiff.recipes.checkpoint import default_checkpoint_path
+
+    path = default_checkpoint_path()
+    assert path.exists(), f"shipped checkpoint {path} is missing; train it with `fastardiff train --recipe tiny-mnist`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint(shipped_checkpoint_path):
+    from fastardiff.recipes.checkpoint import load_checkpoint
+
+    return load_checkpoint(shipped_checkpoint_path)
