@@ -42,8 +42,9 @@ def entropy_attention_reference(q, k, v, lengths, causal_offset: int, scale: flo
     log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - log_norm)
     out = torch.matmul(probs, v.float()).to(q.dtype)
-    # H = log l + m - sum(p * s): masked entries have p = 0 (where() keeps 0 * -inf out of the sum)
-    weighted = torch.where(mask, probs * scores, torch.zeros_like(scores)).sum(-1)
+    # H = log l + m - sum(p * s): masked entries have p = 0; their score is zeroed before the product so that
+    # neither the forward nor the backward ever forms 0 * -inf (the draft's entropy loss backpropagates here)
+    weighted = (probs * torch.where(mask, scores, torch.zeros_like(scores))).sum(-1)
     entropy = log_norm.squeeze(-1) - weighted
     if normalize:
         n = attended_key_count(lengths, num_q)
