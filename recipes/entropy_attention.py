@@ -66,6 +66,20 @@ def get_entropy_attention(name: str) -> Callable:
     return ENTROPY_ATTENTION_IMPLS[name]
 
 
+def default_attention_impl(device) -> str:
+    """The implementation a model on `device` should use: the fused Triton op on CUDA when triton is installed,
+    the reference otherwise (callers pass it to ARTransformer(..., attention_impl=...); no global switch)."""
+    if torch.device(device).type != "cuda":
+        return "reference"
+    from fastardiff.errors import MissingDependencyError
+
+    try:
+        get_entropy_attention("triton")
+    except MissingDependencyError:
+        return "reference"
+    return "triton"
+
+
 def native_attention(q, k, v, lengths, causal_offset: int, scale: float):
     """Layers whose entropy is unused: the backend's native attention (SDPA), same mask."""
     mask = visible_keys_mask(lengths, q.shape[-2], k.shape[-2], causal_offset)
