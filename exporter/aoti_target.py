@@ -1,0 +1,64 @@
+"""`aoti` target: each engine torch.export-ed with Dim ranges for batch / K / cache and compiled ahead of time
+by AOTInductor into one `.pt2` package, loaded by the runtime with torch._inductor.aoti_load_package."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastardiff.recipes.checkpoint import DriftARCheckpoint
+
+from .engine_modules import ShapeProfile
+from .parity import check_engine_parity
+from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
+                      library_versions, trace_inputs)
+
+log = logging.getLogger("fastardiff.export")
+
+
+def export_program(module: nn.Module, example: tuple, shapes: dict) -> torch.export.ExportedProgram:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path) -> Path:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+def aoti_runner(path: Path, device: str):
+    runner = torch._inductor.aoti_load_package(str(path))
+
+    def run(inputs: tuple) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = runner(*[x.to(device) for x in inputs])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.detach().float().cpu().numpy() for o in out]
+
+    return run
+
+
+def build_aoti(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
+    cfg = ckpt.config
+
+    def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
+        layers = engine_layers(ckpt, name)
+        file = f"{name}.pt2"
+        example = trace_inputs(cfg, name, layers, profile, opts.device)
+        log.debug("%s: torch.export with example shapes %s", name, [tuple(x.shape) for x in example])
+        program = export_program(module, example, dynamic_shapes(name, profile))
+        log.debug("%s: AOTInductor compile", name)
+        compile_package(program, work_dir / file)
+        run = aoti_runner(work_dir / file, opts.device)
+        parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
+        parity["runtime"] = f"aoti {opts.device}"
+        return file, parity
+
+    engines = build_all_engines(ckpt, work_dir, opts, build_one)
+    return TargetResult(backend="aoti", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["aoti"]))

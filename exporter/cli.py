@@ -1,0 +1,56 @@
+"""`fastardiff export` / `fastardiff-export`: checkpoint -> engine directory (heavy imports inside the command)."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+# Default parity tolerances per precision when --atol/--rtol are not given.
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2, 6e-2)}
+
+
+@click.command("export")
+@click.option("--ckpt", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Checkpoint .pt file (default: the shipped tiny-mnist model).")
+@click.option("--target", required=True, metavar="onnx|aoti|trt", help="Engine format to build.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Engine directory to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", "max_batch", type=click.IntRange(1, 8), default=8, show_default=True,
+              help="Largest batch the engines accept (top of the batch profile).")
+@click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Draft length the verify profile is optimised for (K = gamma + 1).")
+@click.option("--atol", type=float, default=None, help="Parity absolute tolerance (default 1e-4 for fp32).")
+@click.option("--rtol", type=float, default=None, help="Parity relative tolerance (default 1e-3 for fp32).")
+@click.option("--force", is_flag=True, help="Rebuild even when the engine cache matches.")
+@click.option("--onnx-only", is_flag=True, help="trt: stop after writing the ONNX graph with plugin nodes.")
+@click.option("--verbose", is_flag=True, help="Detail: shapes, exporter messages.")
+def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, verbose):
+    """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
+    and write manifest.json (reused when nothing changed)."""
+    if verbose:
+        logging.getLogger("fastardiff").setLevel(logging.DEBUG)
+    elif not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastardiff.errors import FastardiffError
+
+    from .targets import TARGETS, ExportOptions
+
+    if target not in TARGETS:  # before importing torch: a typo should fail fast
+        raise FastardiffError(f"unknown export target '{target}'; choose one of: {', '.join(sorted(TARGETS))}")
+    from fastardiff.recipes.checkpoint import default_checkpoint_path
+
+    from .export import export_engines
+
+    default_atol, default_rtol = DEFAULT_TOLERANCES[precision]
+    opts = ExportOptions(target=target, precision=precision, device=device, max_batch=max_batch, gamma=gamma,
+                         atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
+                         force=force, onnx_only=onnx_only)
+    manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
+    click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
+               f"{manifest.device})")
+    for name, entry in manifest.engines.items():
+        outputs = entry.parity.get("outputs", {})
+        worst_abs = max((v["max_abs"] for v in outputs.values()), default=float("nan"))
+        click.echo(f"  {name:<14} {entry.file:<20} parity max abs {worst_abs:.2e} (atol {entry.parity.get('atol')}, "
+                   f"rtol {entry.parity.get('rtol')}, shapes {len(entry.parity.get('shapes', []))})")

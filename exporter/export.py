@@ -1,0 +1,148 @@
+"""Export orchestration: checkpoint -> engines + manifest.json in an engine directory, with an engine cache.
+
+Cache key = sha256 of (checkpoint file sha256, config hash, calibration, target, export options, library
+versions, manifest format). If OUT already holds a manifest with the same key and every engine file matches
+its sha256, nothing is rebuilt ("cache hit"). Otherwise the engines are built in a temp dir beside OUT, the
+manifest is written there, and the temp dir is renamed onto OUT; an existing OUT is moved aside first and
+removed only after the rename succeeded, so a failed export never leaves a half-written engine dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from fastardiff.errors import EngineError, FastardiffError
+from fastardiff.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, sha256_file,
+                                         verify_engine_files, write_manifest)
+
+from .targets import TARGET_LIBRARIES, ExportOptions, get_target, library_versions
+
+log = logging.getLogger("fastardiff.export")
+
+
+def cache_key(ckpt_sha256: str, config_hash: str, calibration: dict, opts: ExportOptions, versions: dict,
+              gpu: dict | None = None) -> str:
+    ident = {k: v for k, v in asdict(opts).items() if k != "force"}
+    blob = json.dumps({"checkpoint": ckpt_sha256, "config": config_hash, "calibration": calibration,
+                       "options": ident, "libraries": versions, "gpu": gpu or {},
+                       "format_version": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _gpu_identity(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def check_output_dir(out: Path) -> None:
+    """OUT must be creatable beside its parent, and if it exists be an engine dir (or empty) we may replace."""
+    if out.exists() and not out.is_dir():
+        raise FastardiffError(f"--out '{out}' exists and is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+        raise FastardiffError(f"--out '{out}' is a non-empty directory without {MANIFEST_NAME}; refusing to "
+                              "replace it (choose a new directory or remove it)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FastardiffError(f"cannot create output directory '{parent}' ({err.strerror}); choose a writable --out") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FastardiffError(f"output directory '{parent}' is not writable; choose a writable --out")
+
+
+def cached_manifest(out: Path, key: str) -> Manifest | None:
+    """The manifest in OUT if it was built with `key` and its engine files verify; else None (with the reason)."""
+    if not (out / MANIFEST_NAME).exists():
+        return None
+    try:
+        manifest = load_manifest(out)
+    except EngineError as err:
+        log.info("existing %s is unusable (%s); rebuilding", out / MANIFEST_NAME, err)
+        return None
+    if manifest.export.get("cache_key") != key:
+        log.info("engines in %s were built from a different checkpoint, options or library versions; rebuilding", out)
+        return None
+    try:
+        verify_engine_files(out, manifest)
+    except EngineError as err:
+        log.info("%s; rebuilding", err)
+        return None
+    return manifest
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename tmp onto out; an existing out is moved aside first and restored if the rename fails."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) -> tuple[Manifest, bool]:
+    """Build (or reuse) the engines of `ckpt_path` for `opts.target` in `out`. Returns (manifest, cache_hit)."""
+    from fastardiff.recipes.checkpoint import load_checkpoint
+
+    out = Path(out)
+    build = get_target(opts.target)          # unknown target / missing dependency fail before any work
+    check_output_dir(out)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.config
+    ckpt_sha = sha256_file(ckpt_path)
+    versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
+                "numpy": library_versions(["numpy"])["numpy"], **library_versions(TARGET_LIBRARIES[opts.target])}
+    gpu = _gpu_identity(opts.device)
+    key = cache_key(ckpt_sha, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
+    if not opts.force:
+        manifest = cached_manifest(out, key)
+        if manifest is not None:
+            log.info("cache hit: %s already holds %s engines for this checkpoint, options and library versions "
+                     "(use --force to rebuild)", out, opts.target)
+            return manifest, True
+
+    log.info("exporting %s (%s, config %s) to %s: target %s, %s, %s, batch <= %d, gamma %d",
+             ckpt_path, cfg.name, cfg.config_hash(), out, opts.target, opts.precision, opts.device, opts.max_batch,
+             opts.gamma)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        result = build(ckpt, tmp, opts)
+        manifest = Manifest(
+            backend=result.backend, family=cfg.family, config=cfg.to_dict(), calibration=ckpt.calibration.to_dict(),
+            engines=result.engines, precision=opts.precision, device=opts.device, gamma=opts.gamma,
+            max_batch=opts.max_batch, config_hash=cfg.config_hash(), library_versions={**versions,
+                                                                                     **result.library_versions},
+            gpu=result.gpu or gpu, plugin=result.plugin,
+            export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
+                    "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
+        write_manifest(tmp, manifest)
+        verify_engine_files(tmp, load_manifest(tmp))
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s engines and %s to %s in %.1f s", opts.target, MANIFEST_NAME, out, time.perf_counter() - start)
+    return manifest, False

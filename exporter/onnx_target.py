@@ -1,0 +1,110 @@
+"""`onnx` target: each engine as one ONNX file (torch.onnx dynamo exporter, dynamic batch / K / cache axes),
+run by ONNX Runtime. Entropy attention is exported in its decomposed standard-op form, so the graph runs
+anywhere ONNX Runtime runs.
+
+`export_onnx_file` is the reusable step: the TensorRT target calls it with a custom translation table that
+turns the entropy-attention op into a plugin node. Keep its signature stable.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastardiff.recipes.checkpoint import DriftARCheckpoint
+
+from .engine_modules import ENGINE_IO, ShapeProfile
+from .parity import check_engine_parity
+from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
+                      library_versions, trace_inputs)
+
+log = logging.getLogger("fastardiff.export")
+
+OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx(verbose: bool):
+    """The dynamo exporter logs warnings about optional torchvision ops; keep them out of normal output."""
+    names = ["torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo",
+             "onnxscript", "onnx_ir"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx_file(module: nn.Module, example_inputs: tuple, path: str | Path, input_names: Sequence[str],
+                     output_names: Sequence[str], dynamic_shapes: dict | None = None,
+                     custom_translation_table: dict | None = None, opset: int = OPSET) -> Path:
+    """Export `module` to a self-contained ONNX file with torch.onnx.export(dynamo=True).
+
+    dynamic_shapes: {input name: {axis: torch.export.Dim}} (as torch.export takes them); the ONNX graph gets
+    symbolic dims named after the Dims. custom_translation_table: {torch op overload: onnxscript function},
+    used to emit custom nodes (e.g. a TensorRT plugin op) instead of the decomposed form.
+    """
+    import warnings
+
+    path = Path(path)
+    verbose = logging.getLogger("fastardiff").isEnabledFor(logging.DEBUG)
+    with _quiet_torch_onnx(verbose), warnings.catch_warnings(), torch.no_grad():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, tuple(example_inputs), None, input_names=list(input_names), output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes, custom_translation_table=custom_translation_table, opset_version=opset,
+            dynamo=True, external_data=False, optimize=True, verbose=verbose, report=False)
+    program.save(str(path), external_data=False)
+    return path
+
+
+def ort_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def ort_runner(path: Path, name: str, device: str) -> Callable[[tuple], list[np.ndarray]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
+    input_names = ENGINE_IO[name][0]
+
+    def run(inputs: tuple) -> list[np.ndarray]:
+        return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
+
+    return run
+
+
+def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
+    cfg = ckpt.config
+
+    def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
+        layers = engine_layers(ckpt, name)
+        inputs, outputs = ENGINE_IO[name]
+        file = f"{name}.onnx"
+        example = trace_inputs(cfg, name, layers, profile, opts.device)
+        log.debug("%s: exporting with example shapes %s", name, [tuple(x.shape) for x in example])
+        export_onnx_file(module, example, work_dir / file, inputs, outputs, dynamic_shapes(name, profile))
+        run = ort_runner(work_dir / file, name, opts.device)
+        parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
+        parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))
+        return file, parity
+
+    engines = build_all_engines(ckpt, work_dir, opts, build_one)
+    return TargetResult(backend="onnxruntime", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["onnx"]),
+                        extra={"opset": OPSET, "exporter": "torch.onnx dynamo"})

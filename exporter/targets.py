@@ -1,0 +1,217 @@
+"""Export targets: the registry, the options every target reads, and helpers they share.
+
+A target is a function  build_X(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult
+that writes one engine file per engine (draft_step, target_verify, decoder) into `work_dir` (a temp dir the
+orchestrator renames into place), checks each against the PyTorch reference (exporter/parity.py) and fills an
+EngineEntry (file, sha256, inputs, outputs, profile, parity). Targets are imported lazily by name, so the
+`onnx` target never needs tensorrt and the `trt` target slots in beside the others.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fastardiff.errors import FastardiffError, MissingDependencyError
+from fastardiff.recipes.checkpoint import DriftARCheckpoint
+from fastardiff.recipes.config import DriftARConfig
+from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, sha256_file
+
+from .engine_modules import ENGINE_IO, ShapeProfile, example_inputs, make_engine_modules, shape_profiles
+
+log = logging.getLogger("fastardiff.export")
+
+TARGETS: dict[str, str] = {
+    "onnx": "fastardiff.exporter.onnx_target:build_onnx",
+    "aoti": "fastardiff.exporter.aoti_target:build_aoti",
+    "trt": "fastardiff.exporter.trt_target:build_trt",
+}
+# Libraries whose versions make an engine (part of the engine-cache key and of the manifest).
+TARGET_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "onnx": ("torch", "onnx", "onnxscript", "onnxruntime"),
+    "aoti": ("torch",),
+    "trt": ("torch", "onnx", "onnxscript", "tensorrt"),
+}
+# Optional python packages each target imports, and the pyproject extra that installs them.
+TARGET_DEPENDENCIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "onnx": (("onnx", "export"), ("onnxscript", "export"), ("onnxruntime", "onnx")),
+    "aoti": (),
+    "trt": (("onnx", "export"), ("onnxscript", "export"), ("tensorrt", "trt")),
+}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExportOptions:
+    target: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    max_batch: int = 8
+    gamma: int = 4
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    force: bool = False
+    onnx_only: bool = False       # trt: stop after the ONNX graph (with plugin nodes) is written
+
+
+@dataclass
+class TargetResult:
+    backend: str                  # runtime backend registry key written to the manifest
+    engines: dict[str, EngineEntry]
+    library_versions: dict
+    gpu: dict = field(default_factory=dict)
+    plugin: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # merged into manifest.export
+
+
+def check_dependencies(target: str) -> None:
+    """Raise MissingDependencyError naming the extra when a package the target needs is not installed."""
+    for package, extra in TARGET_DEPENDENCIES.get(target, ()):
+        if importlib.util.find_spec(package) is None:
+            raise MissingDependencyError(package, extra, f"the '{target}' export target")
+
+
+def get_target(name: str) -> Callable[[DriftARCheckpoint, Path, ExportOptions], TargetResult]:
+    if name not in TARGETS:
+        raise FastardiffError(f"unknown export target '{name}'; choose one of: {', '.join(sorted(TARGETS))}")
+    check_dependencies(name)
+    module_name, attr = TARGETS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise FastardiffError(f"export target '{name}' is not available in this fastardiff build "
+                                  f"(module {module_name} is missing)") from None
+        raise MissingDependencyError(err.name or "?", _extra_of(err.name), f"the '{name}' export target") from None
+    return getattr(module, attr)
+
+
+def _extra_of(package: str | None) -> str:
+    for deps in TARGET_DEPENDENCIES.values():
+        for p, extra in deps:
+            if p == package:
+                return extra
+    return "export"
+
+
+def library_versions(names) -> dict:
+    """Installed versions from package metadata (no imports: cheap enough for the cache check)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
+    if opts.precision not in PRECISIONS:
+        raise FastardiffError(f"unknown precision '{opts.precision}'; choose one of {', '.join(PRECISIONS)}")
+    if opts.device not in ("cpu", "cuda"):
+        raise FastardiffError(f"unknown device '{opts.device}'; choose cpu or cuda")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise FastardiffError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if not 1 <= opts.max_batch <= 8:
+        raise FastardiffError(f"--batch {opts.max_batch} is out of range; choose 1..8")
+    if not 1 <= opts.gamma < cfg.seq_len:
+        raise FastardiffError(f"--gamma {opts.gamma} is out of range; choose 1..{cfg.seq_len - 1}")
+    if opts.atol < 0 or opts.rtol < 0:
+        raise FastardiffError("--atol and --rtol must be >= 0")
+
+
+def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
+    """Number of KV-cache layers an engine takes (0 for the decoder)."""
+    return {"draft_step": ckpt.draft.num_layers, "target_verify": ckpt.target.num_layers}.get(name, 0)
+
+
+class CastWrapper(nn.Module):
+    """Runs an engine module in fp16/bf16 while keeping the engine's interface fp32 (the runtime owns fp32
+    buffers): float inputs are cast down, float outputs cast back up."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *inputs):
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        out = self.module(*cast)
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(o.float() if o.is_floating_point() else o for o in out)
+
+
+def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(modules to export, fp32 reference modules); the exported ones are cast to the precision and device."""
+    import copy
+
+    reference = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder)
+    exported = {}
+    for name, module in reference.items():
+        m = copy.deepcopy(module).to(opts.device)
+        if opts.precision != "fp32":
+            m = CastWrapper(m, PRECISIONS[opts.precision])
+        exported[name] = m.eval()
+    return exported, reference
+
+
+def trace_inputs(cfg: DriftARConfig, name: str, layers: int, profile: ShapeProfile, device: str = "cpu"):
+    """Example inputs for tracing: sizes inside the profile and never 0 or 1 on a dynamic axis (torch.export
+    specialises 0/1-sized dimensions)."""
+    batch = min(max(2, profile.batch[1]), profile.batch[2]) if profile.batch[2] >= 2 else profile.batch[2]
+    k = min(max(2, profile.new_tokens[1]), profile.new_tokens[2])
+    cache = min(max(2, profile.cache[1]), profile.cache[2])
+    if name != "decoder":
+        k = min(k, cfg.seq_len - 2)
+    return tuple(x.to(device) for x in example_inputs(cfg, name, layers, batch, k, cache, seed=1234))
+
+
+def dynamic_shapes(name: str, profile: ShapeProfile) -> dict:
+    """torch.export Dim ranges for the engine inputs (same names as ENGINE_IO)."""
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=profile.batch[0], max=profile.batch[2]) if profile.batch[2] > 1 else None
+    if name == "decoder":
+        return {"tokens": {0: batch}, "entropy": {0: batch}, "cond": {0: batch}}
+    k = Dim("K", min=profile.new_tokens[0], max=profile.new_tokens[2])
+    s = Dim("cache", min=profile.cache[0], max=profile.cache[2])
+    return {"tokens": {0: batch, 1: k}, "lengths": {0: batch}, "k_cache": {1: batch, 3: s},
+            "v_cache": {1: batch, 3: s}, "cond": {0: batch}}
+
+
+def profile_dict(profile: ShapeProfile) -> dict:
+    return {"batch": list(profile.batch), "K": list(profile.new_tokens), "cache": list(profile.cache)}
+
+
+def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions,
+                      build_one: Callable[[str, nn.Module, nn.Module, ShapeProfile], tuple[str, dict]],
+                      ) -> dict[str, EngineEntry]:
+    """Loop the engines with one progress line each: build_one(name, module, reference, profile) writes the
+    engine file into work_dir and returns (file name relative to work_dir, parity report)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    check_options(ckpt.config, opts)
+    modules, references = engine_modules(ckpt, opts)
+    profiles = shape_profiles(ckpt.config, opts.max_batch, opts.gamma)
+    entries = {}
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        bar = tqdm(ENGINE_NAMES, desc=f"export {opts.target}", unit="engine", leave=False,
+                   disable=None if log.isEnabledFor(logging.INFO) else True)
+        for name in bar:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            file, parity = build_one(name, modules[name], references[name], profiles[name])
+            inputs, outputs = ENGINE_IO[name]
+            entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
+                                        outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity)
+            worst = max((v["max_abs"] for v in parity.get("outputs", {}).values()), default=float("nan"))
+            log.info("  %-13s %-20s %6.1f s   parity max abs %.2e", name, file, time.perf_counter() - start, worst)
+    return entries

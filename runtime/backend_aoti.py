@@ -1,0 +1,69 @@
+"""AOTInductor backend: one `.pt2` package per engine, loaded with torch._inductor.aoti_load_package.
+The engine interface stays numpy (zero-copy torch.from_numpy on CPU); torch is imported only here."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fastardiff.errors import EngineError, MissingDependencyError
+
+from .engine import DraftOutput, VerifyOutput
+from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
+
+log = logging.getLogger("fastardiff.runtime")
+
+
+class AotiEngines:
+    """The Engines interface over three AOTInductor packages (numpy in, numpy out)."""
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
+                 **other):
+        try:
+            import torch
+            import torch._inductor
+        except ImportError:
+            raise MissingDependencyError("torch", "export", "running AOTInductor engines") from None
+        if other:
+            log.debug("aoti backend ignores options %s", sorted(other))
+        self.torch = torch
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.device = device or manifest.device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"engines in '{engine_dir}' were compiled for CUDA and torch sees no CUDA device")
+        if verify:
+            verify_engine_files(self.engine_dir, manifest)
+        self.runners = {}
+        for name in ENGINE_NAMES:
+            path = self.engine_dir / manifest.engines[name].file
+            try:
+                self.runners[name] = torch._inductor.aoti_load_package(str(path))
+            except Exception as err:  # the loader raises RuntimeError/zipfile errors for foreign files
+                raise EngineError(f"cannot load AOTInductor package '{path}' ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:160] if str(err) else ''}); re-export it") from None
+
+    def _tensor(self, a):
+        a = np.asarray(a)
+        a = np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32)
+        return self.torch.from_numpy(a).to(self.device)
+
+    def _run(self, name: str, arrays) -> list[np.ndarray]:
+        with self.torch.no_grad():
+            out = self.runners[name](*[self._tensor(a) for a in arrays])
+        out = out if isinstance(out, (list, tuple)) else (out,)
+        return [o.detach().cpu().numpy() for o in out]
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        return DraftOutput(*self._run("draft_step", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        return VerifyOutput(*self._run("target_verify", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        return self._run("decoder", (tokens, entropy, cond))[0]
+
+
+def load_aoti_engines(engine_dir, manifest: Manifest, **options) -> AotiEngines:
+    return AotiEngines(engine_dir, manifest, **options)

@@ -1,0 +1,121 @@
+"""ONNX Runtime backend: one InferenceSession per engine. Never imports torch.
+
+Execution providers: the CPU provider by default; when the installed onnxruntime offers them, the TensorRT
+and CUDA providers come first (TensorRT gets the manifest's shape profiles as its optimisation profile).
+Pass providers=[...] to choose explicitly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fastardiff.errors import EngineError, MissingDependencyError
+
+from .engine import DraftOutput, VerifyOutput
+from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
+
+log = logging.getLogger("fastardiff.runtime")
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
+    """TensorRT EP profile string 'input:dim x dim,...' for one corner (0 min, 1 opt, 2 max) of the profile."""
+    cfg, entry = manifest.config, manifest.engines[name]
+    b = entry.profile["batch"][corner]
+    if name == "decoder":
+        n = cfg["image_size"] // cfg["patch"]
+        n = n * n
+        return f"tokens:{b}x{n}x{cfg['token_dim']},entropy:{b}x{n},cond:{b}"
+    k, s = entry.profile["K"][corner], entry.profile["cache"][corner]
+    layers = cfg["draft_layers"] if name == "draft_step" else cfg["target_layers"]
+    cache = f"{layers}x{b}x{cfg['heads']}x{s}x{cfg['width'] // cfg['heads']}"
+    return f"tokens:{b}x{k}x{cfg['token_dim']},lengths:{b},k_cache:{cache},v_cache:{cache},cond:{b}"
+
+
+def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list:
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise EngineError(f"onnxruntime execution providers {missing} are not available here "
+                              f"(available: {available})")
+        wanted = list(providers)
+    else:
+        wanted = [p for p in PREFERRED_PROVIDERS if p in available]
+    chosen = []
+    for p in wanted:
+        if p == "TensorrtExecutionProvider":
+            chosen.append((p, {"trt_profile_min_shapes": _profile_shapes(manifest, name, 0),
+                               "trt_profile_opt_shapes": _profile_shapes(manifest, name, 1),
+                               "trt_profile_max_shapes": _profile_shapes(manifest, name, 2),
+                               "trt_fp16_enable": manifest.precision == "fp16"}))
+        else:
+            chosen.append(p)
+    return chosen or ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeEngines:
+    """The Engines interface over three onnxruntime sessions (numpy in, numpy out)."""
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
+                 verify: bool = True, **other):
+        if other:
+            log.debug("onnxruntime backend ignores options %s", sorted(other))
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime", "onnx", "running ONNX engines") from None
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        if verify:
+            verify_engine_files(self.engine_dir, manifest)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for name in ENGINE_NAMES:
+            entry = manifest.engines[name]
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.engine_dir / entry.file), options,
+                                                           providers=choose_providers(ort, manifest, name, providers))
+            except Exception as err:  # onnxruntime raises its own exception types for bad models
+                raise EngineError(f"onnxruntime cannot load engine '{self.engine_dir / entry.file}' "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); re-export it") from None
+            self._check_io(name)
+        self.providers = self.sessions["target_verify"].get_providers()
+        log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
+
+    def _check_io(self, name: str) -> None:
+        session, entry = self.sessions[name], self.manifest.engines[name]
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        if got_in != list(entry.inputs) or got_out != list(entry.outputs):
+            raise EngineError(f"engine '{name}' has inputs {got_in} / outputs {got_out}, the manifest says "
+                              f"{entry.inputs} / {entry.outputs}; re-export")
+
+    def _run(self, name: str, arrays) -> list[np.ndarray]:
+        names = self.manifest.engines[name].inputs
+        feed = {}
+        for n, a in zip(names, arrays):
+            a = np.asarray(a)
+            dtype = np.int64 if a.dtype.kind in "iu" else np.float32
+            feed[n] = np.ascontiguousarray(a, dtype=dtype)
+        return self.sessions[name].run(None, feed)
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        return DraftOutput(*self._run("draft_step", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        return VerifyOutput(*self._run("target_verify", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        return self._run("decoder", (tokens, entropy, cond))[0]
+
+
+def load_onnxruntime_engines(engine_dir, manifest: Manifest, **options) -> OnnxRuntimeEngines:
+    return OnnxRuntimeEngines(engine_dir, manifest, **options)
