@@ -1,0 +1,63 @@
+"""The `torch` reference backend: the Engines protocol around the PyTorch engine modules, numpy in and out.
+
+It runs a checkpoint directly (no export, no manifest file): the manifest is synthesised in memory from the
+checkpoint's config and calibration. It lives in `exporter` because it needs `recipes`; the runtime CLI
+imports it lazily, only for `--ckpt`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
+from fastardiff.runtime.engine import DraftOutput, VerifyOutput
+from fastardiff.runtime.manifest import Manifest
+
+from .engine_modules import make_engine_modules
+
+
+def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int) -> Manifest:
+    return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
+                    calibration=ckpt.calibration.to_dict(), engines={}, device=device, max_batch=max_batch,
+                    config_hash=ckpt.config.config_hash(), library_versions={"torch": torch.__version__},
+                    export={"checkpoint": str(ckpt.path) if ckpt.path else None})
+
+
+class TorchEngines:
+    """Engines backed by the reference torch modules on `device` (float32)."""
+
+    def __init__(self, ckpt: DriftARCheckpoint, device: str = "cpu", max_batch: int = 256):
+        self.device = torch.device(device)
+        self.modules = {k: m.to(self.device) for k, m in
+                        make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder).items()}
+        self.manifest = checkpoint_manifest(ckpt, str(self.device), max_batch)
+
+    def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+    def _ar_inputs(self, tokens, lengths, k_cache, v_cache, cond):
+        return (self._tensor(tokens), self._tensor(lengths, torch.long), self._tensor(k_cache),
+                self._tensor(v_cache), self._tensor(cond, torch.long))
+
+    @torch.inference_mode()
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        out = self.modules["draft_step"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
+        return DraftOutput(*(t.float().cpu().numpy() for t in out))
+
+    @torch.inference_mode()
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        out = self.modules["target_verify"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
+        return VerifyOutput(*(t.float().cpu().numpy() for t in out))
+
+    @torch.inference_mode()
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        image = self.modules["decoder"](self._tensor(tokens), self._tensor(entropy), self._tensor(cond, torch.long))
+        return image.float().cpu().numpy()
+
+
+def load_torch_engines(source: DriftARCheckpoint | str | Path, device: str = "cpu", max_batch: int = 256,
+                       attention_impl: str = "reference") -> TorchEngines:
+    ckpt = source if isinstance(source, DriftARCheckpoint) else load_checkpoint(source, attention_impl)
+    return TorchEngines(ckpt, device, max_batch)

@@ -1,0 +1,86 @@
+"""Run statistics: counters and per-stage wall time, as a table and as JSON.
+
+Counts are per sample where that is what the figure means: `target_rows` counts a sample in a batched target
+call once, so tokens_per_target_call = tokens / target_rows equals N / (target calls) for a batch of one and is
+the reduction in sequential target passes versus target-only decoding (which has exactly 1.0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("draft", "verify", "decode", "host")
+
+
+@dataclass
+class RunStats:
+    mode: str = "speculative"
+    early_stop: str = "static"
+    gamma: int = 4
+    images: int = 0
+    tokens: int = 0            # tokens generated, summed over samples
+    target_calls: int = 0      # batched target engine invocations (prefill steps + verifies)
+    target_rows: int = 0       # samples evaluated by the target, summed over calls
+    draft_calls: int = 0       # batched draft engine invocations
+    verifies: int = 0          # sample-level verify steps
+    drafts_proposed: int = 0   # drafts sent to verification
+    drafts_accepted: int = 0
+    early_stops: int = 0       # drafting rounds ended by the entropy threshold
+    residual_samples: int = 0
+    bonus_tokens: int = 0
+    seconds: dict = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    total_seconds: float = 0.0
+
+    @contextmanager
+    def timer(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> dict:
+        ratio = lambda a, b: a / b if b else 0.0  # noqa: E731
+        return {
+            "mode": self.mode, "early_stop": self.early_stop, "gamma": self.gamma, "images": self.images,
+            "tokens": self.tokens, "target_calls": self.target_calls, "target_rows": self.target_rows,
+            "draft_calls": self.draft_calls, "verifies": self.verifies,
+            "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,
+            "acceptance_rate": ratio(self.drafts_accepted, self.drafts_proposed),
+            "mean_accepted_per_verify": ratio(self.drafts_accepted, self.verifies),
+            "tokens_per_target_call": ratio(self.tokens, self.target_rows),
+            "early_stops": self.early_stops, "residual_samples": self.residual_samples,
+            "bonus_tokens": self.bonus_tokens,
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+            "total_seconds": round(self.total_seconds, 6),
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        rows = [(k, v) for k, v in s.items() if k != "seconds"]
+        rows += [(f"time {k} (s)", v) for k, v in s["seconds"].items()]
+        width = max(len(k) for k, _ in rows)
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        write_text_atomic(path, json.dumps(self.summary(), indent=2) + "\n")
+        return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
