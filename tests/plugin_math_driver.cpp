@@ -41,7 +41,7 @@ static void run_range(Partial& p, int lo, int hi, int tile, int i, int length, i
         for (int t = 0; t < tile; ++t) {
             w[t] = fa_weight(s[t], vis[t], m_new);
             tile_l += w[t];
-            if (vis[t]) tile_acc += w[t] * s[t];
+            tile_acc += fa_entropy_term(w[t], s[t], vis[t], m_new);
         }
         float alpha = fa_row_update(p.st, m_new, tile_l, tile_acc);
         for (int d = 0; d < dh; ++d) p.o[d] *= alpha;

@@ -112,7 +112,7 @@ entropy_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const
             const float m_new = fa_next_max(st.m, warp_max(s));
             const float w = fa_weight(s, visible, m_new);
             const float tile_l = warp_sum(w);
-            const float tile_acc = warp_sum(visible ? w * s : 0.0f);
+            const float tile_acc = warp_sum(fa_entropy_term(w, s, visible, m_new));
             const float alpha = fa_row_update(st, m_new, tile_l, tile_acc);
 #pragma unroll
             for (int r = 0; r < kPerLane; ++r) o[r] *= alpha;

@@ -5,11 +5,15 @@
 // Over the visible scores s_j the row keeps, online and without materialising probabilities:
 //   m   = max_j s_j                 (running max)
 //   l   = sum_j e^{s_j - m}         (softmax denominator relative to m)
-//   acc = sum_j e^{s_j - m} * s_j   (entropy accumulator)
-// When a new tile of scores raises the max from m to m', all three sums are rescaled by alpha = e^{m - m'}
-// (the output accumulator sum_j e^{s_j - m} v_j too). At the end
-//   H = m + log l - acc / l         (= -sum p log p, with p = e^{s - m} / l)
-// and, with normalisation, H / log n_i (0 when n_i = 1), as in drift-ar Eq. 4.
+//   acc = sum_j e^{s_j - m} * (s_j - m)   (entropy accumulator, kept relative to the running max)
+// When a new tile of scores raises the max from m to m', the sums are rescaled by alpha = e^{m - m'} (the output
+// accumulator sum_j e^{s_j - m} v_j too), and the entropy accumulator also moves its origin:
+//   acc' = alpha * (acc + (m - m') * l) + sum_tile e^{s - m'} (s - m').
+// At the end H = log l - acc / l (= -sum p log p, with p = e^{s - m} / l) and, with normalisation, H / log n_i
+// (0 when n_i = 1), as in drift-ar Eq. 4.
+// This is the design's accumulator sum_j e^{s_j - m} s_j minus m*l, so H = m + log l - sum e^{s-m} s / l is the same
+// number; storing it relative to m avoids the cancellation of m against sum e^{s-m} s / l, which in fp32 costs
+// ~1e-4 absolute when scores reach ~100 (tests/test_plugin_math.py has such a case).
 //
 // Everything here is plain C++ marked __host__ __device__: nvcc compiles it into the kernel, and the system
 // C++ compiler compiles it for the CPU test (tests/test_plugin_math.py), where the markers are defined away.
@@ -45,7 +49,7 @@ FA_HOST_DEVICE inline int fa_attended_keys(int i, int length, int causal_offset)
 struct FaRowState {
     float m;    // running max of the visible scores seen so far (-inf before the first)
     float l;    // sum of e^{s - m}
-    float acc;  // sum of e^{s - m} * s
+    float acc;  // sum of e^{s - m} * (s - m)
 };
 
 FA_HOST_DEVICE inline FaRowState fa_row_init() {
@@ -72,13 +76,23 @@ FA_HOST_DEVICE inline float fa_weight(float s, bool visible, float m_new) {
     return expf(s - m_new);
 }
 
+// One key's contribution to the entropy accumulator: w * (s - m_new), 0 for masked keys (never 0 * inf).
+FA_HOST_DEVICE inline float fa_entropy_term(float w, float s, bool visible, float m_new) {
+    return (visible && w > 0.0f) ? w * (s - m_new) : 0.0f;
+}
+
+// Moves an accumulator taken relative to m (with weight sum l) onto m_new, before scaling by alpha.
+FA_HOST_DEVICE inline float fa_shift_acc(float acc, float l, float m, float m_new) {
+    return l > 0.0f ? acc + (m - m_new) * l : 0.0f;
+}
+
 // Fold one tile into the row state: the caller has computed m_new = fa_next_max(st.m, tile_max),
-// tile_l = sum_t fa_weight(s_t, vis_t, m_new) and tile_acc = sum_t fa_weight(...) * s_t (visible keys only).
+// tile_l = sum_t fa_weight(s_t, vis_t, m_new) and tile_acc = sum_t fa_entropy_term(w_t, s_t, vis_t, m_new).
 // Returns alpha, the factor the caller applies to its output accumulator before adding sum_t w_t v_t.
 FA_HOST_DEVICE inline float fa_row_update(FaRowState& st, float m_new, float tile_l, float tile_acc) {
     float alpha = fa_rescale(st.m, m_new);
+    st.acc = alpha * fa_shift_acc(st.acc, st.l, st.m, m_new) + tile_acc;
     st.l = st.l * alpha + tile_l;
-    st.acc = st.acc * alpha + tile_acc;
     st.m = m_new;
     return alpha;
 }
@@ -92,8 +106,8 @@ FA_HOST_DEVICE inline FaRowState fa_row_merge(FaRowState a, FaRowState b, float*
     float fb = fa_rescale(b.m, r.m);
     if (a.l == 0.0f) fa = 0.0f;
     if (b.l == 0.0f) fb = 0.0f;
+    r.acc = fa * fa_shift_acc(a.acc, a.l, a.m, r.m) + fb * fa_shift_acc(b.acc, b.l, b.m, r.m);
     r.l = a.l * fa + b.l * fb;
-    r.acc = a.acc * fa + b.acc * fb;
     *alpha_a = fa;
     *alpha_b = fb;
     return r;
@@ -102,11 +116,11 @@ FA_HOST_DEVICE inline FaRowState fa_row_merge(FaRowState a, FaRowState b, float*
 // 1 / l, the factor that turns the output accumulator into the attention output (0 for an empty row).
 FA_HOST_DEVICE inline float fa_output_scale(const FaRowState& st) { return st.l > 0.0f ? 1.0f / st.l : 0.0f; }
 
-// Row entropy H = m + log l - acc / l, optionally divided by log n (0 when n <= 1). Rounding can leave H a few
+// Row entropy H = log l - acc / l, optionally divided by log n (0 when n <= 1). Rounding can leave H a few
 // ulps below 0 for a one-hot row; it is clamped to 0, the true lower bound.
 FA_HOST_DEVICE inline float fa_row_entropy(const FaRowState& st, int attended, bool normalize) {
     if (!(st.l > 0.0f)) return 0.0f;
-    float h = st.m + logf(st.l) - st.acc / st.l;
+    float h = logf(st.l) - st.acc / st.l;
     if (h < 0.0f) h = 0.0f;
     if (!normalize) return h;
     if (attended <= 1) return 0.0f;
