@@ -1,0 +1,217 @@
+"""ONNX export: manifest, parity, engine cache, atomic writes, the onnxruntime backend, and runs without torch.
+
+One real ONNX export per session (the `onnx_engine_dir` fixture); orchestration cases (--force, failures)
+use a fast in-test target that copies those engine files, so they exercise export.py without re-tracing."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastardiff.errors import EngineError
+from fastardiff.exporter import targets
+from fastardiff.exporter.engine_modules import ENGINE_IO, example_inputs, make_engine_modules
+from fastardiff.exporter.export import export_engines
+from fastardiff.exporter.parity import ParityError, compare_arrays
+from fastardiff.exporter.targets import ExportOptions, TargetResult, library_versions
+from fastardiff.runtime.engine import load_engines
+from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, load_manifest, sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def export_ckpt_path(request):
+    """The shipped model when it exists (issue 6 exports it), else seeded random weights."""
+    from fastardiff.recipes.checkpoint import default_checkpoint_path
+
+    if default_checkpoint_path().exists():
+        return default_checkpoint_path()
+    return request.getfixturevalue("random_checkpoint_path")
+
+
+@pytest.fixture(scope="session")
+def onnx_export(export_ckpt_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "onnx"
+    manifest, hit = export_engines(export_ckpt_path, out, ExportOptions(target="onnx"))
+    return out, manifest, hit
+
+
+@pytest.fixture(scope="session")
+def onnx_engine_dir(onnx_export):
+    return onnx_export[0]
+
+
+@pytest.fixture
+def copy_target(monkeypatch, onnx_engine_dir):
+    """Registers target 'copy': writes the session's ONNX engines into work_dir (counting builds), or fails
+    half-way when `fail` is set, to test the orchestration (cache, --force, atomic replace) quickly."""
+    state = {"builds": 0, "fail": False}
+    source = load_manifest(onnx_engine_dir)
+
+    def build_copy(ckpt, work_dir: Path, opts):
+        state["builds"] += 1
+        engines = {}
+        for name in ENGINE_NAMES:
+            entry = source.engines[name]
+            shutil.copy(onnx_engine_dir / entry.file, work_dir / entry.file)
+            if state["fail"] and name == "target_verify":
+                raise ParityError("engine 'target_verify' differs from the PyTorch reference (test)")
+            engines[name] = EngineEntry(**{**entry.__dict__, "sha256": sha256_file(work_dir / entry.file)})
+        return TargetResult(backend="onnxruntime", engines=engines, library_versions={})
+
+    module = type(sys)("fastardiff_test_copy_target")
+    module.build_copy = build_copy
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(targets.TARGETS, "copy", f"{module.__name__}:build_copy")
+    monkeypatch.setitem(targets.TARGET_LIBRARIES, "copy", ("onnxruntime",))
+    return state
+
+
+def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_path, tiny_config):
+    out, manifest, hit = onnx_export
+    assert not hit
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "draft_step.onnx", "manifest.json",
+                                                     "target_verify.onnx"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["format_version"] == 1 and data["backend"] == "onnxruntime" and data["family"] == "drift-ar"
+    assert data["config"] == tiny_config.to_dict() and data["config_hash"] == tiny_config.config_hash()
+    assert data["precision"] == "fp32" and data["device"] == "cpu" and data["max_batch"] == 8 and data["gamma"] == 4
+    assert "e_max" in data["calibration"] and "tau_global" in data["calibration"]
+    for lib in ("torch", "onnx", "onnxruntime", "numpy"):
+        assert data["library_versions"][lib] == library_versions([lib])[lib]
+    assert data["export"]["checkpoint_sha256"] == sha256_file(export_ckpt_path)
+    for name in ENGINE_NAMES:
+        entry = data["engines"][name]
+        assert entry["sha256"] == sha256_file(out / entry["file"])
+        assert (entry["inputs"], entry["outputs"]) == tuple(map(list, ENGINE_IO[name]))
+        assert entry["profile"]["batch"] == [1, 4, 8]
+        parity = entry["parity"]
+        assert set(parity["outputs"]) == set(ENGINE_IO[name][1])
+        assert [1, 8] == [min(s[0] for s in parity["shapes"]), max(s[0] for s in parity["shapes"])]
+        for stats in parity["outputs"].values():
+            assert stats["mismatches"] == 0 and stats["max_abs"] <= 1e-4, (name, stats)
+    assert data["engines"]["target_verify"]["profile"]["K"][1] == 5  # gamma + 1
+
+
+def test_second_export_is_cache_hit(onnx_export, export_ckpt_path, caplog):
+    out, first, _ = onnx_export
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with caplog.at_level(logging.INFO, logger="fastardiff"):
+        manifest, hit = export_engines(export_ckpt_path, out, ExportOptions(target="onnx"))
+    assert hit and "cache hit" in caplog.text
+    assert manifest.to_dict() == first.to_dict()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_force_rebuilds_and_tampering_invalidates_cache(copy_target, export_ckpt_path, tmp_path):
+    out = tmp_path / "eng"
+    opts = ExportOptions(target="copy")
+    assert export_engines(export_ckpt_path, out, opts)[1] is False
+    assert export_engines(export_ckpt_path, out, opts)[1] is True
+    assert copy_target["builds"] == 1
+    assert export_engines(export_ckpt_path, out, ExportOptions(target="copy", force=True))[1] is False
+    assert copy_target["builds"] == 2
+    with open(out / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    assert export_engines(export_ckpt_path, out, opts)[1] is False  # hash mismatch -> rebuilt, not reused
+    assert copy_target["builds"] == 3
+    load_engines(out)  # the rebuilt dir verifies
+    # a different option is a different cache key
+    assert export_engines(export_ckpt_path, out, ExportOptions(target="copy", gamma=3))[1] is False
+
+
+def test_failed_export_leaves_nothing_and_keeps_old_engines(copy_target, export_ckpt_path, tmp_path):
+    out = tmp_path / "eng"
+    copy_target["fail"] = True
+    with pytest.raises(ParityError):
+        export_engines(export_ckpt_path, out, ExportOptions(target="copy"))
+    assert list(tmp_path.iterdir()) == []
+    copy_target["fail"] = False
+    export_engines(export_ckpt_path, out, ExportOptions(target="copy"))
+    manifest_before = (out / "manifest.json").read_text()
+    copy_target["fail"] = True
+    with pytest.raises(ParityError):
+        export_engines(export_ckpt_path, out, ExportOptions(target="copy", force=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["eng"]
+    assert (out / "manifest.json").read_text() == manifest_before
+    load_engines(out)
+
+
+def test_tampered_engine_is_refused_at_load(onnx_engine_dir, tmp_path):
+    eng = tmp_path / "eng"
+    shutil.copytree(onnx_engine_dir, eng)
+    load_engines(eng)
+    data = bytearray((eng / "draft_step.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (eng / "draft_step.onnx").write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="sha256"):
+        load_engines(eng)
+
+
+def test_parity_comparator_semantics():
+    ref = np.array([1.0, 100.0, 0.0, np.nan], np.float32)
+    ok = compare_arrays(ref, np.array([1.00005, 100.05, 5e-5, np.nan], np.float32), atol=1e-4, rtol=1e-3)
+    assert ok["mismatches"] == 0 and abs(ok["max_abs"] - 0.05) < 1e-3  # 100.05: abs fails, rel passes
+    bad = compare_arrays(ref, np.array([1.01, 100.0, 0.0, 0.0], np.float32), atol=1e-4, rtol=1e-3)
+    assert bad["mismatches"] == 2  # 1.01 fails both tolerances; nan vs 0 is a mismatch
+    with pytest.raises(ParityError, match="shape"):
+        compare_arrays(ref, ref[:2], 1e-4, 1e-3)
+
+
+def _reference_outputs(ckpt, name, inputs):
+    modules = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder)
+    with torch.no_grad():
+        out = modules[name](*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, export_ckpt_path, tiny_config):
+    from fastardiff.recipes.checkpoint import load_checkpoint
+    from fastardiff.runtime.backend_onnxruntime import OnnxRuntimeEngines
+
+    ckpt = load_checkpoint(export_ckpt_path)
+    engines = load_engines(onnx_engine_dir)
+    assert isinstance(engines, OnnxRuntimeEngines) and "CPUExecutionProvider" in engines.providers
+    cap = tiny_config.seq_len
+    for name, layers, (b, k, s) in [("draft_step", tiny_config.draft_layers, (5, 1, 37)),
+                                    ("target_verify", tiny_config.target_layers, (7, 5, 50)),
+                                    ("target_verify", tiny_config.target_layers, (3, 2, 0))]:
+        tokens, lengths, kc, vc, cond = (x.numpy() for x in example_inputs(tiny_config, name, layers, b, k, s, seed=7))
+        lengths[1:] = np.arange(1, b) * 3 % (min(s, cap - k) + 1)  # ragged lengths, including 0
+        # the runtime passes views of its full-capacity cache buffers (non-contiguous)
+        full = np.zeros(kc.shape[:3] + (cap, kc.shape[4]), np.float32)
+        full[:, :, :, :s] = kc
+        got = getattr(engines, name)(tokens, lengths, full[:, :, :, :s], vc, cond)
+        want = _reference_outputs(ckpt, name, (tokens, lengths, kc, vc, cond))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-3)
+    tokens, entropy, cond = (x.numpy() for x in example_inputs(tiny_config, "decoder", 0, 3, 64, 0, seed=3))
+    image = engines.decoder(tokens, entropy, cond)
+    assert image.shape == (3, 1, 32, 32)
+    np.testing.assert_allclose(image, _reference_outputs(ckpt, "decoder", (tokens, entropy, cond))[0],
+                               atol=1e-4, rtol=1e-3)
+
+
+def test_onnx_engines_run_without_torch(onnx_engine_dir):
+    """Loading ONNX engines and decoding with them must not import torch (checked in a fresh interpreter)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from fastardiff.runtime.engine import load_engines\n"
+        f"e = load_engines({str(onnx_engine_dir)!r})\n"
+        "img = e.decoder(np.zeros((2, 64, 16), np.float32), np.zeros((2, 64), np.float32), np.array([1, 2]))\n"
+        "assert img.shape == (2, 1, 32, 32), img.shape\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad[:5]\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
