@@ -44,10 +44,13 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _attend_block(q, k_ptrs, v_ptrs, load_mask, valid, m, l, a, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+def _attend_block(q, k_ptrs, v_ptrs, load_mask, valid, m, l, a, acc, qk_scale, FP32_IEEE: tl.constexpr):
     """One key block of the online softmax; s in base-2 units. Returns the updated (m, l, a, acc)."""
     k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if FP32_IEEE:  # fp32 inputs: full fp32 products (tl.dot would otherwise use tf32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))  # m starts at a finite -1e30, so m_new is always finite
     alpha = tl.exp2(m - m_new)
@@ -56,7 +59,10 @@ def _attend_block(q, k_ptrs, v_ptrs, load_mask, valid, m, l, a, acc, qk_scale, D
     a = alpha * (a + (m - m_new) * l) + tl.sum(tl.where(valid, p * shifted, 0.0), 1)
     l = alpha * l + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if FP32_IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l, a, acc
 
 
@@ -80,7 +86,7 @@ def _entropy_attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     num_heads, num_queries, causal_offset, split_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NORMALIZE: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -112,7 +118,7 @@ def _entropy_attention_kernel(
         col_ok = cols < cache_end
         load_mask = col_ok[:, None] & d_mask[None, :]
         m, l, a, acc = _attend_block(q, k_base + cols[:, None] * stride_kn, v_base + cols[:, None] * stride_vn,
-                                     load_mask, col_ok[None, :], m, l, a, acc, qk_scale, DOT_PRECISION)
+                                     load_mask, col_ok[None, :], m, l, a, acc, qk_scale, FP32_IEEE)
     # new keys (split 0): query i sees new key c <= i; blocks past this query block's last row are skipped
     if split == 0:
         new_end = tl.minimum(num_queries, (pid_m + 1) * BLOCK_M)
@@ -123,7 +129,7 @@ def _entropy_attention_kernel(
             valid = col_ok[None, :] & (cols[None, :] <= rows[:, None])
             key_rows = causal_offset + cols[:, None]
             m, l, a, acc = _attend_block(q, k_base + key_rows * stride_kn, v_base + key_rows * stride_vn,
-                                         load_mask, valid, m, l, a, acc, qk_scale, DOT_PRECISION)
+                                         load_mask, valid, m, l, a, acc, qk_scale, FP32_IEEE)
 
     if NUM_SPLITS == 1:
         out_offs = (pid_bh * num_queries + rows[:, None]) * HEAD_DIM + dims[None, :]
@@ -232,6 +238,9 @@ def launch_entropy_attention(q, k, v, lengths, causal_offset, scale, normalize, 
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"entropy_attention: q/k/v must share one dtype of {SUPPORTED_DTYPES}, "
                          f"got {q.dtype}/{k.dtype}/{v.dtype}")
+    if not (q.device == k.device == v.device == lengths.device):
+        raise ValueError(f"entropy_attention: q, k, v and lengths must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}, {lengths.device}")
     head_dim = q.shape[-1]
     if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"entropy_attention: head dim {head_dim} unsupported by the Triton kernel; "
@@ -257,7 +266,6 @@ def launch_entropy_attention(q, k, v, lengths, causal_offset, scale, normalize, 
         part_stats = torch.empty((batch * heads, num_splits, num_queries, 3), dtype=torch.float32, device=q.device)
     else:  # unused by the kernel (NUM_SPLITS == 1 branch); any fp32 tensor will do
         part_acc = part_stats = entropy
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (batch * heads, triton.cdiv(num_queries, block_m), num_splits)
     wrap_triton(_entropy_attention_kernel)[grid](
         q, k, v, lengths, out, entropy, part_acc, part_stats,
@@ -266,7 +274,8 @@ def launch_entropy_attention(q, k, v, lengths, causal_offset, scale, normalize, 
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         heads, num_queries, causal_offset, split_len, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim,
-        NUM_SPLITS=num_splits, NORMALIZE=normalize, DOT_PRECISION=precision, num_warps=4, num_stages=2)
+        NUM_SPLITS=num_splits, NORMALIZE=normalize, FP32_IEEE=q.dtype == torch.float32, num_warps=4,
+        num_stages=2)
     if num_splits > 1:
         wrap_triton(_merge_splits_kernel)[(batch * heads, triton.cdiv(num_queries, block_m))](
             lengths, out, entropy, part_acc, part_stats, heads, num_queries,

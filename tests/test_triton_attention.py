@@ -201,6 +201,59 @@ def test_rejects_unsupported_inputs():
         triton_attention.launch_entropy_attention(q.double(), k, v, lengths, 3, 1.0, True)
 
 
+def compile_for_gpu(kernel, arch: int, dtype: str, head_dim: int, block_m: int, num_splits: int) -> dict:
+    """Ahead-of-time compile one specialisation down to a cubin with triton's bundled ptxas (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastardiff.recipes import triton_attention
+
+    ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[dtype]
+    if kernel is triton_attention._entropy_attention_kernel:
+        signature = {name: ptr for name in ("Q", "K", "V", "Out", "Ent")}
+        signature |= {"Lengths": "*i64", "PartAcc": "*fp32", "PartStats": "*fp32", "qk_scale": "fp32"}
+        signature |= {f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "m" if t == "q" else "n", "d")}
+        signature |= {name: "i32" for name in ("num_heads", "num_queries", "causal_offset", "split_len")}
+        constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=head_dim, NUM_SPLITS=num_splits,
+                         NORMALIZE=True, FP32_IEEE=dtype == "float32")
+    else:
+        signature = {"Lengths": "*i64", "Out": ptr, "Ent": ptr, "PartAcc": "*fp32", "PartStats": "*fp32",
+                     "num_heads": "i32", "num_queries": "i32"}
+        constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=head_dim, NUM_SPLITS=num_splits,
+                         NORMALIZE=False)
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2}).asm
+
+
+@pytest.mark.parametrize("kernel_name, arch, dtype, head_dim, block_m, num_splits", [
+    ("_entropy_attention_kernel", 90, "float16", 64, 16, 1),
+    ("_entropy_attention_kernel", 80, "bfloat16", 32, 64, 4),
+    ("_entropy_attention_kernel", 90, "float32", 16, 64, 1),
+    ("_merge_splits_kernel", 80, "float16", 64, 16, 4),
+])
+def test_kernels_compile_to_cubin_for_sm80_sm90(kernel_name, arch, dtype, head_dim, block_m, num_splits):
+    """No GPU here: compiling through ptxas proves the kernels are valid Triton for the GPU, not just for the
+    interpreter (which accepts code the compiler rejects)."""
+    from fastardiff.recipes import triton_attention
+
+    assert not triton_attention.kernel_is_interpreted()
+    asm = compile_for_gpu(getattr(triton_attention, kernel_name), arch, dtype, head_dim, block_m, num_splits)
+    assert f".target sm_{arch}" in asm["ptx"]
+    assert len(asm["cubin"]) > 1000
+
+
+def test_num_splits_policy():
+    from fastardiff.recipes.triton_attention import choose_num_splits
+
+    assert choose_num_splits(16, 1, 4096, 64, sm_count=132) > 1  # decode, one sample: split the cache
+    assert choose_num_splits(64 * 16, 1, 4096, 64, sm_count=132) == 1  # enough programs already
+    assert choose_num_splits(16, 256, 4096, 64, sm_count=132) == 1
+    assert choose_num_splits(16, 1, 100, 64, sm_count=132) == 1  # short cache
+    assert choose_num_splits(16, 1, 4096, 64, sm_count=None) == 1  # CPU
+
+
 GPU_CASES = [(b, kk, cache, d, dtype) for (b, kk, cache), d, dtype in itertools.product(
     [(1, 1, 1024), (8, 1, 1024), (3, 5, 1000), (2, 256, 1024), (4, 17, 0), (1, 256, 0)], (16, 32, 64),
     ("float16", "bfloat16", "float32"))]
