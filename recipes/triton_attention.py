@@ -56,7 +56,7 @@ def _attend_block(q, k_ptrs, v_ptrs, load_mask, valid, m, l, a, acc, qk_scale, F
     alpha = tl.exp2(m - m_new)
     shifted = s - m_new[:, None]
     p = tl.exp2(shifted)  # masked: exp2(-inf) = 0
-    a = alpha * (a + (m - m_new) * l) + tl.sum(tl.where(valid, p * shifted, 0.0), 1)
+    a = alpha * (a + (m - m_new) * l) + tl.sum(p * tl.where(valid, shifted, 0.0), 1)
     l = alpha * l + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=load_mask, other=0.0)
     if FP32_IEEE:
