@@ -184,15 +184,15 @@ def _is_static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def choose_num_splits(batch_heads, num_queries, cache_len, block_n: int = 64, sm_count: int | None = None) -> int:
+def choose_num_splits(batch_heads, query_blocks, cache_len, block_n: int = 64, sm_count: int | None = None) -> int:
     """Split the cache across programs when there are too few (batch*heads, query block) programs to fill the GPU.
 
     Only with concrete sizes: while torch.export/AOTInductor trace the op with symbolic sizes this returns 1,
     so no shape guard is added (the engine then runs one program per (batch*head, query block)).
     """
-    if not _is_static(batch_heads, num_queries, cache_len) or sm_count is None:
+    if not _is_static(batch_heads, query_blocks, cache_len) or sm_count is None:
         return 1
-    programs = batch_heads * triton.cdiv(num_queries, 16)
+    programs = batch_heads * query_blocks
     if programs >= sm_count or cache_len < 4 * block_n:
         return 1
     return int(max(1, min(triton.cdiv(2 * sm_count, programs), cache_len // (2 * block_n), 16)))
@@ -217,8 +217,8 @@ def _interpreter_loop_bounds_fix() -> None:
         return
     except TypeError:
         pass
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "fastardiff_loop_bounds_fix", False):
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "fastardiff_loop_bounds_fix", False):
         return
 
     def patch_lang_tensor(tensor, scope):
@@ -259,7 +259,7 @@ def launch_entropy_attention(q, k, v, lengths, causal_offset, scale, normalize, 
     if num_splits is None:
         sm_count = (torch.cuda.get_device_properties(q.device).multi_processor_count
                     if q.device.type == "cuda" else None)
-        num_splits = choose_num_splits(batch * heads, num_queries, cache_len, block_n, sm_count)
+        num_splits = choose_num_splits(batch * heads, triton.cdiv(num_queries, block_m), cache_len, block_n, sm_count)
     split_len = triton.cdiv(triton.cdiv(cache_len, num_splits), block_n) * block_n if num_splits > 1 else cache_len
     if num_splits > 1:
         part_acc = torch.empty((batch * heads, num_splits, num_queries, head_dim), dtype=torch.float32, device=q.device)

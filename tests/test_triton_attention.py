@@ -249,7 +249,9 @@ def test_num_splits_policy():
 
     assert choose_num_splits(16, 1, 4096, 64, sm_count=132) > 1  # decode, one sample: split the cache
     assert choose_num_splits(64 * 16, 1, 4096, 64, sm_count=132) == 1  # enough programs already
-    assert choose_num_splits(16, 256, 4096, 64, sm_count=132) == 1
+    splits = choose_num_splits(16, 256 // 64, 4096, 64, sm_count=132)  # 64 programs: split to fill the GPU
+    assert splits > 1 and 64 * splits >= 132 and 4096 / splits >= 2 * 64
+    assert choose_num_splits(16 * 8, 256 // 64, 4096, 64, sm_count=132) == 1
     assert choose_num_splits(16, 1, 100, 64, sm_count=132) == 1  # short cache
     assert choose_num_splits(16, 1, 4096, 64, sm_count=None) == 1  # CPU
 
