@@ -48,6 +48,8 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "fastardiff.runtime.backend_onnxruntime:load_onnxruntime_engines",
     "aoti": "fastardiff.runtime.backend_aoti:load_aoti_engines",
     "tensorrt": "fastardiff.runtime.backend_tensorrt:load_tensorrt_engines",
+    # `--target trt --onnx-only`: plugin-bearing ONNX graphs that still need a TensorRT build (clear error)
+    "tensorrt-onnx": "fastardiff.runtime.backend_tensorrt:refuse_unbuilt_engines",
 }
 
 

@@ -1,0 +1,264 @@
+"""TensorRT graph pass: the entropy-attention layers become TensorRT plugin nodes in the exported ONNX graph.
+
+How the custom node gets into the graph:
+  1. `fastardiff::entropy_attention_plugin` is a torch custom op (CPU implementation = the reference, fake
+     implementation for tracing); it is registered as ENTROPY_ATTENTION_IMPLS["plugin"], and the TensorRT target
+     switches the AR models' entropy layers to it (`use_plugin_attention`). Layers whose entropy is unused keep
+     the native attention and export as standard ops.
+  2. The ONNX exporter translates that op with `CUSTOM_TRANSLATION_TABLE` into one node
+     `fastardiff::EntropyAttention(q, k, v, lengths) -> (out, entropy)` with attributes scale and normalize.
+  3. `mark_plugin_nodes` (the graph pass) stamps what the TensorRT ONNX parser needs to find the plugin creator:
+     op_type "EntropyAttention", plugin_namespace "fastardiff", plugin_version "1", and checks the attributes the
+     creator reads (scale float32, normalize int). `check_plugin_graph` verifies every other node is a standard op.
+
+The cache length (causal_offset) is not an attribute: the plugin reads it from the input shapes (T - K), the
+same value the models pass (keys = [cache, new tokens]).
+
+`decompose_plugin_nodes` swaps each plugin node back to the reference's decomposition in standard ONNX ops, so
+the plugin-bearing graph can be run by ONNX Runtime and compared with the `onnx` engines (export-time parity of
+`--onnx-only` and tests).
+"""
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from fastardiff.recipes.entropy_attention import ENTROPY_ATTENTION_IMPLS, entropy_attention_reference
+
+PLUGIN_OP = "EntropyAttention"
+PLUGIN_DOMAIN = "fastardiff"
+PLUGIN_NAMESPACE = "fastardiff"
+PLUGIN_VERSION = "1"
+PLUGIN_INPUTS = ("q", "k", "v", "lengths")
+PLUGIN_OUTPUTS = ("out", "entropy")
+
+
+# ---------------------------------------------------------------------------------------------- torch op
+
+@torch.library.custom_op("fastardiff::entropy_attention_plugin", mutates_args=())
+def entropy_attention_plugin_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                                scale: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plugin's semantics in PyTorch (causal_offset = T - K, as the plugin derives it from the shapes)."""
+    return entropy_attention_reference(q, k, v, lengths, k.shape[-2] - q.shape[-2], scale, normalize)
+
+
+@entropy_attention_plugin_op.register_fake
+def _plugin_fake(q, k, v, lengths, scale, normalize):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1])
+
+
+def entropy_attention_plugin(q, k, v, lengths, causal_offset, scale: float, normalize: bool = True):
+    """ENTROPY_ATTENTION_IMPLS["plugin"]: same signature as the reference; the offset must be T - K."""
+    if isinstance(causal_offset, int) and causal_offset != k.shape[-2] - q.shape[-2]:
+        raise ValueError(f"the TensorRT plugin derives causal_offset = T - K = {k.shape[-2] - q.shape[-2]} from the "
+                         f"shapes, got {causal_offset}: keys must be [cache, new tokens]")
+    return torch.ops.fastardiff.entropy_attention_plugin(q, k, v, lengths, float(scale), bool(normalize))
+
+
+ENTROPY_ATTENTION_IMPLS["plugin"] = entropy_attention_plugin
+
+
+def use_plugin_attention(module: torch.nn.Module) -> int:
+    """Switch every AR transformer inside `module` to the plugin op; returns how many were switched."""
+    from fastardiff.recipes.models import ARTransformer
+
+    switched = 0
+    for m in module.modules():
+        if isinstance(m, ARTransformer):
+            m.attention_impl = "plugin"
+            switched += 1
+    return switched
+
+
+def expected_plugin_nodes(module: torch.nn.Module) -> int:
+    """Entropy layers per AR model: the entropy layer and the shallow layer (one node when they coincide)."""
+    from fastardiff.recipes.models import ARTransformer
+
+    return sum(len({m.entropy_layer, m.shallow_layer}) for m in module.modules() if isinstance(m, ARTransformer))
+
+
+# ---------------------------------------------------------------------------------------------- ONNX op
+
+def register_onnx_schema() -> None:
+    """Declare fastardiff::EntropyAttention to onnx (so onnxscript can emit it and onnx.checker can check it)."""
+    defs = onnx.defs
+    if defs.has(PLUGIN_OP, PLUGIN_DOMAIN):
+        return
+    param = defs.OpSchema.FormalParameter
+    attr = defs.OpSchema.Attribute
+    kind = defs.OpSchema.AttrType
+    schema = defs.OpSchema(
+        PLUGIN_OP, PLUGIN_DOMAIN, 1,
+        doc="Fused entropy attention (TensorRT plugin fastardiff::EntropyAttention v1); see recipes/entropy_attention.py",
+        inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("lengths", "I")],
+        outputs=[param("out", "T"), param("entropy", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "q/k/v/outputs"),
+                          ("I", ["tensor(int32)", "tensor(int64)"], "lengths")],
+        attributes=[attr("scale", kind.FLOAT, "score scale"), attr("normalize", kind.INT, "divide by log n_i"),
+                    attr("plugin_namespace", kind.STRING, "TensorRT plugin namespace", required=False),
+                    attr("plugin_version", kind.STRING, "TensorRT plugin version", required=False)])
+    defs.register_schema(schema)
+
+
+def _translate_plugin(q, k, v, lengths, scale: float, normalize: bool):
+    import onnxscript
+
+    register_onnx_schema()
+    opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+    return opset.EntropyAttention(q, k, v, lengths, scale=float(scale), normalize=int(bool(normalize)))
+
+
+def custom_translation_table() -> dict:
+    register_onnx_schema()
+    return {torch.ops.fastardiff.entropy_attention_plugin.default: _translate_plugin}
+
+
+def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == PLUGIN_OP and n.domain == PLUGIN_DOMAIN]
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def mark_plugin_nodes(model: onnx.ModelProto, expected: int | None = None) -> int:
+    """The graph pass: give every entropy-attention node what the TensorRT parser and the plugin creator read.
+    Returns the number of plugin nodes; raises ValueError when the graph is not what the plugin can take."""
+    nodes = plugin_nodes(model)
+    if expected is not None and len(nodes) != expected:
+        raise ValueError(f"expected {expected} entropy-attention plugin nodes in the exported graph, found {len(nodes)}")
+    for idx, node in enumerate(nodes):
+        attrs = _attrs(node)
+        if len(node.input) != 4 or len(node.output) != 2:
+            raise ValueError(f"plugin node '{node.name}' has {len(node.input)} inputs / {len(node.output)} outputs, "
+                             "the plugin takes (q, k, v, lengths) -> (out, entropy)")
+        if "scale" not in attrs or "normalize" not in attrs:
+            raise ValueError(f"plugin node '{node.name}' lacks the scale / normalize attributes the creator reads")
+        node.name = node.name or f"entropy_attention_{idx}"
+        _set_attr(node, "scale", float(attrs["scale"]))          # FLOAT attribute -> PluginField kFLOAT32
+        _set_attr(node, "normalize", int(bool(attrs["normalize"])))  # INT attribute -> PluginField integer
+        _set_attr(node, "plugin_namespace", PLUGIN_NAMESPACE)
+        _set_attr(node, "plugin_version", PLUGIN_VERSION)
+    if nodes and not any(o.domain == PLUGIN_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
+    return len(nodes)
+
+
+def check_plugin_graph(model: onnx.ModelProto) -> None:
+    """Every node outside the plugin nodes is a standard ONNX op (default domain), and no local functions remain."""
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                      if n.domain not in ("", "ai.onnx") and not (n.domain == PLUGIN_DOMAIN and n.op_type == PLUGIN_OP)})
+    if foreign:
+        raise ValueError(f"the TensorRT graph has non-standard ops besides the plugin: {foreign}")
+    if len(model.functions):
+        raise ValueError(f"the TensorRT graph still has local functions {[f.name for f in model.functions]}")
+
+
+# ---------------------------------------------------------------------------------------------- swap back
+
+def _decomposition(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard-op nodes computing entropy_attention_reference for one plugin node (same output names)."""
+    q, k, v, lengths = node.input
+    out, entropy = node.output
+    attrs = _attrs(node)
+    scale, normalize = float(attrs["scale"]), bool(attrs.get("normalize", 1))
+    t = lambda name: f"{prefix}/{name}"  # noqa: E731
+    consts = {
+        "scale": helper.make_tensor(t("scale"), TensorProto.FLOAT, [], [scale]),
+        "neg_inf": helper.make_tensor(t("neg_inf"), TensorProto.FLOAT, [], [float("-inf")]),
+        "zero_f": helper.make_tensor(t("zero_f"), TensorProto.FLOAT, [], [0.0]),
+        "one_f": helper.make_tensor(t("one_f"), TensorProto.FLOAT, [], [1.0]),
+        "eps": helper.make_tensor(t("eps"), TensorProto.FLOAT, [], [1e-6]),
+        "zero": helper.make_tensor(t("zero"), TensorProto.INT64, [], [0]),
+        "one": helper.make_tensor(t("one"), TensorProto.INT64, [], [1]),
+        "two": helper.make_tensor(t("two"), TensorProto.INT64, [], [2]),
+        "axis_last": helper.make_tensor(t("axis_last"), TensorProto.INT64, [1], [-1]),
+        "axis_1": helper.make_tensor(t("axis_1"), TensorProto.INT64, [1], [1]),
+        "shape_b111": helper.make_tensor(t("shape_b111"), TensorProto.INT64, [4], [-1, 1, 1, 1]),
+        "shape_b11": helper.make_tensor(t("shape_b11"), TensorProto.INT64, [3], [-1, 1, 1]),
+    }
+    c = {name: tensor.name for name, tensor in consts.items()}
+    mk = helper.make_node
+    nodes = [
+        mk("Cast", [q], [t("qf")], to=TensorProto.FLOAT),
+        mk("Cast", [k], [t("kf")], to=TensorProto.FLOAT),
+        mk("Cast", [v], [t("vf")], to=TensorProto.FLOAT),
+        mk("Cast", [lengths], [t("len")], to=TensorProto.INT64),
+        mk("Transpose", [t("kf")], [t("kt")], perm=[0, 1, 3, 2]),
+        mk("MatMul", [t("qf"), t("kt")], [t("qk")]),
+        mk("Mul", [t("qk"), c["scale"]], [t("s")]),
+        # causal_offset = T - K from the shapes; rows i in [0, K), keys j in [0, T)
+        mk("Shape", [q], [t("q_shape")]), mk("Shape", [k], [t("k_shape")]),
+        mk("Gather", [t("q_shape"), c["two"]], [t("K")], axis=0),
+        mk("Gather", [t("k_shape"), c["two"]], [t("T")], axis=0),
+        mk("Sub", [t("T"), t("K")], [t("offset")]),
+        mk("Range", [c["zero"], t("T"), c["one"]], [t("j")]),
+        mk("Range", [c["zero"], t("K"), c["one"]], [t("i")]),
+        mk("Unsqueeze", [t("i"), c["axis_1"]], [t("i_col")]),
+        mk("Reshape", [t("len"), c["shape_b111"]], [t("len4")]),
+        mk("Less", [t("j"), t("len4")], [t("cached")]),              # j < lengths[b]      [B,1,1,T]
+        mk("Less", [t("j"), t("offset")], [t("in_cache")]),          # j < causal_offset   [T]
+        mk("And", [t("cached"), t("in_cache")], [t("cache_vis")]),
+        mk("Not", [t("in_cache")], [t("in_new")]),
+        mk("Sub", [t("j"), t("offset")], [t("j_rel")]),
+        mk("LessOrEqual", [t("j_rel"), t("i_col")], [t("causal")]),  # j - offset <= i     [K,T]
+        mk("And", [t("in_new"), t("causal")], [t("new_vis")]),
+        mk("Or", [t("cache_vis"), t("new_vis")], [t("mask")]),       # [B,1,K,T]
+        mk("Where", [t("mask"), t("s"), c["neg_inf"]], [t("s_masked")]),
+        mk("ReduceLogSumExp", [t("s_masked"), c["axis_last"]], [t("lse")], keepdims=1),
+        mk("Sub", [t("s_masked"), t("lse")], [t("log_p")]),
+        mk("Exp", [t("log_p")], [t("p")]),
+        mk("MatMul", [t("p"), t("vf")], [t("out_f")]),
+        mk("CastLike", [t("out_f"), q], [out]),
+        mk("Where", [t("mask"), t("s"), c["zero_f"]], [t("s_zeroed")]),  # keeps 0 * -inf out of the sum
+        mk("Mul", [t("p"), t("s_zeroed")], [t("ps")]),
+        mk("ReduceSum", [t("ps"), c["axis_last"]], [t("sum_ps")], keepdims=0),
+        mk("Squeeze", [t("lse"), c["axis_last"]], [t("lse_row")]),
+        mk("Sub", [t("lse_row"), t("sum_ps")], [t("h")]),
+    ]
+    final = t("h")
+    if normalize:
+        nodes += [
+            mk("Reshape", [t("len"), c["shape_b11"]], [t("len3")]),
+            mk("Add", [t("len3"), t("i")], [t("len_i")]),
+            mk("Add", [t("len_i"), c["one"]], [t("n")]),                 # n_i = lengths[b] + i + 1
+            mk("Cast", [t("n")], [t("n_f")], to=TensorProto.FLOAT),
+            mk("Log", [t("n_f")], [t("log_n")]),
+            mk("Max", [t("log_n"), c["eps"]], [t("log_n_safe")]),
+            mk("Div", [t("h"), t("log_n_safe")], [t("h_norm")]),
+            mk("Greater", [t("n_f"), c["one_f"]], [t("n_gt1")]),
+            mk("Where", [t("n_gt1"), t("h_norm"), c["zero_f"]], [t("h_final")]),
+        ]
+        final = t("h_final")
+    nodes.append(mk("CastLike", [final, q], [entropy]))
+    return nodes, list(consts.values())
+
+
+def decompose_plugin_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every EntropyAttention plugin node replaced by the reference's standard-op form."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    new_nodes = []
+    for idx, node in enumerate(graph.node):
+        if node.op_type == PLUGIN_OP and node.domain == PLUGIN_DOMAIN:
+            nodes, consts = _decomposition(node, f"{node.name or 'entropy_attention'}_{idx}_ref")
+            new_nodes.extend(nodes)
+            graph.initializer.extend(consts)
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [o for o in result.opset_import if o.domain != PLUGIN_DOMAIN]
+    del result.opset_import[:]
+    result.opset_import.extend(kept)
+    return result

@@ -1,0 +1,239 @@
+"""`trt` target: ONNX with the entropy-attention layers as TensorRT plugin nodes, then TensorRT engines.
+
+Per engine: export ONNX with the plugin op (exporter/trt_graph.py: custom torch op -> fastardiff::EntropyAttention
+node, graph pass stamps plugin_namespace / plugin_version), check that every other node is a standard op, then
+
+  --onnx-only   stop there (backend "tensorrt-onnx"; the runtime refuses these with a message saying they need a
+                TensorRT build). Parity: the graph with the plugin nodes swapped back to the reference decomposition,
+                run by ONNX Runtime when it is installed (the plugin itself does not run).
+  otherwise     TensorRT Python API: plugin library registered before parsing, OnnxParser, builder config with
+                the precision flag (fp16 / bf16), one optimisation profile (min/opt/max of batch, K, cache), a
+                timing cache kept beside the engine directory, a progress monitor; the serialised .engine is run
+                by the tensorrt backend's runner for parity. The manifest records the TensorRT version, the plugin
+                library (copied into the engine dir) with its sha256, and the GPU name / compute capability.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from torch import nn
+
+from fastardiff.errors import FastardiffError, MissingDependencyError
+from fastardiff.recipes.checkpoint import DriftARCheckpoint
+from fastardiff.runtime import backend_tensorrt as trt_backend
+from fastardiff.runtime.manifest import sha256_file
+
+from . import trt_graph
+from .engine_modules import ENGINE_IO, ShapeProfile
+from .onnx_target import export_onnx_file
+from .parity import check_engine_parity
+from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
+                      library_versions, trace_inputs)
+
+log = logging.getLogger("fastardiff.export")
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+WORKSPACE_BYTES = 1 << 30
+
+
+def plugin_library_path() -> Path:
+    """$FASTARDIFF_TRT_PLUGIN, else the CMake build in the source tree (build/plugin/)."""
+    env = os.environ.get("FASTARDIFF_TRT_PLUGIN")
+    return Path(env) if env else SOURCE_ROOT / "build" / "plugin" / trt_backend.PLUGIN_LIBRARY
+
+
+def require_tensorrt():
+    try:
+        return trt_backend.import_tensorrt("building TensorRT engines")
+    except MissingDependencyError as err:
+        err.args = (f"{err.args[0]}. Without TensorRT, `fastardiff export --target trt --onnx-only` writes the "
+                    "plugin-bearing ONNX graphs to build on a TensorRT machine later",)
+        raise
+
+
+def require_plugin_library() -> Path:
+    path = plugin_library_path()
+    if not path.is_file():
+        raise FastardiffError(f"TensorRT plugin library '{path}' not found; {trt_backend.BUILD_HINT}, or point "
+                              "FASTARDIFF_TRT_PLUGIN at the built libfastardiff_trt_plugin.so")
+    return path
+
+
+def require_gpu() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FastardiffError("building TensorRT engines needs a CUDA GPU and torch sees none; use --onnx-only to "
+                              "write the plugin-bearing ONNX graphs and build them on a GPU machine")
+    return trt_backend.current_gpu(torch)
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+
+def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: ShapeProfile, path: Path) -> int:
+    """Export one engine with entropy-attention plugin nodes; returns the number of plugin nodes."""
+    trt_graph.use_plugin_attention(module)
+    inputs, outputs = ENGINE_IO[name]
+    export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile),
+                     custom_translation_table=trt_graph.custom_translation_table())
+    model = onnx.load(str(path))
+    count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
+    trt_graph.check_plugin_graph(model)
+    onnx.checker.check_model(model)
+    tmp = path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return count
+
+
+def decomposed_onnx_runner(path: Path):
+    """Runs the plugin graph with the plugin nodes swapped back to the reference (None without onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    model = trt_graph.decompose_plugin_nodes(onnx.load(str(path)))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: tuple) -> list[np.ndarray]:
+        return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)})
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT
+
+def make_progress_monitor(trt):
+    """A trt.IProgressMonitor that logs TensorRT's build phases (top-level ones at INFO, nested at DEBUG)."""
+
+    class BuildProgress(trt.IProgressMonitor):
+        def __init__(self, label: str):
+            trt.IProgressMonitor.__init__(self)
+            self.label = label
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            level = logging.INFO if parent_phase is None else logging.DEBUG
+            log.log(level, "  %s: TensorRT %s (%d steps)", self.label, phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            log.debug("  %s: %s step %d", self.label, phase_name, step)
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            log.debug("  %s: %s done", self.label, phase_name)
+
+    return BuildProgress
+
+
+def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile) -> dict[str, tuple]:
+    """Input name -> (min, opt, max) shapes of the engine's optimisation profile."""
+    corners = [trt_backend.engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c],
+                                               profile.cache[c]) for c in range(3)]
+    return {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
+
+
+def timing_cache_path(work_dir: Path, trt, gpu: dict) -> Path:
+    """Beside the engine directory (work_dir is a temp dir in the same parent), per TensorRT version and GPU."""
+    cc = gpu.get("compute_capability", "unknown").replace(".", "")
+    return work_dir.parent / f".fastardiff-trt-timing-{trt.__version__}-sm{cc}.cache"
+
+
+def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, precision: str,
+                 timing_cache: Path, label: str) -> None:
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FastardiffError(f"TensorRT could not parse '{onnx_path.name}': {errors[:400]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.progress_monitor = make_progress_monitor(trt)(label)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise FastardiffError(f"TensorRT failed to build '{label}' (see the TensorRT log above)")
+    engine_path.write_bytes(bytes(serialized))
+    tmp = timing_cache.with_suffix(".tmp")
+    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(tmp, timing_cache)
+
+
+def tensorrt_runner(trt, logger, engine_path: Path, label: str):
+    import torch
+
+    runtime = trt.Runtime(logger)
+    engine = trt_backend.deserialize_engine(trt, runtime, engine_path)
+    runner = trt_backend.TensorRTRunner(trt, torch, engine, torch.cuda.Stream(), label)
+    return lambda inputs: runner(list(inputs))
+
+
+# ---------------------------------------------------------------------------------------------- target
+
+def build_trt(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
+    cfg = ckpt.config
+    trt = gpu = plugin = logger = None
+    if not opts.onnx_only:  # every missing piece is reported before any export work
+        trt = require_tensorrt()
+        plugin = require_plugin_library()
+        gpu = require_gpu()
+        trt_backend.load_plugin_library(trt, plugin)
+        logger = trt.Logger(trt.Logger.WARNING)
+    plugin_counts: dict[str, int] = {}
+
+    def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
+        layers = engine_layers(ckpt, name)
+        onnx_file = f"{name}.onnx"
+        example = trace_inputs(cfg, name, layers, profile, "cpu")
+        plugin_counts[name] = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / onnx_file)
+        log.debug("%s: %d plugin nodes", name, plugin_counts[name])
+        if opts.onnx_only:
+            run = decomposed_onnx_runner(work_dir / onnx_file)
+            if run is None:
+                return onnx_file, {"skipped": "onnxruntime not installed: the decomposed graph was not run"}
+            parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
+            parity["runtime"] = ("onnxruntime CPU on the plugin graph with EntropyAttention swapped back to the "
+                                 "reference decomposition (the plugin itself did not run)")
+            return onnx_file, parity
+        engine_file = f"{name}.engine"
+        shapes = profile_shapes(cfg.to_dict(), name, layers, profile)
+        build_engine(trt, logger, work_dir / onnx_file, work_dir / engine_file, shapes, opts.precision,
+                     timing_cache_path(work_dir, trt, gpu), name)
+        run = tensorrt_runner(trt, logger, work_dir / engine_file, name)
+        parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
+        parity["runtime"] = f"tensorrt {trt.__version__} on {gpu['name']}"
+        return engine_file, parity
+
+    engines = build_all_engines(ckpt, work_dir, opts, build_one)
+    versions = library_versions(TARGET_LIBRARIES["trt"])
+    identity = {"name": trt_graph.PLUGIN_OP, "namespace": trt_graph.PLUGIN_NAMESPACE,
+                "version": trt_graph.PLUGIN_VERSION}
+    extra = {"plugin_nodes": plugin_counts, "onnx_opset": 18}
+    if opts.onnx_only:
+        extra["note"] = ("ONNX graphs with TensorRT plugin nodes, not engines: build them with `fastardiff export "
+                         "--target trt` on a machine with TensorRT and a GPU")
+        return TargetResult(backend="tensorrt-onnx", engines=engines, library_versions=versions, plugin=identity,
+                            extra=extra)
+    shutil.copy2(plugin, work_dir / trt_backend.PLUGIN_LIBRARY)
+    versions["tensorrt"] = trt.__version__
+    return TargetResult(backend="tensorrt", engines=engines, library_versions=versions, gpu=gpu,
+                        plugin={**identity, "file": trt_backend.PLUGIN_LIBRARY,
+                                "sha256": sha256_file(work_dir / trt_backend.PLUGIN_LIBRARY)},
+                        extra={**extra, "timing_cache": timing_cache_path(work_dir, trt, gpu).name})

@@ -1,0 +1,231 @@
+"""TensorRT backend: one serialised engine per network, the entropy-attention plugin library loaded first.
+
+Load order: import tensorrt (MissingDependencyError otherwise) -> verify engine files (sha256) -> TensorRT version
+equals the manifest's (engines are tied to the version that built them) -> the plugin library named by the manifest
+exists and has its sha256 -> a CUDA GPU with the manifest's compute capability -> plugin registered
+(IPluginRegistry.load_library) -> engines deserialised -> one execution context per engine, one CUDA stream.
+
+Device memory is torch CUDA tensors (torch imported lazily, only by this backend). Inputs bind by address with
+set_tensor_address: numpy arrays are copied to the device once per call (the Engines interface is numpy), while
+torch CUDA tensors of the engine's dtype are bound as they are, without a copy (`run_device`), which is how a
+caller that keeps its KV cache on the GPU avoids copies. Outputs come back as numpy through the interface.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastardiff.errors import EngineError, MissingDependencyError
+
+from .engine import DraftOutput, VerifyOutput
+from .manifest import ENGINE_NAMES, Manifest, sha256_file, verify_engine_files
+
+log = logging.getLogger("fastardiff.runtime")
+
+PLUGIN_LIBRARY = "libfastardiff_trt_plugin.so"
+PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION = "EntropyAttention", "fastardiff", "1"
+BUILD_HINT = ("build it with `cmake -S . -B build/plugin -DTENSORRT_ROOT=/path/to/TensorRT && "
+              "cmake --build build/plugin -j` (from the fastardiff source tree)")
+
+
+def import_tensorrt(purpose: str):
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError("tensorrt", "trt", purpose) from None
+    if not hasattr(trt, "Builder"):  # the PyPI placeholder packages install a module without the API
+        raise MissingDependencyError("tensorrt", "trt", f"{purpose}; the installed 'tensorrt' is a placeholder "
+                                     "without the TensorRT API")
+    return trt
+
+
+def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_tokens: int, cache: int) -> dict:
+    """Input name -> shape for one point of an engine's profile (the engine contract of runtime/engine.py)."""
+    n_tokens = (config["image_size"] // config["patch"]) ** 2
+    if name == "decoder":
+        return {"tokens": (batch, n_tokens, config["token_dim"]), "entropy": (batch, n_tokens), "cond": (batch,)}
+    kv = (layers, batch, config["heads"], cache, config["width"] // config["heads"])
+    return {"tokens": (batch, new_tokens, config["token_dim"]), "lengths": (batch,), "k_cache": kv, "v_cache": kv,
+            "cond": (batch,)}
+
+
+def engine_layer_count(config: dict, name: str) -> int:
+    return {"draft_step": config["draft_layers"], "target_verify": config["target_layers"]}.get(name, 0)
+
+
+def find_plugin_library(engine_dir: Path, manifest: Manifest, plugin_path: str | Path | None = None) -> Path:
+    """The plugin library: plugin_path, else $FASTARDIFF_TRT_PLUGIN, else the copy in the engine dir."""
+    recorded = manifest.plugin.get("file", PLUGIN_LIBRARY)
+    path = Path(plugin_path or os.environ.get("FASTARDIFF_TRT_PLUGIN") or engine_dir / recorded)
+    if not path.is_file():
+        raise EngineError(f"TensorRT plugin library '{path}' is missing (the engines need the EntropyAttention "
+                          f"plugin); {BUILD_HINT}, then copy build/plugin/{PLUGIN_LIBRARY} to {engine_dir / recorded} "
+                          "or set FASTARDIFF_TRT_PLUGIN")
+    expected = manifest.plugin.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise EngineError(f"TensorRT plugin library '{path}' differs from the one the engines were built with "
+                          "(sha256 mismatch); use the library from the export or re-export with --force")
+    return path
+
+
+def load_plugin_library(trt, path: Path) -> None:
+    """Register the plugin's creators with TensorRT (idempotent within a process)."""
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+        return
+    handle = registry.load_library(str(path))
+    if handle is None or registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+        raise EngineError(f"TensorRT could not load the plugin library '{path}' (no {PLUGIN_NAMESPACE}::{PLUGIN_NAME} "
+                          f"v{PLUGIN_VERSION} creator registered); rebuild it against this TensorRT: {BUILD_HINT}")
+
+
+def current_gpu(torch) -> dict:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def check_versions(trt, manifest: Manifest, engine_dir: Path) -> None:
+    built = manifest.library_versions.get("tensorrt")
+    if built and built != trt.__version__:
+        raise EngineError(f"engines in '{engine_dir}' were built with TensorRT {built}, this is TensorRT "
+                          f"{trt.__version__}; rebuild them here with `fastardiff export --target trt --force`")
+
+
+def check_gpu(torch, manifest: Manifest, engine_dir: Path) -> dict:
+    if not torch.cuda.is_available():
+        raise EngineError(f"TensorRT engines in '{engine_dir}' need a CUDA GPU and torch sees none")
+    gpu = current_gpu(torch)
+    want = manifest.gpu or {}
+    if want.get("compute_capability") and want["compute_capability"] != gpu["compute_capability"]:
+        raise EngineError(f"engines in '{engine_dir}' were built for {want.get('name')} (compute capability "
+                          f"{want['compute_capability']}), this GPU is {gpu['name']} ({gpu['compute_capability']}); "
+                          "rebuild them on this GPU with `fastardiff export --target trt --force`")
+    if want.get("name") and want["name"] != gpu["name"]:
+        log.warning("engines were built on %s, running on %s (same compute capability): rebuild for best speed",
+                    want["name"], gpu["name"])
+    return gpu
+
+
+class TensorRTRunner:
+    """One deserialised engine + execution context; binds device buffers by address and runs on `stream`."""
+
+    def __init__(self, trt, torch, engine, stream, label: str):
+        self.trt, self.torch, self.engine, self.stream, self.label = trt, torch, engine, stream, label
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"TensorRT could not create an execution context for '{label}'")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) != mode]
+        self.dtypes = {n: self._torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+
+    def _torch_dtype(self, dt):
+        trt, torch = self.trt, self.torch
+        table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+                 trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+        if hasattr(trt.DataType, "BF16"):
+            table[trt.DataType.BF16] = torch.bfloat16
+        if dt not in table:
+            raise EngineError(f"engine '{self.label}' has a tensor of TensorRT type {dt}, which this runtime cannot bind")
+        return table[dt]
+
+    def _device_tensor(self, name: str, x):
+        torch = self.torch
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype == self.dtypes[name] and x.is_contiguous():
+            return x  # bound in place: no copy
+        if not isinstance(x, torch.Tensor):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        return x.to(device="cuda", dtype=self.dtypes[name], non_blocking=True).contiguous()
+
+    def run_device(self, arrays) -> list:
+        """Inputs in engine order (numpy or torch CUDA tensors) -> output torch CUDA tensors."""
+        torch = self.torch
+        if len(arrays) != len(self.inputs):
+            raise EngineError(f"engine '{self.label}' takes {len(self.inputs)} inputs {self.inputs}, got {len(arrays)}")
+        with torch.cuda.stream(self.stream):
+            bound = [self._device_tensor(n, a) for n, a in zip(self.inputs, arrays)]
+            for name, t in zip(self.inputs, bound):
+                if not self.context.set_input_shape(name, tuple(t.shape)):
+                    raise EngineError(f"engine '{self.label}': input '{name}' shape {tuple(t.shape)} is outside the "
+                                      "optimisation profile it was built with; re-export with a larger --batch/--gamma")
+                self.context.set_tensor_address(name, t.data_ptr())
+            outs = []
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                out = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+                self.context.set_tensor_address(name, out.data_ptr())
+                outs.append(out)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError(f"TensorRT failed to enqueue engine '{self.label}' (see the TensorRT log above)")
+        self.stream.synchronize()
+        del bound  # kept alive until the stream finished
+        return outs
+
+    def __call__(self, arrays) -> list[np.ndarray]:
+        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in self.run_device(arrays)]
+
+
+def deserialize_engine(trt, runtime, path: Path):
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise EngineError(f"TensorRT could not deserialise '{path}' (built by another TensorRT version, for another "
+                          "GPU, or without the plugin loaded); re-export with `fastardiff export --target trt --force`")
+    return engine
+
+
+class TensorRTEngines:
+    """The Engines interface over three TensorRT engines sharing one CUDA stream."""
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, plugin_path: str | Path | None = None,
+                 verify: bool = True, **other):
+        trt = import_tensorrt("running TensorRT engines")
+        if other:
+            log.debug("tensorrt backend ignores options %s", sorted(other))
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        if verify:
+            verify_engine_files(self.engine_dir, manifest)
+        check_versions(trt, manifest, self.engine_dir)
+        plugin = find_plugin_library(self.engine_dir, manifest, plugin_path)
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("torch", "export", "TensorRT device buffers") from None
+        self.gpu = check_gpu(torch, manifest, self.engine_dir)
+        load_plugin_library(trt, plugin)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.stream = torch.cuda.Stream()
+        self.runners = {}
+        for name in ENGINE_NAMES:
+            engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
+            self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name)
+            expected = list(manifest.engines[name].inputs)
+            if self.runners[name].inputs != expected:
+                raise EngineError(f"engine '{name}' has inputs {self.runners[name].inputs}, the manifest says "
+                                  f"{expected}; re-export")
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        return DraftOutput(*self.runners["draft_step"]((tokens, lengths, k_cache, v_cache, cond)))
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        return VerifyOutput(*self.runners["target_verify"]((tokens, lengths, k_cache, v_cache, cond)))
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        return self.runners["decoder"]((tokens, entropy, cond))[0]
+
+
+def load_tensorrt_engines(engine_dir, manifest: Manifest, **options) -> TensorRTEngines:
+    return TensorRTEngines(engine_dir, manifest, **options)
+
+
+def refuse_unbuilt_engines(engine_dir, manifest: Manifest, **options):
+    """Backend "tensorrt-onnx": an `--onnx-only` export holds ONNX graphs with plugin nodes, not engines."""
+    raise EngineError(f"'{engine_dir}' holds ONNX graphs with TensorRT plugin nodes (exported with --onnx-only), "
+                      "not engines: build them on a machine with TensorRT and a GPU with `fastardiff export --target "
+                      f"trt --out DIR`, or run `trtexec --onnx={Path(engine_dir) / 'target_verify.onnx'} "
+                      f"--dynamicPlugins=build/plugin/{PLUGIN_LIBRARY}`; or export `--target onnx` to run on CPU")

@@ -1,0 +1,264 @@
+"""The `trt` target without TensorRT: the --onnx-only graph carries the plugin nodes the TensorRT parser and the
+plugin creator read; swapped back to the reference it matches the `onnx` export numerically (ONNX Runtime);
+clear errors for a missing tensorrt package, an unbuilt --onnx-only directory, and the backend's version/plugin checks.
+(What runs on a TensorRT machine is only compiled/inspected here: see /work/notes/trt.md.)"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from fastardiff.errors import EngineError, MissingDependencyError
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="session")
+def trt_onnx_dir(random_checkpoint_path, tmp_path_factory):
+    from fastardiff.exporter.export import export_engines
+    from fastardiff.exporter.targets import ExportOptions
+
+    out = tmp_path_factory.mktemp("trt") / "engines"
+    manifest, hit = export_engines(random_checkpoint_path, out, ExportOptions(target="trt", onnx_only=True))
+    assert not hit
+    return out, manifest
+
+
+def load(dir_, manifest, name):
+    return onnx.load(str(dir_ / manifest.engines[name].file))
+
+
+def test_onnx_only_graph_carries_plugin_nodes(trt_onnx_dir, random_checkpoint, tiny_config):
+    from fastardiff.exporter.trt_graph import PLUGIN_DOMAIN, check_plugin_graph, plugin_nodes
+
+    out, manifest = trt_onnx_dir
+    assert manifest.backend == "tensorrt-onnx"
+    assert manifest.plugin == {"name": "EntropyAttention", "namespace": "fastardiff", "version": "1"}
+    # entropy layers per model: target 4 layers -> entropy layer 2 and shallow layer 1; draft 2 layers -> one layer
+    expected = {"draft_step": len({random_checkpoint.draft.entropy_layer, random_checkpoint.draft.shallow_layer}),
+                "target_verify": len({random_checkpoint.target.entropy_layer, random_checkpoint.target.shallow_layer}),
+                "decoder": 0}
+    assert expected["target_verify"] == 2
+    assert manifest.export["plugin_nodes"] == expected
+    for name, count in expected.items():
+        model = load(out, manifest, name)
+        onnx.checker.check_model(model)
+        check_plugin_graph(model)  # everything else is a standard op
+        nodes = plugin_nodes(model)
+        assert len(nodes) == count
+        graph_inputs = {i.name: i for i in model.graph.input}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for node in nodes:
+            attrs = {a.name: a for a in node.attribute}
+            assert node.op_type == "EntropyAttention" and node.domain == PLUGIN_DOMAIN
+            assert attrs["plugin_namespace"].type == onnx.AttributeProto.STRING
+            assert helper.get_attribute_value(attrs["plugin_namespace"]) == b"fastardiff"
+            assert helper.get_attribute_value(attrs["plugin_version"]) == b"1"
+            assert attrs["scale"].type == onnx.AttributeProto.FLOAT   # parser -> PluginField kFLOAT32
+            assert attrs["scale"].f == pytest.approx(tiny_config.head_dim ** -0.5)
+            assert attrs["normalize"].type == onnx.AttributeProto.INT and attrs["normalize"].i == 1
+            assert set(attrs) == {"scale", "normalize", "plugin_namespace", "plugin_version"}
+            q, k, v, lengths = node.input
+            assert lengths == "lengths" and graph_inputs["lengths"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+            # keys are [cache, new tokens] so the plugin's causal_offset = T - K is the cache length
+            assert producers[k].op_type == "Concat" and producers[v].op_type == "Concat"
+        if count:
+            assert any(o.domain == PLUGIN_DOMAIN for o in model.opset_import)
+
+
+def _ragged_inputs(cfg, layers, batch, k, cache, seed):
+    from fastardiff.exporter.engine_modules import example_inputs
+
+    inputs = example_inputs(cfg, "target_verify", layers, batch, k, cache, seed=seed)
+    return inputs
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(session, inputs):
+    return {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+
+
+@pytest.fixture(scope="session")
+def onnx_reference_graphs(random_checkpoint, tmp_path_factory):
+    """draft_step / target_verify exported exactly as the `onnx` target does (reference decomposition)."""
+    from fastardiff.exporter.engine_modules import ENGINE_IO, make_engine_modules, shape_profiles
+    from fastardiff.exporter.onnx_target import export_onnx_file
+    from fastardiff.exporter.targets import dynamic_shapes, engine_layers, trace_inputs
+
+    ck = random_checkpoint
+    modules = make_engine_modules(ck.target, ck.draft, ck.decoder)
+    profiles = shape_profiles(ck.config, 8, 4)
+    out = tmp_path_factory.mktemp("onnx_ref")
+    graphs = {}
+    for name in ("draft_step", "target_verify"):
+        layers = engine_layers(ck, name)
+        example = trace_inputs(ck.config, name, layers, profiles[name])
+        path = export_onnx_file(modules[name], example, out / f"{name}.onnx", *ENGINE_IO[name],
+                                dynamic_shapes=dynamic_shapes(name, profiles[name]))
+        graphs[name] = onnx.load(str(path))
+    return graphs
+
+
+@pytest.mark.parametrize("name", ["draft_step", "target_verify"])
+def test_decomposed_plugin_graph_matches_onnx_engine(trt_onnx_dir, onnx_reference_graphs, random_checkpoint,
+                                                     tiny_config, name):
+    from fastardiff.exporter.trt_graph import decompose_plugin_nodes, plugin_nodes
+
+    out, manifest = trt_onnx_dir
+    decomposed = decompose_plugin_nodes(load(out, manifest, name))
+    assert not plugin_nodes(decomposed)
+    onnx.checker.check_model(decomposed)
+    trt_session, ref_session = _session(decomposed), _session(onnx_reference_graphs[name])
+    layers = random_checkpoint.draft.num_layers if name == "draft_step" else random_checkpoint.target.num_layers
+    for batch, k, cache, seed in [(3, 5, 40, 1), (2, 1, 63, 2), (4, 17, 0, 3)]:
+        inputs = _ragged_inputs(tiny_config, layers, batch, k, cache, seed)
+        got = trt_session.run(None, _feed(trt_session, inputs))
+        ref = ref_session.run(None, _feed(ref_session, inputs))
+        for g, r, out_name in zip(got, ref, manifest.engines[name].outputs):
+            np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=f"{name}.{out_name} batch={batch} K={k}")
+    assert manifest.engines[name].parity["outputs"]["entropy"]["mismatches"] == 0
+    assert "swapped back" in manifest.engines[name].parity["runtime"]
+
+
+def test_plugin_attributes_drive_the_comparison(trt_onnx_dir, tiny_config, random_checkpoint):
+    """A wrong scale or normalize attribute changes the entropy: the swap-back really reads the plugin attributes."""
+    from fastardiff.exporter.trt_graph import decompose_plugin_nodes, plugin_nodes
+
+    out, manifest = trt_onnx_dir
+    inputs = _ragged_inputs(tiny_config, random_checkpoint.target.num_layers, 3, 5, 40, 1)
+    good = _session(decompose_plugin_nodes(load(out, manifest, "target_verify")))
+    base = good.run(None, _feed(good, inputs))[1]
+    for attr, value in (("scale", 0.5), ("normalize", 0)):
+        model = load(out, manifest, "target_verify")
+        for node in plugin_nodes(model):
+            for a in node.attribute:
+                if a.name == attr:
+                    a.CopyFrom(helper.make_attribute(attr, value))
+        bad = _session(decompose_plugin_nodes(model))
+        assert np.abs(bad.run(None, _feed(bad, inputs))[1] - base).max() > 1e-2
+
+
+def test_plugin_impl_matches_reference_and_checks_offset():
+    from fastardiff.exporter import trt_graph
+    from fastardiff.recipes.entropy_attention import ENTROPY_ATTENTION_IMPLS, entropy_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 4, 12, 16, generator=g), torch.randn(2, 4, 12, 16, generator=g)
+    lengths = torch.tensor([7, 3])
+    got = ENTROPY_ATTENTION_IMPLS["plugin"](q, k, v, lengths, 7, 0.25, True)
+    ref = entropy_attention_reference(q, k, v, lengths, 7, 0.25, True)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="T - K"):
+        trt_graph.entropy_attention_plugin(q, k, v, lengths, 6, 0.25, True)
+
+
+def test_profile_shapes_follow_the_engine_contract(tiny_config):
+    from fastardiff.exporter.engine_modules import shape_profiles
+    from fastardiff.exporter.trt_target import profile_shapes
+
+    profile = shape_profiles(tiny_config, 8, 4)["target_verify"]
+    shapes = profile_shapes(tiny_config.to_dict(), "target_verify", tiny_config.target_layers, profile)
+    assert list(shapes) == ["tokens", "lengths", "k_cache", "v_cache", "cond"]
+    lo, opt, hi = shapes["k_cache"]
+    assert lo == (tiny_config.target_layers, 1, tiny_config.heads, 0, tiny_config.head_dim)
+    assert hi == (tiny_config.target_layers, 8, tiny_config.heads, tiny_config.seq_len, tiny_config.head_dim)
+    assert shapes["tokens"][1] == (4, 5, tiny_config.token_dim)  # opt K = gamma + 1
+    dec = profile_shapes(tiny_config.to_dict(), "decoder", 0, shape_profiles(tiny_config, 8, 4)["decoder"])
+    assert dec["tokens"][2] == (8, tiny_config.num_tokens, tiny_config.token_dim)
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_target_trt_without_tensorrt_says_onnx_only(random_checkpoint_path, tmp_path, capsys):
+    from fastardiff.cli import main
+
+    out = tmp_path / "engines"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--target", "trt", "--ckpt", str(random_checkpoint_path), "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "tensorrt" in err and "--onnx-only" in err and "pip install 'fastardiff[trt]'" in err
+    assert not out.exists()
+
+
+def test_onnx_only_dir_is_refused_by_the_runtime(trt_onnx_dir):
+    from fastardiff.runtime.engine import load_engines
+
+    out, _ = trt_onnx_dir
+    with pytest.raises(EngineError, match="--onnx-only.*trtexec|not engines"):
+        load_engines(out)
+
+
+def _tensorrt_manifest(trt_onnx_dir, tmp_path, **changes):
+    """A copy of the onnx-only dir relabelled as built engines (files stay valid: the checks run before parsing)."""
+    import shutil
+
+    out, _ = trt_onnx_dir
+    fake = tmp_path / "engines"
+    shutil.copytree(out, fake)
+    data = json.loads((fake / "manifest.json").read_text())
+    data.update({"backend": "tensorrt", "plugin": {"file": "libfastardiff_trt_plugin.so", "sha256": "0" * 64}})
+    data["library_versions"]["tensorrt"] = "10.16.1"
+    data.update(changes)
+    (fake / "manifest.json").write_text(json.dumps(data))
+    return fake
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_tensorrt_backend_without_tensorrt_is_missing_dependency(trt_onnx_dir, tmp_path):
+    from fastardiff.runtime.engine import load_engines
+
+    with pytest.raises(MissingDependencyError, match="tensorrt.*fastardiff\\[trt\\]"):
+        load_engines(_tensorrt_manifest(trt_onnx_dir, tmp_path))
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """A stand-in `tensorrt` module with only a version and a Builder attribute: enough for the checks that run
+    before any GPU work (the real API calls after them are not exercised here)."""
+    module = types.ModuleType("tensorrt")
+    module.__version__ = "10.16.1"
+    module.Builder = object
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.delenv("FASTARDIFF_TRT_PLUGIN", raising=False)
+    return module
+
+
+def test_tensorrt_backend_refuses_other_tensorrt_version(trt_onnx_dir, tmp_path, fake_tensorrt):
+    from fastardiff.runtime.engine import load_engines
+
+    fake_tensorrt.__version__ = "10.9.0"
+    with pytest.raises(EngineError, match="TensorRT 10.16.1, this is TensorRT 10.9.0.*--force"):
+        load_engines(_tensorrt_manifest(trt_onnx_dir, tmp_path))
+
+
+def test_tensorrt_backend_names_missing_plugin_and_cmake(trt_onnx_dir, tmp_path, fake_tensorrt):
+    from fastardiff.runtime.engine import load_engines
+
+    fake = _tensorrt_manifest(trt_onnx_dir, tmp_path)
+    with pytest.raises(EngineError, match="libfastardiff_trt_plugin.so' is missing.*cmake -S . -B build/plugin"):
+        load_engines(fake)
+    (fake / "libfastardiff_trt_plugin.so").write_bytes(b"not the library the engines were built with")
+    with pytest.raises(EngineError, match="sha256 mismatch"):
+        load_engines(fake)
+
+
+def test_placeholder_tensorrt_package_is_missing_dependency(monkeypatch):
+    from fastardiff.runtime.backend_tensorrt import import_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # like the PyPI stub packages
+    with pytest.raises(MissingDependencyError, match="placeholder"):
+        import_tensorrt("running TensorRT engines")
