@@ -11,7 +11,7 @@ Timing: by default each implementation is captured `--inner` times in a CUDA gra
 timed with CUDA events (so Python dispatch is not measured); --no-cuda-graphs times eager calls instead.
 For K <= 5 the achieved bandwidth is the bytes of K and V that the op must read divided by the time.
 
-Without CUDA this exits with status 2 and says so; `--interpret-smoke` runs tiny shapes through Triton's
+Without CUDA it raises FastardiffError (the CLI prints `error: ...` and exits 2); `--interpret-smoke` runs tiny shapes through Triton's
 interpreter on CPU to check that the code path works (no timings: the interpreter says nothing about speed).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import logging
 import os
 import statistics
 import sys
+
+from fastardiff.errors import FastardiffError
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +185,8 @@ def interpret_smoke(args) -> int:
     from fastardiff.recipes import triton_attention
 
     if not triton_attention.kernel_is_interpreted():
-        print("error: --interpret-smoke needs Triton's interpreter, but triton was imported without it; "
-              "run with TRITON_INTERPRET=1 set in the environment", file=sys.stderr)
-        return 2
+        raise FastardiffError("--interpret-smoke needs Triton's interpreter, but triton was imported without it; "
+                              "run with TRITON_INTERPRET=1 set in the environment")
     rows, worst = [], 0.0
     for n, kk, batch in itertools.product(SMOKE_SHAPES["n"], SMOKE_SHAPES["k"], SMOKE_SHAPES["batch"]):
         q, k, v, lengths, cache = make_case(torch, batch, SMOKE_SHAPES["heads"], n, kk, SMOKE_SHAPES["head_dim"],
@@ -198,24 +199,23 @@ def interpret_smoke(args) -> int:
     print("interpret smoke (CPU, Triton interpreter, fp32): correctness only, no timings")
     print_table(rows)
     if worst > 1e-4:
-        print(f"error: fused kernel differs from the reference by {worst:.3g}", file=sys.stderr)
-        return 1
+        raise FastardiffError(f"the fused kernel differs from the reference by {worst:.3g} (tolerance 1e-4)")
     print("ok: the fused kernel ran under the interpreter and matches the reference")
     return 0
 
 
 def main(argv=None) -> int:
-    """Entry point of `fastardiff bench kernels` and benchmarks/bench_kernels.py; returns the exit status."""
+    """Entry point of `fastardiff bench kernels` and benchmarks/bench_kernels.py. Returns 0; raises
+    FastardiffError (no GPU, no interpreter, kernel mismatch), which the CLI reports as `error: ...`, exit 2."""
     args = build_parser().parse_args(argv)
     if args.interpret_smoke:
         return interpret_smoke(args)
     import torch
 
     if not torch.cuda.is_available():
-        print("error: `bench kernels` times CUDA kernels and torch sees no CUDA GPU on this machine, so no timings "
-              "were taken; run it on a GPU machine, or pass --interpret-smoke to check the code path on CPU",
-              file=sys.stderr)
-        return 2
+        raise FastardiffError("`bench kernels` times CUDA kernels and torch sees no CUDA GPU on this machine, so no "
+                              "timings were taken; run it on a GPU machine, or pass --interpret-smoke to check the "
+                              "code path on CPU")
     dtype = getattr(torch, args.dtype)
     props = torch.cuda.get_device_properties(0)
     print(f"GPU: {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, dtype {args.dtype}, "
@@ -240,4 +240,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except FastardiffError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastardiff.errors import FastardiffError
 from fastardiff.exporter import bench_kernels
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
@@ -17,10 +18,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_without_cuda_says_so_and_fails(capsys):
-    assert bench_kernels.main([]) == 2
-    captured = capsys.readouterr()
-    assert "no CUDA GPU" in captured.err and "--interpret-smoke" in captured.err
-    assert "ms" not in captured.out  # no table, no numbers
+    with pytest.raises(FastardiffError, match="no CUDA GPU.*--interpret-smoke"):
+        bench_kernels.main([])
+    assert "ms" not in capsys.readouterr().out  # no table, no numbers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+@pytest.mark.parametrize("command", [
+    [str(SCRIPT)],
+    ["-c", "from fastardiff.cli import main; main(['bench', 'kernels', '--batch', '1'])"],
+])
+def test_without_cuda_script_and_cli_exit_non_zero(command):
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "no CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_list_argument_is_a_usage_error(capsys):
