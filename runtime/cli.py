@@ -1,0 +1,76 @@
+"""`fastardiff run` / `fastardiff-run`: generate images with speculative decoding over engines or a checkpoint.
+
+Heavy libraries are imported inside the command; `--ckpt` imports torch (through the exporter's reference
+backend) only when used, so running ONNX engines never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from fastardiff.errors import FastardiffError
+
+log = logging.getLogger(__name__)
+
+
+@click.command("run")
+@click.option("--engine", "engine_dir", type=click.Path(), help="Engine directory written by fastardiff-export.")
+@click.option("--ckpt", type=click.Path(), help="Run a checkpoint directly with the torch reference backend.")
+@click.option("--prompt", required=True, help="Class ids or names, e.g. '7', 'seven', '3,7,9'.")
+@click.option("--num-images", type=int, default=None, help="Images to generate (prompts cycle) [default: one per prompt].")
+@click.option("--gamma", type=int, default=4, show_default=True, help="Draft tokens per target call.")
+@click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True,
+              help="Entropy early stopping of drafting.")
+@click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
+              help="'target' samples every token with the target alone (the baseline).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--eta", type=float, default=5.0, show_default=True, help="Percent of tokens the target prefills.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG grid [default: samples.png].")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also write one PNG per image here.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt.")
+def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, temperature, cfg_scale, eta, seed,
+                out, out_dir, stats_json, device):
+    """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
+    from fastardiff.runtime.images import save_images
+    from fastardiff.runtime.prompts import parse_prompts
+    from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate
+
+    if (engine_dir is None) == (ckpt is None):
+        raise FastardiffError("pass exactly one of --engine DIR (exported engines) or --ckpt PATH (a checkpoint)")
+    if gamma < 1:
+        raise GenerationError(f"--gamma must be at least 1 (got {gamma}): it is the number of draft tokens per "
+                              "target call")
+    if out is None and out_dir is None:
+        out = "samples.png"
+    engines = _load(engine_dir, ckpt, device)
+    classes = parse_prompts(prompt, engines.manifest.config["class_names"], num_images)
+    gen = GenerationConfig(mode=mode, gamma=gamma, early_stop=early_stop, temperature=temperature,
+                           cfg_scale=cfg_scale, eta=eta, seed=seed)
+    log.info("generating %d image(s) for classes %s (%s, gamma=%d, early stop %s)", len(classes), classes, mode,
+             gamma, early_stop)
+    images, stats = generate(engines, classes, gen)
+    names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
+    for path in save_images(images, out, out_dir, names):
+        log.info("wrote %s", path)
+    click.echo(stats.table())
+    if stats_json:
+        stats.write_json(stats_json)
+        log.info("wrote %s", stats_json)
+
+
+def _load(engine_dir, ckpt, device):
+    if engine_dir is not None:
+        from fastardiff.runtime.engine import load_engines
+
+        return load_engines(engine_dir)
+    try:
+        from fastardiff.exporter.torch_backend import load_torch_engines
+    except ImportError as err:
+        from fastardiff.errors import MissingDependencyError
+
+        raise MissingDependencyError("torch", "export", "running a checkpoint with --ckpt") from err
+    return load_torch_engines(ckpt, device=device)

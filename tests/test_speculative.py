@@ -1,0 +1,214 @@
+"""End-to-end speculative decoding over the torch reference backend.
+
+Losslessness is tested statistically on the shipped model; KV-cache correctness (ragged advance, rollback) is
+tested exactly by recomputing every engine call from scratch on the final accepted tokens.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from fastardiff.runtime.engine import DraftOutput
+from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate, generate_tokens
+from fastardiff.runtime.stats import RunStats
+
+STAT_BATCH = 400      # samples per mode for the two-sample tests
+STAT_TOKENS = 16      # the first two rows of the 8x8 token grid
+
+
+@pytest.fixture(scope="module")
+def shipped_engines(shipped_checkpoint):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    return TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH)
+
+
+@pytest.fixture(scope="module")
+def random_engines(random_checkpoint):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    return TorchEngines(random_checkpoint)
+
+
+def first_tokens(engines, mode, seed, early_stop="off"):
+    classes = np.arange(STAT_BATCH) % 10
+    gen = GenerationConfig(mode=mode, early_stop=early_stop, eta=0.0, seed=seed, num_tokens=STAT_TOKENS)
+    tokens, stats = generate(engines, classes, gen)
+    return tokens, stats
+
+
+def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
+    """Bonferroni-corrected min p-value of KS tests on per-token statistics (mean over D, and the first
+    two coordinates) for every token: 3 * T tests on [B, T, D] arrays."""
+    pvals = []
+    for t in range(a.shape[1]):
+        for stat in (lambda x: x.mean(-1), lambda x: x[..., 0], lambda x: x[..., 1]):
+            pvals.append(sps.ks_2samp(stat(a[:, t]), stat(b[:, t])).pvalue)
+    return min(1.0, min(pvals) * len(pvals))
+
+
+@pytest.fixture(scope="module")
+def target_only_tokens(shipped_engines):
+    return first_tokens(shipped_engines, "target", seed=1)[0]
+
+
+@pytest.mark.parametrize("early_stop", ["off", "context"])
+def test_speculative_is_indistinguishable_from_target_only(shipped_engines, target_only_tokens, early_stop):
+    spec, stats = first_tokens(shipped_engines, "speculative", seed=2, early_stop=early_stop)
+    assert stats.summary()["drafts_accepted"] > 0
+    assert two_sample_pvalue(spec, target_only_tokens) > 1e-3
+
+
+def test_draft_samples_are_distinguishable(shipped_engines, target_only_tokens):
+    draft, _ = first_tokens(shipped_engines, "draft", seed=3)
+    assert two_sample_pvalue(draft, target_only_tokens) < 1e-4
+    # and two independent target-only runs are not (the test is calibrated)
+    again, _ = first_tokens(shipped_engines, "target", seed=4)
+    assert two_sample_pvalue(again, target_only_tokens) > 1e-3
+
+
+class RecordingEngines:
+    """Wraps engines, records every AR call (inputs and outputs); optionally the draft is the target itself."""
+
+    def __init__(self, engines, draft_is_target=False, calibration=None):
+        self.inner = engines
+        self.manifest = copy.deepcopy(engines.manifest)
+        if calibration:
+            self.manifest.calibration.update(calibration)
+        if draft_is_target:
+            self.manifest.config["draft_layers"] = self.manifest.config["target_layers"]
+        self.draft_is_target = draft_is_target
+        self.calls = []
+
+    def draft_step(self, tokens, lengths, k, v, cond):
+        if self.draft_is_target:
+            out = self.inner.target_verify(tokens, lengths, k, v, cond)
+            out = DraftOutput(out.mean, out.entropy, out.entropy, out.new_k, out.new_v)
+        else:
+            out = self.inner.draft_step(tokens, lengths, k, v, cond)
+        self.calls.append(("draft", tokens.copy(), lengths.copy(), cond.copy(), out.mean.copy()))
+        return out
+
+    def target_verify(self, tokens, lengths, k, v, cond):
+        out = self.inner.target_verify(tokens, lengths, k, v, cond)
+        self.calls.append(("target", tokens.copy(), lengths.copy(), cond.copy(), out.mean.copy()))
+        return out
+
+    def decoder(self, tokens, entropy, cond):
+        return self.inner.decoder(tokens, entropy, cond)
+
+
+def test_kv_cache_rollback_and_ragged_batch_are_exact(random_checkpoint, random_engines):
+    """Every engine call, recomputed without any cache on the final accepted tokens + the call's new tokens,
+    gives the same outputs: the cached prefix of every row was exactly its accepted tokens (rejected drafts
+    rolled back, ragged rows recomputing/padding correctly). The shallow-entropy threshold is set near the
+    random draft's typical value so that rows stop drafting at different steps."""
+    B, T = 5, 28
+    rec = RecordingEngines(random_engines, calibration={"tau_static": 0.975})
+    classes = np.array([0, 3, 5, 7, 9])   # distinct: a call's rows are a subset of samples, found by class
+    stats = RunStats()
+    gen = GenerationConfig(gamma=3, eta=5.0, num_tokens=T, seed=5, temperature=8.0)  # some drafts pass
+    tokens, entropy = generate_tokens(rec, classes, gen, np.random.default_rng(0), stats)
+    assert stats.drafts_proposed > stats.drafts_accepted > 0 and stats.early_stops > 0  # rollbacks, ragged drafting
+    assert len({call[1].shape[1] for call in rec.calls}) > 1                        # varying widths were fed
+    n_cond = random_checkpoint.config.n_cond
+    seq = np.concatenate([np.zeros((B, n_cond, tokens.shape[-1])), tokens], axis=1)
+    models = {"draft": random_checkpoint.draft, "target": random_checkpoint.target}
+    checked = 0
+    for c, (name, call_tokens, lengths, cond, mean) in enumerate(rec.calls):
+        model = models[name]
+        for r in range(len(cond)):
+            L, sample = int(lengths[r]), int(np.flatnonzero(classes == cond[r])[0])
+            inputs = np.zeros((seq.shape[1] + 8, seq.shape[2]))
+            inputs[: seq.shape[1]] = seq[sample]
+            if name == "draft":  # mid-round the draft cache also holds this round's drafts: the next verify's
+                nxt = next(x for x in rec.calls[c + 1:] if x[0] == "target" and cond[r] in x[3])  # inputs
+                rv = int(np.flatnonzero(nxt[3] == cond[r])[0])
+                start = int(nxt[2][rv])
+                inputs[start: start + nxt[1].shape[1]] = nxt[1][rv]
+                inputs[: start] = seq[sample, :start]
+            prefix = np.concatenate([inputs[:L], call_tokens[r]])[None].astype(np.float32)
+            with torch.no_grad():
+                k, v = model.empty_cache(1, 0)
+                full = model(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
+                             torch.tensor([int(cond[r])]))[0][0, L:].numpy()
+            own = min(call_tokens.shape[1], n_cond + T - 1 - L)   # slots inside this row's real sequence
+            np.testing.assert_allclose(mean[r, :own], full[:own], atol=2e-4, rtol=1e-3,
+                                       err_msg=f"call {c} ({name}), sample {sample}, cache length {L}")
+            checked += 1
+    assert checked > 100
+    # the entropies handed to the decoder are the target's at every accepted token
+    with torch.no_grad():
+        _, target_entropy, _ = random_checkpoint.target.forward_sequence(torch.from_numpy(tokens).float(),
+                                                                         torch.from_numpy(classes))
+    np.testing.assert_allclose(entropy, target_entropy.numpy(), atol=2e-4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_draft_identical_to_target_accepts_everything(random_engines, cfg_scale):
+    rec = RecordingEngines(random_engines, draft_is_target=True)
+    gamma, B = 4, 3
+    images, stats = generate(rec, [1, 4, 8], GenerationConfig(gamma=gamma, early_stop="off", eta=0.0,
+                                                              cfg_scale=cfg_scale))
+    s = stats.summary()
+    assert images.shape == (B, 1, 32, 32) and np.isfinite(images).all()
+    assert s["drafts_accepted"] == s["drafts_proposed"] > 0
+    assert s["residual_samples"] == 0 and s["bonus_tokens"] == s["verifies"]
+    # every verify emits gamma + 1 tokens except at the end: ceil(64 / 5) = 13 verifies per sample
+    assert s["verifies"] == B * 13 and s["target_calls"] == 13
+    assert s["tokens_per_target_call"] == pytest.approx(64 / 13)
+
+
+def test_statistics_are_consistent(random_engines):
+    B, gamma, eta = 2, 4, 10.0
+    images, stats = generate(random_engines, [2, 5],
+                             GenerationConfig(gamma=gamma, eta=eta, early_stop="context", seed=3))
+    s = stats.summary()
+    prefill = round(eta / 100 * 64)
+    assert s["tokens"] == B * 64 and s["images"] == B
+    assert s["target_rows"] == B * prefill + s["verifies"]
+    # every verify emits its accepted drafts plus one residual or bonus token
+    assert s["tokens"] == B * prefill + s["drafts_accepted"] + s["verifies"]
+    assert s["residual_samples"] + s["bonus_tokens"] == s["verifies"]
+    assert 0 <= s["acceptance_rate"] <= 1 and s["drafts_accepted"] <= s["drafts_proposed"]
+    assert s["drafts_proposed"] <= gamma * s["verifies"]
+    assert s["tokens_per_target_call"] == pytest.approx(s["tokens"] / s["target_rows"])
+    assert s["total_seconds"] >= s["seconds"]["draft"] + s["seconds"]["verify"] + s["seconds"]["decode"]
+    # target-only: exactly one token per target call
+    _, base = generate(random_engines, [2], GenerationConfig(mode="target"))
+    assert base.summary()["tokens_per_target_call"] == 1.0 and base.target_calls == 64
+
+
+def test_seeded_runs_are_reproducible(random_engines):
+    gen = GenerationConfig(seed=11, num_tokens=12)
+    a, _ = generate(random_engines, [1, 2], gen)
+    b, _ = generate(random_engines, [1, 2], gen)
+    c, _ = generate(random_engines, [1, 2], dataclasses.replace(gen, seed=12))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_bad_requests_raise(random_engines):
+    with pytest.raises(GenerationError, match="gamma"):
+        generate(random_engines, [1], GenerationConfig(gamma=0))
+    with pytest.raises(GenerationError, match="N = 64"):
+        generate(random_engines, [1], GenerationConfig(num_tokens=65))
+    with pytest.raises(GenerationError, match="gamma 64"):
+        generate(random_engines, [1], GenerationConfig(gamma=64))
+
+
+def test_nan_from_an_engine_is_an_error(random_engines):
+    from fastardiff.errors import EngineError
+
+    class NaNEngines(RecordingEngines):
+        def target_verify(self, *args):
+            out = super().target_verify(*args)
+            return out._replace(mean=np.full_like(out.mean, np.nan))
+
+    with pytest.raises(EngineError, match="NaN"):
+        generate(NaNEngines(random_engines), [1], GenerationConfig())
