@@ -37,7 +37,8 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import save_images
     from fastardiff.runtime.prompts import parse_prompts
-    from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate
+    from fastardiff.runtime.speculative import (GenerationConfig, GenerationError, ModelShape, check_request,
+                                                generate, verify_limit)
 
     if (engine_dir is None) == (ckpt is None):
         raise FastardiffError("pass exactly one of --engine DIR (exported engines) or --ckpt PATH (a checkpoint)")
@@ -50,6 +51,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
     classes = parse_prompts(prompt, engines.manifest.config["class_names"], num_images)
     gen = GenerationConfig(mode=mode, gamma=gamma, early_stop=early_stop, temperature=temperature,
                            cfg_scale=cfg_scale, eta=eta, seed=seed)
+    check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     log.info("generating %d image(s) for classes %s (%s, gamma=%d, early stop %s)", len(classes), classes, mode,
              gamma, early_stop)
     images, stats = generate(engines, classes, gen)

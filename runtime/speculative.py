@@ -219,7 +219,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats)."""
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma)
     classes = np.asarray(classes, np.int64)
-    check_request(gen, ModelShape.from_config(engines.manifest.config), _verify_limit(engines))
+    check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     per_call = 2 if gen.cfg_scale != 1.0 else 1
     chunk = max(1, (max_batch or engines.manifest.max_batch) // per_call)
     rng = np.random.default_rng(gen.seed)
@@ -242,7 +242,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     return np.concatenate(outputs), stats
 
 
-def _verify_limit(engines) -> int | None:
+def verify_limit(engines) -> int | None:
     entry = engines.manifest.engines.get("target_verify")
     profile = getattr(entry, "profile", None) or {}
     k = profile.get("K") or profile.get("new_tokens")

@@ -1,0 +1,100 @@
+"""`fastardiff-run`: the README command on the shipped model, and one clear error per bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastardiff.cli import run_main
+
+
+def run_in_process(args, capsys):
+    """Run the console script's entry point in this process; returns (exit code, stdout, stderr)."""
+    try:
+        run_main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_shipped_model_writes_png_and_stats(shipped_checkpoint_path, tmp_path):
+    from PIL import Image
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "from fastardiff.cli import run_main; run_main()", "--ckpt",
+           str(shipped_checkpoint_path), "--prompt", "3", "--out", "x.png", "--stats-json", "s.json",
+           "--out-dir", "singles"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(tmp_path / "x.png")
+    assert image.size == (36, 36) and image.mode == "L"          # a 1x1 grid of one 32x32 digit, 2 px border
+    assert (tmp_path / "singles" / "0000-three.png").exists()
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["images"] == 1 and stats["tokens"] == 64 and stats["gamma"] == 4
+    assert stats["tokens_per_target_call"] > 1.0 and stats["target_calls"] < 64
+    assert "tokens_per_target_call" in proc.stdout                 # the table
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint_path(random_checkpoint, tmp_path_factory):
+    import copy
+
+    import torch
+
+    from fastardiff.recipes.checkpoint import save_checkpoint
+
+    broken = copy.deepcopy(random_checkpoint)
+    with torch.no_grad():
+        broken.target.head.bias.fill_(float("nan"))
+    return save_checkpoint(tmp_path_factory.mktemp("nan") / "nan.pt", broken)
+
+
+@pytest.fixture(scope="module")
+def old_manifest_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("old-engines")
+    (d / "manifest.json").write_text(json.dumps({"format_version": 0, "backend": "onnxruntime"}))
+    return d
+
+
+BAD_INPUTS = {
+    "unknown-prompt": (["--prompt", "eleven"], "unknown class 'eleven'"),
+    "class-id-out-of-range": (["--prompt", "12"], "out of range"),
+    "gamma-below-one": (["--prompt", "3", "--gamma", "0"], "--gamma must be at least 1"),
+    "gamma-exceeds-n": (["--prompt", "3", "--gamma", "64"], "N = 64"),
+    "engine-dir-without-manifest": (["--engine", "{empty}", "--prompt", "3"], "has no manifest.json"),
+    "manifest-other-version": (["--engine", "{old}", "--prompt", "3"], "format version 0"),
+    "nan-from-engine": (["--ckpt", "{nan}", "--prompt", "3"], "returned NaN"),
+    "missing-checkpoint": (["--ckpt", "{missing}", "--prompt", "3"], "does not exist"),
+    "engine-and-ckpt": (["--engine", "{empty}", "--prompt", "3"], "exactly one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_error_line_and_no_image(case, random_checkpoint_path, nan_checkpoint_path,
+                                                     old_manifest_dir, tmp_path, capsys, monkeypatch):
+    args, expected = BAD_INPUTS[case]
+    empty = tmp_path / "empty-engines"
+    empty.mkdir()
+    paths = {"{empty}": str(empty), "{old}": str(old_manifest_dir), "{nan}": str(nan_checkpoint_path),
+             "{missing}": str(tmp_path / "nope.pt")}
+    args = [paths.get(a, a) for a in args]
+    if "--engine" not in args and "--ckpt" not in args:
+        args = ["--ckpt", str(random_checkpoint_path)] + args
+    if case == "engine-and-ckpt":
+        args += ["--ckpt", str(random_checkpoint_path)]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.chdir(out_dir)
+    code, _stdout, stderr = run_in_process(args + ["--out", "x.png", "--out-dir", "singles",
+                                                    "--stats-json", "s.json"], capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert list(Path(out_dir).rglob("*")) == []      # no image, no stats, no temp file
