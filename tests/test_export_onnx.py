@@ -215,3 +215,60 @@ def test_onnx_engines_run_without_torch(onnx_engine_dir):
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_fastardiff_run_on_onnx_engines_does_not_import_torch(onnx_engine_dir, tmp_path):
+    """`fastardiff-run --engine DIR` end to end in a fresh interpreter: PNG + stats written, torch never imported."""
+    png, stats = tmp_path / "grid.png", tmp_path / "stats.json"
+    args = ["--engine", str(onnx_engine_dir), "--prompt", "3,7", "--gamma", "4", "--seed", "1", "--out", str(png),
+            "--stats-json", str(stats)]
+    code = (
+        "import sys\n"
+        "from fastardiff.cli import run_main\n"
+        f"run_main({args!r})\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad[:5]\n"
+        "print('no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("no torch"), proc.stderr[-2000:]
+    assert png.stat().st_size > 0 and json.loads(stats.read_text())["images"] == 2
+
+
+def test_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, export_ckpt_path):
+    """Same seed, same prompts: the ONNX engines give the torch backend's images (within float tolerance) and
+    exactly the same decoding statistics (acceptances, early stops, calls)."""
+    from fastardiff.exporter.torch_backend import load_torch_engines
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    classes = np.array([0, 1, 2, 3, 4, 5, 7, 9])
+    results = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small per-call work: one thread avoids oversubscribing the shared CPU
+    try:
+        for backend, engines in (("onnx", load_engines(onnx_engine_dir)),
+                                 ("torch", load_torch_engines(export_ckpt_path))):
+            gen = GenerationConfig(mode="speculative", gamma=4, early_stop="context", seed=5)
+            results[backend] = generate(engines, classes, gen, max_batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    (img_onnx, st_onnx), (img_torch, st_torch) = results["onnx"], results["torch"]
+    assert img_onnx.shape == (8, 1, 32, 32)
+    np.testing.assert_allclose(img_onnx, img_torch, atol=2e-3, rtol=0)
+    count_onnx = {k: v for k, v in st_onnx.summary().items() if k not in ("seconds", "total_seconds")}
+    count_torch = {k: v for k, v in st_torch.summary().items() if k not in ("seconds", "total_seconds")}
+    assert count_onnx == count_torch
+    assert st_onnx.drafts_proposed > 0 and st_onnx.verifies > 0
+
+
+def test_bench_pipeline_rows_and_table(onnx_engine_dir):
+    from fastardiff.exporter.bench_cli import format_table, pipeline_rows
+
+    rows = pipeline_rows({"onnxruntime": load_engines(onnx_engine_dir)}, batch=2, repeats=1, gamma=3,
+                         early_stop="static", seed=0)
+    assert [(r["backend"], r["mode"]) for r in rows] == [("onnxruntime", "target"), ("onnxruntime", "speculative")]
+    for r in rows:
+        shares = r["draft %"] + r["verify %"] + r["decode %"] + r["outside engines %"]
+        assert abs(shares - 100) < 1e-6 and r["images"] == 2 and r["ms/image"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[0]["draft %"] == 0.0 and rows[0]["tok/target call"] == 1.0
+    table = format_table(rows).splitlines()
+    assert len(table) == 4 and "outside engines %" in table[0] and table[3].startswith("onnxruntime  speculative")
