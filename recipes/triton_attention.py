@@ -257,15 +257,20 @@ def launch_entropy_attention(q, k, v, lengths, causal_offset, scale, normalize, 
     block_m = 16 if not _is_static(num_queries) or num_queries <= 16 else 64
     block_n = 64 if head_dim <= 64 else 32
     if num_splits is None:
-        sm_count = (torch.cuda.get_device_properties(q.device).multi_processor_count
-                    if q.device.type == "cuda" else None)
-        num_splits = choose_num_splits(batch * heads, triton.cdiv(num_queries, block_m), cache_len, block_n, sm_count)
+        num_splits = 1
+        # (fake CUDA tensors can be traced on a machine without CUDA: no split there)
+        if q.device.type == "cuda" and torch.cuda.is_available() and _is_static(batch, heads, num_queries, cache_len):
+            sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+            num_splits = choose_num_splits(batch * heads, triton.cdiv(num_queries, block_m), cache_len, block_n,
+                                           sm_count)
     split_len = triton.cdiv(triton.cdiv(cache_len, num_splits), block_n) * block_n if num_splits > 1 else cache_len
     if num_splits > 1:
         part_acc = torch.empty((batch * heads, num_splits, num_queries, head_dim), dtype=torch.float32, device=q.device)
         part_stats = torch.empty((batch * heads, num_splits, num_queries, 3), dtype=torch.float32, device=q.device)
-    else:  # unused by the kernel (NUM_SPLITS == 1 branch); any fp32 tensor will do
-        part_acc = part_stats = entropy
+    else:  # never touched when NUM_SPLITS == 1; own (empty) tensors, so that no kernel argument aliases another
+        # (functionalisation under torch.compile/AOTInductor treats aliased mutable arguments as one value)
+        part_acc = torch.empty(0, dtype=torch.float32, device=q.device)
+        part_stats = torch.empty(0, dtype=torch.float32, device=q.device)
     grid = (batch * heads, triton.cdiv(num_queries, block_m), num_splits)
     wrap_triton(_entropy_attention_kernel)[grid](
         q, k, v, lengths, out, entropy, part_acc, part_stats,

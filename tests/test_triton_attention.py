@@ -244,6 +244,37 @@ def test_kernels_compile_to_cubin_for_sm80_sm90(kernel_name, arch, dtype, head_d
     assert len(asm["cubin"]) > 1000
 
 
+def test_kernel_arguments_never_alias(monkeypatch):
+    """Functionalisation (torch.compile / AOTInductor) treats aliased kernel arguments as one value: an output
+    aliasing a scratch argument would come back as the scratch. Record the launches instead of running them."""
+    from fastardiff.recipes import triton_attention
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel.__name__, grid, args))
+
+    monkeypatch.setattr(triton_attention, "wrap_triton", Recorder)
+    monkeypatch.setattr(triton_attention, "kernel_is_interpreted", lambda: True)
+    monkeypatch.setattr(triton_attention, "_interpreter_loop_bounds_fix", lambda: None)
+    q, k, v, lengths = make_inputs(3, 5, 70, 16)
+    for splits in (1, 3):
+        launches.clear()
+        triton_attention.launch_entropy_attention(q, k, v, lengths, 70, 0.25, True, num_splits=splits)
+        expected = ["_entropy_attention_kernel"] + (["_merge_splits_kernel"] if splits > 1 else [])
+        assert [name for name, _, _ in launches] == expected
+        assert launches[0][1] == (3 * HEADS, 1, splits)
+        for _, _, args in launches:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            assert len({id(t) for t in tensors}) == len(tensors)
+            pointers = [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
+            assert len(set(pointers)) == len(pointers)
+
+
 def test_num_splits_policy():
     from fastardiff.recipes.triton_attention import choose_num_splits
 
