@@ -23,8 +23,9 @@ LOW_PRECISION_TOL = 1e-2
 # (batch, K new tokens, cache length, head dim, kv splits or None, dtype)
 INTERPRETER_CASES = [(b, kk, cache, d, None, "float32")
                      for b, kk, d, cache in itertools.product((1, 3), (1, 5, 17), (16, 64), (0, 37, 70))]
+# kv splits (the second split of a 9-entry cache is empty), several query blocks of 64 (prefill), fp16
 INTERPRETER_CASES += [(3, 1, 70, 16, 3, "float32"), (3, 5, 70, 64, 2, "float32"), (1, 17, 70, 16, 4, "float32"),
-                      (3, 5, 37, 16, None, "float16")]
+                      (1, 70, 5, 16, None, "float32"), (2, 130, 9, 16, 2, "float32"), (3, 5, 37, 16, None, "float16")]
 HEADS = 2
 
 
@@ -186,6 +187,9 @@ def test_registry_and_default_impl():
 
     impl = get_entropy_attention("triton")
     assert ENTROPY_ATTENTION_IMPLS["triton"] is impl
+    # torch finds both kernels behind the op (they key its compile caches)
+    kernels = torch._library.triton.get_triton_kernels_for_op("fastardiff::entropy_attention")
+    assert {kernel.__name__ for kernel in kernels} == {"_entropy_attention_kernel", "_merge_splits_kernel"}
     assert default_attention_impl("cpu") == "reference"
     assert default_attention_impl(torch.device("cuda", 0)) == "triton"
 
