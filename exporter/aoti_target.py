@@ -12,7 +12,7 @@ from torch import nn
 
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
-from .engine_modules import ShapeProfile
+from .engine_modules import ENGINE_IO, ShapeProfile
 from .parity import check_engine_parity
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
@@ -20,7 +20,8 @@ from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_e
 log = logging.getLogger("fastardiff.export")
 
 
-def export_program(module: nn.Module, example: tuple, shapes: dict) -> torch.export.ExportedProgram:
+def export_program(module: nn.Module, example: tuple, shapes: dict, input_names) -> torch.export.ExportedProgram:
+    shapes = tuple(shapes[n] for n in input_names)  # positional: works for precision wrapper modules too
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
@@ -52,7 +53,7 @@ def build_aoti(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         file = f"{name}.pt2"
         example = trace_inputs(cfg, name, layers, profile, opts.device)
         log.debug("%s: torch.export with example shapes %s", name, [tuple(x.shape) for x in example])
-        program = export_program(module, example, dynamic_shapes(name, profile))
+        program = export_program(module, example, dynamic_shapes(name, profile), ENGINE_IO[name][0])
         log.debug("%s: AOTInductor compile", name)
         compile_package(program, work_dir / file)
         run = aoti_runner(work_dir / file, opts.device)

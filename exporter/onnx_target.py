@@ -36,7 +36,7 @@ def _quiet_torch_onnx(verbose: bool):
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.DEBUG if verbose else logging.ERROR)
+        lg.setLevel(logging.WARNING if verbose else logging.ERROR)
     try:
         yield
     finally:
@@ -56,6 +56,8 @@ def export_onnx_file(module: nn.Module, example_inputs: tuple, path: str | Path,
     import warnings
 
     path = Path(path)
+    if isinstance(dynamic_shapes, dict) and set(dynamic_shapes) == set(input_names):
+        dynamic_shapes = tuple(dynamic_shapes[n] for n in input_names)  # positional: works for wrapper modules too
     verbose = logging.getLogger("fastardiff").isEnabledFor(logging.DEBUG)
     with _quiet_torch_onnx(verbose), warnings.catch_warnings(), torch.no_grad():
         if not verbose:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastardiff.errors import FastardiffError, MissingDependencyError
+from fastardiff.errors import EngineError, FastardiffError, MissingDependencyError
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, sha256_file
@@ -143,23 +143,43 @@ class CastWrapper(nn.Module):
         self.module = module.to(dtype)
         self.dtype = dtype
 
-    def forward(self, *inputs):
+    def run(self, *inputs):
         cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
         out = self.module(*cast)
         out = out if isinstance(out, tuple) else (out,)
         return tuple(o.float() if o.is_floating_point() else o for o in out)
 
 
+class ARCastWrapper(CastWrapper):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond):  # named inputs: torch.export maps Dims by name
+        return self.run(tokens, lengths, k_cache, v_cache, cond)
+
+
+class DecoderCastWrapper(CastWrapper):
+    def forward(self, tokens, entropy, cond):
+        return self.run(tokens, entropy, cond)[0]
+
+
+# One export adapter per model family: checkpoint -> {engine name: torch module with the engine contract}.
+FAMILY_ADAPTERS: dict[str, Callable[[DriftARCheckpoint], dict[str, nn.Module]]] = {
+    "drift-ar": lambda ckpt: make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder),
+}
+
+
 def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """(modules to export, fp32 reference modules); the exported ones are cast to the precision and device."""
     import copy
 
-    reference = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder)
+    family = ckpt.config.family
+    if family not in FAMILY_ADAPTERS:
+        raise FastardiffError(f"no export adapter for model family '{family}'; known: {', '.join(FAMILY_ADAPTERS)}")
+    reference = FAMILY_ADAPTERS[family](ckpt)
     exported = {}
     for name, module in reference.items():
         m = copy.deepcopy(module).to(opts.device)
         if opts.precision != "fp32":
-            m = CastWrapper(m, PRECISIONS[opts.precision])
+            wrapper = DecoderCastWrapper if name == "decoder" else ARCastWrapper
+            m = wrapper(m, PRECISIONS[opts.precision])
         exported[name] = m.eval()
     return exported, reference
 
@@ -209,7 +229,19 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
         for name in bar:
             bar.set_postfix_str(name)
             start = time.perf_counter()
-            file, parity = build_one(name, modules[name], references[name], profiles[name])
+            try:
+                file, parity = build_one(name, modules[name], references[name], profiles[name])
+            except FastardiffError:
+                raise
+            except Exception as err:  # exporter/compiler internals: one clear line, the trace under --verbose
+                log.debug("export of %s failed", name, exc_info=True)
+                root = err
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                first = (str(root).strip().splitlines() or [""])[0][:200]
+                raise EngineError(f"exporting engine '{name}' to target '{opts.target}' ({opts.precision}, "
+                                  f"{opts.device}) failed: {type(root).__name__}: {first} (rerun with --verbose "
+                                  "for the full trace)") from None
             inputs, outputs = ENGINE_IO[name]
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
                                         outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity)
