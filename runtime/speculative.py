@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from fastardiff.errors import EngineError, FastardiffError
 
@@ -225,7 +226,8 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     rng = np.random.default_rng(gen.seed)
     started = time.perf_counter()
     outputs = []
-    for lo in range(0, len(classes), chunk):
+    starts = range(0, len(classes), chunk)
+    for lo in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, leave=False):
         part = classes[lo: lo + chunk]
         tokens, entropy = generate_tokens(engines, part, gen, rng, stats)
         if gen.num_tokens is not None:
