@@ -397,3 +397,31 @@ def test_target_trt_without_plugin_library_names_cmake(random_checkpoint_path, t
     with pytest.raises(FastardiffError, match="nowhere/libfastardiff_trt_plugin.so' not found.*cmake -S . -B build/plugin"):
         export_engines(random_checkpoint_path, out, ExportOptions(target="trt"))
     assert not out.exists()
+
+
+def test_fp16_plugin_graph_feeds_half_tensors(random_checkpoint, tmp_path, tiny_config):
+    """--precision fp16: the plugin nodes take float16 q/k/v (the plugin's fp16 kernel) and int64 lengths; the graph,
+    swapped back to the reference, stays within fp16 tolerance of the fp32 PyTorch model."""
+    from fastardiff.exporter.engine_modules import shape_profiles
+    from fastardiff.exporter.targets import ExportOptions, engine_modules, trace_inputs
+    from fastardiff.exporter.trt_graph import decompose_plugin_nodes, plugin_nodes
+    from fastardiff.exporter.trt_target import export_plugin_onnx
+
+    opts = ExportOptions(target="trt", precision="fp16", onnx_only=True)
+    modules, references = engine_modules(random_checkpoint, opts)
+    profile = shape_profiles(tiny_config, 8, 4)["target_verify"]
+    layers = tiny_config.target_layers
+    path = tmp_path / "target_verify.onnx"
+    assert export_plugin_onnx("target_verify", modules["target_verify"], trace_inputs(tiny_config, "target_verify",
+                              layers, profile), profile, path) == 2
+    model = onnx.load(str(path))
+    types_ = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
+    for node in plugin_nodes(model):
+        assert [types_[i] for i in node.input] == [onnx.TensorProto.FLOAT16] * 3 + [onnx.TensorProto.INT64]
+    session = _session(decompose_plugin_nodes(model))
+    inputs = _ragged_inputs(tiny_config, layers, 3, 5, 40, 1)
+    got = session.run(None, _feed(session, inputs))
+    with torch.no_grad():
+        ref = references["target_verify"](*inputs)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r.numpy(), atol=2e-2, rtol=2e-2)
