@@ -98,3 +98,16 @@ def test_bad_input_gives_one_error_line_and_no_image(case, random_checkpoint_pat
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert list(Path(out_dir).rglob("*")) == []      # no image, no stats, no temp file
+
+
+def test_prompt_parsing():
+    from fastardiff.runtime.prompts import PromptError, parse_prompts
+
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    assert parse_prompts("7", names) == [7]
+    assert parse_prompts("Seven", names) == [7]
+    assert parse_prompts("3,7 nine", names) == [3, 7, 9]
+    assert parse_prompts("3, seven", names, num_images=5) == [3, 7, 3, 7, 3]
+    for bad in ("", "ten", "10", "-1"):
+        with pytest.raises(PromptError):
+            parse_prompts(bad, names)

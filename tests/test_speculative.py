@@ -222,3 +222,20 @@ def test_nan_from_an_engine_is_an_error(random_engines):
 
     with pytest.raises(EngineError, match="NaN"):
         generate(NaNEngines(random_engines), [1], GenerationConfig())
+
+
+def test_kv_cache_writes_ragged_rows_in_place_and_refuses_overflow():
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.kv_cache import KVCache
+
+    cache = KVCache(layers=2, batch=3, heads=1, capacity=6, head_dim=2)
+    new = np.arange(2 * 2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 2, 1, 3, 2)   # [L, R=2, H, K=3, Dh]
+    cache.write(np.array([2, 0]), np.array([1, 3]), new, -new)
+    np.testing.assert_array_equal(cache.k[:, 2, :, 1:4], new[:, 0])
+    np.testing.assert_array_equal(cache.k[:, 0, :, 3:6], new[:, 1])
+    np.testing.assert_array_equal(cache.v[:, 0, :, 3:6], -new[:, 1])
+    assert not cache.k[:, 1].any()                                  # untouched row
+    k, _ = cache.view(np.arange(3), 4)
+    assert k.base is not None and k.shape == (2, 3, 1, 4, 2)         # all rows: a view, no copy
+    with pytest.raises(EngineError, match="N is exceeded"):
+        cache.write(np.array([1]), np.array([4]), new[:, :1], new[:, :1])
