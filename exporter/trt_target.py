@@ -75,22 +75,11 @@ def require_gpu() -> dict:
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
-def positional_dynamic_shapes(module: nn.Module, name: str, profile: ShapeProfile):
-    """dynamic_shapes in call order; wrapped as one tuple when forward takes *inputs (the fp16/bf16 CastWrapper),
-    where torch.export cannot match the per-name dict."""
-    import inspect
-
-    by_name = dynamic_shapes(name, profile)
-    ordered = tuple(by_name[n] for n in ENGINE_IO[name][0])
-    params = inspect.signature(module.forward).parameters.values()
-    return (ordered,) if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) else ordered
-
-
 def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: ShapeProfile, path: Path) -> int:
     """Export one engine with entropy-attention plugin nodes; returns the number of plugin nodes."""
     trt_graph.use_plugin_attention(module)
     inputs, outputs = ENGINE_IO[name]
-    export_onnx_file(module, example, path, inputs, outputs, positional_dynamic_shapes(module, name, profile),
+    export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile),
                      custom_translation_table=trt_graph.custom_translation_table())
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
