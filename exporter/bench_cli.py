@@ -136,7 +136,7 @@ def pipeline_command(ckpt, engine_dir, batch, repeats, gamma, early_stop, seed, 
 def kernels_command(args):
     """Entropy-attention kernel benchmark (arguments are passed through)."""
     if importlib.util.find_spec("fastardiff.exporter.bench_kernels") is not None:
-        importlib.import_module("fastardiff.exporter.bench_kernels").main(list(args))
+        _exit_with(importlib.import_module("fastardiff.exporter.bench_kernels").main(list(args)))
         return
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
     if not script.exists():
@@ -146,4 +146,9 @@ def kernels_command(args):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    module.main(list(args))
+    _exit_with(module.main(list(args)))
+
+
+def _exit_with(code) -> None:
+    if isinstance(code, int) and code != 0:
+        raise click.exceptions.Exit(code)
