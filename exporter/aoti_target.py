@@ -15,7 +15,7 @@ from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from .engine_modules import ENGINE_IO, ShapeProfile
 from .parity import check_engine_parity
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
-                      library_versions, trace_inputs)
+                      library_versions, set_attention_impl, trace_inputs)
 
 log = logging.getLogger("fastardiff.export")
 
@@ -46,20 +46,25 @@ def aoti_runner(path: Path, device: str):
 
 
 def build_aoti(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
+    from fastardiff.recipes.entropy_attention import default_attention_impl
+
     cfg = ckpt.config
+    attention = default_attention_impl(opts.device)  # the fused Triton op on CUDA (survives AOTInductor)
 
     def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
         layers = engine_layers(ckpt, name)
         file = f"{name}.pt2"
         example = trace_inputs(cfg, name, layers, profile, opts.device)
+        set_attention_impl(module, attention)
         log.debug("%s: torch.export with example shapes %s", name, [tuple(x.shape) for x in example])
         program = export_program(module, example, dynamic_shapes(name, profile), ENGINE_IO[name][0])
         log.debug("%s: AOTInductor compile", name)
         compile_package(program, work_dir / file)
         run = aoti_runner(work_dir / file, opts.device)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
-        parity["runtime"] = f"aoti {opts.device}"
+        parity["runtime"] = f"aoti {opts.device}, entropy attention '{attention}'"
         return file, parity
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
-    return TargetResult(backend="aoti", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["aoti"]))
+    return TargetResult(backend="aoti", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["aoti"]),
+                        extra={"entropy_attention": attention})

@@ -37,7 +37,7 @@ TARGETS: dict[str, str] = {
 # Libraries whose versions make an engine (part of the engine-cache key and of the manifest).
 TARGET_LIBRARIES: dict[str, tuple[str, ...]] = {
     "onnx": ("torch", "onnx", "onnxscript", "onnxruntime"),
-    "aoti": ("torch",),
+    "aoti": ("torch", "triton"),
     "trt": ("torch", "onnx", "onnxscript", "tensorrt"),
 }
 # Optional python packages each target imports, and the pyproject extra that installs them.
@@ -182,6 +182,16 @@ def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[s
             m = wrapper(m, PRECISIONS[opts.precision])
         exported[name] = m.eval()
     return exported, reference
+
+
+def set_attention_impl(module: nn.Module, impl: str) -> nn.Module:
+    """Switch every AR transformer inside `module` to entropy-attention implementation `impl` (by name)."""
+    from fastardiff.recipes.models import ARTransformer
+
+    for sub in module.modules():
+        if isinstance(sub, ARTransformer):
+            sub.attention_impl = impl
+    return module
 
 
 def trace_inputs(cfg: DriftARConfig, name: str, layers: int, profile: ShapeProfile, device: str = "cpu"):
