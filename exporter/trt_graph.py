@@ -90,7 +90,8 @@ def register_onnx_schema() -> None:
     kind = defs.OpSchema.AttrType
     schema = defs.OpSchema(
         PLUGIN_OP, PLUGIN_DOMAIN, 1,
-        doc="Fused entropy attention (TensorRT plugin fastardiff::EntropyAttention v1); see recipes/entropy_attention.py",
+        doc="Fused entropy attention (TensorRT plugin fastardiff::EntropyAttention v1), "
+            "semantics in recipes/entropy_attention.py",
         inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("lengths", "I")],
         outputs=[param("out", "T"), param("entropy", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "q/k/v/outputs"),
@@ -135,7 +136,8 @@ def mark_plugin_nodes(model: onnx.ModelProto, expected: int | None = None) -> in
     Returns the number of plugin nodes; raises ValueError when the graph is not what the plugin can take."""
     nodes = plugin_nodes(model)
     if expected is not None and len(nodes) != expected:
-        raise ValueError(f"expected {expected} entropy-attention plugin nodes in the exported graph, found {len(nodes)}")
+        raise ValueError(f"expected {expected} entropy-attention plugin nodes in the exported graph, "
+                         f"found {len(nodes)}")
     for idx, node in enumerate(nodes):
         attrs = _attrs(node)
         if len(node.input) != 4 or len(node.output) != 2:
@@ -155,8 +157,9 @@ def mark_plugin_nodes(model: onnx.ModelProto, expected: int | None = None) -> in
 
 def check_plugin_graph(model: onnx.ModelProto) -> None:
     """Every node outside the plugin nodes is a standard ONNX op (default domain), and no local functions remain."""
+    is_plugin = lambda n: n.domain == PLUGIN_DOMAIN and n.op_type == PLUGIN_OP  # noqa: E731
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
-                      if n.domain not in ("", "ai.onnx") and not (n.domain == PLUGIN_DOMAIN and n.op_type == PLUGIN_OP)})
+                      if n.domain not in ("", "ai.onnx") and not is_plugin(n)})
     if foreign:
         raise ValueError(f"the TensorRT graph has non-standard ops besides the plugin: {foreign}")
     if len(model.functions):

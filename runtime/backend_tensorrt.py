@@ -130,7 +130,8 @@ class TensorRTRunner:
         if hasattr(trt.DataType, "BF16"):
             table[trt.DataType.BF16] = torch.bfloat16
         if dt not in table:
-            raise EngineError(f"engine '{self.label}' has a tensor of TensorRT type {dt}, which this runtime cannot bind")
+            raise EngineError(f"engine '{self.label}' has a tensor of TensorRT type {dt}, which this runtime "
+                              "cannot bind")
         return table[dt]
 
     def _device_tensor(self, name: str, x):

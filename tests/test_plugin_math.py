@@ -124,7 +124,8 @@ def test_row_math_matches_reference(math_driver, B, H, K, S, Dh, normalize, tile
 def test_row_math_catches_a_wrong_mask(math_driver):
     """The comparison is sharp enough to see a one-key change of the mask (here: a shorter cache length)."""
     g = torch.Generator().manual_seed(7)
-    q, k, v = torch.randn(1, 1, 3, 16, generator=g), torch.randn(1, 1, 23, 16, generator=g), torch.randn(1, 1, 23, 16, generator=g)
+    q = torch.randn(1, 1, 3, 16, generator=g)
+    k, v = torch.randn(1, 1, 23, 16, generator=g), torch.randn(1, 1, 23, 16, generator=g)
     lengths = torch.tensor([20])
     out, ent, _, _ = drive(math_driver, q, k, v, lengths, 0.25, True, 32)
     wrong_out, wrong_ent = entropy_attention_reference(q, k, v, torch.tensor([19]), 20, 0.25, True)
@@ -173,7 +174,8 @@ def test_plugin_against_tensorrt_headers(tmp_path, include_dir):
 
 
 def test_cmake_builds_plugin_library(tmp_path):
-    """The top-level CMakeLists.txt builds the plugin (exporting getCreators for dynamic loading) and the bare kernel."""
+    """The top-level CMakeLists.txt builds the plugin (exporting getCreators for dynamic loading) and the bare
+    kernel library."""
     cmake = shutil.which("cmake")
     include_dirs = tensorrt_include_dirs()
     if cmake is None or NVCC is None:
