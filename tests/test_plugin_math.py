@@ -2,6 +2,7 @@
 TensorRT plugin compiled with nvcc / against TensorRT headers where those exist (skipped with a reason otherwise)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -173,20 +174,80 @@ def test_plugin_against_tensorrt_headers(tmp_path, include_dir):
     assert proc.stdout.count("ok   ") >= 30
 
 
-def test_cmake_builds_plugin_library(tmp_path):
-    """The top-level CMakeLists.txt builds the plugin (exporting getCreators for dynamic loading) and the bare
-    kernel library."""
+@pytest.fixture(scope="module")
+def cmake_build(tmp_path_factory):
+    """runtime/plugin built by the top-level CMakeLists.txt (for this GPU's architecture when there is one)."""
     cmake = shutil.which("cmake")
-    include_dirs = tensorrt_include_dirs()
     if cmake is None or NVCC is None:
         pytest.skip("cmake and nvcc are needed to build runtime/plugin")
+    include_dirs = tensorrt_include_dirs()
+    arch = "80"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"{major}{minor}"
     args = [f"-DTENSORRT_ROOT={include_dirs[-1].parent}"] if include_dirs else []
-    build = tmp_path / "build"
-    run([cmake, "-S", ROOT, "-B", build, "-DCMAKE_CUDA_ARCHITECTURES=80", *args])
+    build = tmp_path_factory.mktemp("cmake") / "build"
+    run([cmake, "-S", ROOT, "-B", build, f"-DCMAKE_CUDA_ARCHITECTURES={arch}", *args])
     targets = ["fastardiff_entropy_attention"] + (["fastardiff_trt_plugin"] if include_dirs else [])
     run([cmake, "--build", build, "-j2", "--target", *targets])
+    return build, bool(include_dirs)
+
+
+def kernel_library(build):
+    lib = ctypes.CDLL(str(build / "libfastardiff_entropy_attention.so"))
+    lib.fastardiff_entropy_attention_launch.restype = ctypes.c_int
+    lib.fastardiff_entropy_attention_launch.argtypes = (
+        [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7)
+    lib.fastardiff_status_string.restype = ctypes.c_char_p
+    return lib
+
+
+def test_cmake_builds_plugin_library(cmake_build):
+    """The top-level CMakeLists.txt builds the bare kernel library (C ABI callable through dlopen) and, with
+    TensorRT headers, the plugin library whose getCreators entry point returns the creator."""
+    build, with_plugin = cmake_build
     bare = run(["nm", "-D", "--defined-only", build / "libfastardiff_entropy_attention.so"]).stdout
     assert "fastardiff_entropy_attention_launch" in bare
-    if include_dirs:
+    lib = kernel_library(build)
+    launch = lib.fastardiff_entropy_attention_launch
+    p = ctypes.c_void_p(16)  # never dereferenced: argument checks come first
+    assert launch(7, 0, 1, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 1          # unknown dtype
+    assert launch(0, 0, 1, 1, 1, 1, 300, 0.25, 1, p, p, p, p, p, p, None) == 1         # head dim > 256
+    assert launch(0, 0, 1, 1, 5, 3, 16, 0.25, 1, p, p, p, p, p, p, None) == 1          # fewer keys than queries
+    assert launch(0, 0, 0, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 0          # empty batch: no-op
+    assert b"bad argument" in lib.fastardiff_status_string(1)
+    if not torch.cuda.is_available():  # a real launch without a GPU reports a CUDA error instead of crashing
+        assert launch(0, 1, 1, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 2
+    if with_plugin:
         exported = run(["nm", "-D", "--defined-only", build / "libfastardiff_trt_plugin.so"]).stdout
         assert "getCreators" in exported and "setLoggerFinder" in exported
+        plugin = ctypes.CDLL(str(build / "libfastardiff_trt_plugin.so"))
+        plugin.getCreators.restype = ctypes.POINTER(ctypes.c_void_p)
+        plugin.getCreators.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+        count = ctypes.c_int32(-1)
+        creators = plugin.getCreators(ctypes.byref(count))
+        assert count.value == 1 and creators[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+def test_cuda_kernel_matches_reference(cmake_build, dtype, tol):
+    """The CUDA kernel through its C ABI vs the reference at full shapes (K up to 256, cache up to 1024)."""
+    lib = kernel_library(cmake_build[0])
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, H, K, S, Dh in [(1, 4, 1, 0, 64), (3, 4, 5, 1024, 64), (3, 2, 17, 70, 16), (2, 2, 256, 1024, 128)]:
+        q = torch.randn(B, H, K, Dh, device="cuda", generator=g).to(dtype)
+        k = torch.randn(B, H, S + K, Dh, device="cuda", generator=g).to(dtype)
+        v = torch.randn(B, H, S + K, Dh, device="cuda", generator=g).to(dtype)
+        lengths = torch.randint(0, S + 1, (B,), device="cuda", generator=g)
+        lengths[0] = S
+        out, ent = torch.empty_like(q), q.new_empty(B, H, K)
+        status = lib.fastardiff_entropy_attention_launch(
+            codes[dtype], 1, B, H, K, S + K, Dh, Dh**-0.5, 1, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            lengths.data_ptr(), out.data_ptr(), ent.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert status == 0, lib.fastardiff_status_string(status)
+        ref_out, ref_ent = entropy_attention_reference(q.float(), k.float(), v.float(), lengths, S, Dh**-0.5, True)
+        torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(ent.float(), ref_ent, atol=tol, rtol=tol)
