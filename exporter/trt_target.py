@@ -185,7 +185,8 @@ def tensorrt_runner(trt, logger, engine_path: Path, label: str):
 
     runtime = trt.Runtime(logger)
     engine = trt_backend.deserialize_engine(trt, runtime, engine_path)
-    runner = trt_backend.TensorRTRunner(trt, torch, engine, torch.cuda.Stream(), label)
+    inputs, outputs = ENGINE_IO[label]
+    runner = trt_backend.TensorRTRunner(trt, torch, engine, torch.cuda.Stream(), label, inputs, outputs)
     return lambda inputs: runner(list(inputs))
 
 

@@ -110,10 +110,12 @@ def check_gpu(torch, manifest: Manifest, engine_dir: Path) -> dict:
 
 
 class TensorRTRunner:
-    """One deserialised engine + execution context; binds device buffers by address and runs on `stream`."""
+    """One deserialised engine + execution context; binds device buffers by address and runs on `stream`.
+    `device` is "cuda" for TensorRT; tests pass "cpu" with a stand-in engine to check the binding logic."""
 
-    def __init__(self, trt, torch, engine, stream, label: str):
+    def __init__(self, trt, torch, engine, stream, label: str, inputs=None, outputs=None, device: str = "cuda"):
         self.trt, self.torch, self.engine, self.stream, self.label = trt, torch, engine, stream, label
+        self.device = device
         self.context = engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for '{label}'")
@@ -121,6 +123,12 @@ class TensorRTRunner:
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) != mode]
+        # the engine contract's order (ENGINE_IO / manifest), not whatever order the engine lists its tensors in
+        for kind, have, want in (("inputs", self.inputs, inputs), ("outputs", self.outputs, outputs)):
+            if want is not None and sorted(have) != sorted(want):
+                raise EngineError(f"engine '{label}' has {kind} {have}, expected {list(want)}; re-export")
+        self.inputs = list(inputs) if inputs is not None else self.inputs
+        self.outputs = list(outputs) if outputs is not None else self.outputs
         self.dtypes = {n: self._torch_dtype(engine.get_tensor_dtype(n)) for n in names}
 
     def _torch_dtype(self, dt):
@@ -136,18 +144,22 @@ class TensorRTRunner:
 
     def _device_tensor(self, name: str, x):
         torch = self.torch
-        if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype == self.dtypes[name] and x.is_contiguous():
+        if (isinstance(x, torch.Tensor) and x.device.type == self.device and x.dtype == self.dtypes[name]
+                and x.is_contiguous()):
             return x  # bound in place: no copy
         if not isinstance(x, torch.Tensor):
             x = torch.from_numpy(np.ascontiguousarray(x))
-        return x.to(device="cuda", dtype=self.dtypes[name], non_blocking=True).contiguous()
+        return x.to(device=self.device, dtype=self.dtypes[name], non_blocking=True).contiguous()
 
     def run_device(self, arrays) -> list:
         """Inputs in engine order (numpy or torch CUDA tensors) -> output torch CUDA tensors."""
+        import contextlib
+
         torch = self.torch
         if len(arrays) != len(self.inputs):
             raise EngineError(f"engine '{self.label}' takes {len(self.inputs)} inputs {self.inputs}, got {len(arrays)}")
-        with torch.cuda.stream(self.stream):
+        on_stream = torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()
+        with on_stream:
             bound = [self._device_tensor(n, a) for n, a in zip(self.inputs, arrays)]
             for name, t in zip(self.inputs, bound):
                 if not self.context.set_input_shape(name, tuple(t.shape)):
@@ -157,7 +169,7 @@ class TensorRTRunner:
             outs = []
             for name in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(name))
-                out = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+                out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
                 self.context.set_tensor_address(name, out.data_ptr())
                 outs.append(out)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -204,11 +216,8 @@ class TensorRTEngines:
         self.runners = {}
         for name in ENGINE_NAMES:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
-            self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name)
-            expected = list(manifest.engines[name].inputs)
-            if self.runners[name].inputs != expected:
-                raise EngineError(f"engine '{name}' has inputs {self.runners[name].inputs}, the manifest says "
-                                  f"{expected}; re-export")
+            entry = manifest.engines[name]
+            self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs)
 
     def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
         return DraftOutput(*self.runners["draft_step"]((tokens, lengths, k_cache, v_cache, cond)))

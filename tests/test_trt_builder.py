@@ -1,6 +1,6 @@
-"""The TensorRT engine builder (exporter/trt_target.build_engine) driven through a recorded stand-in for the
-TensorRT Python API: TensorRT cannot be installed here, so this checks the call sequence, flags, profile and timing
-cache handling, not TensorRT itself (see /work/notes/trt.md)."""
+"""The TensorRT engine builder (exporter/trt_target.build_engine) and the runtime's engine runner driven through
+recorded stand-ins for the TensorRT Python API: TensorRT cannot be installed here, so this checks call sequences,
+flags, profiles, timing-cache handling and buffer binding, not TensorRT itself (see /work/notes/trt.md)."""
 from __future__ import annotations
 
 import pytest
@@ -126,3 +126,93 @@ def test_build_engine_reports_parser_errors(tmp_path, tiny_config):
         build_engine(_Recorder(parse_ok=False), "logger", tmp_path / "m.onnx", tmp_path / "m.engine", {}, "fp32",
                      tmp_path / "cache", "x")
     assert not (tmp_path / "m.engine").exists()
+
+
+class _FakeEngine:
+    """Stand-in engine/context: lists its outputs in a different order than the contract and 'executes' by reading
+    the bound input addresses and writing the bound output addresses (host memory, via ctypes)."""
+
+    class DataType:
+        FLOAT, HALF, INT32, INT64, BOOL = "f32", "f16", "i32", "i64", "bool"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "in", "out"
+
+    def __init__(self):
+        self.tensors = [("tokens", "in", "f32"), ("lengths", "in", "i64"), ("entropy", "out", "f32"),
+                        ("mean", "out", "f32")]
+        self.num_io_tensors = len(self.tensors)
+        self.shapes, self.addresses, self.executed = {}, {}, 0
+
+    def get_tensor_name(self, i):
+        return self.tensors[i][0]
+
+    def get_tensor_mode(self, name):
+        return dict((n, m) for n, m, _ in self.tensors)[name]
+
+    def get_tensor_dtype(self, name):
+        return dict((n, t) for n, _, t in self.tensors)[name]
+
+    def create_execution_context(self):
+        return self
+
+    def set_input_shape(self, name, shape):
+        if name == "tokens" and shape[0] > 8:
+            return False  # outside the profile
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def get_tensor_shape(self, name):
+        b, k, _ = self.shapes["tokens"]
+        return (b, k, self.shapes["tokens"][2]) if name == "mean" else (b, k)
+
+    def execute_async_v3(self, stream_handle):
+        import ctypes
+
+        import numpy as np
+
+        b, k, d = self.shapes["tokens"]
+        tokens = np.ctypeslib.as_array((ctypes.c_float * (b * k * d)).from_address(self.addresses["tokens"]))
+        lengths = np.ctypeslib.as_array((ctypes.c_int64 * b).from_address(self.addresses["lengths"]))
+        mean = (tokens.reshape(b, k, d) * 2).astype(np.float32)
+        entropy = (tokens.reshape(b, k, d).sum(-1) + lengths[:, None]).astype(np.float32)
+        ctypes.memmove(self.addresses["mean"], mean.ctypes.data, mean.nbytes)
+        ctypes.memmove(self.addresses["entropy"], entropy.ctypes.data, entropy.nbytes)
+        self.executed += 1
+        return True
+
+
+class _HostStream:
+    cuda_stream = 0
+
+    def synchronize(self):
+        pass
+
+
+def test_runner_binds_by_address_in_contract_order():
+    import numpy as np
+    import torch
+
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.backend_tensorrt import TensorRTRunner
+
+    engine = _FakeEngine()
+    runner = TensorRTRunner(_FakeEngine, torch, engine, _HostStream(), "draft_step", ["tokens", "lengths"],
+                            ["mean", "entropy"], device="cpu")
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    lengths = np.array([5, 7])  # int64, as the runtime passes them
+    mean, entropy = runner([tokens, lengths])
+    np.testing.assert_array_equal(mean, tokens * 2)
+    np.testing.assert_array_equal(entropy, tokens.sum(-1) + lengths[:, None])
+    assert engine.shapes == {"tokens": (2, 3, 4), "lengths": (2,)}
+    # a tensor already on the engine's device, of the engine's dtype, is bound in place (no copy)
+    on_device = torch.from_numpy(tokens.copy())
+    runner.run_device([on_device, torch.from_numpy(lengths)])
+    assert engine.addresses["tokens"] == on_device.data_ptr() and engine.executed == 2
+    with pytest.raises(EngineError, match="outside the optimisation profile"):
+        runner([np.zeros((9, 3, 4), np.float32), np.zeros(9, np.int64)])
+    with pytest.raises(EngineError, match="expected"):
+        TensorRTRunner(_FakeEngine, torch, _FakeEngine(), _HostStream(), "x", ["tokens", "cond"], None, device="cpu")
