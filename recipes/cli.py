@@ -1,0 +1,138 @@
+"""`fastardiff train`, `fastardiff eval`, `fastardiff info`. Heavy libraries are imported inside the commands."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from fastardiff.errors import FastardiffError
+
+log = logging.getLogger(__name__)
+
+
+def _default_ckpt() -> str:
+    return str(Path(__file__).resolve().parent / "checkpoints" / "tiny-mnist.pt")
+
+
+def _default_classifier() -> str:
+    return str(Path(__file__).resolve().parent / "checkpoints" / "digit-classifier.pt")
+
+
+@click.command("train")
+@click.option("--recipe", default="tiny-mnist", show_default=True, help="Model config to train.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint).")
+@click.option("--target-fraction", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of the steps spent on the target AR alone.")
+@click.option("--classifier-steps", type=click.IntRange(min=0), default=None,
+              help="Steps of the digit classifier (0: skip it).")
+@click.option("--schedule", type=click.Choice(["linear", "two-phase"]), default="linear", show_default=True,
+              help="alpha(t): linear 0.95->0.05 (fast-ardiff) or two-phase with T_freeze = 0.8 T (drift-ar).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
+@click.option("--resume", is_flag=True, help="Continue from DIR/resume-state.pt.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None,
+              help="Pause at this step (state saved, checkpoint so far written); continue later with --resume.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Training digits used for the entropy statistics (tests use few).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, schedule, seed, save_every, threads,
+                  resume, stop_after, calibration_images, no_progress):
+    """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
+    import torch
+
+    from .train import TrainSettings, train
+
+    torch.set_num_threads(threads)
+    overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
+                 "save_every": save_every, "calibration_images": calibration_images}
+    settings = TrainSettings(recipe=recipe, schedule=schedule, seed=seed,
+                             **{k: v for k, v in overrides.items() if v is not None})
+    path = train(out_dir, settings, resume=resume, progress=not no_progress, stop_after=stop_after)
+    click.echo(f"wrote {path}")
+
+
+@click.command("eval")
+@click.option("--ckpt", type=click.Path(dir_okay=True), default=_default_ckpt, show_default="shipped tiny-mnist",
+              help="Checkpoint to evaluate.")
+@click.option("--classifier", "classifier_path", type=click.Path(), default=_default_classifier,
+              show_default="shipped digit classifier")
+@click.option("--n", type=click.IntRange(min=2), default=500, show_default=True, help="Samples to generate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=None, help="Scales sigma(E) [1.0].")
+@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [2.0].")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid of samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
+def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, as_json, threads):
+    """Sample target-only and score the digits: class accuracy, Fréchet distance, classifier accuracy."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .classifier import load_classifier
+    from .evaluate import DEFAULT_CFG_SCALE, DEFAULT_TEMPERATURE, evaluate, write_grid
+
+    torch.set_num_threads(threads)
+    model = load_checkpoint(ckpt)
+    if model.config.name != "tiny-mnist":
+        raise FastardiffError(f"'{ckpt}' is a '{model.config.name}' model; eval scores MNIST digits and needs "
+                              "a tiny-mnist checkpoint")
+    if not Path(classifier_path).is_file():
+        raise FastardiffError(f"digit classifier '{classifier_path}' does not exist; pass --classifier with the "
+                              "digit-classifier.pt written by `fastardiff train`")
+    classifier = load_classifier(classifier_path)
+    metrics, images = evaluate(model, classifier, n=n, seed=seed,
+                               temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
+                               cfg_scale=DEFAULT_CFG_SCALE if cfg_scale is None else cfg_scale)
+    metrics["checkpoint"] = str(ckpt)
+    if grid:
+        labels = torch.arange(n) % model.config.num_classes  # the labels evaluate() sampled
+        rows = [torch.nonzero(labels == c).flatten()[:10] for c in range(model.config.num_classes)]
+        metrics["grid"] = str(write_grid(images[torch.cat(rows)], grid, nrow=min(10, n)))
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            click.echo(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}")
+
+
+@click.command("info")
+@click.option("--ckpt", type=click.Path(dir_okay=True), default=_default_ckpt, show_default="shipped tiny-mnist")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def info_command(ckpt, as_json):
+    """Config, parameter counts, calibration and file hashes of a checkpoint."""
+    from .checkpoint import file_sha256, load_checkpoint
+
+    model = load_checkpoint(ckpt)
+    path = Path(ckpt)
+    side = path.with_suffix(".json")
+    info = {
+        "checkpoint": str(path),
+        "family": "drift-ar",
+        "config": model.config.to_dict(),
+        "config_hash": model.config.config_hash(),
+        "parameters": {name: sum(p.numel() for p in m.parameters())
+                       for name, m in (("target", model.target), ("draft", model.draft), ("decoder", model.decoder))},
+        "calibration": model.calibration.to_dict(),
+        "files": {str(path): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}},
+        "meta": model.meta,
+    }
+    if side.exists():
+        info["files"][str(side)] = {"bytes": side.stat().st_size, "sha256": file_sha256(side)}
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"checkpoint   {info['checkpoint']}  (family drift-ar, config hash {info['config_hash']})")
+    cfg = info["config"]
+    click.echo("config       " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "class_names"))
+    click.echo("parameters   " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())
+               + f"  (total {sum(info['parameters'].values()):,})")
+    click.echo("calibration  " + ", ".join(f"{k}={v:.4f}" for k, v in info["calibration"].items()
+                                           if isinstance(v, float)))
+    for f, d in info["files"].items():
+        click.echo(f"file         {f}  {d['bytes']:,} bytes  sha256 {d['sha256']}")
+    if model.meta.get("train_seconds") is not None:
+        click.echo(f"trained      {model.meta.get('train_seconds')} s, recipe {model.meta.get('recipe')}")
