@@ -66,11 +66,17 @@ def target_only_tokens(shipped_engines):
     return get
 
 
-@pytest.mark.parametrize("early_stop,cfg_scale", [("off", 1.0), ("context", 2.0)])
+@pytest.mark.parametrize("early_stop,cfg_scale", [("off", 1.0), ("context", 2.0), ("static-forced", 1.0)])
 def test_speculative_is_indistinguishable_from_target_only(shipped_engines, target_only_tokens, early_stop,
                                                           cfg_scale):
-    spec, stats = first_tokens(shipped_engines, "speculative", seed=2, early_stop=early_stop, cfg_scale=cfg_scale)
-    assert stats.summary()["drafts_accepted"] > 0
+    engines = shipped_engines
+    if early_stop == "static-forced":  # threshold at the draft's mean shallow entropy: many rounds stop early
+        tau = shipped_engines.manifest.calibration["draft_shallow_mean"]
+        engines, early_stop = RecordingEngines(shipped_engines, calibration={"tau_static": tau}), "static"
+    spec, stats = first_tokens(engines, "speculative", seed=2, early_stop=early_stop, cfg_scale=cfg_scale)
+    assert stats.drafts_accepted > 0
+    if engines is not shipped_engines:
+        assert stats.early_stops > STAT_BATCH
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)) > 1e-3
 
 
