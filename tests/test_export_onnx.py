@@ -272,3 +272,29 @@ def test_bench_pipeline_rows_and_table(onnx_engine_dir):
     assert rows[0]["speedup"] == 1.0 and rows[0]["draft %"] == 0.0 and rows[0]["tok/target call"] == 1.0
     table = format_table(rows).splitlines()
     assert len(table) == 4 and "outside engines %" in table[0] and table[3].startswith("onnxruntime  speculative")
+
+
+def test_execution_provider_choice(onnx_engine_dir):
+    """GPU providers come first when onnxruntime offers them; TensorRT gets the manifest's shape profiles."""
+    from types import SimpleNamespace
+
+    from fastardiff.runtime.backend_onnxruntime import choose_providers
+
+    manifest = load_manifest(onnx_engine_dir)
+    gpu_ort = SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                                 "CPUExecutionProvider"])
+    chosen = choose_providers(gpu_ort, manifest, "target_verify")
+    assert [c[0] if isinstance(c, tuple) else c for c in chosen] == ["TensorrtExecutionProvider",
+                                                                     "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = chosen[0][1]
+    c = manifest.config
+    d, layers, heads, head_dim = c["token_dim"], c["target_layers"], c["heads"], c["width"] // c["heads"]
+    assert trt["trt_profile_min_shapes"] == (f"tokens:1x1x{d},lengths:1,k_cache:{layers}x1x{heads}x0x{head_dim},"
+                                             f"v_cache:{layers}x1x{heads}x0x{head_dim},cond:1")
+    cap = c["n_cond"] + (c["image_size"] // c["patch"]) ** 2 - 1
+    assert trt["trt_profile_max_shapes"].startswith(f"tokens:8x{cap}x{d},lengths:8,k_cache:{layers}x8x{heads}x{cap}x")
+    assert choose_providers(gpu_ort, manifest, "decoder", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    cpu_ort = SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"])
+    assert choose_providers(cpu_ort, manifest, "draft_step") == ["CPUExecutionProvider"]
+    with pytest.raises(EngineError, match="not available"):
+        choose_providers(cpu_ort, manifest, "draft_step", ["CUDAExecutionProvider"])
