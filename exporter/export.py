@@ -57,7 +57,8 @@ def check_output_dir(out: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FastardiffError(f"cannot create output directory '{parent}' ({err.strerror}); choose a writable --out") from None
+        raise FastardiffError(f"cannot create output directory '{parent}' ({err.strerror}); "
+                              "choose a writable --out") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FastardiffError(f"output directory '{parent}' is not writable; choose a writable --out")
 

@@ -108,5 +108,6 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         return file, parity
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
-    return TargetResult(backend="onnxruntime", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["onnx"]),
+    return TargetResult(backend="onnxruntime", engines=engines,
+                        library_versions=library_versions(TARGET_LIBRARIES["onnx"]),
                         extra={"opset": OPSET, "exporter": "torch.onnx dynamo"})

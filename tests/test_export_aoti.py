@@ -48,7 +48,8 @@ def test_aoti_backend_matches_torch_and_is_cached(aoti_export, tiny_config):
     modules = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder)
     engines = load_engines(out)
     assert isinstance(engines, AotiEngines)
-    cases = [("draft_step", tiny_config.draft_layers, (6, 1, 41)), ("target_verify", tiny_config.target_layers, (8, 5, 30)),
+    cases = [("draft_step", tiny_config.draft_layers, (6, 1, 41)),
+             ("target_verify", tiny_config.target_layers, (8, 5, 30)),
              ("target_verify", tiny_config.target_layers, (1, 63, 0)), ("decoder", 0, (5, 64, 0))]
     for name, layers, (b, k, s) in cases:
         inputs = example_inputs(tiny_config, name, layers, b, k, s, seed=11)

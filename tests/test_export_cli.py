@@ -35,7 +35,8 @@ def test_bad_checkpoint_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     result = _invoke(["--ckpt", str(bad), "--target", "onnx", "--out", str(tmp_path / "e")])
-    assert isinstance(result.exception, CheckpointError) and "not a readable fastardiff checkpoint" in str(result.exception)
+    assert isinstance(result.exception, CheckpointError)
+    assert "not a readable fastardiff checkpoint" in str(result.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
