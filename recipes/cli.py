@@ -30,6 +30,8 @@ def _default_classifier() -> str:
               help="Steps of the digit classifier (0: skip it).")
 @click.option("--schedule", type=click.Choice(["linear", "two-phase"]), default="linear", show_default=True,
               help="alpha(t): linear 0.95->0.05 (fast-ardiff) or two-phase with T_freeze = 0.8 T (drift-ar).")
+@click.option("--entropy-weight", type=click.FloatRange(min=0.0), default=None,
+              help="Weight of the draft's entropy-alignment loss [10].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
@@ -39,8 +41,8 @@ def _default_classifier() -> str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None, hidden=True,
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, schedule, seed, save_every, threads,
-                  resume, stop_after, calibration_images, no_progress):
+def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, schedule, entropy_weight, seed,
+                  save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
     import torch
 
@@ -48,10 +50,12 @@ def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, sch
 
     torch.set_num_threads(threads)
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
-                 "save_every": save_every, "calibration_images": calibration_images}
-    settings = TrainSettings(recipe=recipe, schedule=schedule, seed=seed,
-                             **{k: v for k, v in overrides.items() if v is not None})
-    path = train(out_dir, settings, resume=resume, progress=not no_progress, stop_after=stop_after)
+                 "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = TrainSettings(recipe=recipe, schedule=schedule, seed=seed, **given)
+    # on --resume the saved settings hold, except the options given on this command line
+    path = train(out_dir, settings, resume=resume, progress=not no_progress, stop_after=stop_after,
+                 resume_overrides=tuple(given))
     click.echo(f"wrote {path}")
 
 

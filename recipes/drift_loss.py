@@ -58,7 +58,8 @@ def drift_loss(generated: torch.Tensor, real: torch.Tensor, temperatures=KERNEL_
     return (gen - target).pow(2).sum(-1).mean() / gen.shape[-1]
 
 
-def grouped_drift_loss(generated: dict, real: dict, gen_labels: torch.Tensor, real_labels: torch.Tensor) -> torch.Tensor:
+def grouped_drift_loss(generated: dict, real: dict, gen_labels: torch.Tensor,
+                       real_labels: torch.Tensor) -> torch.Tensor:
     """Sum over feature groups (name -> [B, C]) of the class-conditional drift loss averaged over classes."""
     total = generated[next(iter(generated))].new_zeros(())
     classes = [c for c in gen_labels.unique().tolist() if (real_labels == c).sum() > 1 and (gen_labels == c).sum() > 1]

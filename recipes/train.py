@@ -9,8 +9,9 @@ Stages (one global step counter, so a run resumes anywhere):
   4. joint, steps [T_target, T): total = alpha(t) (L_reg + L_entropy) + (1 - alpha(t)) L_decoder
      - draft (initialised from the target's embeddings, first layers and head): L_reg = ||z_q - z_p||^2 /
        (sigma_p^2 + 0.01) (mean regression weighted by the target's precision, which is what the speculative
-       acceptance ratio depends on) plus 0.1 ||z_q - x||^2 to the data; L_entropy = (E_q - E_p)^2 on the
-       causal-normalised entropy (drift-ar Eq. 4-5, aligned to the target rather than maximised);
+       acceptance ratio depends on) plus 0.1 ||z_q - x||^2 to the data; L_entropy = w_E (E_q - E_p)^2 on the
+       causal-normalised entropy (drift-ar Eq. 4-5, aligned to the target rather than maximised; w_E = 10
+       because sigma(E) mismatch dominates the Gaussian overlap in D = 16 dimensions);
      - decoder: x0 = z_p + sigma(E_p) eps from the teacher-forced target, x_hat = f(x0, c, E_p), drifting loss
        (drift-ar Eq. 8) on pixels and on phi's penultimate hidden states, plus a paired reconstruction
        term rec_weight * ||x_hat - x||^2 that speeds up convergence on a CPU budget;
@@ -58,6 +59,9 @@ class TrainSettings:
     class_dropout: float = 0.1
     schedule: str = "linear"  # or "two-phase"
     rec_weight: float = 2.0
+    # sigma(E) mismatch costs D * (dlog sigma/dE)^2 * dE^2 of KL per token (~3 D dE^2 at typical E); the
+    # precision-weighted mean term costs D/2 * reg, so the entropy term is weighted ~6x (rounded up)
+    entropy_weight: float = 10.0
     e_max_percentile: float = 99.0
     calibration_images: int = 2000
     classifier_steps: int = 1500
@@ -179,7 +183,7 @@ def joint_step(models: dict, opt, idx, split, cfg, s: TrainSettings, sigma: Sigm
         z_q, e_q, _ = teacher_forced(draft, inputs, cond)
         reg = ((z_q - z_p).pow(2).mean(-1) / (sigma_p.pow(2) + 0.01)).mean() + 0.1 * (z_q - tokens).pow(2).mean()
         ent = (e_q - e_p).pow(2).mean()
-        total = total + alpha * (reg + ent)
+        total = total + alpha * (reg + s.entropy_weight * ent)
         stats.update(reg=reg.item(), ent=ent.item())
     # decoder: source x0 ~ N(z_p, sigma(E_p)^2) from the same teacher-forced target pass (rows whose class was
     # dropped carry the unconditional prediction; the decoder is always told the true class)
@@ -225,8 +229,11 @@ def load_state(path: Path) -> dict:
 
 
 def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> Path:
-    """Run (or resume) the recipe; with stop_after, pause at that step (state saved) and write the checkpoint so far."""
+          stop_after: int | None = None,
+          resume_overrides: tuple = ("steps", "save_every", "calibration_images")) -> Path:
+    """Run (or resume) the recipe; with stop_after, pause at that step (state saved) and write the checkpoint so far.
+    On resume the settings come from the saved state except the fields named in resume_overrides, taken from s
+    (e.g. more steps: the schedules are then functions of the new total)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -238,8 +245,7 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
     state_path = out_dir / RESUME_FILE
     state = load_state(state_path) if resume else None
     if state is not None:
-        s = TrainSettings(**{**state["settings"], "steps": s.steps, "save_every": s.save_every,
-                             "calibration_images": s.calibration_images})
+        s = TrainSettings(**{**state["settings"], **{k: getattr(s, k) for k in resume_overrides}})
     torch.manual_seed(s.seed)
     start = time.time()
     split = load_digit_split()
