@@ -18,7 +18,7 @@ from fastardiff.runtime.speculative import GenerationConfig, GenerationError, ge
 from fastardiff.runtime.stats import RunStats
 
 STAT_BATCH = 400      # samples per mode for the two-sample tests
-STAT_TOKENS = 16      # the first two rows of the 8x8 token grid
+STAT_TOKENS = 32      # the first four rows of the 8x8 token grid
 
 
 @pytest.fixture(scope="module")
