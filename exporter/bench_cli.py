@@ -88,6 +88,8 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Checkpoint (default: the shipped model).")
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False), default=None,
               help="ONNX engine dir of the same checkpoint (default: export one into a temp dir).")
+@click.option("--aoti-engine", "aoti_dir", type=click.Path(file_okay=False), default=None,
+              help="Also time an AOTInductor engine dir of the same checkpoint.")
 @click.option("--batch", type=click.IntRange(1, 8), default=8, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True)
@@ -95,7 +97,7 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="Intra-op threads for both backends (default: library's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
-def pipeline_command(ckpt, engine_dir, batch, repeats, gamma, early_stop, seed, threads, json_path):
+def pipeline_command(ckpt, engine_dir, aoti_dir, batch, repeats, gamma, early_stop, seed, threads, json_path):
     """Per-image time, target-only vs speculative, ONNX Runtime vs torch backend, in one run (CPU)."""
     import platform
     import tempfile
@@ -116,11 +118,14 @@ def pipeline_command(ckpt, engine_dir, batch, repeats, gamma, early_stop, seed, 
         if engine_dir is None:
             engine_dir = Path(tmp) / "onnx"
             export_engines(ckpt, engine_dir, ExportOptions(target="onnx", max_batch=batch, gamma=gamma))
-        onnx_engines = load_engines(engine_dir, threads=threads)
-        if onnx_engines.manifest.export.get("checkpoint_sha256") not in (None, sha256_file(ckpt)):
-            raise FastardiffError(f"engines in '{engine_dir}' were exported from a different checkpoint than "
-                                  f"'{ckpt}'; pass the matching --ckpt or omit --engine")
-        backends = {"onnxruntime": onnx_engines, "torch": load_torch_engines(ckpt)}
+        backends = {"onnxruntime": load_engines(engine_dir, threads=threads)}
+        if aoti_dir:
+            backends["aoti"] = load_engines(aoti_dir)
+        for engines in backends.values():
+            if engines.manifest.export.get("checkpoint_sha256") not in (None, sha256_file(ckpt)):
+                raise FastardiffError(f"engines in '{engines.engine_dir}' were exported from a different checkpoint "
+                                      f"than '{ckpt}'; pass the matching --ckpt or omit --engine/--aoti-engine")
+        backends["torch"] = load_torch_engines(ckpt)
         rows = pipeline_rows(backends, batch, repeats, gamma, early_stop, seed)
     click.echo(f"pipeline benchmark: {ckpt.name}, batch {batch}, gamma {gamma}, early stop {early_stop}, "
                f"{repeats} timed runs after 1 warm-up; {platform.processor() or platform.machine()}, "

@@ -39,6 +39,7 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     if target not in TARGETS:  # before importing torch: a typo should fail fast
         raise FastardiffError(f"unknown export target '{target}'; choose one of: {', '.join(sorted(TARGETS))}")
     from fastardiff.recipes.checkpoint import default_checkpoint_path
+    from fastardiff.runtime.manifest import ENGINE_NAMES
 
     from .export import export_engines
 
@@ -49,7 +50,8 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
-    for name, entry in manifest.engines.items():
+    for name in ENGINE_NAMES:
+        entry = manifest.engines[name]
         outputs = entry.parity.get("outputs", {})
         worst_abs = max((v["max_abs"] for v in outputs.values()), default=float("nan"))
         click.echo(f"  {name:<14} {entry.file:<20} parity max abs {worst_abs:.2e} (atol {entry.parity.get('atol')}, "

@@ -16,12 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def aoti_export(request, tmp_path_factory):
-    from fastardiff.recipes.checkpoint import default_checkpoint_path
-
-    ckpt_path = default_checkpoint_path()
-    if not ckpt_path.exists():
-        ckpt_path = request.getfixturevalue("random_checkpoint_path")
+def aoti_export(shipped_checkpoint_path, tmp_path_factory):
+    ckpt_path = shipped_checkpoint_path
     out = tmp_path_factory.mktemp("engines") / "aoti"
     manifest, hit = export_engines(ckpt_path, out, ExportOptions(target="aoti"))
     return ckpt_path, out, manifest, hit
