@@ -67,7 +67,7 @@ def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, sch
 @click.option("--n", type=click.IntRange(min=2), default=500, show_default=True, help="Samples to generate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=None, help="Scales sigma(E) [1.0].")
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [2.0].")
+@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [1.0, as fastardiff run].")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid of samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")

@@ -20,7 +20,7 @@ import torch
 
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 
-DEFAULT_CFG_SCALE = 2.0
+DEFAULT_CFG_SCALE = 1.0  # same default as `fastardiff run`; 2.0 trades diversity (FD) for class accuracy
 DEFAULT_TEMPERATURE = 1.0
 
 

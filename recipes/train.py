@@ -211,11 +211,13 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
-def save_state(path: Path, step: int, models: dict, opts: dict, sampler, calibration, s: TrainSettings) -> None:
+def save_state(path: Path, step: int, models: dict, opts: dict, sampler, calibration, s: TrainSettings,
+               elapsed: float) -> None:
     state = {"format": RESUME_FORMAT, "step": step, "settings": dataclasses.asdict(s),
              "models": {k: models[k].state_dict() for k in ("target", "draft", "decoder")},
              "opts": {k: o.state_dict() for k, o in opts.items()}, "sampler": sampler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "calibration": calibration.to_dict() if calibration else None}
+             "torch_rng": torch.get_rng_state(), "calibration": calibration.to_dict() if calibration else None,
+             "elapsed_seconds": elapsed}
     atomic_torch_save(state, path)
 
 
@@ -273,6 +275,7 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+        start -= state.get("elapsed_seconds", 0.0)  # wall time accumulates over resumes
         calibration = Calibration.from_dict(state["calibration"]) if state["calibration"] else None
         log.info("resumed from %s at step %d", state_path, step)
 
@@ -305,7 +308,7 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()})
         if step % s.save_every == 0 or step == end:
-            save_state(state_path, step, models, opts, sampler, calibration, s)
+            save_state(state_path, step, models, opts, sampler, calibration, s, time.time() - start)
     bar.close()
     if calibration is None:  # fewer steps than the target stage: still write a usable checkpoint
         calibration = calibrate_target(target, split, cfg, s)
