@@ -239,6 +239,11 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FastardiffError(f"--out '{out_dir}' is a file; pass a directory for the training outputs")
+    if not resume and (out_dir / RESUME_FILE).exists():
+        raise FastardiffError(f"'{out_dir}' already holds a training run; pass --resume to continue it or "
+                              "choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = get_config(s.recipe)
     if cfg.name != "tiny-mnist":

@@ -126,7 +126,8 @@ def test_tiny_train_run_is_loadable_and_resumes_exactly(tmp_path, capsys):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{name} differs after resume"
     assert a.calibration.e_max == b.calibration.e_max > 0
     assert (straight / "digit-classifier.pt").exists() and (straight / "tiny-mnist.json").exists()
-    # resuming a directory without a state is a clear error
+    # starting over an existing run, or resuming a directory without a state, are clear errors
+    assert_one_error_line(*run_cli(common + ["--out", str(split)], capsys), "--resume")
     assert_one_error_line(*run_cli(common + ["--out", str(tmp_path / "empty"), "--resume"],
                                    capsys), "--resume")
 
