@@ -256,6 +256,25 @@ def test_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, export_c
     assert st_onnx.drafts_accepted > 0 and st_onnx.residual_samples > 0 and st_onnx.bonus_tokens > 0
 
 
+def test_guided_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, export_ckpt_path):
+    """Classifier-free guidance (engine batch = [cond; null] rows) through both backends."""
+    from fastardiff.exporter.torch_backend import load_torch_engines
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    gen = GenerationConfig(mode="speculative", gamma=3, early_stop="static", cfg_scale=2.0, seed=9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        img_onnx, st_onnx = generate(load_engines(onnx_engine_dir), np.array([2, 6, 8]), gen, max_batch=8)
+        img_torch, st_torch = generate(load_torch_engines(export_ckpt_path), np.array([2, 6, 8]), gen, max_batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(img_onnx, img_torch, atol=2e-3, rtol=0)
+    drop = ("seconds", "total_seconds")
+    assert {k: v for k, v in st_onnx.summary().items() if k not in drop} == \
+        {k: v for k, v in st_torch.summary().items() if k not in drop}
+
+
 def test_bench_pipeline_rows_and_table(onnx_engine_dir):
     from fastardiff.exporter.bench_cli import format_table, pipeline_rows
 
