@@ -39,10 +39,17 @@ class EarlyStop:
         return np.full(len(samples), -np.inf)
 
     def should_stop(self, samples: np.ndarray, shallow_entropy: np.ndarray) -> np.ndarray:
+        if self.mode == "static":  # as against threshold(): a float64 scalar keeps the comparison in float64
+            return shallow_entropy < np.float64(self.tau_static)
+        if self.mode == "off":
+            return np.zeros(len(shallow_entropy), bool)
         return shallow_entropy < self.threshold(samples)
 
     def observe_target(self, samples: np.ndarray, entropy: np.ndarray, counts: np.ndarray) -> None:
-        """entropy [R, K]: target entropies of the tokens emitted this step; row r emitted counts[r] of them."""
+        """entropy [R, K]: target entropies of the tokens emitted this step; row r emitted counts[r] of them.
+        `samples` may be a slice (every sample). Only the context threshold reads the running mean."""
+        if self.mode != "context":
+            return
         ema = self.target_ema[samples]
         for j in range(entropy.shape[1]):
             live = j < counts

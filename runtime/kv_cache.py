@@ -4,6 +4,10 @@ Engines receive a slice of the buffers up to the longest length they need plus t
 the keys/values of the tokens they were fed; `write` stores those in place at each row's own offset (rows
 advance raggedly). Rejecting tokens is `lengths[rows] = ...`: entries past a row's length are ignored by the
 engines and overwritten later, nothing is copied back.
+
+Hot path (one view and one write per engine call): `rows=None` means every row in order, which needs no index
+array at all; a write whose rows all start at the same offset is a single slice assignment, and a ragged one a
+single assignment through strided windows of the buffers (one window per row).
 """
 from __future__ import annotations
 
@@ -18,29 +22,50 @@ class KVCache:
         self.k = np.zeros(shape, dtype)
         self.v = np.zeros(shape, dtype)
         self.lengths = np.zeros(batch, np.int64)
+        self.capacity = capacity
+        self.batch = batch
+        self.all_rows = np.arange(batch)
+        self._window_views: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    def view(self, rows: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cache of `rows` up to position `upto` (a view when rows are all rows in order, else a gathered copy)."""
-        if rows.size == self.batch and np.array_equal(rows, np.arange(self.batch)):
+    def view(self, rows: np.ndarray | None, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cache of `rows` up to position `upto`: a view when rows is None or all rows in order, else a gathered
+        copy."""
+        if rows is None or (rows.size == self.batch and np.array_equal(rows, self.all_rows)):
             return self.k[:, :, :, :upto], self.v[:, :, :, :upto]
         return self.k[:, rows, :, :upto], self.v[:, rows, :, :upto]
 
-    def write(self, rows: np.ndarray, starts: np.ndarray, new_k: np.ndarray, new_v: np.ndarray) -> None:
-        """Store new_k/new_v [L, R, H, K, Dh] at positions starts[r] .. starts[r]+K-1 of row rows[r]."""
+    def write(self, rows: np.ndarray | None, starts: np.ndarray, new_k: np.ndarray, new_v: np.ndarray) -> None:
+        """Store new_k/new_v [L, R, H, K, Dh] at positions starts[r] .. starts[r]+K-1 of row rows[r]
+        (rows=None: every row in order)."""
         num_new = new_k.shape[3]
-        if (starts < 0).any() or (starts + num_new > self.capacity).any():
+        lo, hi = int(starts.min()), int(starts.max())
+        if lo < 0 or hi + num_new > self.capacity:
             raise EngineError(f"KV cache overflow: writing {num_new} positions at offsets {starts.tolist()} into a "
                               f"cache of {self.capacity} positions (the token count N is exceeded)")
-        positions = starts[:, None] + np.arange(num_new)[None, :]             # [R, K]
-        row_index = rows[:, None]
-        # advanced indices on axes 1 and 3 broadcast to [R, K] and move to the front: target is [R, K, L, H, Dh]
-        self.k[:, row_index, :, positions] = new_k.transpose(1, 3, 0, 2, 4)
-        self.v[:, row_index, :, positions] = new_v.transpose(1, 3, 0, 2, 4)
+        if lo == hi:  # every row at the same offset: one slice (rows on their own axis keep their place)
+            span = slice(lo, lo + num_new)
+            if rows is None:
+                self.k[:, :, :, span] = new_k
+                self.v[:, :, :, span] = new_v
+            else:
+                self.k[:, rows, :, span] = new_k
+                self.v[:, rows, :, span] = new_v
+            return
+        if rows is None:
+            rows = self.all_rows
+        # ragged offsets: index windows of num_new positions, (row, offset) -> k[:, row, :, offset:offset+num_new]
+        # (advanced indices on axes 1 and 3 move to the front: the target is [R, L, H, K, Dh])
+        k_windows, v_windows = self._windows(num_new)
+        k_windows[:, rows, :, starts] = new_k.transpose(1, 0, 2, 3, 4)
+        v_windows[:, rows, :, starts] = new_v.transpose(1, 0, 2, 3, 4)
+
+    def _windows(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Writable strided views [L, B, H, S - size + 1, size, Dh] of the buffers: window s of a row is its
+        positions s .. s+size-1 (windows overlap in memory; a write touches one window per row)."""
+        if size not in self._window_views:
+            def windows(a):
+                L, B, H, S, Dh = a.shape
+                return np.lib.stride_tricks.as_strided(a, (L, B, H, S - size + 1, size, Dh),
+                                                       a.strides[:4] + a.strides[3:], writeable=True)
+            self._window_views[size] = windows(self.k), windows(self.v)
+        return self._window_views[size]

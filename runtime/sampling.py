@@ -46,7 +46,9 @@ def guide(mean: np.ndarray, entropy: np.ndarray, cfg_scale: float) -> tuple[np.n
 
 
 def token_distribution(mean, entropy, sigma_params: SigmaParams, temperature: float) -> TokenDistribution:
-    sigma = sigma_from_entropy(entropy.astype(np.float64), sigma_params) * temperature
+    sigma = sigma_from_entropy(entropy.astype(np.float64), sigma_params)
+    if temperature != 1.0:  # x * 1.0 == x: skipped, not approximated
+        sigma = sigma * temperature
     return TokenDistribution(mean.astype(np.float64), sigma, entropy)
 
 
@@ -57,7 +59,7 @@ def sample_gaussian(rng: np.random.Generator, mean: np.ndarray, sigma: np.ndarra
 def log_density(x: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """log N(x; mean, sigma^2 I) summed over the last axis, in float64."""
     d = x.shape[-1]
-    sq = np.sum((x - mean) ** 2, axis=-1)
+    sq = np.add.reduce((x - mean) ** 2, axis=-1)  # = np.sum without its Python wrapper
     return -0.5 * sq / sigma**2 - d * np.log(sigma) - 0.5 * d * math.log(2 * math.pi)
 
 
@@ -80,18 +82,24 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     todo = np.arange(rows)
     chunk, spent = 4, 0
     while todo.size and spent < max_proposals:
-        pm, ps, qm, qs = p_mean[todo, None], p_sigma[todo, None], q_mean[todo, None], q_sigma[todo, None]
+        if spent == 0:  # every row: views, no gathers
+            pm, ps, qm, qs = p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None]
+        else:
+            pm, ps, qm, qs = p_mean[todo, None], p_sigma[todo, None], q_mean[todo, None], q_sigma[todo, None]
         y = pm + ps[..., None] * rng.standard_normal((todo.size, chunk, dim))
         weight = log_residual_weight(y, pm, ps, qm, qs)               # [T, chunk]
         kept = np.log(rng.random(weight.shape)) < weight
         hit = kept.any(axis=1)
         first = kept.argmax(axis=1)
         out[todo[hit]] = y[hit, first[hit]]
-        top = weight.argmax(axis=1)
-        better = weight[np.arange(todo.size), top] > best_weight[todo]
-        best[todo[better]] = y[better, top[better]]
-        best_weight[todo[better]] = weight[better, top[better]]
-        todo = todo[~hit]
+        miss = np.flatnonzero(~hit)
+        if miss.size:  # the fallback candidate matters only for rows still without a sample
+            top = weight[miss].argmax(axis=1)
+            top_weight = weight[miss, top]
+            better = top_weight > best_weight[todo[miss]]
+            best[todo[miss[better]]] = y[miss[better], top[better]]
+            best_weight[todo[miss[better]]] = top_weight[better]
+        todo = todo[miss]
         spent += chunk
         chunk = min(chunk * 4, MAX_CHUNK, max(max_proposals - spent, 1))
     if todo.size:  # probability <= 1/(e * max_proposals) per row; see the module docstring

@@ -70,35 +70,51 @@ class ModelShape:
 
 
 class AREngine:
-    """One AR engine (draft_step or target_verify) with its KV cache and guidance, fed from a token buffer."""
+    """One AR engine (draft_step or target_verify) with its KV cache and guidance, fed from a token buffer.
+
+    `samples` passed to predict/rollback are strictly increasing sample indices; all B of them (the common case)
+    needs no index arrays on the cache at all."""
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, sigma: SigmaParams,
                  stats: RunStats, stage: str):
         self.name, self.fn, self.gen, self.sigma, self.stats, self.stage = name, fn, gen, sigma, stats, stage
         self.batch = len(classes)
-        guided = gen.cfg_scale != 1.0
-        self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if guided else classes
+        self.guided = gen.cfg_scale != 1.0
+        self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
         self.cache = KVCache(layers, len(self.cond), shape.heads, shape.seq_len, shape.head_dim)
+        self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows
 
     def rows(self, samples: np.ndarray) -> np.ndarray:
-        return np.concatenate([samples, samples + self.batch]) if len(self.cond) > self.batch else samples
+        return np.concatenate([samples, samples + self.batch]) if self.guided else samples
 
     def predict(self, seq: np.ndarray, samples: np.ndarray, first: np.ndarray, end: np.ndarray, slots: int):
         """Feed positions up to end[r] (exclusive) of `samples`; return the token distributions output at
         positions first[r] .. first[r]+slots-1 (slots past a row's own end are junk) and the shallow entropy."""
-        rows = self.rows(samples)
-        lengths = self.cache.lengths[rows[: len(samples)]]
+        cache, batch = self.cache, self.batch
+        full = len(samples) == batch                  # every sample in order
+        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
         width = int((end - lengths).max())
         # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
         # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
-        start = np.minimum(lengths, self.cache.capacity - width)
-        positions = start[:, None] + np.arange(width)[None, :]
-        tokens = seq[samples[:, None], positions].astype(np.float32)
-        k, v = self.cache.view(rows, int(start.max()))
-        reps = len(rows) // len(samples)          # 2 with classifier-free guidance: [cond; uncond] rows
-        starts = np.tile(start, reps)
-        with self.stats.timer(self.stage):
-            out = self.fn(np.concatenate([tokens] * reps), starts, k, v, self.cond[rows])
+        start = np.minimum(lengths, cache.capacity - width)
+        if width == 1:
+            tokens = seq[samples, start][:, None]
+        else:
+            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
+        tokens = tokens.astype(np.float32)
+        upto = int(start.max())
+        if self.guided:
+            rows = None if full else np.concatenate([samples, samples + batch])
+            tokens, starts, ends = np.concatenate([tokens, tokens]), np.concatenate([start, start]), \
+                np.concatenate([end, end])
+        else:
+            rows, starts, ends = (None if full else samples), start, end
+        k, v = cache.view(rows, upto)
+        cond = self.cond if full else self.cond[rows]
+        seconds = self.stats.seconds
+        began = time.perf_counter()
+        out = self.fn(tokens, starts, k, v, cond)
+        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
         if self.stage == "draft":
             self.stats.draft_calls += 1
         else:
@@ -107,19 +123,36 @@ class AREngine:
         if not (np.isfinite(out.mean).all() and np.isfinite(out.entropy).all()):
             raise EngineError(f"engine '{self.name}' returned NaN or inf; the engine or its inputs are broken "
                               "(re-export it, or try a lower --cfg / --temperature)")
-        self.cache.write(rows, starts, out.new_k, out.new_v)
-        self.cache.lengths[rows] = np.tile(end, reps)
+        cache.write(rows, starts, out.new_k, out.new_v)
+        if full:
+            cache.lengths[:] = ends
+        else:
+            cache.lengths[rows] = ends
         mean, entropy = guide(out.mean, out.entropy, self.gen.cfg_scale)
         shallow = getattr(out, "shallow_entropy", None)
-        idx = np.clip((first - start)[:, None] + np.arange(slots)[None, :], 0, width - 1)
-        take = lambda a: np.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        if shallow is not None:
+            shallow = shallow[: len(samples)]
+        if width == 1 and slots == 1:               # the only output of every row
+            span = slice(0, 1)
+        else:
+            offset = first - start
+            lo = int(offset.min())
+            span = slice(lo, lo + slots) if 0 <= lo == int(offset.max()) and lo + slots <= width else None
+        if span is not None:                          # the same slots of every row: a slice, no gather
+            take = lambda a: a[:, span]  # noqa: E731
+        else:                                         # ragged: gather slot idx[r, j] of row r
+            idx = np.clip((first - start)[:, None] + np.arange(slots)[None, :], 0, width - 1)
+            row = np.arange(len(samples))[:, None]
+            take = lambda a: a[row, idx]  # noqa: E731
         dist = token_distribution(take(mean), take(entropy), self.sigma, self.gen.temperature)
-        return dist, (take(shallow[: len(samples)]) if shallow is not None else None)
+        return dist, (take(shallow) if shallow is not None else None)
 
     def rollback(self, samples: np.ndarray, length: np.ndarray) -> None:
-        rows = self.rows(samples)
-        reps = len(rows) // len(samples)
-        self.cache.lengths[rows] = np.minimum(self.cache.lengths[rows], np.tile(length, reps))
+        lengths = self.cache.lengths.reshape(self.reps, self.batch)      # a view: [cond; uncond] rows
+        if len(samples) == self.batch:
+            np.minimum(lengths, length, out=lengths)
+        else:
+            lengths[:, samples] = np.minimum(lengths[:, samples], length)
 
 
 def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: int | None = None) -> int:
@@ -153,7 +186,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     classes = np.asarray(classes, np.int64)
     B, nc, G = len(classes), shape.n_cond, gen.gamma
     seq = np.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim))  # position p holds the input of p
-    token_entropy = np.zeros((B, shape.num_tokens))
+    # entropy of token j at column j; columns past a sample's accepted tokens may hold a verify's junk slots,
+    # overwritten when those tokens are emitted (G + 1 spare columns so a verify never writes out of bounds)
+    token_entropy = np.zeros((B, shape.num_tokens + G + 1))
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen, sigma,
                       stats, "verify")
@@ -162,16 +197,20 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     prefill = total if gen.mode != "speculative" else min(total, int(round(gen.eta / 100 * shape.num_tokens)))
     one_model = draft if gen.mode == "draft" else target
     everyone = np.arange(B)
+    ones = np.ones(B, np.int64)
 
-    for _ in range(prefill):  # one token per call from a single model (target-only / draft-only / eta prefill)
-        p, _ = one_model.predict(seq, everyone, nc + n - 1, nc + n, 1)
-        seq[everyone, nc + n] = sample_gaussian(rng, p.mean[:, 0], p.sigma[:, 0])
-        token_entropy[everyone, n] = p.entropy[:, 0]
-        stopper.observe_target(everyone, p.entropy, np.ones(B, np.int64))
-        n += 1
+    for j in range(prefill):  # one token per call from a single model (target-only / draft-only / eta prefill);
+        end = np.full(B, nc + j)  # every sample has exactly j tokens here
+        p, _ = one_model.predict(seq, everyone, end - 1, end, 1)
+        seq[:, nc + j] = sample_gaussian(rng, p.mean[:, 0], p.sigma[:, 0])
+        token_entropy[:, j] = p.entropy[:, 0]
+        stopper.observe_target(everyone, p.entropy, ones)
+    n += prefill
 
     while (act := np.flatnonzero(n < total)).size:
-        na, R = n[act], len(act)
+        R = len(act)
+        na = n[act]
+        base = nc + na                                 # position of token na[r], the first one this round makes
         # 1. draft up to gamma tokens (never past the end), stop early on low shallow entropy
         max_drafts = np.minimum(G, total - 1 - na)
         k = np.zeros(R, np.int64)
@@ -181,35 +220,47 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
             idx = np.flatnonzero(drafting)
             if not idx.size:
                 break
-            q, shallow = draft.predict(seq, act[idx], nc + na[idx] + i - 1, nc + na[idx] + i, 1)
-            stop = stopper.should_stop(act[idx], shallow[:, 0])
-            keep = idx[~stop]
-            seq[act[keep], nc + na[keep] + i] = sample_gaussian(rng, q.mean[~stop, 0], q.sigma[~stop, 0])
-            q_mean[keep, i], q_sigma[keep, i] = q.mean[~stop, 0], q.sigma[~stop, 0]
-            k[keep] += 1
-            drafting[idx[stop]] = False
+            every = len(idx) == R
+            rows = act if every else act[idx]
+            end = (base if every else base[idx]) + i
+            q, shallow = draft.predict(seq, rows, end - 1, end, 1)
+            stop = stopper.should_stop(rows, shallow[:, 0])
+            if stop.any():
+                keep = idx[~stop]
+                seq[act[keep], base[keep] + i] = sample_gaussian(rng, q.mean[~stop, 0], q.sigma[~stop, 0])
+                q_mean[keep, i], q_sigma[keep, i] = q.mean[~stop, 0], q.sigma[~stop, 0]
+                k[keep] += 1
+                drafting[idx[stop]] = False
+                stats.early_stops += int(stop.sum())
+            else:
+                seq[rows, end] = sample_gaussian(rng, q.mean[:, 0], q.sigma[:, 0])
+                if every:
+                    q_mean[:, i], q_sigma[:, i] = q.mean[:, 0], q.sigma[:, 0]
+                    k += 1
+                else:
+                    q_mean[idx, i], q_sigma[idx, i] = q.mean[:, 0], q.sigma[:, 0]
+                    k[idx] += 1
             drafting &= k < max_drafts
-            stats.early_stops += int(stop.sum())
         # 2. one target call over [last accepted token, drafts]: p for tokens n .. n+k (slot k = bonus)
         kmax = int(k.max())
-        p, _ = target.predict(seq, act, nc + na - 1, nc + na + k, kmax + 1)
+        p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
         # 3. accept a prefix, then the residual sample or the bonus token
-        drafts = seq[act[:, None], nc + na[:, None] + np.arange(kmax)[None, :]]
+        slots = base[:, None] + np.arange(kmax + 1)[None, :]
+        drafts = seq[act[:, None], slots[:, :kmax]]
         q = TokenDistribution(q_mean[:, :kmax], q_sigma[:, :kmax], None)
         accepted, next_token = accept_drafts(rng, drafts, k, p, q)
-        seq[act, nc + na + accepted] = next_token
-        emitted = np.arange(kmax + 1)[None, :] <= accepted[:, None]
-        r_idx, j_idx = np.nonzero(emitted)
-        token_entropy[act[r_idx], na[r_idx] + j_idx] = p.entropy[r_idx, j_idx]
+        seq[act, base + accepted] = next_token
+        token_entropy[act[:, None], slots - nc] = p.entropy  # slots past `accepted` are rewritten later
         stopper.observe_target(act, p.entropy, accepted + 1)
-        n[act] += accepted + 1
-        target.rollback(act, nc + n[act] - 1)
-        draft.rollback(act, nc + n[act] - 1)
+        n[act] = na + accepted + 1
+        target.rollback(act, base + accepted)          # = nc + n - 1: the new token is not fed yet
+        draft.rollback(act, base + accepted)
+        bonus = int((accepted == k).sum())
         stats.verifies += R
         stats.drafts_proposed += int(k.sum())
         stats.drafts_accepted += int(accepted.sum())
-        stats.residual_samples += int((accepted < k).sum())
-        stats.bonus_tokens += int((accepted == k).sum())
+        stats.residual_samples += R - bonus          # accepted < k: a rejection, replaced by a residual sample
+        stats.bonus_tokens += bonus
     stats.tokens += B * total
     return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
 
