@@ -23,17 +23,17 @@ def _default_classifier() -> str:
 @click.command("train")
 @click.option("--recipe", default="tiny-mnist", show_default=True, help="Model config to train.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint) [4000].")
 @click.option("--target-fraction", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Share of the steps spent on the target AR alone.")
+              help="Share of the steps spent on the target AR alone [0.6].")
 @click.option("--classifier-steps", type=click.IntRange(min=0), default=None,
-              help="Steps of the digit classifier (0: skip it).")
+              help="Steps of the digit classifier (0: skip it) [1500].")
 @click.option("--schedule", type=click.Choice(["linear", "two-phase"]), default="linear", show_default=True,
               help="alpha(t): linear 0.95->0.05 (fast-ardiff) or two-phase with T_freeze = 0.8 T (drift-ar).")
 @click.option("--entropy-weight", type=click.FloatRange(min=0.0), default=None,
               help="Weight of the draft's entropy-alignment loss [10].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states.")
+@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states [200].")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue from DIR/resume-state.pt.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
