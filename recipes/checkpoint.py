@@ -2,7 +2,6 @@
 with its config also written as JSON beside it (model.pt -> model.json)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fastardiff.errors import CheckpointError
+from fastardiff.runtime.manifest import sha256_file as file_sha256  # noqa: F401  (one hashing helper)
 
 from .config import Calibration, DriftARConfig
 from .models import ARTransformer, DriftDecoder, build_models
@@ -35,14 +35,6 @@ class DriftARCheckpoint:
         for m in (self.target, self.draft, self.decoder):
             m.eval().requires_grad_(False)
         return self
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_torch_save(obj, path: Path) -> None:
