@@ -12,6 +12,7 @@ token from `target_verify` alone (the baseline); `mode="draft"` from `draft_step
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -120,7 +121,8 @@ class AREngine:
         else:
             self.stats.target_calls += 1
             self.stats.target_rows += len(samples)
-        if not (np.isfinite(out.mean).all() and np.isfinite(out.entropy).all()):
+        # float64 sums of float32 outputs cannot overflow: finite iff every element is finite
+        if not math.isfinite(np.add.reduce(out.mean, None, np.float64) + np.add.reduce(out.entropy, None, np.float64)):
             raise EngineError(f"engine '{self.name}' returned NaN or inf; the engine or its inputs are broken "
                               "(re-export it, or try a lower --cfg / --temperature)")
         cache.write(rows, starts, out.new_k, out.new_v)
@@ -141,7 +143,7 @@ class AREngine:
         if span is not None:                          # the same slots of every row: a slice, no gather
             take = lambda a: a[:, span]  # noqa: E731
         else:                                         # ragged: gather slot idx[r, j] of row r
-            idx = np.clip((first - start)[:, None] + np.arange(slots)[None, :], 0, width - 1)
+            idx = np.minimum(np.maximum((first - start)[:, None] + np.arange(slots)[None, :], 0), width - 1)
             row = np.arange(len(samples))[:, None]
             take = lambda a: a[row, idx]  # noqa: E731
         dist = token_distribution(take(mean), take(entropy), self.sigma, self.gen.temperature)

@@ -1,0 +1,86 @@
+"""The runtime's host-side fast paths give exactly what the plain computations they replace give.
+
+KV-cache writes (one slice, rows on one axis, strided windows for ragged offsets) against a per-row loop; the
+fused Gaussian log-ratio against the difference of two log-densities; static early stop compared in float64;
+the running target-entropy mean skipped where no threshold reads it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastardiff.runtime.early_stop import EarlyStop
+from fastardiff.runtime.kv_cache import KVCache
+from fastardiff.runtime.sampling import log_density, log_density_ratio, log_residual_weight
+
+
+def reference_write(k, v, rows, starts, new_k, new_v):
+    for r, (row, s) in enumerate(zip(rows, starts)):
+        k[:, row, :, s: s + new_k.shape[3]] = new_k[:, r]
+        v[:, row, :, s: s + new_k.shape[3]] = new_v[:, r]
+
+
+@pytest.mark.parametrize("rows, starts, num_new", [
+    (None, [3, 3, 3, 3, 3], 2),          # every row, same offset: one slice
+    ([1, 4], [0, 0], 3),                  # some rows, same offset
+    (None, [0, 5, 2, 9, 1], 1),           # every row, ragged single positions
+    ([4, 0, 2], [6, 1, 3], 4),            # unordered rows, ragged, several positions
+    ([3], [10], 2),                       # last positions of the cache
+])
+def test_kv_cache_write_paths_match_a_per_row_loop(rows, starts, num_new):
+    rng = np.random.default_rng(0)
+    cache = KVCache(layers=3, batch=5, heads=2, capacity=12, head_dim=4)
+    cache.k[:] = rng.standard_normal(cache.k.shape)
+    cache.v[:] = rng.standard_normal(cache.v.shape)
+    k_ref, v_ref = cache.k.copy(), cache.v.copy()
+    row_ids = np.arange(5) if rows is None else np.array(rows)
+    starts = np.array(starts)
+    new_k = rng.standard_normal((3, len(row_ids), 2, num_new, 4)).astype(np.float32)
+    new_v = rng.standard_normal(new_k.shape).astype(np.float32)
+    cache.write(None if rows is None else row_ids, starts, new_k, new_v)
+    reference_write(k_ref, v_ref, row_ids, starts, new_k, new_v)
+    np.testing.assert_array_equal(cache.k, k_ref)
+    np.testing.assert_array_equal(cache.v, v_ref)
+
+
+def test_kv_cache_view_without_rows_is_a_view_and_subset_is_a_copy():
+    cache = KVCache(layers=2, batch=3, heads=1, capacity=6, head_dim=2)
+    k, _ = cache.view(None, 4)
+    assert np.shares_memory(k, cache.k) and k.shape == (2, 3, 1, 4, 2)
+    k, _ = cache.view(np.array([2, 0]), 4)
+    assert not np.shares_memory(k, cache.k) and k.shape == (2, 2, 1, 4, 2)
+
+
+def test_fused_log_ratio_equals_difference_of_log_densities():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 4, 16)) * 2
+    pm, qm = rng.standard_normal((6, 4, 16)), rng.standard_normal((6, 4, 16))
+    ps, qs = rng.uniform(0.05, 3, (6, 4)), rng.uniform(0.05, 3, (6, 4))
+    expected = log_density(x, pm, ps) - log_density(x, qm, qs)
+    np.testing.assert_allclose(log_density_ratio(x, pm, ps, qm, qs), expected, rtol=1e-10, atol=1e-9)
+    weight = log_residual_weight(x, pm, ps, qm, qs)
+    ratio = log_density(x, qm, qs) - log_density(x, pm, ps)
+    keep = ratio < 0
+    assert np.isneginf(weight[~keep]).all() and keep.any() and (~keep).any()
+    np.testing.assert_allclose(weight[keep], np.log1p(-np.exp(ratio[keep])), rtol=1e-9, atol=1e-9)
+
+
+def test_static_early_stop_compares_in_float64():
+    tau = 0.1000000015          # between float32(0.1) and the next float64 above it
+    stop = EarlyStop("static", 1, {"tau_static": tau, "tau_global": 0.5})
+    shallow = np.array([np.float32(0.1)])
+    assert stop.should_stop(np.arange(1), shallow).tolist() == (shallow < stop.threshold(np.arange(1))).tolist() \
+        == [True]
+
+
+@pytest.mark.parametrize("mode", ["static", "off"])
+def test_running_entropy_mean_is_only_kept_for_context(mode):
+    calibration = {"tau_static": 0.2, "tau_global": 0.4}
+    stop = EarlyStop(mode, 2, calibration)
+    before = stop.threshold(np.arange(2)).copy()
+    stop.observe_target(np.arange(2), np.array([[5.0, 5.0], [5.0, 5.0]]), np.array([2, 1]))
+    np.testing.assert_array_equal(stop.threshold(np.arange(2)), before)
+    context = EarlyStop("context", 2, calibration)
+    context.observe_target(np.arange(2), np.array([[5.0, 5.0], [5.0, 5.0]]), np.array([2, 1]))
+    ema0 = 0.4 / 0.8
+    np.testing.assert_allclose(context.target_ema, [0.9 * (0.9 * ema0 + 0.5) + 0.5, 0.9 * ema0 + 0.5])
