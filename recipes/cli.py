@@ -21,6 +21,14 @@ def _default_classifier() -> str:
 
 
 @click.command("train")
+@click.option("--stage", type=click.Choice(["full", "draft-onpolicy"]), default="full", show_default=True,
+              help="full: the whole recipe; draft-onpolicy: fine-tune only the draft of --init on sequences "
+                   "sampled by its frozen target (writes DIR/<recipe>.pt; --steps, --entropy-weight, --seed, "
+                   "--threads apply).")
+@click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), default=None,
+              help="draft-onpolicy: the checkpoint to start from [the shipped tiny-mnist].")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="draft-onpolicy: target-sampled sequences, half at guidance 1, half at 2 [20000].")
 @click.option("--recipe", default="tiny-mnist", show_default=True, help="Model config to train.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint) [4000].")
@@ -41,7 +49,7 @@ def _default_classifier() -> str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None, hidden=True,
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, schedule, entropy_weight, seed,
+def train_command(stage, init_ckpt, samples, recipe, out_dir, steps, target_fraction, classifier_steps, schedule, entropy_weight, seed,
                   save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
     import torch
@@ -49,6 +57,17 @@ def train_command(recipe, out_dir, steps, target_fraction, classifier_steps, sch
     from .train import TrainSettings, train
 
     torch.set_num_threads(threads)
+    if stage == "draft-onpolicy":
+        from .distill_draft import DistillSettings, distill_draft
+
+        given = {k: v for k, v in {"samples": samples, "steps": steps, "entropy_weight": entropy_weight,
+                                   "calibration_images": calibration_images}.items() if v is not None}
+        path = distill_draft(init_ckpt or _default_ckpt(), Path(out_dir) / f"{recipe}.pt",
+                             DistillSettings(seed=seed, **given), progress=not no_progress)
+        click.echo(f"wrote {path}")
+        return
+    if init_ckpt is not None or samples is not None:
+        raise FastardiffError("--init and --samples belong to --stage draft-onpolicy; drop them or add the stage")
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
                  "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight}
     given = {k: v for k, v in overrides.items() if v is not None}
