@@ -23,12 +23,14 @@ def _default_classifier() -> str:
 @click.command("train")
 @click.option("--stage", type=click.Choice(["full", "draft-onpolicy"]), default="full", show_default=True,
               help="full: the whole recipe; draft-onpolicy: fine-tune only the draft of --init on sequences "
-                   "sampled by its frozen target (writes DIR/<recipe>.pt; --steps, --entropy-weight, --seed, "
-                   "--threads apply).")
+                   "sampled by its frozen target (writes DIR/<recipe>.pt; --steps [3000], --entropy-weight, "
+                   "--seed, --threads apply).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), default=None,
               help="draft-onpolicy: the checkpoint to start from [the shipped tiny-mnist].")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="draft-onpolicy: target-sampled sequences, half at guidance 1, half at 2 [20000].")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="draft-onpolicy: peak learning rate of the draft (cosine schedule) [3e-4].")
 @click.option("--recipe", default="tiny-mnist", show_default=True, help="Model config to train.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint) [4000].")
@@ -49,8 +51,8 @@ def _default_classifier() -> str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None, hidden=True,
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(stage, init_ckpt, samples, recipe, out_dir, steps, target_fraction, classifier_steps, schedule, entropy_weight, seed,
-                  save_every, threads, resume, stop_after, calibration_images, no_progress):
+def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
+                  entropy_weight, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
     import torch
 
@@ -60,14 +62,16 @@ def train_command(stage, init_ckpt, samples, recipe, out_dir, steps, target_frac
     if stage == "draft-onpolicy":
         from .distill_draft import DistillSettings, distill_draft
 
-        given = {k: v for k, v in {"samples": samples, "steps": steps, "entropy_weight": entropy_weight,
-                                   "calibration_images": calibration_images}.items() if v is not None}
+        options = {"samples": samples, "steps": steps, "lr": lr, "entropy_weight": entropy_weight,
+                   "calibration_images": calibration_images}
+        given = {k: v for k, v in options.items() if v is not None}
         path = distill_draft(init_ckpt or _default_ckpt(), Path(out_dir) / f"{recipe}.pt",
                              DistillSettings(seed=seed, **given), progress=not no_progress)
         click.echo(f"wrote {path}")
         return
-    if init_ckpt is not None or samples is not None:
-        raise FastardiffError("--init and --samples belong to --stage draft-onpolicy; drop them or add the stage")
+    if init_ckpt is not None or samples is not None or lr is not None:
+        raise FastardiffError("--init, --samples and --lr belong to --stage draft-onpolicy; drop them or add "
+                              "--stage draft-onpolicy")
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
                  "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight}
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -96,13 +96,17 @@ def distill_loss(target, draft, tokens, cond, sp, entropy_weight: float):
     return reg + entropy_weight * ent, {"reg": reg.item(), "ent": ent.item()}
 
 
-def acceptance_report(ckpt, tokens, labels, scales, temperature, seed) -> dict:
-    out = {}
-    for scale in scales:
-        est = estimate_acceptance(ckpt, tokens, labels, temperature, scale,
-                                  generator=torch.Generator().manual_seed(seed))
-        out[f"cfg{scale:g}"] = {k: round(v, 4) for k, v in est.items()}
-    return out
+def acceptance_estimate(ckpt, tokens, labels, scale: float, temperature: float, seed: int) -> dict:
+    """recipes/evaluate.py's teacher-forced acceptance estimate (optimistic; the real loop is the judge)."""
+    est = estimate_acceptance(ckpt, tokens, labels, temperature, scale, generator=torch.Generator().manual_seed(seed))
+    return {k: round(v, 4) for k, v in est.items()}
+
+
+def equivalent_command(init, out: Path, s: DistillSettings) -> str:
+    """The `fastardiff train` line that runs this stage with these settings (recorded in the checkpoint's meta)."""
+    line = (f"fastardiff train --stage draft-onpolicy --init {init} --out {out.parent} --samples {s.samples} "
+            f"--steps {s.steps} --lr {s.lr:g} --entropy-weight {s.entropy_weight:g} --seed {s.seed}")
+    return line + f" --threads {torch.get_num_threads()}"
 
 
 def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progress: bool = True) -> Path:
@@ -130,8 +134,8 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     eval_tokens = {scale: sample_target_only(ckpt, eval_labels, s.temperature, scale, eval_gen)[0]
                    for scale in s.cfg_scales}
     sample_seconds = time.time() - start
-    before = {f"cfg{sc:g}": acceptance_report(ckpt, eval_tokens[sc], eval_labels, [sc], s.temperature,
-                                              s.seed)[f"cfg{sc:g}"] for sc in s.cfg_scales}
+    before = {f"cfg{sc:g}": acceptance_estimate(ckpt, eval_tokens[sc], eval_labels, sc, s.temperature, s.seed)
+              for sc in s.cfg_scales}
     log.info("acceptance estimate before: %s", before)
 
     torch.manual_seed(s.seed)
@@ -158,19 +162,18 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     calibration.draft_shallow_mean = shallow.mean().item()
     calibration.draft_shallow_std = shallow.std().item()
     new = DriftARCheckpoint(cfg, calibration, target, draft, decoder).eval()
-    after = {f"cfg{sc:g}": acceptance_report(new, eval_tokens[sc], eval_labels, [sc], s.temperature,
-                                             s.seed)[f"cfg{sc:g}"] for sc in s.cfg_scales}
+    after = {f"cfg{sc:g}": acceptance_estimate(new, eval_tokens[sc], eval_labels, sc, s.temperature, s.seed)
+             for sc in s.cfg_scales}
     log.info("acceptance estimate after: %s", after)
     previous = dict(ckpt.meta)
     stages = previous.pop("previous_stages", [])
-    new.meta = {**previous, "previous_stages": stages + [previous],
-                "stage": "draft-onpolicy", "init": str(init),
-                "draft_onpolicy": {"settings": {k: list(v) if isinstance(v, tuple) else v
-                                                for k, v in dataclasses.asdict(s).items()},
-                                   "seconds": round(time.time() - start, 1),
-                                   "sample_seconds": round(sample_seconds, 1),
-                                   "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-                                   "acceptance_estimate_before": before, "acceptance_estimate_after": after}}
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
+    stage = {"command": equivalent_command(init, out, s), "settings": settings,
+             "seconds": round(time.time() - start, 1), "sample_seconds": round(sample_seconds, 1),
+             "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+             "acceptance_estimate_before": before, "acceptance_estimate_after": after}
+    new.meta = {**previous, "previous_stages": stages + [previous], "stage": "draft-onpolicy", "init": str(init),
+                "draft_onpolicy": stage}
     path = save_checkpoint(out, new)
     log.info("wrote %s", path)
     return path

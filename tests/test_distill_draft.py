@@ -41,6 +41,7 @@ def test_draft_onpolicy_stage_changes_only_the_draft(random_checkpoint_path, tmp
     assert after.meta["stage"] == "draft-onpolicy"
     assert meta["settings"]["samples"] == 6 and meta["settings"]["steps"] == 3
     assert set(meta["acceptance_estimate_after"]) == {"cfg1", "cfg2"}
+    assert "--stage draft-onpolicy" in meta["command"] and "--samples 6 --steps 3" in meta["command"]
 
 
 def test_draft_onpolicy_flags_need_the_stage(tmp_path, capsys):
