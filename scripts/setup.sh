@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install fastardiff with everything the tests need. Idempotent: re-runs are quick.
-# torch is pinned to the CPU wheel first so that no dependency pulls a multi-GB CUDA build.
+# torch is pinned to the CPU wheel first (and triton to the release the GPU machines carry) so that no dependency
+# pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +16,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] installing torch==2.13.0 (CPU) and fastardiff[dev] into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q "torch==2.13.0" "triton==3.6.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 echo "$want" > "$stamp"
