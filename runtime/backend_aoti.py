@@ -9,13 +9,13 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import DraftOutput, VerifyOutput
+from .engine import EngineCalls
 from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
 
-class AotiEngines:
+class AotiEngines(EngineCalls):
     """The Engines interface over three AOTInductor packages (numpy in, numpy out)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
@@ -54,15 +54,6 @@ class AotiEngines:
             out = self.runners[name](*[self._tensor(a) for a in arrays])
         out = out if isinstance(out, (list, tuple)) else (out,)
         return [o.detach().cpu().numpy() for o in out]
-
-    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
-        return DraftOutput(*self._run("draft_step", (tokens, lengths, k_cache, v_cache, cond)))
-
-    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
-        return VerifyOutput(*self._run("target_verify", (tokens, lengths, k_cache, v_cache, cond)))
-
-    def decoder(self, tokens, entropy, cond) -> np.ndarray:
-        return self._run("decoder", (tokens, entropy, cond))[0]
 
 
 def load_aoti_engines(engine_dir, manifest: Manifest, **options) -> AotiEngines:

@@ -13,7 +13,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import DraftOutput, VerifyOutput
+from .engine import EngineCalls
 from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -57,7 +57,7 @@ def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list
     return chosen or ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeEngines:
+class OnnxRuntimeEngines(EngineCalls):
     """The Engines interface over three onnxruntime sessions (numpy in, numpy out)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
@@ -109,15 +109,6 @@ class OnnxRuntimeEngines:
             dtype = np.int64 if a.dtype.kind in "iu" else np.float32
             feed[n] = np.ascontiguousarray(a, dtype=dtype)
         return self.sessions[name].run(None, feed)
-
-    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
-        return DraftOutput(*self._run("draft_step", (tokens, lengths, k_cache, v_cache, cond)))
-
-    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
-        return VerifyOutput(*self._run("target_verify", (tokens, lengths, k_cache, v_cache, cond)))
-
-    def decoder(self, tokens, entropy, cond) -> np.ndarray:
-        return self._run("decoder", (tokens, entropy, cond))[0]
 
 
 def load_onnxruntime_engines(engine_dir, manifest: Manifest, **options) -> OnnxRuntimeEngines:

@@ -20,7 +20,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import DraftOutput, VerifyOutput
+from .engine import EngineCalls
 from .manifest import ENGINE_NAMES, Manifest, sha256_file, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -190,7 +190,7 @@ def deserialize_engine(trt, runtime, path: Path):
     return engine
 
 
-class TensorRTEngines:
+class TensorRTEngines(EngineCalls):
     """The Engines interface over three TensorRT engines sharing one CUDA stream."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, plugin_path: str | Path | None = None,
@@ -219,14 +219,8 @@ class TensorRTEngines:
             entry = manifest.engines[name]
             self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs)
 
-    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
-        return DraftOutput(*self.runners["draft_step"]((tokens, lengths, k_cache, v_cache, cond)))
-
-    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
-        return VerifyOutput(*self.runners["target_verify"]((tokens, lengths, k_cache, v_cache, cond)))
-
-    def decoder(self, tokens, entropy, cond) -> np.ndarray:
-        return self.runners["decoder"]((tokens, entropy, cond))[0]
+    def _run(self, name: str, arrays: tuple) -> list:
+        return self.runners[name](arrays)
 
 
 def load_tensorrt_engines(engine_dir, manifest: Manifest, **options) -> TensorRTEngines:

@@ -71,3 +71,20 @@ def load_engines(engine_dir, **options) -> Engines:
     """Read the manifest, pick its backend, verify hashes (inside the backend) and return loaded engines."""
     manifest = load_manifest(engine_dir)
     return _factory(manifest.backend)(engine_dir, manifest, **options)
+
+
+class EngineCalls:
+    """The three contract methods over a backend's single `_run(name, arrays) -> list of outputs`, so every
+    backend maps names to engines once and the argument order lives here only."""
+
+    def _run(self, name: str, arrays: tuple) -> list:
+        raise NotImplementedError
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        return DraftOutput(*self._run("draft_step", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        return VerifyOutput(*self._run("target_verify", (tokens, lengths, k_cache, v_cache, cond)))
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        return self._run("decoder", (tokens, entropy, cond))[0]
