@@ -3,14 +3,7 @@
     python benchmarks/bench_kernels.py                     # on a CUDA GPU: the full table
     python benchmarks/bench_kernels.py --interpret-smoke   # CPU: correctness smoke run, no timings
 """
-import sys
-
-from fastardiff.errors import FastardiffError
-from fastardiff.exporter.bench_kernels import main
+from fastardiff.exporter.bench_kernels import script_main
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FastardiffError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    script_main()

@@ -239,9 +239,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def script_main() -> None:
+    """Entry point for `python benchmarks/bench_kernels.py`: one `error:` line and exit 2 on user errors."""
     try:
         sys.exit(main())
     except FastardiffError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    script_main()

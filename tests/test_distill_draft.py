@@ -3,17 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastardiff.cli import main
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_runner import run_cli
 
 
 def test_draft_onpolicy_stage_changes_only_the_draft(random_checkpoint_path, tmp_path, capsys):

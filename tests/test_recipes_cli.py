@@ -8,18 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastardiff.cli import main
-
-
-def run_cli(args, capsys):
-    """Run the real entry point in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_runner import run_cli
 
 
 def assert_one_error_line(code, out, err, *fragments):
