@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 @click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
               help="'target' samples every token with the target alone (the baseline).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True,
+@click.option("--cfg", "--cfg-scale", "cfg_scale", type=float, default=1.0, show_default=True,
               help="Classifier-free guidance scale (1 = none, as `fastardiff eval`; 2 sharpens the class).")
 @click.option("--eta", type=float, default=5.0, show_default=True, help="Percent of tokens the target prefills.")
 @click.option("--seed", type=int, default=0, show_default=True)
