@@ -11,6 +11,7 @@ from fastardiff.exporter.export import export_engines
 from fastardiff.exporter.targets import ExportOptions, library_versions
 from fastardiff.runtime.engine import load_engines
 from fastardiff.runtime.manifest import ENGINE_NAMES, sha256_file
+from same_run import assert_same_run, generate_on_both
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +64,8 @@ def test_aoti_backend_matches_torch_and_is_cached(aoti_export, tiny_config):
 
 def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
     from fastardiff.exporter.torch_backend import load_torch_engines
-    from fastardiff.runtime.speculative import GenerationConfig, generate
+    from fastardiff.runtime.speculative import GenerationConfig
 
     ckpt_path, out, _, _ = aoti_export
     gen = GenerationConfig(mode="speculative", gamma=3, early_stop="static", seed=3)
-    classes = np.array([1, 4, 7])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny per-call work: avoid oversubscribing the shared CPU
-    try:
-        img_aoti, st_aoti = generate(load_engines(out), classes, gen, max_batch=8)
-        img_torch, st_torch = generate(load_torch_engines(ckpt_path), classes, gen, max_batch=8)
-    finally:
-        torch.set_num_threads(threads)
-    np.testing.assert_allclose(img_aoti, img_torch, atol=2e-3, rtol=0)
-    drop = ("seconds", "total_seconds")
-    assert {k: v for k, v in st_aoti.summary().items() if k not in drop} == \
-        {k: v for k, v in st_torch.summary().items() if k not in drop}
+    assert_same_run(*generate_on_both(load_engines(out), load_torch_engines(ckpt_path), np.array([1, 4, 7]), gen))

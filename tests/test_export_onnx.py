@@ -23,6 +23,7 @@ from fastardiff.exporter.parity import ParityError, compare_arrays
 from fastardiff.exporter.targets import ExportOptions, TargetResult, library_versions
 from fastardiff.runtime.engine import load_engines
 from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, load_manifest, sha256_file
+from same_run import assert_same_run, generate_on_both
 
 pytestmark = pytest.mark.slow
 
@@ -234,45 +235,26 @@ def test_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, export_c
     """Same seed, same prompts: the ONNX engines give the torch backend's images (within float tolerance) and
     exactly the same decoding statistics (acceptances, early stops, calls)."""
     from fastardiff.exporter.torch_backend import load_torch_engines
-    from fastardiff.runtime.speculative import GenerationConfig, generate
+    from fastardiff.runtime.speculative import GenerationConfig
 
     classes = np.array([0, 1, 2, 3, 4, 5, 7, 9])
-    results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small per-call work: one thread avoids oversubscribing the shared CPU
-    try:
-        for backend, engines in (("onnx", load_engines(onnx_engine_dir)),
-                                 ("torch", load_torch_engines(export_ckpt_path))):
-            gen = GenerationConfig(mode="speculative", gamma=4, early_stop="context", seed=5)
-            results[backend] = generate(engines, classes, gen, max_batch=8)
-    finally:
-        torch.set_num_threads(threads)
-    (img_onnx, st_onnx), (img_torch, st_torch) = results["onnx"], results["torch"]
+    gen = GenerationConfig(mode="speculative", gamma=4, early_stop="context", seed=5)
+    onnx_run, torch_run = generate_on_both(load_engines(onnx_engine_dir), load_torch_engines(export_ckpt_path),
+                                           classes, gen)
+    (img_onnx, st_onnx) = onnx_run
     assert img_onnx.shape == (8, 1, 32, 32)
-    np.testing.assert_allclose(img_onnx, img_torch, atol=2e-3, rtol=0)
-    count_onnx = {k: v for k, v in st_onnx.summary().items() if k not in ("seconds", "total_seconds")}
-    count_torch = {k: v for k, v in st_torch.summary().items() if k not in ("seconds", "total_seconds")}
-    assert count_onnx == count_torch
+    assert_same_run(onnx_run, torch_run)
     assert st_onnx.drafts_accepted > 0 and st_onnx.residual_samples > 0 and st_onnx.bonus_tokens > 0
 
 
 def test_guided_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, export_ckpt_path):
     """Classifier-free guidance (engine batch = [cond; null] rows) through both backends."""
     from fastardiff.exporter.torch_backend import load_torch_engines
-    from fastardiff.runtime.speculative import GenerationConfig, generate
+    from fastardiff.runtime.speculative import GenerationConfig
 
     gen = GenerationConfig(mode="speculative", gamma=3, early_stop="static", cfg_scale=2.0, seed=9)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        img_onnx, st_onnx = generate(load_engines(onnx_engine_dir), np.array([2, 6, 8]), gen, max_batch=8)
-        img_torch, st_torch = generate(load_torch_engines(export_ckpt_path), np.array([2, 6, 8]), gen, max_batch=8)
-    finally:
-        torch.set_num_threads(threads)
-    np.testing.assert_allclose(img_onnx, img_torch, atol=2e-3, rtol=0)
-    drop = ("seconds", "total_seconds")
-    assert {k: v for k, v in st_onnx.summary().items() if k not in drop} == \
-        {k: v for k, v in st_torch.summary().items() if k not in drop}
+    assert_same_run(*generate_on_both(load_engines(onnx_engine_dir), load_torch_engines(export_ckpt_path),
+                                      np.array([2, 6, 8]), gen))
 
 
 def test_bench_pipeline_rows_and_table(onnx_engine_dir):
