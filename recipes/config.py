@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from fastardiff.errors import CheckpointError
+from fastardiff.runtime.distribution import SigmaParams
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class DriftARConfig:
     def entropy_layer(self, num_layers: int) -> int:
         """Index of the penultimate layer, whose attention entropy parameterises sigma."""
         return max(num_layers - 2, 0)
+
+    def sigma_params(self, e_max: float) -> SigmaParams:
+        """sigma(E) parameters of drift-ar Eq. 6 for this config and a calibrated E_max."""
+        return SigmaParams(self.sigma_max, self.tau_sigma, e_max, self.sigma_min)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

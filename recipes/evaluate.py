@@ -25,8 +25,7 @@ DEFAULT_TEMPERATURE = 1.0
 
 
 def sigma_params(ckpt) -> SigmaParams:
-    c = ckpt.config
-    return SigmaParams(c.sigma_max, c.tau_sigma, ckpt.calibration.e_max, c.sigma_min)
+    return ckpt.config.sigma_params(ckpt.calibration.e_max)
 
 
 def guided(model, tokens, lengths, k_cache, v_cache, cond, cfg_scale: float):

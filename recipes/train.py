@@ -301,7 +301,7 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
                 models["phi"] = make_phi(target)
                 models["real_phi"] = RealFeatureCache(models["phi"], split, cfg)
             target.eval().requires_grad_(False)
-            sigma = SigmaParams(cfg.sigma_max, cfg.tau_sigma, calibration.e_max, cfg.sigma_min)
+            sigma = cfg.sigma_params(calibration.e_max)
             joint = step - s.target_steps
             joint_total = s.steps - s.target_steps
             for g in opts["joint"].param_groups:
