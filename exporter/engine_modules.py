@@ -1,7 +1,24 @@
-"""The three engines as torch modules with the engine-contract signature (DESIGN.md "Engines").
+"""The engines as torch modules with the engine-contract signature (DESIGN.md "Engines").
 
 Every target (onnx, aoti, trt) and the `torch` reference backend trace or call exactly these modules, so the
 contract lives in one place: names, shapes, dynamic axes and seeded example inputs.
+
+`draft_rollout_<g>` (one engine per rollout length g = 1..gamma): the draft network unrolled g times in one
+graph, so a draft round is one engine call instead of g. Inputs:
+  tokens [R,K0,D], lengths [R]    the catch-up window ending at the last accepted token (K0 >= 1; rows whose
+                                  cache is already valid recompute cached positions, as draft_step does)
+  k_cache, v_cache [L,R,H,S,Dh]   the draft's cache; S leaves room for the g positions the rollout feeds
+  cond [R]                        class ids: R = B rows, or 2B rows [cond; uncond] with guidance
+  noise [B,g,D]                   standard normal, from the runtime's seeded RNG
+  threshold [B]                   shallow-entropy early-stop threshold (-inf: never stop)
+  max_drafts [B] int64            drafts allowed per sample (never past the image's end)
+  temperature [1], cfg_scale [1]
+Step i feeds its input at position lengths + K0 - 1 + i (for i > 0: draft i-1, written into a copy of the cache
+in-graph), guides z = z_u + s (z_c - z_u), sets sigma = T sigma(E_c) (drift-ar Eq. 6, calibration baked in)
+and draws draft i = z + sigma * noise[:, i]. A sample's drafts end at the first step whose conditional
+shallow-layer entropy is below its threshold (that draft is dropped) or at max_drafts. Outputs: drafts [B,g,D],
+draft_mean [B,g,D], draft_sigma [B,g], num_drafts [B], shallow_entropy [B,g], new_k / new_v [L,R,H,K0+g-1,Dh]
+(the keys/values of every fed position, written by the runtime at `lengths`).
 """
 from __future__ import annotations
 
@@ -12,13 +29,25 @@ from torch import nn
 
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
+from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 
 AR_INPUTS = ["tokens", "lengths", "k_cache", "v_cache", "cond"]
+ROLLOUT_INPUTS = AR_INPUTS + ["noise", "threshold", "max_drafts", "temperature", "cfg_scale"]
+ROLLOUT_OUTPUTS = ["drafts", "draft_mean", "draft_sigma", "num_drafts", "shallow_entropy", "new_k", "new_v"]
+MAX_ROLLOUT = 16   # the longest draft rollout an export may ask for
+
+
+def rollout_name(gamma: int) -> str:
+    return f"draft_rollout_{gamma}"
+
+
 ENGINE_IO = {
     "draft_step": (AR_INPUTS, ["mean", "entropy", "shallow_entropy", "new_k", "new_v"]),
     "target_verify": (AR_INPUTS, ["mean", "entropy", "new_k", "new_v"]),
     "decoder": (["tokens", "entropy", "cond"], ["image"]),
+    **{rollout_name(g): (ROLLOUT_INPUTS, ROLLOUT_OUTPUTS) for g in range(1, MAX_ROLLOUT + 1)},
 }
+ROLLOUT_GAMMA = {rollout_name(g): g for g in range(1, MAX_ROLLOUT + 1)}   # engine name -> rollout length
 
 
 class DraftStep(nn.Module):
@@ -41,6 +70,56 @@ class TargetVerify(nn.Module):
         return mean, entropy, new_k, new_v
 
 
+def write_positions(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """cache [L,R,H,S,Dh] with new [L,R,H,K,Dh] at positions start[r] .. start[r]+K-1 of row r (a copy; positions
+    past S are dropped). Elementwise gather + where: exportable to every target."""
+    L, R, H, S, Dh = cache.shape
+    rel = torch.arange(S, device=cache.device).view(1, S) - start.view(-1, 1)           # [R, S]
+    inside = (rel >= 0) & (rel < new.shape[3])
+    index = torch.where(inside, rel, torch.zeros_like(rel)).view(1, R, 1, S, 1).expand(L, R, H, S, Dh)
+    return torch.where(inside.view(1, R, 1, S, 1), torch.gather(new, 3, index), cache)
+
+
+class DraftRollout(nn.Module):
+    """`gamma` draft steps in one graph: sampling, guidance and early stop in-graph (see the module docstring)."""
+
+    def __init__(self, draft: ARTransformer, gamma: int, sigma: SigmaParams):
+        super().__init__()
+        self.model = draft
+        self.gamma = gamma
+        self.sigma = sigma
+
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
+        samples, rows = noise.shape[0], cond.shape[0]
+        row = torch.arange(rows, device=cond.device)
+        owner = row - samples * (row >= samples).long()                 # cache row -> its sample (R = B or 2B)
+        x, start, k, v = tokens, lengths, k_cache, v_cache
+        alive = torch.ones(samples, dtype=torch.bool, device=noise.device)
+        drafts, means, sigmas, shallows, new_k, new_v, kept = [], [], [], [], [], [], []
+        for i in range(self.gamma):
+            mean, entropy, shallow, nk, nv = self.model(x, start, k, v, cond)
+            z = mean[:, -1]
+            z_cond, z_uncond = z[:samples], z[rows - samples:]          # the same rows without guidance
+            z = z_uncond + cfg_scale * (z_cond - z_uncond)
+            sigma = sigma_from_entropy(entropy[:samples, -1], self.sigma) * temperature
+            draft = z + sigma.unsqueeze(-1) * noise[:, i]
+            e_shallow = shallow[:samples, -1]
+            alive = alive & (e_shallow >= threshold) & (max_drafts > i)
+            drafts.append(draft)
+            means.append(z)
+            sigmas.append(sigma)
+            shallows.append(e_shallow)
+            kept.append(alive.long())
+            new_k.append(nk)
+            new_v.append(nv)
+            if i + 1 < self.gamma:
+                k, v = write_positions(k, nk, start), write_positions(v, nv, start)
+                start = start + x.shape[1]
+                x = draft[owner].unsqueeze(1)
+        return (torch.stack(drafts, 1), torch.stack(means, 1), torch.stack(sigmas, 1),
+                torch.stack(kept, 1).sum(1), torch.stack(shallows, 1), torch.cat(new_k, 3), torch.cat(new_v, 3))
+
+
 class Decoder(nn.Module):
     def __init__(self, decoder: DriftDecoder):
         super().__init__()
@@ -50,9 +129,19 @@ class Decoder(nn.Module):
         return self.model(tokens, entropy, cond)
 
 
-def make_engine_modules(target: ARTransformer, draft: ARTransformer, decoder: DriftDecoder) -> dict[str, nn.Module]:
-    return {"draft_step": DraftStep(draft).eval(), "target_verify": TargetVerify(target).eval(),
-            "decoder": Decoder(decoder).eval()}
+def make_engine_modules(target: ARTransformer, draft: ARTransformer, decoder: DriftDecoder,
+                        rollout_sigma: SigmaParams | None = None, gammas=()) -> dict[str, nn.Module]:
+    """The engines; `gammas` adds one draft_rollout engine per rollout length (needs the calibrated sigma)."""
+    modules = {"draft_step": DraftStep(draft).eval(), "target_verify": TargetVerify(target).eval(),
+               "decoder": Decoder(decoder).eval()}
+    for g in gammas:
+        modules[rollout_name(g)] = DraftRollout(draft, g, rollout_sigma).eval()
+    return modules
+
+
+def rollout_capacity(cfg: DriftARConfig, gamma: int) -> int:
+    """Cache positions a draft_rollout engine takes (static): the sequence plus room for gamma fed positions."""
+    return cfg.seq_len + gamma
 
 
 @dataclass(frozen=True)
@@ -65,19 +154,27 @@ class ShapeProfile:
 
 
 def shape_profiles(cfg: DriftARConfig, max_batch: int, gamma: int) -> dict[str, ShapeProfile]:
+    """Profiles of every engine an export writes: draft_step, target_verify, decoder, draft_rollout_1..gamma.
+    A rollout's cache axis is static (rollout_capacity for the export's largest gamma)."""
     cap = cfg.seq_len
     opt_b = max(1, max_batch // 2)
-    return {
+    profiles = {
         "draft_step": ShapeProfile((1, opt_b, max_batch), (1, 1, cap), (0, cap // 2, cap)),
         "target_verify": ShapeProfile((1, opt_b, max_batch), (1, gamma + 1, cap), (0, cap // 2, cap)),
         "decoder": ShapeProfile((1, opt_b, max_batch), (cfg.num_tokens,) * 3, (0, 0, 0)),
     }
+    full = (rollout_capacity(cfg, gamma),) * 3
+    for g in range(1, gamma + 1):
+        profiles[rollout_name(g)] = ShapeProfile((1, opt_b, max_batch), (1, 1, cap), full)
+    return profiles
 
 
 def example_inputs(cfg: DriftARConfig, name: str, model_layers: int, batch: int, new_tokens: int, cache: int,
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs that respect the contract (lengths <= cache, lengths + K <= seq_len, some ragged)."""
     g = torch.Generator().manual_seed(seed)
+    if name in ROLLOUT_GAMMA:
+        return rollout_example_inputs(cfg, ROLLOUT_GAMMA[name], model_layers, batch, new_tokens, cache, g)
     if name == "decoder":
         return (torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g),
                 torch.rand(batch, cfg.num_tokens, generator=g),
@@ -89,3 +186,29 @@ def example_inputs(cfg: DriftARConfig, name: str, model_layers: int, batch: int,
     return (torch.randn(batch, new_tokens, cfg.token_dim, generator=g), lengths.long(),
             torch.randn(shape, generator=g), torch.randn(shape, generator=g),
             torch.randint(0, cfg.num_classes + 1, (batch,), generator=g))
+
+
+def rollout_example_inputs(cfg: DriftARConfig, gamma: int, layers: int, rows: int, new_tokens: int, cache: int,
+                           g: torch.Generator, samples: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Contract-valid rollout inputs: `rows` cache rows for `samples` samples (default: even rows are the
+    [cond; uncond] halves, guidance on), ragged lengths, a window of new_tokens, cache >= every fed position,
+    thresholds that stop some samples early."""
+    if samples is None:
+        samples = rows // 2 if rows % 2 == 0 else rows
+    new_tokens = max(1, min(new_tokens, cache - gamma + 1, cfg.seq_len - gamma))
+    max_len = max(0, min(cache - new_tokens - gamma + 1, cfg.seq_len - new_tokens - gamma))
+    lengths = torch.randint(0, max_len + 1, (samples,), generator=g)
+    lengths[0] = max_len
+    reps = rows // samples
+    shape = (layers, rows, cfg.heads, cache, cfg.head_dim)
+    tokens = torch.randn(samples, new_tokens, cfg.token_dim, generator=g)
+    cond = torch.randint(0, cfg.num_classes, (samples,), generator=g)
+    if reps == 2:
+        cond = torch.cat([cond, torch.full_like(cond, cfg.num_classes)])
+    threshold = torch.rand(samples, generator=g)
+    threshold[0] = -float("inf")
+    max_drafts = torch.randint(0, gamma + 1, (samples,), generator=g)
+    max_drafts[0] = gamma
+    return (tokens.repeat(reps, 1, 1), lengths.repeat(reps).long(), torch.randn(shape, generator=g),
+            torch.randn(shape, generator=g), cond.long(), torch.randn(samples, gamma, cfg.token_dim, generator=g),
+            threshold, max_drafts.long(), torch.tensor([0.8]), torch.tensor([1.5 if reps == 2 else 1.0]))

@@ -15,7 +15,7 @@ import torch
 from fastardiff.errors import FastardiffError
 from fastardiff.recipes.config import DriftARConfig
 
-from .engine_modules import ENGINE_IO, ShapeProfile, example_inputs
+from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile, example_inputs
 
 
 class ParityError(FastardiffError):
@@ -25,7 +25,11 @@ class ParityError(FastardiffError):
 def parity_shapes(cfg: DriftARConfig, name: str, profile: ShapeProfile) -> list[tuple[int, int, int]]:
     """(batch, K, cache) at the profile's min, opt and max corners (deduplicated, contract-valid)."""
     b0, b1, b2 = profile.batch
-    if name == "decoder":
+    if name in ROLLOUT_GAMMA:  # odd rows: unguided; even rows: [cond; uncond] halves (guided)
+        k1 = max(1, min(3, profile.new_tokens[2]))
+        s = profile.cache[2]
+        shapes = [(b0, 1, s), (b2 - (b2 % 2 == 0 and b2 > 1), k1, s), (b2 - b2 % 2 if b2 > 1 else b2, k1, s)]
+    elif name == "decoder":
         shapes = [(b0, cfg.num_tokens, 0), (b1, cfg.num_tokens, 0), (b2, cfg.num_tokens, 0)]
     else:
         k0, k1, k2 = profile.new_tokens

@@ -25,7 +25,8 @@ from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, sha256_file
 
-from .engine_modules import ENGINE_IO, ShapeProfile, example_inputs, make_engine_modules, shape_profiles
+from .engine_modules import (ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile, example_inputs, make_engine_modules,
+                             shape_profiles)
 
 log = logging.getLogger("fastardiff.export")
 
@@ -131,6 +132,8 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
 
 def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
     """Number of KV-cache layers an engine takes (0 for the decoder)."""
+    if name in ROLLOUT_GAMMA:
+        return ckpt.draft.num_layers
     return {"draft_step": ckpt.draft.num_layers, "target_verify": ckpt.target.num_layers}.get(name, 0)
 
 
@@ -155,14 +158,21 @@ class ARCastWrapper(CastWrapper):
         return self.run(tokens, lengths, k_cache, v_cache, cond)
 
 
+class RolloutCastWrapper(CastWrapper):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
+        return self.run(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale)
+
+
 class DecoderCastWrapper(CastWrapper):
     def forward(self, tokens, entropy, cond):
         return self.run(tokens, entropy, cond)[0]
 
 
 # One export adapter per model family: checkpoint -> {engine name: torch module with the engine contract}.
-FAMILY_ADAPTERS: dict[str, Callable[[DriftARCheckpoint], dict[str, nn.Module]]] = {
-    "drift-ar": lambda ckpt: make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder),
+# gammas: the draft_rollout lengths to add (1..--gamma).
+FAMILY_ADAPTERS: dict[str, Callable[..., dict[str, nn.Module]]] = {
+    "drift-ar": lambda ckpt, gammas=(): make_engine_modules(
+        ckpt.target, ckpt.draft, ckpt.decoder, ckpt.config.sigma_params(ckpt.calibration.e_max), gammas),
 }
 
 
@@ -173,12 +183,13 @@ def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[s
     family = ckpt.config.family
     if family not in FAMILY_ADAPTERS:
         raise FastardiffError(f"no export adapter for model family '{family}'; known: {', '.join(FAMILY_ADAPTERS)}")
-    reference = FAMILY_ADAPTERS[family](ckpt)
+    reference = FAMILY_ADAPTERS[family](ckpt, range(1, opts.gamma + 1))
     exported = {}
     for name, module in reference.items():
         m = copy.deepcopy(module).to(opts.device)
         if opts.precision != "fp32":
-            wrapper = DecoderCastWrapper if name == "decoder" else ARCastWrapper
+            wrapper = (DecoderCastWrapper if name == "decoder" else
+                       RolloutCastWrapper if name in ROLLOUT_GAMMA else ARCastWrapper)
             m = wrapper(m, PRECISIONS[opts.precision])
         exported[name] = m.eval()
     return exported, reference
@@ -200,6 +211,14 @@ def trace_inputs(cfg: DriftARConfig, name: str, layers: int, profile: ShapeProfi
     batch = min(max(2, profile.batch[1]), profile.batch[2]) if profile.batch[2] >= 2 else profile.batch[2]
     k = min(max(2, profile.new_tokens[1]), profile.new_tokens[2])
     cache = min(max(2, profile.cache[1]), profile.cache[2])
+    if name in ROLLOUT_GAMMA:  # 4 rows = 2 samples x [cond; uncond] (guidance traced), no axis of size 1
+        from .engine_modules import rollout_example_inputs
+
+        rows = 4 if profile.batch[2] >= 4 else profile.batch[2]
+        samples = 2 if rows == 4 else rows
+        g = torch.Generator().manual_seed(1234)
+        return tuple(x.to(device) for x in rollout_example_inputs(cfg, ROLLOUT_GAMMA[name], layers, rows, 2,
+                                                                  profile.cache[2], g, samples))
     if name != "decoder":
         k = min(k, cfg.seq_len - 2)
     return tuple(x.to(device) for x in example_inputs(cfg, name, layers, batch, k, cache, seed=1234))
@@ -212,6 +231,11 @@ def dynamic_shapes(name: str, profile: ShapeProfile) -> dict:
     if name == "decoder":
         return {"tokens": {0: batch}, "entropy": {0: batch}, "cond": {0: batch}}
     k = Dim("K", min=profile.new_tokens[0], max=profile.new_tokens[2])
+    if name in ROLLOUT_GAMMA:  # cache rows (B or 2B with guidance) and samples B are separate axes; S is static
+        samples = Dim("samples", min=1, max=profile.batch[2]) if profile.batch[2] > 1 else None
+        return {"tokens": {0: batch, 1: k}, "lengths": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch},
+                "cond": {0: batch}, "noise": {0: samples}, "threshold": {0: samples}, "max_drafts": {0: samples},
+                "temperature": None, "cfg_scale": None}
     s = Dim("cache", min=profile.cache[0], max=profile.cache[2])
     return {"tokens": {0: batch, 1: k}, "lengths": {0: batch}, "k_cache": {1: batch, 3: s},
             "v_cache": {1: batch, 3: s}, "cond": {0: batch}}
@@ -234,7 +258,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
     profiles = shape_profiles(ckpt.config, opts.max_batch, opts.gamma)
     entries = {}
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-        bar = tqdm(ENGINE_NAMES, desc=f"export {opts.target}", unit="engine", leave=False,
+        bar = tqdm(list(modules), desc=f"export {opts.target}", unit="engine", leave=False,
                    disable=None if log.isEnabledFor(logging.INFO) else True)
         for name in bar:
             bar.set_postfix_str(name)
@@ -254,7 +278,9 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
                                   "for the full trace)") from None
             inputs, outputs = ENGINE_IO[name]
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
-                                        outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity)
+                                        outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity,
+                                        kind="draft_rollout" if name in ROLLOUT_GAMMA else name,
+                                        gamma=ROLLOUT_GAMMA.get(name, 0))
             worst = max((v["max_abs"] for v in parity.get("outputs", {}).values()), default=float("nan"))
             log.info("  %-13s %-20s %6.1f s   parity max abs %.2e", name, file, time.perf_counter() - start, worst)
     return entries

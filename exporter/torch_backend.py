@@ -12,15 +12,17 @@ import numpy as np
 import torch
 
 from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
-from fastardiff.runtime.engine import DraftOutput, VerifyOutput
+from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
 from fastardiff.runtime.manifest import Manifest
 
-from .engine_modules import make_engine_modules
+from .engine_modules import make_engine_modules, rollout_name
+
+DEFAULT_MAX_GAMMA = 8
 
 
-def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int) -> Manifest:
+def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, gamma: int = DEFAULT_MAX_GAMMA) -> Manifest:
     return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
-                    calibration=ckpt.calibration.to_dict(), engines={}, device=device, max_batch=max_batch,
+                    calibration=ckpt.calibration.to_dict(), engines={}, device=device, max_batch=max_batch, gamma=gamma,
                     config_hash=ckpt.config.config_hash(), library_versions={"torch": torch.__version__},
                     export={"checkpoint": str(ckpt.path) if ckpt.path else None})
 
@@ -28,11 +30,28 @@ def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int) ->
 class TorchEngines:
     """Engines backed by the reference torch modules on `device` (float32)."""
 
-    def __init__(self, ckpt: DriftARCheckpoint, device: str = "cpu", max_batch: int = 256):
+    def __init__(self, ckpt: DriftARCheckpoint, device: str = "cpu", max_batch: int = 256,
+                 max_gamma: int = DEFAULT_MAX_GAMMA):
         self.device = torch.device(device)
+        sigma = ckpt.config.sigma_params(ckpt.calibration.e_max)
         self.modules = {k: m.to(self.device) for k, m in
-                        make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder).items()}
-        self.manifest = checkpoint_manifest(ckpt, str(self.device), max_batch)
+                        make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder, sigma,
+                                            range(1, max_gamma + 1)).items()}
+        self.manifest = checkpoint_manifest(ckpt, str(self.device), max_batch, max_gamma)
+        self.rollouts = {g: self._rollout_caller(rollout_name(g)) for g in range(1, max_gamma + 1)}
+
+    def _rollout_caller(self, name: str):
+        module = self.modules[name]
+
+        @torch.inference_mode()
+        def run(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
+            out = module(self._tensor(tokens), self._tensor(lengths, torch.long), self._tensor(k_cache),
+                         self._tensor(v_cache), self._tensor(cond, torch.long), self._tensor(noise),
+                         self._tensor(threshold), self._tensor(max_drafts, torch.long), self._tensor(temperature),
+                         self._tensor(cfg_scale))
+            return RolloutOutput(*(t.cpu().numpy() for t in out))
+
+        return run
 
     def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)

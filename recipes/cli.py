@@ -42,6 +42,8 @@ def _default_classifier() -> str:
               help="alpha(t): linear 0.95->0.05 (fast-ardiff) or two-phase with T_freeze = 0.8 T (drift-ar).")
 @click.option("--entropy-weight", type=click.FloatRange(min=0.0), default=None,
               help="Weight of the draft's entropy-alignment loss [10].")
+@click.option("--init-decoder", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Warm-start the one-step decoder from this checkpoint (same decoder shape).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states [200].")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
@@ -52,7 +54,7 @@ def _default_classifier() -> str:
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
-                  entropy_weight, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
+                  entropy_weight, init_decoder, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
     import torch
 
@@ -73,7 +75,8 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
         raise FastardiffError("--init, --samples and --lr belong to --stage draft-onpolicy; drop them or add "
                               "--stage draft-onpolicy")
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
-                 "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight}
+                 "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight,
+                 "init_decoder": init_decoder}
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = TrainSettings(recipe=recipe, schedule=schedule, seed=seed, **given)
     # on --resume the saved settings hold, except the options given on this command line
@@ -104,7 +107,7 @@ def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, a
 
     torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
-    if model.config.name != "tiny-mnist":
+    if model.config.dataset != "mnist":
         raise FastardiffError(f"'{ckpt}' is a '{model.config.name}' model; eval scores MNIST digits and needs "
                               "a tiny-mnist checkpoint")
     if not Path(classifier_path).is_file():

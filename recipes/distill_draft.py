@@ -121,8 +121,9 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     start = time.time()
     ckpt = load_checkpoint(init)
     cfg = ckpt.config
-    if cfg.name != "tiny-mnist":
-        raise FastardiffError(f"'{init}' is a '{cfg.name}' model; only tiny-mnist is trainable here")
+    if cfg.dataset != "mnist":
+        raise FastardiffError(f"'{init}' is a '{cfg.name}' model ({cfg.dataset}); only the tiny-mnist recipes "
+                              "are trainable here")
     target, decoder = ckpt.target.eval().requires_grad_(False), ckpt.decoder
     draft = copy.deepcopy(ckpt.draft)
     sp = sigma_params(ckpt)

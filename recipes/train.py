@@ -67,6 +67,9 @@ class TrainSettings:
     classifier_steps: int = 1500
     seed: int = 0
     save_every: int = 200
+    # warm start of the one-step decoder from a checkpoint with the same decoder shape (it maps noisy tokens to
+    # pixels, which does not depend on the target's depth); the joint stage then fine-tunes it
+    init_decoder: str | None = None
 
     @property
     def target_steps(self) -> int:
@@ -246,8 +249,9 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
                               "choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = get_config(s.recipe)
-    if cfg.name != "tiny-mnist":
-        raise FastardiffError(f"recipe '{s.recipe}' has no training data here; only tiny-mnist is trainable")
+    if cfg.dataset != "mnist":
+        raise FastardiffError(f"recipe '{s.recipe}' trains on '{cfg.dataset}', which does not ship here; only the "
+                              "tiny-mnist recipes (MNIST) are trainable")
     alpha_at(0.0, s.schedule)  # validates the schedule name
     state_path = out_dir / RESUME_FILE
     state = load_state(state_path) if resume else None
@@ -266,6 +270,8 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
 
     torch.manual_seed(s.seed)  # the models do not depend on whether the classifier was trained in this run
     target, draft, decoder = build_models(cfg)
+    if s.init_decoder and state is None:
+        warm_start_decoder(decoder, s.init_decoder)
     models = {"target": target, "draft": draft, "decoder": decoder}
     opts = {"target": torch.optim.AdamW(target.parameters(), lr=s.target_lr, weight_decay=0.01),
             "joint": torch.optim.AdamW(list(draft.parameters()) + list(decoder.parameters()), lr=s.joint_lr,
@@ -327,6 +333,18 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
     path = save_checkpoint(out_dir / f"{cfg.name}.pt", ckpt)
     log.info("wrote %s", path)
     return path
+
+
+def warm_start_decoder(decoder, path: str) -> None:
+    from .checkpoint import load_checkpoint
+
+    source = load_checkpoint(path).decoder.state_dict()
+    mine = decoder.state_dict()
+    if {k: v.shape for k, v in source.items()} != {k: v.shape for k, v in mine.items()}:
+        raise FastardiffError(f"--init-decoder '{path}': its decoder has other shapes than recipe's; pass a "
+                              "checkpoint with the same decoder_width/decoder_layers/token_dim")
+    decoder.load_state_dict(source)
+    log.info("decoder warm-started from %s", path)
 
 
 def calibrate_target(target, split, cfg: DriftARConfig, s: TrainSettings) -> Calibration:

@@ -10,7 +10,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls
-from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
+from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -36,7 +36,7 @@ class AotiEngines(EngineCalls):
         if verify:
             verify_engine_files(self.engine_dir, manifest)
         self.runners = {}
-        for name in ENGINE_NAMES:
+        for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file
             try:
                 self.runners[name] = torch._inductor.aoti_load_package(str(path))

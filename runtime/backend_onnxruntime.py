@@ -14,7 +14,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls
-from .manifest import ENGINE_NAMES, Manifest, verify_engine_files
+from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -30,9 +30,13 @@ def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
         n = n * n
         return f"tokens:{b}x{n}x{cfg['token_dim']},entropy:{b}x{n},cond:{b}"
     k, s = entry.profile["K"][corner], entry.profile["cache"][corner]
-    layers = cfg["draft_layers"] if name == "draft_step" else cfg["target_layers"]
+    layers = cfg["target_layers"] if name == "target_verify" else cfg["draft_layers"]
     cache = f"{layers}x{b}x{cfg['heads']}x{s}x{cfg['width'] // cfg['heads']}"
-    return f"tokens:{b}x{k}x{cfg['token_dim']},lengths:{b},k_cache:{cache},v_cache:{cache},cond:{b}"
+    shapes = f"tokens:{b}x{k}x{cfg['token_dim']},lengths:{b},k_cache:{cache},v_cache:{cache},cond:{b}"
+    if entry.kind == "draft_rollout":  # samples B <= rows R; the corner's B = its R
+        shapes += (f",noise:{b}x{entry.gamma}x{cfg['token_dim']},threshold:{b},max_drafts:{b},"
+                   "temperature:1,cfg_scale:1")
+    return shapes
 
 
 def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list:
@@ -81,7 +85,7 @@ class OnnxRuntimeEngines(EngineCalls):
         # between engine calls (measured 4x slower per image on a 2-core box); off unless asked for.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.sessions = {}
-        for name in ENGINE_NAMES:
+        for name in manifest.engines:
             entry = manifest.engines[name]
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.engine_dir / entry.file), options,

@@ -38,6 +38,10 @@ class EarlyStop:
             return self.gamma_s * self.target_ema[samples]
         return np.full(len(samples), -np.inf)
 
+    def threshold32(self, samples: np.ndarray) -> np.ndarray:
+        """threshold() as the float32 engine input (-inf when off)."""
+        return self.threshold(samples).astype(np.float32)
+
     def should_stop(self, samples: np.ndarray, shallow_entropy: np.ndarray) -> np.ndarray:
         if self.mode == "static":  # as against threshold(): a float64 scalar keeps the comparison in float64
             return shallow_entropy < np.float64(self.tau_static)

@@ -32,6 +32,16 @@ class VerifyOutput(NamedTuple):
     new_v: np.ndarray
 
 
+class RolloutOutput(NamedTuple):
+    drafts: np.ndarray           # [B, g, D]
+    draft_mean: np.ndarray       # [B, g, D] guided draft means
+    draft_sigma: np.ndarray      # [B, g] temperature-scaled sigma
+    num_drafts: np.ndarray       # [B] drafts kept (early stop / max_drafts)
+    shallow_entropy: np.ndarray  # [B, g]
+    new_k: np.ndarray            # [L, R, H, K0 + g - 1, Dh]
+    new_v: np.ndarray
+
+
 class Engines(Protocol):
     manifest: Manifest
 
@@ -40,6 +50,10 @@ class Engines(Protocol):
     def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput: ...
 
     def decoder(self, tokens, entropy, cond) -> np.ndarray: ...
+
+    # optional: gamma -> draft_rollout(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
+    # temperature[1], cfg_scale[1]) -> RolloutOutput; absent or empty: the loop drafts with draft_step calls
+    # rollouts: dict
 
 
 # backend name (as written in manifest.backend) -> "module:factory"; factory(engine_dir, manifest) -> Engines.
@@ -88,3 +102,11 @@ class EngineCalls:
 
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
         return self._run("decoder", (tokens, entropy, cond))[0]
+
+    @property
+    def rollouts(self) -> dict:
+        """gamma -> callable running that draft_rollout engine (every one the manifest lists)."""
+        def caller(name):
+            return lambda *arrays: RolloutOutput(*self._run(name, arrays))
+
+        return {g: caller(name) for g, name in self.manifest.rollout_engines().items()}

@@ -21,6 +21,8 @@ class EngineEntry:
     outputs: list = field(default_factory=list)
     profile: dict = field(default_factory=dict)   # e.g. {"batch": [1, 2, 8], "K": [1, 5, 5], "cache": [0, 32, 64]}
     parity: dict = field(default_factory=dict)    # output name -> {"max_abs": .., "max_rel": ..}
+    kind: str = ""                 # what the engine computes: its name, or "draft_rollout" for the rollouts
+    gamma: int = 0                 # draft_rollout: the number of draft steps unrolled in the graph
 
 
 @dataclass
@@ -40,6 +42,10 @@ class Manifest:
     plugin: dict = field(default_factory=dict)    # TensorRT: plugin library file + sha256
     export: dict = field(default_factory=dict)    # tolerances, time, command
     format_version: int = FORMAT_VERSION
+
+    def rollout_engines(self) -> dict[int, str]:
+        """gamma -> engine name of every draft_rollout engine."""
+        return {e.gamma: name for name, e in self.engines.items() if e.kind == "draft_rollout" and e.gamma >= 1}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,7 +108,7 @@ def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
     for name in ENGINE_NAMES:
         if name not in manifest.engines:
             raise EngineError(f"manifest in '{engine_dir}' has no '{name}' engine; re-export")
-        entry = manifest.engines[name]
+    for name, entry in manifest.engines.items():
         path = engine_dir / entry.file
         if not path.exists():
             raise EngineError(f"engine file '{path}' named by the manifest is missing; re-export with --force")

@@ -77,12 +77,13 @@ class AREngine:
     needs no index arrays on the cache at all."""
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, sigma: SigmaParams,
-                 stats: RunStats, stage: str):
+                 stats: RunStats, stage: str, capacity: int | None = None):
         self.name, self.fn, self.gen, self.sigma, self.stats, self.stage = name, fn, gen, sigma, stats, stage
         self.batch = len(classes)
         self.guided = gen.cfg_scale != 1.0
         self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
-        self.cache = KVCache(layers, len(self.cond), shape.heads, shape.seq_len, shape.head_dim)
+        self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim)
+        self.scalars = (np.array([gen.temperature], np.float32), np.array([gen.cfg_scale], np.float32))
         self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows
 
     def rows(self, samples: np.ndarray) -> np.ndarray:
@@ -149,6 +150,45 @@ class AREngine:
         dist = token_distribution(take(mean), take(entropy), self.sigma, self.gen.temperature)
         return dist, (take(shallow) if shallow is not None else None)
 
+    def rollout(self, fn, gamma: int, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, noise: np.ndarray,
+                threshold: np.ndarray, max_drafts: np.ndarray):
+        """One draft_rollout call: feed positions up to end[r] (exclusive; the last one holds the last accepted
+        token), then `gamma` drafts in-graph. The whole cache buffer is passed (static shape, no copy)."""
+        cache, batch = self.cache, self.batch
+        full = len(samples) == batch
+        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
+        width = int((end - lengths).max())
+        start = end - width                              # rows with a valid cache recompute cached positions
+        if width == 1:
+            tokens = seq[samples, start][:, None]
+        else:
+            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
+        tokens = tokens.astype(np.float32)
+        if self.guided:
+            rows = None if full else np.concatenate([samples, samples + batch])
+            tokens, starts = np.concatenate([tokens, tokens]), np.concatenate([start, start])
+        else:
+            rows, starts = (None if full else samples), start
+        k, v = (cache.k, cache.v) if rows is None else (cache.k[:, rows], cache.v[:, rows])
+        cond = self.cond if full else self.cond[rows]
+        temperature, cfg_scale = self.scalars
+        seconds = self.stats.seconds
+        began = time.perf_counter()
+        out = fn(tokens, starts, k, v, cond, noise, threshold, max_drafts, temperature, cfg_scale)
+        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
+        self.stats.draft_calls += 1
+        if not math.isfinite(np.add.reduce(out.draft_mean, None, np.float64)
+                             + np.add.reduce(out.draft_sigma, None, np.float64)):
+            raise EngineError(f"engine 'draft_rollout_{gamma}' returned NaN or inf; the engine or its inputs are "
+                              "broken (re-export it, or try a lower --cfg / --temperature)")
+        cache.write(rows, starts, out.new_k, out.new_v)
+        fed = starts + (width + gamma - 1)
+        if full:
+            cache.lengths[:] = fed
+        else:
+            cache.lengths[rows] = fed
+        return out
+
     def rollback(self, samples: np.ndarray, length: np.ndarray) -> None:
         lengths = self.cache.lengths.reshape(self.reps, self.batch)      # a view: [cond; uncond] rows
         if len(samples) == self.batch:
@@ -194,7 +234,10 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen, sigma,
                       stats, "verify")
-    draft = AREngine("draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft")
+    rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" else None
+    draft = AREngine("draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft",
+                     rollout_capacity(m, G) if rollout is not None else None)
+    arange_g = np.arange(G)
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
     prefill = total if gen.mode != "speculative" else min(total, int(round(gen.eta / 100 * shape.num_tokens)))
     one_model = draft if gen.mode == "draft" else target
@@ -215,41 +258,22 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         base = nc + na                                 # position of token na[r], the first one this round makes
         # 1. draft up to gamma tokens (never past the end), stop early on low shallow entropy
         max_drafts = np.minimum(G, total - 1 - na)
-        k = np.zeros(R, np.int64)
-        q_mean, q_sigma = np.zeros((R, G, shape.token_dim)), np.ones((R, G))
-        drafting = max_drafts > 0
-        for i in range(G):
-            idx = np.flatnonzero(drafting)
-            if not idx.size:
-                break
-            every = len(idx) == R
-            rows = act if every else act[idx]
-            end = (base if every else base[idx]) + i
-            q, shallow = draft.predict(seq, rows, end - 1, end, 1)
-            stop = stopper.should_stop(rows, shallow[:, 0])
-            if stop.any():
-                keep = idx[~stop]
-                seq[act[keep], base[keep] + i] = sample_gaussian(rng, q.mean[~stop, 0], q.sigma[~stop, 0])
-                q_mean[keep, i], q_sigma[keep, i] = q.mean[~stop, 0], q.sigma[~stop, 0]
-                k[keep] += 1
-                drafting[idx[stop]] = False
-                stats.early_stops += int(stop.sum())
-            else:
-                seq[rows, end] = sample_gaussian(rng, q.mean[:, 0], q.sigma[:, 0])
-                if every:
-                    q_mean[:, i], q_sigma[:, i] = q.mean[:, 0], q.sigma[:, 0]
-                    k += 1
-                else:
-                    q_mean[idx, i], q_sigma[idx, i] = q.mean[:, 0], q.sigma[:, 0]
-                    k[idx] += 1
-            drafting &= k < max_drafts
+        if rollout is not None:                        # one engine call drafts every token of the round
+            noise = rng.standard_normal((R, G, shape.token_dim)).astype(np.float32)
+            out = draft.rollout(rollout, G, seq, act, base, noise, stopper.threshold32(act), max_drafts)
+            k = out.num_drafts.astype(np.int64)
+            seq[act[:, None], base[:, None] + arange_g] = out.drafts
+            q_mean, q_sigma = out.draft_mean, out.draft_sigma
+            stats.early_stops += int(np.count_nonzero(k < max_drafts))
+        else:
+            k, q_mean, q_sigma = draft_with_steps(draft, stopper, seq, act, base, max_drafts, G, rng, stats)
         # 2. one target call over [last accepted token, drafts]: p for tokens n .. n+k (slot k = bonus)
         kmax = int(k.max())
         p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
         # 3. accept a prefix, then the residual sample or the bonus token
         slots = base[:, None] + np.arange(kmax + 1)[None, :]
         drafts = seq[act[:, None], slots[:, :kmax]]
-        q = TokenDistribution(q_mean[:, :kmax], q_sigma[:, :kmax], None)
+        q = TokenDistribution(q_mean[:, :kmax].astype(np.float64), q_sigma[:, :kmax].astype(np.float64), None)
         accepted, next_token = accept_drafts(rng, drafts, k, p, q)
         seq[act, base + accepted] = next_token
         token_entropy[act[:, None], slots - nc] = p.entropy  # slots past `accepted` are rewritten later
@@ -265,6 +289,48 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stats.bonus_tokens += bonus
     stats.tokens += B * total
     return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
+
+
+def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_drafts, G: int, rng, stats):
+    """Drafting with one draft_step call per token (engines without a draft_rollout of this gamma)."""
+    R = len(act)
+    k = np.zeros(R, np.int64)
+    q_mean, q_sigma = np.zeros((R, G, seq.shape[-1])), np.ones((R, G))
+    drafting = max_drafts > 0
+    for i in range(G):
+        idx = np.flatnonzero(drafting)
+        if not idx.size:
+            break
+        every = len(idx) == R
+        rows = act if every else act[idx]
+        end = (base if every else base[idx]) + i
+        q, shallow = draft.predict(seq, rows, end - 1, end, 1)
+        stop = stopper.should_stop(rows, shallow[:, 0])
+        if stop.any():
+            keep = idx[~stop]
+            seq[act[keep], base[keep] + i] = sample_gaussian(rng, q.mean[~stop, 0], q.sigma[~stop, 0])
+            q_mean[keep, i], q_sigma[keep, i] = q.mean[~stop, 0], q.sigma[~stop, 0]
+            k[keep] += 1
+            drafting[idx[stop]] = False
+            stats.early_stops += int(stop.sum())
+        else:
+            seq[rows, end] = sample_gaussian(rng, q.mean[:, 0], q.sigma[:, 0])
+            if every:
+                q_mean[:, i], q_sigma[:, i] = q.mean[:, 0], q.sigma[:, 0]
+                k += 1
+            else:
+                q_mean[idx, i], q_sigma[idx, i] = q.mean[:, 0], q.sigma[:, 0]
+                k[idx] += 1
+        drafting &= k < max_drafts
+    return k, q_mean, q_sigma
+
+
+def rollout_capacity(manifest, gamma: int) -> int:
+    """Cache positions of the draft when it runs draft_rollout engines: their static cache axis."""
+    entry = manifest.engines.get(manifest.rollout_engines().get(gamma, ""))
+    cache = (getattr(entry, "profile", None) or {}).get("cache")
+    shape = ModelShape.from_config(manifest.config)
+    return int(cache[-1]) if cache else shape.seq_len + gamma
 
 
 def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = None,

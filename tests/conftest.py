@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_config():
     from fastardiff.recipes.config import get_config
 
-    return get_config("tiny-mnist")
+    return get_config("tiny-mnist-small")  # the quick shape; the shipped default is deeper
 
 
 @pytest.fixture(scope="session")
