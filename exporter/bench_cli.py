@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from fastardiff.errors import FastardiffError
 
 log = logging.getLogger("fastardiff.bench")
 
-COLUMNS = ("backend", "mode", "ms/image", "speedup", "draft %", "verify %", "decode %", "outside engines %",
-           "tok/target call", "accept rate")
+COLUMNS = ("backend", "batch", "mode", "gamma", "ms/image", "speedup", "model speedup", "draft %", "verify %",
+           "decode %", "outside engines %", "tok/target call", "accept rate")
+COST_COLUMNS = ("backend", "batch", "gamma", "target step ms", "rollout ms", "verify ms", "decode ms")
 
 
 @click.group("bench")
@@ -30,21 +32,35 @@ def bench_command():
     """Benchmarks (CPU or GPU figures, always side by side in one run)."""
 
 
-def _time_runs(engines, classes, gen, repeats: int, max_batch: int):
-    """One warm-up generate, then `repeats` timed ones; returns the stats summed over the timed runs."""
+def _interleaved(engines, classes, gens: dict, repeats: int, max_batch: int) -> dict:
+    """One warm-up generate per configuration, then `repeats` rounds A B A B ... so that machine noise hits
+    every configuration alike; returns {key: RunStats summed over the timed runs}."""
     from dataclasses import replace
 
     from fastardiff.runtime.speculative import generate
     from fastardiff.runtime.stats import RunStats
 
-    generate(engines, classes, gen, max_batch=max_batch)
-    stats = RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma)
+    for gen in gens.values():
+        generate(engines, classes, gen, max_batch=max_batch)
+    stats = {key: RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma) for key, gen in gens.items()}
     for r in range(repeats):
-        generate(engines, classes, replace(gen, seed=gen.seed + r), stats, max_batch)
+        for key, gen in gens.items():
+            generate(engines, classes, replace(gen, seed=gen.seed + r), stats[key], max_batch)
     return stats
 
 
-def pipeline_rows(backends: dict, batch: int, repeats: int, gamma: int, early_stop: str, seed: int) -> list[dict]:
+def cost_model_speedup(target, spec) -> float:
+    """Speedup predicted from measured per-call costs and the measured call counts, host time zero:
+    target-only engine time / speculative engine time (prefill steps at the target-only step cost)."""
+    t_step = target.seconds.get("verify", 0.0) / max(target.target_calls, 1)
+    t_dec = target.seconds.get("decode", 0.0) / max(target.decode_calls, 1)
+    spec_engines = spec.seconds.get("draft", 0.0) + spec.seconds.get("verify", 0.0) + spec.decode_calls * t_dec
+    target_engines = target.target_calls / max(target.images, 1) * spec.images * t_step + spec.decode_calls * t_dec
+    return target_engines / spec_engines if spec_engines else 0.0
+
+
+def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: str, seed: int) -> list[dict]:
+    """Rows for target-only and speculative at each gamma, per backend, measured interleaved."""
     import numpy as np
 
     from fastardiff.runtime.speculative import GenerationConfig
@@ -53,35 +69,80 @@ def pipeline_rows(backends: dict, batch: int, repeats: int, gamma: int, early_st
     for backend, engines in backends.items():
         num_classes = engines.manifest.config["num_classes"]
         classes = np.arange(batch) % num_classes
-        target_ms = None
-        for mode in ("target", "speculative"):
-            gen = GenerationConfig(mode=mode, gamma=gamma, early_stop=early_stop, seed=seed)
-            stats = _time_runs(engines, classes, gen, repeats, batch)
-            s = stats.summary()
-            total = max(stats.total_seconds, 1e-12)
-            ms = 1000 * stats.total_seconds / max(stats.images, 1)
-            target_ms = ms if mode == "target" else target_ms
-            rows.append({"backend": backend, "mode": mode, "ms/image": ms, "speedup": target_ms / ms,
-                         "draft %": 100 * stats.seconds.get("draft", 0) / total,
-                         "verify %": 100 * stats.seconds.get("verify", 0) / total,
-                         "decode %": 100 * stats.seconds.get("decode", 0) / total,
-                         "outside engines %": 100 * stats.seconds.get("host", 0) / total,
+        gens = {("target", 0): GenerationConfig(mode="target", early_stop=early_stop, seed=seed,
+                                                gamma=max(gammas))}
+        for g in gammas:
+            gens[("speculative", g)] = GenerationConfig(mode="speculative", gamma=g, early_stop=early_stop, seed=seed)
+        stats = _interleaved(engines, classes, gens, repeats, batch)
+        target = stats[("target", 0)]
+        target_ms = 1000 * target.total_seconds / max(target.images, 1)
+        for (mode, g), st in stats.items():
+            s = st.summary()
+            total = max(st.total_seconds, 1e-12)
+            ms = 1000 * st.total_seconds / max(st.images, 1)
+            rows.append({"backend": backend, "batch": batch, "mode": mode, "gamma": g if mode != "target" else "-",
+                         "ms/image": ms, "speedup": target_ms / ms,
+                         "model speedup": cost_model_speedup(target, st) if mode != "target" else 1.0,
+                         "draft %": 100 * st.seconds.get("draft", 0) / total,
+                         "verify %": 100 * st.seconds.get("verify", 0) / total,
+                         "decode %": 100 * st.seconds.get("decode", 0) / total,
+                         "outside engines %": 100 * st.seconds.get("host", 0) / total,
                          "tok/target call": s["tokens_per_target_call"], "accept rate": s["acceptance_rate"],
-                         "images": stats.images, "summary": s})
-            log.info("%s %s: %.1f ms/image", backend, mode, ms)
+                         "images": st.images,
+                         "per call ms": {"target step": 1000 * target.seconds.get("verify", 0.0)
+                                         / max(target.target_calls, 1),
+                                         "rollout": 1000 * st.seconds.get("draft", 0.0) / max(st.draft_calls, 1),
+                                         "verify": 1000 * st.seconds.get("verify", 0.0) / max(st.target_calls, 1),
+                                         "decode": 1000 * st.seconds.get("decode", 0.0) / max(st.decode_calls, 1)},
+                         "summary": s})
+            log.info("%s batch %d %s gamma %s: %.2f ms/image", backend, batch, mode, g, ms)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
     def cell(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    table = [list(columns)] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def cost_rows(rows: list[dict]) -> list[dict]:
+    return [{"backend": r["backend"], "batch": r["batch"], "gamma": r["gamma"],
+             "target step ms": r["per call ms"]["target step"], "rollout ms": r["per call ms"]["rollout"],
+             "verify ms": r["per call ms"]["verify"], "decode ms": r["per call ms"]["decode"]}
+            for r in rows if r["mode"] == "speculative"]
+
+
+def write_plot(rows: list[dict], path: Path) -> Path:
+    """Speedup against gamma (measured and cost model), one line per backend and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = sorted({(r["backend"], r["batch"]) for r in rows if r["mode"] == "speculative"})
+    for backend, batch in series:
+        pts = sorted((r["gamma"], r["speedup"], r["model speedup"]) for r in rows
+                     if r["mode"] == "speculative" and r["backend"] == backend and r["batch"] == batch)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{backend}, batch {batch}")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(),
+                label=f"{backend}, batch {batch} (cost model)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("gamma (draft tokens per round)")
+    ax.set_ylabel("speedup vs target-only")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 @bench_command.command("pipeline")
@@ -90,15 +151,21 @@ def format_table(rows: list[dict]) -> str:
               help="ONNX engine dir of the same checkpoint (default: export one into a temp dir).")
 @click.option("--aoti-engine", "aoti_dir", type=click.Path(file_okay=False), default=None,
               help="Also time an AOTInductor engine dir of the same checkpoint.")
-@click.option("--batch", type=click.IntRange(1, 8), default=8, show_default=True)
+@click.option("--no-torch", is_flag=True, help="Skip the torch reference backend.")
+@click.option("--batch", "batches", default="8", show_default=True, help="Batch size(s), e.g. 1 or 1,8.")
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
-@click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True)
+@click.option("--gamma", default="auto", show_default=True,
+              help="Draft length(s): N, a list '2,4,6', 'all' (every exported rollout) or 'auto' (what --gamma "
+                   "auto chooses per backend and batch).")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads for both backends (default: library's).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for every backend (default: library's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
-def pipeline_command(ckpt, engine_dir, aoti_dir, batch, repeats, gamma, early_stop, seed, threads, json_path):
-    """Per-image time, target-only vs speculative, ONNX Runtime vs torch backend, in one run (CPU)."""
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of speedup against gamma (default: beside --json).")
+def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, early_stop, seed, threads,
+                     json_path, plot_path):
+    """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU)."""
     import platform
     import tempfile
 
@@ -109,15 +176,22 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, batch, repeats, gamma, early_st
     from fastardiff.exporter.torch_backend import load_torch_engines
     from fastardiff.recipes.checkpoint import default_checkpoint_path
     from fastardiff.runtime.engine import load_engines
+    from fastardiff.runtime.gamma_auto import choose_gamma
     from fastardiff.runtime.manifest import sha256_file
 
+    try:
+        batch_list = sorted({int(b) for b in str(batches).split(",") if b.strip()})
+    except ValueError:
+        raise FastardiffError(f"--batch '{batches}' is not a comma-separated list of integers") from None
+    if not batch_list or min(batch_list) < 1 or max(batch_list) > 8:
+        raise FastardiffError(f"--batch '{batches}': batch sizes must be in 1..8")
     ckpt = Path(ckpt) if ckpt else default_checkpoint_path()
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="fastardiff-bench-") as tmp:
         if engine_dir is None:
             engine_dir = Path(tmp) / "onnx"
-            export_engines(ckpt, engine_dir, ExportOptions(target="onnx", max_batch=batch, gamma=gamma))
+            export_engines(ckpt, engine_dir, ExportOptions(target="onnx", max_batch=max(batch_list)))
         backends = {"onnxruntime": load_engines(engine_dir, threads=threads)}
         if aoti_dir:
             backends["aoti"] = load_engines(aoti_dir)
@@ -125,14 +199,46 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, batch, repeats, gamma, early_st
             if engines.manifest.export.get("checkpoint_sha256") not in (None, sha256_file(ckpt)):
                 raise FastardiffError(f"engines in '{engines.engine_dir}' were exported from a different checkpoint "
                                       f"than '{ckpt}'; pass the matching --ckpt or omit --engine/--aoti-engine")
-        backends["torch"] = load_torch_engines(ckpt)
-        rows = pipeline_rows(backends, batch, repeats, gamma, early_stop, seed)
-    click.echo(f"pipeline benchmark: {ckpt.name}, batch {batch}, gamma {gamma}, early stop {early_stop}, "
-               f"{repeats} timed runs after 1 warm-up; {platform.processor() or platform.machine()}, "
-               f"torch threads {torch.get_num_threads()}")
+        if not no_torch:
+            backends["torch"] = load_torch_engines(ckpt)
+        rows, choices = [], []
+        for batch in batch_list:
+            for name, engines in backends.items():
+                available = sorted(getattr(engines, "rollouts", {}) or {})
+                gammas = _gammas(gamma, available)
+                if gammas == "auto":
+                    choice = choose_gamma(engines, batch, 1.0)
+                    choices.append({"backend": name, "batch": batch, **choice.to_dict()})
+                    click.echo(f"[{name}, batch {batch}] {choice.table()}")
+                    gammas = [choice.gamma] if choice.gamma else [available[0] if available else 1]
+                rows += pipeline_rows({name: engines}, batch, repeats, gammas, early_stop, seed)
+    click.echo(f"pipeline benchmark: {ckpt.name}, batches {batch_list}, early stop {early_stop}, {repeats} timed "
+               f"runs per configuration after 1 warm-up, interleaved; {platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} CPUs, threads {threads or 'default'}")
     click.echo(format_table(rows))
+    click.echo("\nper-call engine cost (ms)")
+    click.echo(format_table(cost_rows(rows), COST_COLUMNS))
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(json_path).write_text(json.dumps({"rows": rows, "gamma_auto": choices}, indent=2, default=str) + "\n")
+        click.echo(f"wrote {json_path}")
+    if plot_path or json_path:
+        path = write_plot(rows, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))
+        click.echo(f"wrote {path}")
+
+
+def _gammas(spec: str, available: list[int]):
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text == "all":
+        return available or [4]
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise FastardiffError(f"--gamma '{spec}' must be N, a list like 2,4,6, 'all' or 'auto'") from None
+    if not values or min(values) < 1:
+        raise FastardiffError(f"--gamma '{spec}': draft lengths must be >= 1")
+    return values
 
 
 @bench_command.command("kernels", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -13,8 +13,8 @@ graph, so a draft round is one engine call instead of g. Inputs:
   threshold [B]                   shallow-entropy early-stop threshold (-inf: never stop)
   max_drafts [B] int64            drafts allowed per sample (never past the image's end)
   temperature [1], cfg_scale [1]
-Step i feeds its input at position lengths + K0 - 1 + i (for i > 0: draft i-1, written into a copy of the cache
-in-graph), guides z = z_u + s (z_c - z_u), sets sigma = T sigma(E_c) (drift-ar Eq. 6, calibration baked in)
+Step i feeds the window plus drafts 0..i-1 (positions lengths .. lengths + K0 - 1 + i) against the unchanged
+cache, guides z = z_u + s (z_c - z_u), sets sigma = T sigma(E_c) (drift-ar Eq. 6, calibration baked in)
 and draws draft i = z + sigma * noise[:, i]. A sample's drafts end at the first step whose conditional
 shallow-layer entropy is below its threshold (that draft is dropped) or at max_drafts. Outputs: drafts [B,g,D],
 draft_mean [B,g,D], draft_sigma [B,g], num_drafts [B], shallow_entropy [B,g], new_k / new_v [L,R,H,K0+g-1,Dh]
@@ -70,16 +70,6 @@ class TargetVerify(nn.Module):
         return mean, entropy, new_k, new_v
 
 
-def write_positions(cache: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """cache [L,R,H,S,Dh] with new [L,R,H,K,Dh] at positions start[r] .. start[r]+K-1 of row r (a copy; positions
-    past S are dropped). Elementwise gather + where: exportable to every target."""
-    L, R, H, S, Dh = cache.shape
-    rel = torch.arange(S, device=cache.device).view(1, S) - start.view(-1, 1)           # [R, S]
-    inside = (rel >= 0) & (rel < new.shape[3])
-    index = torch.where(inside, rel, torch.zeros_like(rel)).view(1, R, 1, S, 1).expand(L, R, H, S, Dh)
-    return torch.where(inside.view(1, R, 1, S, 1), torch.gather(new, 3, index), cache)
-
-
 class DraftRollout(nn.Module):
     """`gamma` draft steps in one graph: sampling, guidance and early stop in-graph (see the module docstring)."""
 
@@ -93,11 +83,13 @@ class DraftRollout(nn.Module):
         samples, rows = noise.shape[0], cond.shape[0]
         row = torch.arange(rows, device=cond.device)
         owner = row - samples * (row >= samples).long()                 # cache row -> its sample (R = B or 2B)
-        x, start, k, v = tokens, lengths, k_cache, v_cache
+        x = tokens
         alive = torch.ones(samples, dtype=torch.bool, device=noise.device)
-        drafts, means, sigmas, shallows, new_k, new_v, kept = [], [], [], [], [], [], []
+        drafts, means, sigmas, shallows, kept = [], [], [], [], []
         for i in range(self.gamma):
-            mean, entropy, shallow, nk, nv = self.model(x, start, k, v, cond)
+            # step i re-feeds the window and the drafts so far against the untouched cache: no cache copy or
+            # scatter in-graph (on small graphs an engine's cost follows its node count, not its FLOPs)
+            mean, entropy, shallow, new_k, new_v = self.model(x, lengths, k_cache, v_cache, cond)
             z = mean[:, -1]
             z_cond, z_uncond = z[:samples], z[rows - samples:]          # the same rows without guidance
             z = z_uncond + cfg_scale * (z_cond - z_uncond)
@@ -110,14 +102,10 @@ class DraftRollout(nn.Module):
             sigmas.append(sigma)
             shallows.append(e_shallow)
             kept.append(alive.long())
-            new_k.append(nk)
-            new_v.append(nv)
             if i + 1 < self.gamma:
-                k, v = write_positions(k, nk, start), write_positions(v, nv, start)
-                start = start + x.shape[1]
-                x = draft[owner].unsqueeze(1)
+                x = torch.cat([x, draft[owner].unsqueeze(1)], dim=1)
         return (torch.stack(drafts, 1), torch.stack(means, 1), torch.stack(sigmas, 1),
-                torch.stack(kept, 1).sum(1), torch.stack(shallows, 1), torch.cat(new_k, 3), torch.cat(new_v, 3))
+                torch.stack(kept, 1).sum(1), torch.stack(shallows, 1), new_k, new_v)
 
 
 class Decoder(nn.Module):

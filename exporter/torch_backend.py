@@ -13,16 +13,22 @@ import torch
 
 from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
-from fastardiff.runtime.manifest import Manifest
+from fastardiff.runtime.manifest import EngineEntry, Manifest
 
-from .engine_modules import make_engine_modules, rollout_name
+from .engine_modules import ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, make_engine_modules, rollout_capacity, rollout_name
 
 DEFAULT_MAX_GAMMA = 8
 
 
 def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, gamma: int = DEFAULT_MAX_GAMMA) -> Manifest:
+    """In-memory manifest; the rollout entries carry only what the loop reads (kind, gamma, cache capacity)."""
+    capacity = rollout_capacity(ckpt.config, gamma)
+    engines = {rollout_name(g): EngineEntry(file="", sha256="", inputs=list(ROLLOUT_INPUTS),
+                                            outputs=list(ROLLOUT_OUTPUTS), profile={"cache": [capacity] * 3},
+                                            kind="draft_rollout", gamma=g) for g in range(1, gamma + 1)}
     return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
-                    calibration=ckpt.calibration.to_dict(), engines={}, device=device, max_batch=max_batch, gamma=gamma,
+                    calibration=ckpt.calibration.to_dict(), engines=engines, device=device, max_batch=max_batch,
+                    gamma=gamma,
                     config_hash=ckpt.config.config_hash(), library_versions={"torch": torch.__version__},
                     export={"checkpoint": str(ckpt.path) if ckpt.path else None})
 

@@ -29,7 +29,7 @@ from fastardiff.runtime import backend_tensorrt as trt_backend
 from fastardiff.runtime.manifest import sha256_file
 
 from . import trt_graph
-from .engine_modules import ENGINE_IO, ShapeProfile
+from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile
 from .onnx_target import export_onnx_file
 from .parity import check_engine_parity
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
@@ -140,7 +140,7 @@ def make_progress_monitor(trt):
 def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile) -> dict[str, tuple]:
     """Input name -> (min, opt, max) shapes of the engine's optimisation profile."""
     corners = [trt_backend.engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c],
-                                               profile.cache[c]) for c in range(3)]
+                                               profile.cache[c], ROLLOUT_GAMMA.get(name, 0)) for c in range(3)]
     return {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
 
 

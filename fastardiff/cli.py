@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "export": "fastardiff.exporter.cli:export_command",
     "run": "fastardiff.runtime.cli:run_command",
     "bench": "fastardiff.exporter.bench_cli:bench_command",
+    "calibrate": "fastardiff.exporter.calibrate:calibrate_command",
 }
 
 

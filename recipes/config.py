@@ -32,7 +32,7 @@ class DriftARConfig:
     mlp_ratio: int = 4
     # the papers' cost structure: a target much deeper than its draft (MAR-L/H 32-40 layers vs a 6-layer draft)
     target_layers: int = 12
-    draft_layers: int = 2
+    draft_layers: int = 1
     shallow_layer: int = 0  # draft layer whose entropy drives early stopping
     # one-step decoder
     decoder_width: int = 64

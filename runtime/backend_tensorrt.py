@@ -21,7 +21,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls
-from .manifest import ENGINE_NAMES, Manifest, sha256_file, verify_engine_files
+from .manifest import Manifest, sha256_file, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -42,18 +42,20 @@ def import_tensorrt(purpose: str):
     return trt
 
 
-def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_tokens: int, cache: int) -> dict:
-    """Input name -> shape for one point of an engine's profile (the engine contract of runtime/engine.py)."""
+def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_tokens: int, cache: int,
+                        gamma: int = 0) -> dict:
+    """Input name -> shape for one point of an engine's profile (the engine contract of runtime/engine.py);
+    gamma > 0: a draft_rollout engine of that length (samples = rows at each profile corner)."""
     n_tokens = (config["image_size"] // config["patch"]) ** 2
     if name == "decoder":
         return {"tokens": (batch, n_tokens, config["token_dim"]), "entropy": (batch, n_tokens), "cond": (batch,)}
     kv = (layers, batch, config["heads"], cache, config["width"] // config["heads"])
-    return {"tokens": (batch, new_tokens, config["token_dim"]), "lengths": (batch,), "k_cache": kv, "v_cache": kv,
-            "cond": (batch,)}
-
-
-def engine_layer_count(config: dict, name: str) -> int:
-    return {"draft_step": config["draft_layers"], "target_verify": config["target_layers"]}.get(name, 0)
+    shapes = {"tokens": (batch, new_tokens, config["token_dim"]), "lengths": (batch,), "k_cache": kv, "v_cache": kv,
+              "cond": (batch,)}
+    if gamma:
+        shapes.update({"noise": (batch, gamma, config["token_dim"]), "threshold": (batch,), "max_drafts": (batch,),
+                       "temperature": (1,), "cfg_scale": (1,)})
+    return shapes
 
 
 def find_plugin_library(engine_dir: Path, manifest: Manifest, plugin_path: str | Path | None = None) -> Path:
@@ -214,7 +216,7 @@ class TensorRTEngines(EngineCalls):
         self.runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream()
         self.runners = {}
-        for name in ENGINE_NAMES:
+        for name in manifest.engines:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
             entry = manifest.engines[name]
             self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs)

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 @click.option("--ckpt", type=click.Path(), help="Run a checkpoint directly with the torch reference backend.")
 @click.option("--prompt", required=True, help="Class ids or names, e.g. '7', 'seven', '3,7,9'.")
 @click.option("--num-images", type=int, default=None, help="Images to generate (prompts cycle) [default: one per prompt].")
-@click.option("--gamma", type=int, default=4, show_default=True, help="Draft tokens per target call.")
+@click.option("--gamma", default="auto", show_default=True,
+              help="Draft tokens per target call, or 'auto': chosen at load time from the calibrated acceptance "
+                   "and per-call costs timed on these engines (target-only where speculation cannot pay).")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True,
               help="Entropy early stopping of drafting.")
 @click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
@@ -43,13 +45,22 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
 
     if (engine_dir is None) == (ckpt is None):
         raise FastardiffError("pass exactly one of --engine DIR (exported engines) or --ckpt PATH (a checkpoint)")
-    if gamma < 1:
-        raise GenerationError(f"--gamma must be at least 1 (got {gamma}): it is the number of draft tokens per "
-                              "target call")
+    gamma = parse_gamma(gamma)
     if out is None and out_dir is None:
         out = "samples.png"
     engines = _load(engine_dir, ckpt, device)
     classes = parse_prompts(prompt, engines.manifest.config["class_names"], num_images)
+    choice = None
+    if gamma == "auto":
+        if mode == "speculative":
+            from fastardiff.runtime.gamma_auto import choose_gamma
+
+            per_call = 2 if cfg_scale != 1.0 else 1
+            batch = max(1, min(len(classes), engines.manifest.max_batch // per_call))
+            choice = choose_gamma(engines, batch, cfg_scale)
+            click.echo(choice.table(), err=True)
+            mode = choice.mode
+        gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
     gen = GenerationConfig(mode=mode, gamma=gamma, early_stop=early_stop, temperature=temperature,
                            cfg_scale=cfg_scale, eta=eta, seed=seed)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
@@ -61,8 +72,27 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
         log.info("wrote %s", path)
     click.echo(stats.table())
     if stats_json:
+        if choice is not None:
+            stats.gamma_choice = choice.to_dict()
         stats.write_json(stats_json)
         log.info("wrote %s", stats_json)
+
+
+def parse_gamma(value) -> int | str:
+    """--gamma: a positive integer or 'auto'."""
+    from fastardiff.runtime.speculative import GenerationError
+
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        gamma = int(text)
+    except ValueError:
+        raise GenerationError(f"--gamma must be a positive integer or 'auto' (got '{value}')") from None
+    if gamma < 1:
+        raise GenerationError(f"--gamma must be at least 1 (got {gamma}): it is the number of draft tokens per "
+                              "target call")
+    return gamma
 
 
 def _load(engine_dir, ckpt, device):

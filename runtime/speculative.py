@@ -281,6 +281,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         n[act] = na + accepted + 1
         target.rollback(act, base + accepted)          # = nc + n - 1: the new token is not fed yet
         draft.rollback(act, base + accepted)
+        if stats.track_positions:
+            stats.record_positions(k, accepted)
         bonus = int((accepted == k).sum())
         stats.verifies += R
         stats.drafts_proposed += int(k.sum())
@@ -354,6 +356,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
             continue
         with stats.timer("decode"):
             images = engines.decoder(tokens.astype(np.float32), entropy.astype(np.float32), part)
+        stats.decode_calls += 1
         if not np.isfinite(images).all():
             raise EngineError("engine 'decoder' returned NaN or inf; re-export the engines")
         outputs.append(images)

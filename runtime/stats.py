@@ -33,8 +33,33 @@ class RunStats:
     early_stops: int = 0       # drafting rounds ended by the entropy threshold
     residual_samples: int = 0
     bonus_tokens: int = 0
+    decode_calls: int = 0
     seconds: dict = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     total_seconds: float = 0.0
+    # per draft position i (when track_positions): verifies that proposed draft i after accepting drafts < i,
+    # and those that accepted it; their ratio is the per-position acceptance --gamma auto is calibrated with
+    track_positions: bool = False
+    gamma_choice: dict | None = None   # what --gamma auto chose and why
+    position_proposed: list = field(default_factory=list)
+    position_accepted: list = field(default_factory=list)
+
+    def record_positions(self, num_drafts, accepted) -> None:
+        import numpy as np
+
+        width = int(num_drafts.max(initial=0))
+        if len(self.position_proposed) < width:
+            grow = width - len(self.position_proposed)
+            self.position_proposed += [0] * grow
+            self.position_accepted += [0] * grow
+        i = np.arange(width)[None, :]
+        reached = (i < num_drafts[:, None]) & (i <= accepted[:, None])
+        kept = i < accepted[:, None]
+        for j, (a, b) in enumerate(zip(reached.sum(0), kept.sum(0))):
+            self.position_proposed[j] += int(a)
+            self.position_accepted[j] += int(b)
+
+    def position_acceptance(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.position_accepted, self.position_proposed)]
 
     @contextmanager
     def timer(self, stage: str):
@@ -57,6 +82,9 @@ class RunStats:
             "early_stops": self.early_stops, "residual_samples": self.residual_samples,
             "bonus_tokens": self.bonus_tokens,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+            **({"gamma_choice": self.gamma_choice} if self.gamma_choice else {}),
+            **({"position_acceptance": [round(a, 4) for a in self.position_acceptance()]}
+               if self.track_positions else {}),
             "total_seconds": round(self.total_seconds, 6),
         }
 
