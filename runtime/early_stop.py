@@ -30,6 +30,7 @@ class EarlyStop:
         self.ema = ema
         self.tau_static = float(calibration["tau_static"])
         self.target_ema = np.full(batch, float(calibration["tau_global"]) / gamma_s)
+        self._constant: dict[int, np.ndarray] = {}
 
     def threshold(self, samples: np.ndarray) -> np.ndarray:
         if self.mode == "static":
@@ -39,8 +40,13 @@ class EarlyStop:
         return np.full(len(samples), -np.inf)
 
     def threshold32(self, samples: np.ndarray) -> np.ndarray:
-        """threshold() as the float32 engine input (-inf when off)."""
-        return self.threshold(samples).astype(np.float32)
+        """threshold() as the float32 engine input (-inf when off); constant thresholds are built once."""
+        if self.mode == "context":
+            return (self.gamma_s * self.target_ema[samples]).astype(np.float32)
+        cached = self._constant.get(len(samples))
+        if cached is None:
+            cached = self._constant[len(samples)] = self.threshold(samples).astype(np.float32)
+        return cached
 
     def should_stop(self, samples: np.ndarray, shallow_entropy: np.ndarray) -> np.ndarray:
         if self.mode == "static":  # as against threshold(): a float64 scalar keeps the comparison in float64

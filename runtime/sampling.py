@@ -93,7 +93,7 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     best = sample_gaussian(rng, p_mean, p_sigma)  # replaced by the best-weighted proposal seen
     best_weight = np.full(rows, -np.inf)
     todo = np.arange(rows)
-    chunk, spent = 4, 0
+    chunk, spent = 16, 0  # one chunk usually suffices: each proposal is kept with probability TV(p, q)
     while todo.size and spent < max_proposals:
         if spent == 0:  # every row: views, no gathers
             pm, ps, qm, qs = p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None]

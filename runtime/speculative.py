@@ -103,7 +103,6 @@ class AREngine:
             tokens = seq[samples, start][:, None]
         else:
             tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
-        tokens = tokens.astype(np.float32)
         upto = int(start.max())
         if self.guided:
             rows = None if full else np.concatenate([samples, samples + batch])
@@ -163,7 +162,6 @@ class AREngine:
             tokens = seq[samples, start][:, None]
         else:
             tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
-        tokens = tokens.astype(np.float32)
         if self.guided:
             rows = None if full else np.concatenate([samples, samples + batch])
             tokens, starts = np.concatenate([tokens, tokens]), np.concatenate([start, start])
@@ -227,7 +225,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     sigma = SigmaParams.from_config(m.config, m.calibration)
     classes = np.asarray(classes, np.int64)
     B, nc, G = len(classes), shape.n_cond, gen.gamma
-    seq = np.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim))  # position p holds the input of p
+    # position p holds the input of p, in float32: what the engines are fed (no conversion per call) and exactly
+    # the values the acceptance test scores
+    seq = np.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim), np.float32)
     # entropy of token j at column j; columns past a sample's accepted tokens may hold a verify's junk slots,
     # overwritten when those tokens are emitted (G + 1 spare columns so a verify never writes out of bounds)
     token_entropy = np.zeros((B, shape.num_tokens + G + 1))
@@ -259,7 +259,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         # 1. draft up to gamma tokens (never past the end), stop early on low shallow entropy
         max_drafts = np.minimum(G, total - 1 - na)
         if rollout is not None:                        # one engine call drafts every token of the round
-            noise = rng.standard_normal((R, G, shape.token_dim)).astype(np.float32)
+            noise = rng.standard_normal((R, G, shape.token_dim), dtype=np.float32)
             out = draft.rollout(rollout, G, seq, act, base, noise, stopper.threshold32(act), max_drafts)
             k = out.num_drafts.astype(np.int64)
             seq[act[:, None], base[:, None] + arange_g] = out.drafts
