@@ -18,6 +18,7 @@ from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
+_ENGINE_DTYPES = (np.dtype(np.float32), np.dtype(np.int64))   # what the engines take: passed through as is
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -109,9 +110,10 @@ class OnnxRuntimeEngines(EngineCalls):
         names = self.manifest.engines[name].inputs
         feed = {}
         for n, a in zip(names, arrays):
-            a = np.asarray(a)
-            dtype = np.int64 if a.dtype.kind in "iu" else np.float32
-            feed[n] = np.ascontiguousarray(a, dtype=dtype)
+            if not (type(a) is np.ndarray and a.dtype in _ENGINE_DTYPES and a.flags.c_contiguous):
+                a = np.asarray(a)
+                a = np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32)
+            feed[n] = a
         return self.sessions[name].run(None, feed)
 
 

@@ -84,6 +84,7 @@ class AREngine:
         self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
         self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim)
         self.scalars = (np.array([gen.temperature], np.float32), np.array([gen.cfg_scale], np.float32))
+        self.seq_len = shape.seq_len
         self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows
 
     def rows(self, samples: np.ndarray) -> np.ndarray:
@@ -110,7 +111,10 @@ class AREngine:
                 np.concatenate([end, end])
         else:
             rows, starts, ends = (None if full else samples), start, end
-        k, v = cache.view(rows, upto)
+        if rows is None and cache.capacity == self.seq_len:
+            k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
+        else:
+            k, v = cache.view(rows, upto)
         cond = self.cond if full else self.cond[rows]
         seconds = self.stats.seconds
         began = time.perf_counter()
@@ -237,7 +241,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" else None
     draft = AREngine("draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft",
                      rollout_capacity(m, G) if rollout is not None else None)
-    arange_g = np.arange(G)
+    seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
+    entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
     prefill = total if gen.mode != "speculative" else min(total, int(round(gen.eta / 100 * shape.num_tokens)))
     one_model = draft if gen.mode == "draft" else target
@@ -262,21 +267,20 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
             noise = rng.standard_normal((R, G, shape.token_dim), dtype=np.float32)
             out = draft.rollout(rollout, G, seq, act, base, noise, stopper.threshold32(act), max_drafts)
             k = out.num_drafts.astype(np.int64)
-            seq[act[:, None], base[:, None] + arange_g] = out.drafts
-            q_mean, q_sigma = out.draft_mean, out.draft_sigma
+            seq_windows[act, base] = out.drafts            # drafts past k[r] are junk, overwritten later
+            drafts, q_mean, q_sigma = out.drafts, out.draft_mean, out.draft_sigma
             stats.early_stops += int(np.count_nonzero(k < max_drafts))
         else:
             k, q_mean, q_sigma = draft_with_steps(draft, stopper, seq, act, base, max_drafts, G, rng, stats)
+            drafts = seq_windows[act, base]
         # 2. one target call over [last accepted token, drafts]: p for tokens n .. n+k (slot k = bonus)
         kmax = int(k.max())
         p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
         # 3. accept a prefix, then the residual sample or the bonus token
-        slots = base[:, None] + np.arange(kmax + 1)[None, :]
-        drafts = seq[act[:, None], slots[:, :kmax]]
         q = TokenDistribution(q_mean[:, :kmax].astype(np.float64), q_sigma[:, :kmax].astype(np.float64), None)
-        accepted, next_token = accept_drafts(rng, drafts, k, p, q)
+        accepted, next_token = accept_drafts(rng, drafts[:, :kmax], k, p, q)
         seq[act, base + accepted] = next_token
-        token_entropy[act[:, None], slots - nc] = p.entropy  # slots past `accepted` are rewritten later
+        entropy_windows[act, na, :kmax + 1] = p.entropy  # slots past `accepted` are rewritten later
         stopper.observe_target(act, p.entropy, accepted + 1)
         n[act] = na + accepted + 1
         target.rollback(act, base + accepted)          # = nc + n - 1: the new token is not fed yet
@@ -291,6 +295,14 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stats.bonus_tokens += bonus
     stats.tokens += B * total
     return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
+
+
+def windows(buffer: np.ndarray, size: int) -> np.ndarray:
+    """Writable strided view [B, P - size + 1, size, ...] of buffer [B, P, ...]: window s of a row is its positions
+    s .. s+size-1, so one fancy index (rows, starts) reads or writes a window per row."""
+    B, P = buffer.shape[:2]
+    return np.lib.stride_tricks.as_strided(buffer, (B, P - size + 1, size) + buffer.shape[2:],
+                                           buffer.strides[:2] + buffer.strides[1:], writeable=True)
 
 
 def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_drafts, G: int, rng, stats):

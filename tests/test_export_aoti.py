@@ -14,13 +14,14 @@ from fastardiff.runtime.manifest import ENGINE_NAMES, sha256_file
 from same_run import assert_same_run, generate_on_both
 
 pytestmark = pytest.mark.slow
+AOTI_GAMMA = 3   # rollouts 1..3: each is one more AOTInductor compile on the 2-core CI machine
 
 
 @pytest.fixture(scope="module")
 def aoti_export(shipped_checkpoint_path, tmp_path_factory):
     ckpt_path = shipped_checkpoint_path
     out = tmp_path_factory.mktemp("engines") / "aoti"
-    manifest, hit = export_engines(ckpt_path, out, ExportOptions(target="aoti"))
+    manifest, hit = export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA))
     return ckpt_path, out, manifest, hit
 
 
@@ -28,7 +29,8 @@ def test_aoti_export_manifest_and_parity(aoti_export):
     _, out, manifest, hit = aoti_export
     assert not hit and manifest.backend == "aoti" and manifest.device == "cpu"
     assert manifest.library_versions["torch"] == library_versions(["torch"])["torch"] is not None
-    for name in ENGINE_NAMES:
+    assert manifest.rollout_engines() == {g: f"draft_rollout_{g}" for g in range(1, AOTI_GAMMA + 1)}
+    for name in list(ENGINE_NAMES) + list(manifest.rollout_engines().values()):
         entry = manifest.engines[name]
         assert entry.file == f"{name}.pt2" and entry.sha256 == sha256_file(out / entry.file)
         assert set(entry.parity["outputs"]) == set(ENGINE_IO[name][1])
@@ -36,7 +38,8 @@ def test_aoti_export_manifest_and_parity(aoti_export):
             assert stats["mismatches"] == 0 and stats["max_abs"] <= 1e-4, (name, stats)
 
 
-def test_aoti_backend_matches_torch_and_is_cached(aoti_export, tiny_config):
+def test_aoti_backend_matches_torch_and_is_cached(aoti_export, shipped_checkpoint):
+    tiny_config = shipped_checkpoint.config
     from fastardiff.recipes.checkpoint import load_checkpoint
     from fastardiff.runtime.backend_aoti import AotiEngines
 
@@ -59,7 +62,7 @@ def test_aoti_backend_matches_torch_and_is_cached(aoti_export, tiny_config):
         got = got if isinstance(got, tuple) else (got,)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-3)
-    assert export_engines(ckpt_path, out, ExportOptions(target="aoti"))[1] is True  # cache hit, no recompile
+    assert export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA))[1] is True  # cache hit
 
 
 def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
@@ -69,3 +72,11 @@ def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
     ckpt_path, out, _, _ = aoti_export
     gen = GenerationConfig(mode="speculative", gamma=3, early_stop="static", seed=3)
     assert_same_run(*generate_on_both(load_engines(out), load_torch_engines(ckpt_path), np.array([1, 4, 7]), gen))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_aoti_rollout_equals_gamma_step_calls(aoti_export, guided):
+    from rollout_check import check_rollout_matches_steps
+
+    _, out, _, _ = aoti_export
+    assert check_rollout_matches_steps(load_engines(out), AOTI_GAMMA, guided, "context") > 0

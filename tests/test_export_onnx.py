@@ -56,7 +56,7 @@ def copy_target(monkeypatch, onnx_engine_dir):
     def build_copy(ckpt, work_dir: Path, opts):
         state["builds"] += 1
         engines = {}
-        for name in ENGINE_NAMES:
+        for name in source.engines:
             entry = source.engines[name]
             shutil.copy(onnx_engine_dir / entry.file, work_dir / entry.file)
             if state["fail"] and name == "target_verify":
@@ -72,11 +72,14 @@ def copy_target(monkeypatch, onnx_engine_dir):
     return state
 
 
-def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_path, tiny_config):
+def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_path, shipped_checkpoint):
+    tiny_config = shipped_checkpoint.config
     out, manifest, hit = onnx_export
     assert not hit
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "draft_step.onnx", "manifest.json",
-                                                     "target_verify.onnx"]
+    rollouts = [f"draft_rollout_{g}.onnx" for g in range(1, 5)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["decoder.onnx", "draft_step.onnx", "manifest.json",
+                                                            "target_verify.onnx"] + rollouts)
+    assert manifest.rollout_engines() == {g: f"draft_rollout_{g}" for g in range(1, 5)}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
     data = json.loads((out / "manifest.json").read_text())
     assert data["format_version"] == 1 and data["backend"] == "onnxruntime" and data["family"] == "drift-ar"
@@ -86,11 +89,12 @@ def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_
     for lib in ("torch", "onnx", "onnxruntime", "numpy"):
         assert data["library_versions"][lib] == library_versions([lib])[lib]
     assert data["export"]["checkpoint_sha256"] == sha256_file(export_ckpt_path)
-    for name in ENGINE_NAMES:
+    for name in list(ENGINE_NAMES) + [f"draft_rollout_{g}" for g in range(1, 5)]:
         entry = data["engines"][name]
         assert entry["sha256"] == sha256_file(out / entry["file"])
         assert (entry["inputs"], entry["outputs"]) == tuple(map(list, ENGINE_IO[name]))
         assert entry["profile"]["batch"] == [1, 4, 8]
+        assert entry["kind"] == ("draft_rollout" if "rollout" in name else name)
         parity = entry["parity"]
         assert set(parity["outputs"]) == set(ENGINE_IO[name][1])
         assert [1, 8] == [min(s[0] for s in parity["shapes"]), max(s[0] for s in parity["shapes"])]
@@ -171,7 +175,8 @@ def _reference_outputs(ckpt, name, inputs):
     return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, export_ckpt_path, tiny_config):
+def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, export_ckpt_path, shipped_checkpoint):
+    tiny_config = shipped_checkpoint.config
     from fastardiff.recipes.checkpoint import load_checkpoint
     from fastardiff.runtime.backend_onnxruntime import OnnxRuntimeEngines
 
@@ -260,15 +265,39 @@ def test_guided_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, e
 def test_bench_pipeline_rows_and_table(onnx_engine_dir):
     from fastardiff.exporter.bench_cli import format_table, pipeline_rows
 
-    rows = pipeline_rows({"onnxruntime": load_engines(onnx_engine_dir)}, batch=2, repeats=1, gamma=3,
+    rows = pipeline_rows({"onnxruntime": load_engines(onnx_engine_dir)}, batch=2, repeats=1, gammas=[2, 3],
                          early_stop="static", seed=0)
-    assert [(r["backend"], r["mode"]) for r in rows] == [("onnxruntime", "target"), ("onnxruntime", "speculative")]
+    assert [(r["backend"], r["mode"], r["gamma"]) for r in rows] == [
+        ("onnxruntime", "target", "-"), ("onnxruntime", "speculative", 2), ("onnxruntime", "speculative", 3)]
     for r in rows:
         shares = r["draft %"] + r["verify %"] + r["decode %"] + r["outside engines %"]
         assert abs(shares - 100) < 1e-6 and r["images"] == 2 and r["ms/image"] > 0
+        assert r["per call ms"]["target step"] > 0
     assert rows[0]["speedup"] == 1.0 and rows[0]["draft %"] == 0.0 and rows[0]["tok/target call"] == 1.0
+    for r in rows[1:]:  # one rollout call per round: draft calls == rounds
+        assert r["summary"]["target_calls"] - r["summary"]["draft_calls"] == 3  # the eta prefill: 3 target steps
+        assert r["model speedup"] > 0
     table = format_table(rows).splitlines()
-    assert len(table) == 4 and "outside engines %" in table[0] and table[3].startswith("onnxruntime  speculative")
+    assert len(table) == 5 and "outside engines %" in table[0]
+    assert table[3].split()[:4] == ["onnxruntime", "2", "speculative", "2"]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("mode", ["off", "static", "context"])
+def test_onnx_rollout_equals_gamma_step_calls(onnx_engine_dir, guided, mode):
+    """The exported draft_rollout_4 against four exported draft_step calls, same noise, ragged rows."""
+    from rollout_check import check_rollout_matches_steps
+
+    stopped = check_rollout_matches_steps(load_engines(onnx_engine_dir), 4, guided, mode)
+    assert (stopped == 0) if mode == "off" else (stopped > 0)
+
+
+def test_gamma_auto_speculates_on_the_shipped_model(onnx_engine_dir):
+    """The shipped model's calibrated acceptance and its engines' costs: speculation pays, with gamma >= 2."""
+    from fastardiff.runtime.gamma_auto import choose_gamma
+
+    choice = choose_gamma(load_engines(onnx_engine_dir, threads=1), batch=1, cfg_scale=1.0)
+    assert choice.mode == "speculative" and choice.gamma >= 2, choice.table()
 
 
 def test_execution_provider_choice(onnx_engine_dir):

@@ -1,0 +1,86 @@
+"""--gamma auto: the cost model, and the choice on engines where speculation cannot pay."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fastardiff.runtime.gamma_auto import acceptance_curve, choose_gamma, expected_tokens
+
+
+def test_expected_tokens_is_the_accepted_prefix_mean():
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([0.8, 0.5, 0.25], 3) == pytest.approx(1 + 0.8 + 0.4 + 0.1)
+    assert expected_tokens([0.9], 3) == pytest.approx(1 + 0.9 + 0.81 + 0.729)  # the last value repeats
+    assert expected_tokens([1.0] * 4, 4) == 5.0
+    assert expected_tokens([0.0] * 4, 4) == 1.0
+
+
+def test_acceptance_curve_picks_the_nearest_guidance_scale():
+    cal = {"extra": {"acceptance_by_position": {"1": [0.7, 0.8], "2": [0.5, 0.6]}}}
+    assert acceptance_curve(cal, 1.0) == [0.7, 0.8]
+    assert acceptance_curve(cal, 1.8) == [0.5, 0.6]
+    assert acceptance_curve({"extra": {}}, 1.0) is None
+
+
+def _engines_with_curve(checkpoint, curve):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    ckpt = dataclasses.replace(checkpoint, calibration=dataclasses.replace(
+        checkpoint.calibration, extra={"acceptance_by_position": {"1": curve}}))
+    return TorchEngines(ckpt, max_gamma=4)
+
+
+def test_draft_as_deep_as_target_runs_target_only():
+    """Even at 95 % acceptance a draft as deep as its target cannot pay: each draft costs a target step."""
+    import torch
+
+    from fastardiff.recipes.checkpoint import DriftARCheckpoint
+    from fastardiff.recipes.config import Calibration, DriftARConfig
+    from fastardiff.recipes.models import build_models
+
+    cfg = DriftARConfig(name="deep-draft", target_layers=3, draft_layers=3)
+    torch.manual_seed(0)
+    ckpt = DriftARCheckpoint(cfg, Calibration(e_max=1.0), *build_models(cfg)).eval()
+    choice = choose_gamma(_engines_with_curve(ckpt, [0.95] * 8), batch=1, cfg_scale=1.0)
+    assert choice.gamma is None and choice.mode == "target"
+    assert "cannot pay" in choice.reason
+    assert len(choice.candidates) == 4 and all(c["speedup"] < 1.05 for c in choice.candidates)
+
+
+def test_no_calibration_or_no_rollouts_runs_target_only(random_checkpoint):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    choice = choose_gamma(TorchEngines(random_checkpoint, max_gamma=2), batch=1, cfg_scale=1.0)
+    assert choice.gamma is None and "acceptance" in choice.reason
+    engines = _engines_with_curve(random_checkpoint, [0.9] * 8)
+    engines.rollouts = {}
+    assert choose_gamma(engines, batch=1, cfg_scale=1.0).gamma is None
+
+
+def test_run_cli_gamma_auto_reports_its_choice(random_checkpoint_path, tmp_path, capsys):
+    """`fastardiff run --gamma auto` (the default) prints the table and records the choice in the stats."""
+    import json
+
+    from cli_runner import run_cli
+
+    stats = tmp_path / "stats.json"
+    code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3", "--out",
+                              str(tmp_path / "a.png"), "--stats-json", str(stats)], capsys)
+    assert code == 0, err
+    assert "gamma auto:" in err
+    summary = json.loads(stats.read_text())
+    assert summary["gamma_choice"]["mode"] == summary["mode"]
+    assert (tmp_path / "a.png").exists()
+
+
+def test_gamma_flag_rejects_garbage(random_checkpoint_path, tmp_path, capsys):
+    from cli_runner import run_cli
+
+    for bad in ("0", "-2", "abc", "2.5"):
+        code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3", "--gamma", bad,
+                                  "--out", str(tmp_path / "x.png")], capsys)
+        assert code == 2, (bad, err)
+        assert "--gamma" in err
+        assert not (tmp_path / "x.png").exists()
