@@ -1,6 +1,13 @@
-"""manifest.json: the single source of truth the runtime reads about an engine directory."""
+"""manifest.json: the single source of truth the runtime reads about an engine directory.
+
+Loading validates it against a schema (pydantic, strict types) before anything reads it: the format version
+first, then every field's presence, type and range, then consistency (heads divide width, patch divides the
+image, one class name per class, the three core engines present, rollout lengths unique, engine files inside the
+directory and present). Any problem is one EngineError naming the field and the fix.
+"""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -11,6 +18,8 @@ from fastardiff.errors import EngineError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 ENGINE_NAMES = ("draft_step", "target_verify", "decoder")
+PRECISIONS = ("fp32", "fp16", "bf16")
+REEXPORT = "re-export the engines with `fastardiff-export --force`"
 
 
 @dataclass
@@ -54,28 +63,226 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise EngineError(f"{source} has format version {version}, this fastardiff reads version "
-                              f"{FORMAT_VERSION}; re-export the engines with `fastardiff-export --force`")
-        required = ("backend", "family", "config", "calibration", "engines")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise EngineError(f"{source} is missing fields {missing}; re-export the engines")
+        """Validate `d` (see validate_manifest_dict) and build the dataclasses. Unknown keys of the manifest and
+        of its engine entries are ignored; config and calibration dicts are kept as written."""
+        validate_manifest_dict(d, source)
         known = set(cls.__dataclass_fields__)
         m = cls(**{k: v for k, v in d.items() if k in known})
-        engines = {}
-        for name, entry in m.engines.items():
-            engines[name] = EngineEntry(**entry) if isinstance(entry, dict) else entry
-            _check_relative(engines[name].file, source)
-        m.engines = engines
+        entry_fields = set(EngineEntry.__dataclass_fields__)
+        m.engines = {name: EngineEntry(**{k: v for k, v in entry.items() if k in entry_fields})
+                     for name, entry in m.engines.items()}
         return m
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# schema
+
+
+def _bad(field_name: str, message: str):
+    """A consistency error on `field_name` inside the model being validated (its path is added to the loc)."""
+    from pydantic_core import PydanticCustomError
+
+    return PydanticCustomError("inconsistent", "{message}", {"message": message, "field": field_name})
+
+
+def _relative_file(value: str) -> str:
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts or "\x00" in value or value.strip() in ("", "."):
+        raise ValueError("must be a relative path inside the engine directory, without '..'")
+    return value
+
+
+@functools.cache
+def _schema():
+    """The pydantic model of format version 1 (built on first use: importing the runtime stays cheap)."""
+    from typing import Annotated, Literal, Optional
+
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+    strict = ConfigDict(strict=True, extra="ignore")
+    open_ = ConfigDict(strict=True, extra="allow")
+    Text = Annotated[str, Field(min_length=1, max_length=4096)]
+    PosInt = Annotated[int, Field(ge=1)]
+    NonNegInt = Annotated[int, Field(ge=0)]
+    Finite = Annotated[float, Field(allow_inf_nan=False)]
+    PosFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    NonNegFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    RelFile = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_relative_file)]
+
+    class ModelConfig(BaseModel):
+        model_config = open_
+        name: Text
+        family: Text
+        dataset: str
+        image_size: PosInt
+        channels: PosInt
+        patch: PosInt
+        token_dim: PosInt
+        num_classes: PosInt
+        class_names: Annotated[list[Text], Field(min_length=1)]
+        n_cond: PosInt
+        width: PosInt
+        heads: PosInt
+        mlp_ratio: PosInt
+        target_layers: Annotated[int, Field(ge=2)]
+        draft_layers: PosInt
+        shallow_layer: NonNegInt
+        decoder_width: PosInt
+        decoder_layers: PosInt
+        decoder_heads: PosInt
+        sigma_max: PosFinite
+        tau_sigma: PosFinite
+        sigma_min: PosFinite
+
+        @model_validator(mode="after")
+        def consistent(self):
+            if self.width % self.heads:
+                raise _bad("heads", f"{self.heads} must divide width ({self.width})")
+            if self.decoder_width % self.decoder_heads:
+                raise _bad("decoder_heads", f"{self.decoder_heads} must divide decoder_width ({self.decoder_width})")
+            if self.image_size % self.patch:
+                raise _bad("patch", f"{self.patch} must divide image_size ({self.image_size})")
+            if len(self.class_names) != self.num_classes:
+                raise _bad("class_names", f"has {len(self.class_names)} names but num_classes is {self.num_classes}")
+            lowered = [n.lower() for n in self.class_names]
+            if len(set(lowered)) != len(lowered):
+                raise _bad("class_names", "repeats a name (prompts match names case-insensitively)")
+            if self.shallow_layer >= self.draft_layers:
+                raise _bad("shallow_layer", f"{self.shallow_layer} must be a draft layer, below draft_layers ({self.draft_layers})")
+            if self.sigma_min >= self.sigma_max:
+                raise _bad("sigma_min", f"{self.sigma_min} must be below sigma_max ({self.sigma_max})")
+            if (self.image_size // self.patch) ** 2 < 2:
+                raise _bad("patch", f"{self.patch} leaves fewer than 2 tokens in an image of {self.image_size} px")
+            return self
+
+    class CalibrationModel(BaseModel):
+        model_config = open_
+        e_max: PosFinite
+        target_mean: Finite
+        target_std: NonNegFinite
+        draft_shallow_mean: Finite
+        draft_shallow_std: NonNegFinite
+        tau_static: Finite
+        tau_global: Finite
+        extra: dict = {}
+
+    class EngineModel(BaseModel):
+        model_config = strict
+        file: RelFile
+        sha256: Sha256
+        inputs: list[Text] = []
+        outputs: list[Text] = []
+        profile: dict[Text, Annotated[list[NonNegInt], Field(min_length=1, max_length=3)]] = {}
+        parity: dict = {}
+        kind: str = ""
+        gamma: NonNegInt = 0
+
+        @model_validator(mode="after")
+        def consistent(self):
+            if self.kind == "draft_rollout" and self.gamma < 1:
+                raise _bad("gamma", f"a draft_rollout engine needs gamma >= 1 (got {self.gamma})")
+            for axis, values in self.profile.items():
+                if values != sorted(values):
+                    raise _bad(f"profile.{axis}", f"{values} must be min <= opt <= max")
+            return self
+
+    class PluginModel(BaseModel):
+        model_config = open_
+        file: Optional[RelFile] = None
+        sha256: Optional[Sha256] = None
+
+    class ManifestModel(BaseModel):
+        model_config = strict
+        format_version: Literal[FORMAT_VERSION]
+        backend: Text
+        family: Text
+        config: ModelConfig
+        calibration: CalibrationModel
+        engines: Annotated[dict[Text, EngineModel], Field(min_length=1)]
+        precision: Literal[PRECISIONS] = "fp32"
+        device: Text = "cpu"
+        gamma: PosInt = 4
+        max_batch: PosInt = 8
+        config_hash: str = ""
+        library_versions: dict[str, Optional[str]] = {}
+        gpu: dict = {}
+        plugin: PluginModel = PluginModel()
+        export: dict = {}
+
+        @model_validator(mode="after")
+        def consistent(self):
+            missing = [n for n in ENGINE_NAMES if n not in self.engines]
+            if missing:
+                raise _bad("engines", f"has no {', '.join(repr(n) for n in missing)} engine (every engine dir needs "
+                                 f"{', '.join(ENGINE_NAMES)})")
+            seen: dict[int, str] = {}
+            for name, e in self.engines.items():
+                if e.kind == "draft_rollout":
+                    if e.gamma in seen:
+                        raise _bad(f"engines.{name}.gamma", f"{e.gamma} repeats the rollout length of '{seen[e.gamma]}'")
+                    seen[e.gamma] = name
+            files = [Path(e.file).as_posix() for e in self.engines.values()]
+            if len(set(files)) != len(files):
+                raise _bad("engines", "two engines name the same file")
+            n = (self.config.image_size // self.config.patch) ** 2
+            if self.gamma + 1 > n:
+                raise _bad("gamma", f"{self.gamma} needs {self.gamma + 1} tokens per verify but the model has N = {n}")
+            return self
+
+    return ManifestModel
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error -> "field 'config.heads': must be ... (got ...)"."""
+    loc = [str(p) for p in error.get("loc", ())]
+    ctx = error.get("ctx") or {}
+    if error.get("type") == "inconsistent" and ctx.get("field"):
+        loc.append(ctx["field"])
+    loc = ".".join(loc)
+    kind = error.get("type", "")
+    where = f"field '{loc}'" if loc else "the manifest"
+    if kind == "missing":
+        return f"{where} is missing"
+    msg = error.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    elif kind == "string_pattern_mismatch" and "sha256" in loc:
+        msg = "must be a sha256 digest (64 lowercase hex digits)"
+    elif msg.startswith("Input should be "):
+        msg = "must be " + msg[len("Input should be "):]
+    else:
+        msg = msg if kind == "inconsistent" else msg[:1].lower() + msg[1:]
+    got = ""
+    if kind not in ("value_error", "inconsistent") and "input" in error and not isinstance(error["input"], (dict, type(None))):
+        text = repr(error["input"])
+        got = f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+    return f"{where}: {msg}{got}"
+
+
+def validate_manifest_dict(d, source: str = "manifest") -> None:
+    """Raise EngineError (one line: the field, the problem, the fix) unless `d` is a valid manifest."""
+    if not isinstance(d, dict):
+        raise EngineError(f"{source} is not a JSON object (got {type(d).__name__}); {REEXPORT}")
+    version = d.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        what = "no format_version" if "format_version" not in d else f"format version {version!r}"
+        raise EngineError(f"{source} has {what}, this fastardiff reads version {FORMAT_VERSION}; {REEXPORT}")
+    from pydantic import ValidationError
+
+    try:
+        _schema().model_validate(d)
+    except ValidationError as err:
+        errors = err.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise EngineError(f"{source}: {_describe(errors[0])}{more}; {REEXPORT}") from None
+
+
 def _check_relative(file: str, source: str) -> None:
-    p = Path(file)
-    if p.is_absolute() or ".." in p.parts:
-        raise EngineError(f"{source} names engine file '{file}' outside the engine directory; refusing to load it")
+    try:
+        _relative_file(file)
+    except ValueError as err:
+        raise EngineError(f"{source}: {err}") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -92,14 +299,23 @@ def load_manifest(engine_dir: str | Path) -> Manifest:
         raise EngineError(f"engine directory '{engine_dir}' does not exist; create it with "
                           f"`fastardiff-export --ckpt MODEL.pt --target onnx --out {engine_dir}`")
     path = engine_dir / MANIFEST_NAME
-    if not path.exists():
+    if not path.is_file():
         raise EngineError(f"'{engine_dir}' has no {MANIFEST_NAME}, so it is not an engine directory; "
                           "export one with `fastardiff-export`")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EngineError(f"{path} is not valid JSON ({err}); re-export the engines") from None
-    return Manifest.from_dict(data, str(path))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EngineError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
+    except OSError as err:
+        raise EngineError(f"cannot read {path} ({err.strerror}); check its permissions") from None
+    except RecursionError:
+        raise EngineError(f"{path} is nested too deeply to be a manifest; {REEXPORT}") from None
+    manifest = Manifest.from_dict(data, str(path))
+    for name, entry in manifest.engines.items():
+        if not (engine_dir / entry.file).is_file():
+            raise EngineError(f"{path}: field 'engines.{name}.file' names '{entry.file}', which is missing from "
+                              f"'{engine_dir}'; {REEXPORT}")
+    return manifest
 
 
 def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
@@ -110,7 +326,7 @@ def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
             raise EngineError(f"manifest in '{engine_dir}' has no '{name}' engine; re-export")
     for name, entry in manifest.engines.items():
         path = engine_dir / entry.file
-        if not path.exists():
+        if not path.is_file():
             raise EngineError(f"engine file '{path}' named by the manifest is missing; re-export with --force")
         if sha256_file(path) != entry.sha256:
             raise EngineError(f"engine file '{path}' does not match the sha256 in the manifest (modified or "
