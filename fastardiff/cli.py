@@ -1,14 +1,23 @@
 """The `fastardiff` click group. Subcommands live beside the code they drive and are imported lazily,
-so `fastardiff run` on ONNX engines never imports torch."""
+so `fastardiff run` on ONNX engines never imports torch.
+
+Every entry point (`fastardiff`, `fastardiff-export`, `fastardiff-run`) runs through `_invoke`:
+  - a user error (FastardiffError, a bad option, an unusable file) prints one line `error: ...`, exit status 2;
+  - anything unexpected prints one line `internal error: <type>: <message> (run with -v for the traceback)`,
+    exit status 1, and with -v the traceback as well.
+Before a subcommand's body runs, the optional packages it needs are checked (REQUIREMENTS), and a missing one is
+an error naming the pyproject extra that installs it.
+"""
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
 
 import click
 
-from .errors import FastardiffError
+from .errors import FastardiffError, require
 
 # name -> "module:attribute" of a click.Command; each module imports heavy libraries inside its commands.
 SUBCOMMANDS = {
@@ -21,10 +30,51 @@ SUBCOMMANDS = {
     "calibrate": "fastardiff.exporter.calibrate:calibrate_command",
 }
 
+# command path -> (package, extra, condition on the parsed parameters or None) checked before the command runs.
+# `run` checks its own (torch for --ckpt; each backend its library when the manifest names it).
+REQUIREMENTS: dict[str, tuple] = {
+    "train": (("torch", "train", None), ("mlxtend", "train", None)),
+    "eval": (("torch", "train", None), ("scipy", "train", None), ("mlxtend", "train", None)),
+    "info": (("torch", "train", None),),
+    "export": (("torch", "export", None),),
+    "calibrate": (("torch", "export", None),),
+    "bench pipeline": (("torch", "export", None), ("onnxruntime", "onnx", None),
+                       ("onnx", "export", lambda p: p.get("engine_dir") is None),
+                       ("onnxscript", "export", lambda p: p.get("engine_dir") is None),
+                       ("matplotlib", "bench", lambda p: p.get("json_path") or p.get("plot_path"))),
+    "bench kernels": (("torch", "export", None),),
+}
 
-def _load_command(spec: str) -> click.Command:
+_state = {"verbose": 0}
+
+
+def _with_requirements(path: str, command: click.Command) -> click.Command:
+    """Check REQUIREMENTS[path] (and those of a group's subcommands) before the command's callback runs;
+    `--help` needs none of them."""
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            _with_requirements(f"{path} {name}", sub)
+    needs = REQUIREMENTS.get(path)
+    callback = command.callback
+    if not needs or callback is None or getattr(callback, "_fastardiff_requirements", False):
+        return command
+
+    @functools.wraps(callback)
+    def checked(*args, **params):
+        for package, extra, condition in needs:
+            if condition is None or condition(params):
+                require(package, extra, f"`fastardiff {path}`")
+        return callback(*args, **params)
+
+    checked._fastardiff_requirements = True
+    command.callback = checked
+    return command
+
+
+def _load_command(spec: str, name: str | None = None) -> click.Command:
     module_name, attr = spec.split(":")
-    return getattr(importlib.import_module(module_name), attr)
+    command = getattr(importlib.import_module(module_name), attr)
+    return _with_requirements(name or command.name, command)
 
 
 class LazyGroup(click.Group):
@@ -33,7 +83,7 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx, name):
         spec = SUBCOMMANDS.get(name)
-        return _load_command(spec) if spec else None
+        return _load_command(spec, name) if spec else None
 
 
 def setup_logging(verbose: int) -> None:
@@ -41,28 +91,95 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(message)s" if verbose <= 0 else "%(levelname)s %(name)s: %(message)s")
 
 
+def set_verbose(ctx, param, value) -> int:
+    """Callback of every -v/--verbose option: remember it for the last-resort guard (tracebacks)."""
+    if value:
+        _state["verbose"] = max(_state["verbose"], int(value))
+        logging.getLogger().setLevel(logging.DEBUG)
+    return value
+
+
+def verbose_option(expose_value: bool = False):
+    """`-v/--verbose` for a command that is also a console script (the group has its own)."""
+    return click.option("-v", "--verbose", count=True, expose_value=expose_value, callback=set_verbose,
+                        help="More detail; on an internal error, the traceback.")
+
+
 @click.group(cls=LazyGroup)
-@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug); tracebacks of internal errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def group(verbose: int, quiet: bool) -> None:
     """fastardiff: train, export and run AR+diffusion generators with speculative decoding."""
+    if verbose:
+        _state["verbose"] = verbose
     setup_logging(-1 if quiet else verbose)
 
 
-def _invoke(command: click.Command, args=None) -> None:
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _asked_verbose(args) -> bool:
+    if _state["verbose"]:
+        return True
+    for arg in args or ():
+        if arg == "--":
+            break
+        if arg == "--verbose" or (arg.startswith("-v") and set(arg[1:]) == {"v"}):
+            return True
+    return False
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _invoke(command, args=None) -> None:
+    """Run a click command (or a zero-argument function returning one) with the error conventions above."""
+    args = list(sys.argv[1:] if args is None else args)
+    _state["verbose"] = 0
     try:
+        if not isinstance(command, click.Command):
+            command = command()
         command.main(args=args, standalone_mode=False)
     except FastardiffError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as err:
+    except click.exceptions.NoArgsIsHelpError as err:  # a bare group: its help, as click prints it
         err.show()
         sys.exit(err.exit_code)
+    except click.ClickException as err:                 # bad option or argument: one line, exit 2
+        where = getattr(getattr(err, "ctx", None), "command_path", None)
+        hint = f" (see `{where} --help`)" if isinstance(err, click.UsageError) and where else ""
+        _fail(err.format_message() + hint)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    except (BrokenPipeError, KeyboardInterrupt):
+        sys.exit(130)
+    except MemoryError:
+        _fail("out of memory; ask for fewer images per run (--num-images) or a smaller batch", 1)
+    except OSError as err:                               # the environment: permissions, a full disk, a bad path
+        if _asked_verbose(args):
+            import traceback
+
+            traceback.print_exc()
+        where = f" '{err.filename}'" if getattr(err, "filename", None) else ""
+        _fail(f"cannot access{where}: {err.strerror or err}; check the path, its permissions and free space")
+    except Exception as err:  # noqa: BLE001 - the last-resort guard: no user ever sees a bare traceback
+        verbose = _asked_verbose(args)
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        message = _one_line(str(err)) or "(no message)"
+        if len(message) > 500:
+            message = message[:497] + "..."
+        hint = "" if verbose else " (run with -v for the traceback)"
+        click.echo(f"internal error: {type(err).__name__}: {message}{hint}", err=True)
+        sys.exit(1)
 
 
 def main(args=None) -> None:
@@ -72,10 +189,10 @@ def main(args=None) -> None:
 def export_main(args=None) -> None:
     """Console script `fastardiff-export`: alias of `fastardiff export`."""
     setup_logging(0)
-    _invoke(_load_command(SUBCOMMANDS["export"]), args)
+    _invoke(lambda: _load_command(SUBCOMMANDS["export"], "export"), args)
 
 
 def run_main(args=None) -> None:
     """Console script `fastardiff-run`: alias of `fastardiff run`."""
     setup_logging(0)
-    _invoke(_load_command(SUBCOMMANDS["run"]), args)
+    _invoke(lambda: _load_command(SUBCOMMANDS["run"], "run"), args)

@@ -1,4 +1,5 @@
 """User-facing errors. The CLI prints their message as one line and exits non-zero."""
+from __future__ import annotations
 
 
 class FastardiffError(Exception):
@@ -13,6 +14,10 @@ class EngineError(FastardiffError):
     pass
 
 
+class OutputError(FastardiffError):
+    """An output destination that cannot be written (checked before any work; nothing is left behind)."""
+
+
 class MissingDependencyError(FastardiffError):
     def __init__(self, package: str, extra: str, purpose: str = ""):
         what = f" (needed for {purpose})" if purpose else ""
@@ -22,3 +27,22 @@ class MissingDependencyError(FastardiffError):
         )
         self.package = package
         self.extra = extra
+
+
+def is_installed(package: str) -> bool:
+    """Whether `package` can be imported, without importing it."""
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(package: str, extra: str, purpose: str = "") -> None:
+    """Raise MissingDependencyError naming the pyproject extra unless `package` is importable."""
+    if not is_installed(package):
+        raise MissingDependencyError(package, extra, purpose)
