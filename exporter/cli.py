@@ -5,6 +5,9 @@ import logging
 
 import click
 
+from fastardiff.cli import set_verbose
+from fastardiff.params import Number
+
 # Default parity tolerances per precision when --atol/--rtol are not given.
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2, 6e-2)}
 
@@ -20,11 +23,14 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
               help="Largest batch the engines accept (top of the batch profile).")
 @click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True,
               help="Draft length the verify profile is optimised for (K = gamma + 1).")
-@click.option("--atol", type=float, default=None, help="Parity absolute tolerance (default 1e-4 for fp32).")
-@click.option("--rtol", type=float, default=None, help="Parity relative tolerance (default 1e-3 for fp32).")
+@click.option("--atol", type=Number(float, 0.0, 1.0), default=None,
+              help="Parity absolute tolerance in [0, 1] (default 1e-4 for fp32).")
+@click.option("--rtol", type=Number(float, 0.0, 1.0), default=None,
+              help="Parity relative tolerance in [0, 1] (default 1e-3 for fp32).")
 @click.option("--force", is_flag=True, help="Rebuild even when the engine cache matches.")
 @click.option("--onnx-only", is_flag=True, help="trt: stop after writing the ONNX graph with plugin nodes.")
-@click.option("--verbose", is_flag=True, help="Detail: shapes, exporter messages.")
+@click.option("-v", "--verbose", count=True, callback=set_verbose,
+              help="Detail: shapes, exporter messages; on an internal error, the traceback.")
 def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
@@ -32,8 +38,9 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
         logging.getLogger("fastardiff").setLevel(logging.DEBUG)
     elif not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from fastardiff.errors import FastardiffError
+    from fastardiff.errors import FastardiffError, require
 
+    require("torch", "export", "`fastardiff export`")   # before importing the targets, which import torch
     from .targets import TARGETS, ExportOptions
 
     if target not in TARGETS:  # before importing torch: a typo should fail fast
@@ -52,7 +59,8 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
                f"{manifest.device})")
     for name in ENGINE_NAMES:
         entry = manifest.engines[name]
-        outputs = entry.parity.get("outputs", {})
-        worst_abs = max((v["max_abs"] for v in outputs.values()), default=float("nan"))
+        outputs = entry.parity.get("outputs", {}) or {}
+        worst_abs = max((float(v.get("max_abs", float("nan"))) for v in outputs.values() if isinstance(v, dict)),
+                        default=float("nan"))
         click.echo(f"  {name:<14} {entry.file:<20} parity max abs {worst_abs:.2e} (atol {entry.parity.get('atol')}, "
                    f"rtol {entry.parity.get('rtol')}, shapes {len(entry.parity.get('shapes', []))})")

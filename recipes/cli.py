@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fastardiff.errors import FastardiffError
+from fastardiff.params import Number, Seed
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _default_classifier() -> str:
               help="Weight of the draft's entropy-alignment loss [10].")
 @click.option("--init-decoder", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Warm-start the one-step decoder from this checkpoint (same decoder shape).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=Seed, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states [200].")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue from DIR/resume-state.pt.")
@@ -56,6 +57,13 @@ def _default_classifier() -> str:
 def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
                   entropy_weight, init_decoder, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
+    from fastardiff.runtime.images import check_destination
+
+    from .config import CONFIGS
+
+    if recipe not in CONFIGS:
+        raise FastardiffError(f"unknown --recipe '{recipe}'; known: {', '.join(sorted(CONFIGS))}")
+    check_destination(out_dir, "--out", is_dir=True)
     import torch
 
     from .train import TrainSettings, train
@@ -90,15 +98,24 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
               help="Checkpoint to evaluate.")
 @click.option("--classifier", "classifier_path", type=click.Path(), default=_default_classifier,
               show_default="shipped digit classifier")
-@click.option("--n", type=click.IntRange(min=2), default=500, show_default=True, help="Samples to generate.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=None, help="Scales sigma(E) [1.0].")
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [1.0, as fastardiff run].")
+@click.option("--n", type=Number(int, 2, 100000), default=500, show_default=True, help="Samples to generate, 2..100000.")
+@click.option("--seed", type=Seed, default=0, show_default=True)
+@click.option("--temperature", type=Number(float, 0.0, 10.0, low_open=True), default=None,
+              help="Scales sigma(E), in (0, 10] [1.0].")
+@click.option("--cfg-scale", type=Number(float, 0.0, 20.0), default=None,
+              help="Classifier-free guidance scale in [0, 20] [1.0, as fastardiff run].")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid of samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
 def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, as_json, threads):
     """Sample target-only and score the digits: class accuracy, Fréchet distance, classifier accuracy."""
+    from fastardiff.runtime.images import check_destination
+
+    if grid:
+        check_destination(grid, "--grid")       # before minutes of sampling
+    if not Path(classifier_path).is_file():
+        raise FastardiffError(f"digit classifier '{classifier_path}' does not exist; pass --classifier with the "
+                              "digit-classifier.pt written by `fastardiff train`")
     import torch
 
     from .checkpoint import load_checkpoint
@@ -110,9 +127,6 @@ def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, a
     if model.config.dataset != "mnist":
         raise FastardiffError(f"'{ckpt}' is a '{model.config.name}' model; eval scores MNIST digits and needs "
                               "a tiny-mnist checkpoint")
-    if not Path(classifier_path).is_file():
-        raise FastardiffError(f"digit classifier '{classifier_path}' does not exist; pass --classifier with the "
-                              "digit-classifier.pt written by `fastardiff train`")
     classifier = load_classifier(classifier_path)
     metrics, images = evaluate(model, classifier, n=n, seed=seed,
                                temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,

@@ -2,23 +2,39 @@
 
 Heavy libraries are imported inside the command; `--ckpt` imports torch (through the exporter's reference
 backend) only when used, so running ONNX engines never imports torch.
+
+Bad input fails before any work: numbers are checked by their option types (finite, in range), the output
+destinations are probed for writability before the engines load, and the request is checked against the model.
+The grid, the single images and the statistics JSON are written all-or-nothing: staged in hidden directories
+beside their destinations and renamed into place together at the end (runtime/images.py StagedOutputs).
+Single images are encoded into the staging dir one at a time once `generate` returns (it returns the images of a
+run at once; streaming them per engine batch would need a per-batch hook in runtime/speculative.py).
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import click
 
-from fastardiff.errors import FastardiffError
+from fastardiff.cli import verbose_option
+from fastardiff.errors import FastardiffError, require
+from fastardiff.params import Number, Seed
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGES = 10000          # per run: the images of a run are held in memory until they are written
+TEMPERATURE = Number(float, 0.0, 10.0, low_open=True)
+CFG_SCALE = Number(float, 0.0, 20.0)
+ETA = Number(float, 0.0, 100.0, high_open=True)
 
 
 @click.command("run")
 @click.option("--engine", "engine_dir", type=click.Path(), help="Engine directory written by fastardiff-export.")
 @click.option("--ckpt", type=click.Path(), help="Run a checkpoint directly with the torch reference backend.")
 @click.option("--prompt", required=True, help="Class ids or names, e.g. '7', 'seven', '3,7,9'.")
-@click.option("--num-images", type=int, default=None, help="Images to generate (prompts cycle) [default: one per prompt].")
+@click.option("--num-images", type=Number(int, 1, MAX_IMAGES), default=None,
+              help=f"Images to generate, 1..{MAX_IMAGES} (prompts cycle) [default: one per prompt].")
 @click.option("--gamma", default="auto", show_default=True,
               help="Draft tokens per target call, or 'auto': chosen at load time from the calibrated acceptance "
                    "and per-call costs timed on these engines (target-only where speculation cannot pay).")
@@ -26,19 +42,20 @@ log = logging.getLogger(__name__)
               help="Entropy early stopping of drafting.")
 @click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
               help="'target' samples every token with the target alone (the baseline).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--cfg", "--cfg-scale", "cfg_scale", type=float, default=1.0, show_default=True,
-              help="Classifier-free guidance scale (1 = none, as `fastardiff eval`; 2 sharpens the class).")
-@click.option("--eta", type=float, default=5.0, show_default=True, help="Percent of tokens the target prefills.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=TEMPERATURE, default=1.0, show_default=True, help="Scales sigma(E), in (0, 10].")
+@click.option("--cfg", "--cfg-scale", "cfg_scale", type=CFG_SCALE, default=1.0, show_default=True,
+              help="Classifier-free guidance scale in [0, 20] (1 = none, as `fastardiff eval`; 2 sharpens the class).")
+@click.option("--eta", type=ETA, default=5.0, show_default=True, help="Percent of tokens the target prefills, [0, 100).")
+@click.option("--seed", type=Seed, default=0, show_default=True, help="Random seed, 0..2^32-1.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG grid [default: samples.png].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also write one PNG per image here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt (cpu, cuda, cuda:N).")
+@verbose_option()
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, temperature, cfg_scale, eta, seed,
                 out, out_dir, stats_json, device):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
-    from fastardiff.runtime.images import save_images
+    from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
     from fastardiff.runtime.prompts import parse_prompts
     from fastardiff.runtime.speculative import (GenerationConfig, GenerationError, ModelShape, check_request,
                                                 generate, verify_limit)
@@ -48,8 +65,12 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
     gamma = parse_gamma(gamma)
     if out is None and out_dir is None:
         out = "samples.png"
+    check_outputs(out, out_dir, stats_json, check_destination)   # before any engine is loaded
     engines = _load(engine_dir, ckpt, device)
     classes = parse_prompts(prompt, engines.manifest.config["class_names"], num_images)
+    if len(classes) > MAX_IMAGES:
+        raise FastardiffError(f"--prompt asks for {len(classes)} images; a run makes 1..{MAX_IMAGES} "
+                              "(split it into several runs)")
     choice = None
     if gamma == "auto":
         if mode == "speculative":
@@ -66,16 +87,32 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     log.info("generating %d image(s) for classes %s (%s, gamma=%d, early stop %s)", len(classes), classes, mode,
              gamma, early_stop)
-    images, stats = generate(engines, classes, gen)
-    names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
-    for path in save_images(images, out, out_dir, names):
-        log.info("wrote %s", path)
+    with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
+        images, stats = generate(engines, classes, gen)
+        names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
+        save_images(images, out, out_dir, names, staged=staged)
+        del images
+        if stats_json:
+            if choice is not None:
+                stats.gamma_choice = choice.to_dict()
+            stats.write_json(staged.path_for(stats_json))
+        for path in staged.commit():
+            log.info("wrote %s", path)
     click.echo(stats.table())
-    if stats_json:
-        if choice is not None:
-            stats.gamma_choice = choice.to_dict()
-        stats.write_json(stats_json)
-        log.info("wrote %s", stats_json)
+
+
+def check_outputs(out, out_dir, stats_json, check_destination) -> None:
+    """Every destination writable, and no two outputs on one path (before any work)."""
+    from pathlib import Path
+
+    if out is not None:
+        check_destination(out, "--out")
+    if out_dir is not None:
+        check_destination(out_dir, "--out-dir", is_dir=True)
+    if stats_json is not None:
+        check_destination(stats_json, "--stats-json")
+    if out is not None and stats_json is not None and Path(out).resolve() == Path(stats_json).resolve():
+        raise FastardiffError(f"--out and --stats-json both name '{out}'; give them different paths")
 
 
 def parse_gamma(value) -> int | str:
@@ -100,6 +137,18 @@ def _load(engine_dir, ckpt, device):
         from fastardiff.runtime.engine import load_engines
 
         return load_engines(engine_dir)
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", str(device)):
+        raise FastardiffError(f"--device '{device}' is not a torch device this runs on; use cpu, cuda or cuda:N")
+    require("torch", "export", "running a checkpoint with --ckpt")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FastardiffError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise FastardiffError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s), 0..{torch.cuda.device_count() - 1}")
     try:
         from fastardiff.exporter.torch_backend import load_torch_engines
     except ImportError as err:
