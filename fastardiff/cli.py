@@ -135,14 +135,14 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def _invoke(command, args=None) -> None:
+def _invoke(command, args=None, prog_name: str = "fastardiff") -> None:
     """Run a click command (or a zero-argument function returning one) with the error conventions above."""
     args = list(sys.argv[1:] if args is None else args)
     _state["verbose"] = 0
     try:
         if not isinstance(command, click.Command):
             command = command()
-        command.main(args=args, standalone_mode=False)
+        command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except FastardiffError as err:
         _fail(str(err))
     except click.exceptions.Abort:
@@ -189,10 +189,10 @@ def main(args=None) -> None:
 def export_main(args=None) -> None:
     """Console script `fastardiff-export`: alias of `fastardiff export`."""
     setup_logging(0)
-    _invoke(lambda: _load_command(SUBCOMMANDS["export"], "export"), args)
+    _invoke(lambda: _load_command(SUBCOMMANDS["export"], "export"), args, "fastardiff-export")
 
 
 def run_main(args=None) -> None:
     """Console script `fastardiff-run`: alias of `fastardiff run`."""
     setup_logging(0)
-    _invoke(lambda: _load_command(SUBCOMMANDS["run"], "run"), args)
+    _invoke(lambda: _load_command(SUBCOMMANDS["run"], "run"), args, "fastardiff-run")

@@ -42,7 +42,7 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 def safe_name(name: str) -> str:
     """A file-name-safe form of a class name (no separators, no leading dot)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(name)).lstrip(".")
+    cleaned = re.sub(r"[^A-Za-z0-9_+-]+", "_", str(name)).strip("_")
     return cleaned[:80] or "image"
 
 
