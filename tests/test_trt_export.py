@@ -26,7 +26,7 @@ def trt_onnx_dir(random_checkpoint_path, tmp_path_factory):
     from fastardiff.exporter.targets import ExportOptions
 
     out = tmp_path_factory.mktemp("trt") / "engines"
-    manifest, hit = export_engines(random_checkpoint_path, out, ExportOptions(target="trt", onnx_only=True))
+    manifest, hit = export_engines(random_checkpoint_path, out, ExportOptions(target="trt", onnx_only=True, gamma=2))
     assert not hit
     return out, manifest
 
@@ -45,6 +45,8 @@ def test_onnx_only_graph_carries_plugin_nodes(trt_onnx_dir, random_checkpoint, t
     expected = {"draft_step": len({random_checkpoint.draft.entropy_layer, random_checkpoint.draft.shallow_layer}),
                 "target_verify": len({random_checkpoint.target.entropy_layer, random_checkpoint.target.shallow_layer}),
                 "decoder": 0}
+    # a draft_rollout of length g calls the draft g times: g times the draft's plugin nodes
+    expected.update({f"draft_rollout_{g}": g * expected["draft_step"] for g in (1, 2)})
     assert expected["target_verify"] == 2
     assert manifest.export["plugin_nodes"] == expected
     for name, count in expected.items():
