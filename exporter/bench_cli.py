@@ -158,8 +158,9 @@ def write_plot(rows: list[dict], path: Path) -> Path:
               help="Draft length(s): N, a list '2,4,6', 'all' (every exported rollout) or 'auto' (what --gamma "
                    "auto chooses per backend and batch).")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads for every backend (default: library's).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads for every backend (default: library's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of speedup against gamma (default: beside --json).")
@@ -219,7 +220,10 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     click.echo("\nper-call engine cost (ms)")
     click.echo(format_table(cost_rows(rows), COST_COLUMNS))
     if json_path:
-        Path(json_path).write_text(json.dumps({"rows": rows, "gamma_auto": choices}, indent=2, default=str) + "\n")
+        from fastardiff.runtime.stats import write_text_atomic
+
+        write_text_atomic(Path(json_path), json.dumps({"rows": rows, "gamma_auto": choices}, indent=2, default=str)
+                          + "\n")
         click.echo(f"wrote {json_path}")
     if plot_path or json_path:
         path = write_plot(rows, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))

@@ -76,8 +76,8 @@ def test_bad_checkpoints_give_one_clear_error_line(command, tmp_path, random_che
 def test_eval_rejects_a_model_that_is_not_tiny_mnist(tmp_path, random_checkpoint_path, capsys):
     payload = torch.load(random_checkpoint_path, weights_only=True)
     renamed = tmp_path / "renamed.pt"
-    torch.save({**payload, "config": {**payload["config"], "name": "other"}}, renamed)
-    assert_one_error_line(*run_cli(["eval", "--ckpt", str(renamed), "--n", "4"], capsys), "tiny-mnist")
+    torch.save({**payload, "config": {**payload["config"], "name": "other", "dataset": "imagenet"}}, renamed)
+    assert_one_error_line(*run_cli(["eval", "--ckpt", str(renamed), "--n", "4"], capsys), "mnist")
     missing = tmp_path / "no-classifier.pt"
     assert_one_error_line(*run_cli(["eval", "--ckpt", str(random_checkpoint_path), "--classifier", str(missing)],
                                    capsys), "digit classifier")
@@ -94,7 +94,7 @@ def test_tiny_train_run_is_loadable_and_resumes_exactly(tmp_path, capsys):
     from fastardiff.recipes.checkpoint import load_checkpoint
 
     # one thread: multi-threaded CPU backward of indexing ops is not bit-reproducible
-    common = ["train", "--recipe", "tiny-mnist", "--steps", "6", "--target-fraction", "0.5", "--classifier-steps",
+    common = ["train", "--recipe", "tiny-mnist-small", "--steps", "6", "--target-fraction", "0.5", "--classifier-steps",
               "2", "--save-every", "2", "--no-progress", "--threads", "1", "--calibration-images", "50"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     code, out, err = run_cli(common + ["--out", str(straight)], capsys)
@@ -104,17 +104,17 @@ def test_tiny_train_run_is_loadable_and_resumes_exactly(tmp_path, capsys):
     assert code == 0, err
     state = torch.load(split / "resume-state.pt", weights_only=True)
     assert state["step"] == 4
-    assert load_checkpoint(split / "tiny-mnist.pt").config.name == "tiny-mnist"
+    assert load_checkpoint(split / "tiny-mnist-small.pt").config.name == "tiny-mnist-small"
     code, _, err = run_cli(common + ["--out", str(split), "--resume"], capsys)
     assert code == 0, err
     assert torch.load(split / "resume-state.pt", weights_only=True)["step"] == 6
-    a = load_checkpoint(straight / "tiny-mnist.pt")
-    b = load_checkpoint(split / "tiny-mnist.pt")
+    a = load_checkpoint(straight / "tiny-mnist-small.pt")
+    b = load_checkpoint(split / "tiny-mnist-small.pt")
     for name in ("target", "draft", "decoder"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{name} differs after resume"
     assert a.calibration.e_max == b.calibration.e_max > 0
-    assert (straight / "digit-classifier.pt").exists() and (straight / "tiny-mnist.json").exists()
+    assert (straight / "digit-classifier.pt").exists() and (straight / "tiny-mnist-small.json").exists()
     # starting over an existing run, or resuming a directory without a state, are clear errors
     assert_one_error_line(*run_cli(common + ["--out", str(split)], capsys), "--resume")
     assert_one_error_line(*run_cli(common + ["--out", str(tmp_path / "empty"), "--resume"],

@@ -29,7 +29,7 @@ def test_run_shipped_model_writes_png_and_stats(shipped_checkpoint_path, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-c", "from fastardiff.cli import run_main; run_main()", "--ckpt",
            str(shipped_checkpoint_path), "--prompt", "3", "--out", "x.png", "--stats-json", "s.json",
-           "--out-dir", "singles"]
+           "--out-dir", "singles", "--gamma", "4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     image = Image.open(tmp_path / "x.png")
@@ -70,7 +70,7 @@ BAD_INPUTS = {
     "gamma-exceeds-n": (["--prompt", "3", "--gamma", "64"], "N = 64"),
     "engine-dir-without-manifest": (["--engine", "{empty}", "--prompt", "3"], "has no manifest.json"),
     "manifest-other-version": (["--engine", "{old}", "--prompt", "3"], "format version 0"),
-    "nan-from-engine": (["--ckpt", "{nan}", "--prompt", "3"], "returned NaN"),
+    "nan-from-engine": (["--ckpt", "{nan}", "--prompt", "3", "--gamma", "4"], "returned NaN"),
     "missing-checkpoint": (["--ckpt", "{missing}", "--prompt", "3"], "does not exist"),
     "engine-and-ckpt": (["--engine", "{empty}", "--prompt", "3"], "exactly one of"),
 }
