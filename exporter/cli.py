@@ -22,7 +22,8 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
 @click.option("--batch", "max_batch", type=click.IntRange(1, 8), default=8, show_default=True,
               help="Largest batch the engines accept (top of the batch profile).")
 @click.option("--gamma", type=click.IntRange(1, 32), default=4, show_default=True,
-              help="Draft length the verify profile is optimised for (K = gamma + 1).")
+              help="Longest draft: draft_rollout engines 1..gamma are exported, the verify profile is optimised "
+                   "for K = gamma + 1 (each rollout is one more engine to build).")
 @click.option("--atol", type=Number(float, 0.0, 1.0), default=None,
               help="Parity absolute tolerance in [0, 1] (default 1e-4 for fp32).")
 @click.option("--rtol", type=Number(float, 0.0, 1.0), default=None,
