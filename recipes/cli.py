@@ -45,6 +45,11 @@ def _default_classifier() -> str:
               help="Weight of the draft's entropy-alignment loss [10].")
 @click.option("--init-decoder", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Warm-start the one-step decoder from this checkpoint (same decoder shape).")
+@click.option("--grow-target-from", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Start the target from this checkpoint's shallower target, grown function-preservingly (its "
+                   "blocks keep their roles, the new ones start as identities); the target stage fine-tunes it.")
+@click.option("--target-lr", type=click.FloatRange(min=0.0, min_open=True, max=1.0), default=None,
+              help="Peak learning rate of the target stage [1e-3].")
 @click.option("--seed", type=Seed, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between resume states [200].")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
@@ -55,7 +60,7 @@ def _default_classifier() -> str:
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
-                  entropy_weight, init_decoder, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
+                  entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
     from fastardiff.runtime.images import check_destination
 
@@ -84,7 +89,7 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
                               "--stage draft-onpolicy")
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
                  "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight,
-                 "init_decoder": init_decoder}
+                 "init_decoder": init_decoder, "grow_target_from": grow_target_from, "target_lr": target_lr}
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = TrainSettings(recipe=recipe, schedule=schedule, seed=seed, **given)
     # on --resume the saved settings hold, except the options given on this command line

@@ -70,6 +70,10 @@ class TrainSettings:
     # warm start of the one-step decoder from a checkpoint with the same decoder shape (it maps noisy tokens to
     # pixels, which does not depend on the target's depth); the joint stage then fine-tunes it
     init_decoder: str | None = None
+    # function-preserving depth growth: the target starts as a shallower trained target (its blocks placed so that
+    # the first, penultimate and last layers keep their roles, every other block an identity: zero output
+    # projections), then the target stage fine-tunes all of it
+    grow_target_from: str | None = None
 
     @property
     def target_steps(self) -> int:
@@ -272,6 +276,8 @@ def train(out_dir: str | Path, s: TrainSettings, resume: bool = False, progress:
     target, draft, decoder = build_models(cfg)
     if s.init_decoder and state is None:
         warm_start_decoder(decoder, s.init_decoder)
+    if s.grow_target_from and state is None:
+        grow_target(target, s.grow_target_from)
     models = {"target": target, "draft": draft, "decoder": decoder}
     opts = {"target": torch.optim.AdamW(target.parameters(), lr=s.target_lr, weight_decay=0.01),
             "joint": torch.optim.AdamW(list(draft.parameters()) + list(decoder.parameters()), lr=s.joint_lr,
@@ -345,6 +351,42 @@ def warm_start_decoder(decoder, path: str) -> None:
                               "checkpoint with the same decoder_width/decoder_layers/token_dim")
     decoder.load_state_dict(source)
     log.info("decoder warm-started from %s", path)
+
+
+def grown_positions(old_layers: int, new_layers: int) -> list[int]:
+    """Where each of the old blocks goes: 0 -> 0, the last two -> the last two (the penultimate layer's entropy
+    sets sigma), the ones between spread evenly."""
+    if old_layers > new_layers:
+        raise FastardiffError(f"cannot grow a {old_layers}-layer target into {new_layers} layers")
+    if old_layers < 3:
+        return list(range(old_layers - 1)) + [new_layers - 1]
+    middle = [round(i * (new_layers - 2) / (old_layers - 2)) for i in range(1, old_layers - 2)]
+    return [0] + middle + [new_layers - 2, new_layers - 1]
+
+
+def grow_target(target, path: str) -> None:
+    """Initialise `target` from the (shallower) target of checkpoint `path` so that it computes the same function."""
+    from .checkpoint import load_checkpoint
+
+    source = load_checkpoint(path).target
+    positions = grown_positions(source.num_layers, target.num_layers)
+    mine = target.state_dict()
+    for name, value in source.state_dict().items():
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            name = f"blocks.{positions[int(index)]}.{rest}"
+        if name not in mine or mine[name].shape != value.shape:
+            raise FastardiffError(f"--grow-target-from '{path}': parameter '{name}' does not fit this recipe "
+                                  "(same width, heads and token shape needed)")
+        mine[name] = value.clone()
+    target.load_state_dict(mine)
+    with torch.no_grad():
+        for i, block in enumerate(target.blocks):
+            if i not in positions:  # identity block: its residual branches add zero
+                for layer in (block.attn.proj, block.mlp[2]):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+    log.info("target grown from %s: old blocks at %s of %d", path, positions, target.num_layers)
 
 
 def calibrate_target(target, split, cfg: DriftARConfig, s: TrainSettings) -> Calibration:
