@@ -187,6 +187,11 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     if not batch_list or min(batch_list) < 1 or max(batch_list) > 8:
         raise FastardiffError(f"--batch '{batches}': batch sizes must be in 1..8")
     ckpt = Path(ckpt) if ckpt else default_checkpoint_path()
+    from fastardiff.runtime.images import check_destination
+
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path:  # before any timing: a long benchmark must not end in an unwritable path
+            check_destination(path, option)
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="fastardiff-bench-") as tmp:
