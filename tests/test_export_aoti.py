@@ -14,7 +14,7 @@ from fastardiff.runtime.manifest import ENGINE_NAMES, sha256_file
 from same_run import assert_same_run, generate_on_both
 
 pytestmark = pytest.mark.slow
-AOTI_GAMMA = 2   # rollouts 1..2: each is one more AOTInductor compile on the 2-core CI machine
+AOTI_GAMMA = 1   # rollout 1 only: each is one more AOTInductor compile on the 2-core CI machine
 
 
 @pytest.fixture(scope="module")
