@@ -70,7 +70,7 @@ def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
     from fastardiff.runtime.speculative import GenerationConfig
 
     ckpt_path, out, _, _ = aoti_export
-    gen = GenerationConfig(mode="speculative", gamma=3, early_stop="static", seed=3)
+    gen = GenerationConfig(mode="speculative", gamma=AOTI_GAMMA, early_stop="static", seed=3)
     assert_same_run(*generate_on_both(load_engines(out), load_torch_engines(ckpt_path), np.array([1, 4, 7]), gen))
 
 
