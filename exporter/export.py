@@ -23,6 +23,8 @@ from fastardiff.errors import EngineError, FastardiffError
 from fastardiff.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, sha256_file,
                                          verify_engine_files, write_manifest)
 
+from fastardiff.runtime.atomic import replace_keeping_backup
+
 from .targets import TARGET_LIBRARIES, ExportOptions, get_target, library_versions
 
 log = logging.getLogger("fastardiff.export")
@@ -85,17 +87,9 @@ def cached_manifest(out: Path, key: str) -> Manifest | None:
 
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Rename tmp onto out; an existing out is moved aside first and restored if the rename fails."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.rmdir(aside)                                   # a free name beside out, for the old engines
+    old = replace_keeping_backup(tmp, out, aside)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -28,7 +28,9 @@ def parity_shapes(cfg: DriftARConfig, name: str, profile: ShapeProfile) -> list[
     if name in ROLLOUT_GAMMA:  # odd rows: unguided; even rows: [cond; uncond] halves (guided)
         k1 = max(1, min(3, profile.new_tokens[2]))
         s = profile.cache[2]
-        shapes = [(b0, 1, s), (b2 - (b2 % 2 == 0 and b2 > 1), k1, s), (b2 - b2 % 2 if b2 > 1 else b2, k1, s)]
+        odd = b2 if b2 % 2 else b2 - 1                 # the most rows without guidance
+        even = b2 - b2 % 2 if b2 > 1 else b2           # the most rows with guidance
+        shapes = [(b0, 1, s), (odd, k1, s), (even, k1, s)]
     elif name == "decoder":
         shapes = [(b0, cfg.num_tokens, 0), (b1, cfg.num_tokens, 0), (b2, cfg.num_tokens, 0)]
     else:

@@ -51,8 +51,7 @@ class TorchEngines:
 
         @torch.inference_mode()
         def run(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
-            out = module(self._tensor(tokens), self._tensor(lengths, torch.long), self._tensor(k_cache),
-                         self._tensor(v_cache), self._tensor(cond, torch.long), self._tensor(noise),
+            out = module(*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond), self._tensor(noise),
                          self._tensor(threshold), self._tensor(max_drafts, torch.long), self._tensor(temperature),
                          self._tensor(cfg_scale))
             return RolloutOutput(*(t.cpu().numpy() for t in out))

@@ -42,7 +42,7 @@ class EarlyStop:
     def threshold32(self, samples: np.ndarray) -> np.ndarray:
         """threshold() as the float32 engine input (-inf when off); constant thresholds are built once."""
         if self.mode == "context":
-            return (self.gamma_s * self.target_ema[samples]).astype(np.float32)
+            return self.threshold(samples).astype(np.float32)
         cached = self._constant.get(len(samples))
         if cached is None:
             cached = self._constant[len(samples)] = self.threshold(samples).astype(np.float32)

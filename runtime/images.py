@@ -19,6 +19,8 @@ import numpy as np
 
 from fastardiff.errors import OutputError
 
+from .atomic import replace_keeping_backup
+
 STAGE_PREFIX = ".fastardiff-stage-"
 
 
@@ -150,16 +152,7 @@ class StagedOutputs:
             for i, (staged, final) in enumerate(self._files):
                 if not staged.exists():
                     raise OutputError(f"output '{final}' was never written; nothing was written")
-                backup = None
-                if final.exists():
-                    backup = staged.parent / f".replaced-{i:06d}"
-                    os.replace(final, backup)
-                try:
-                    os.replace(staged, final)
-                except BaseException:
-                    if backup is not None:
-                        os.replace(backup, final)
-                    raise
+                backup = replace_keeping_backup(staged, final, staged.parent / f".replaced-{i:06d}")
                 done.append((staged, final, backup))
         except BaseException as err:
             for staged, final, backup in reversed(done):

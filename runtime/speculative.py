@@ -100,35 +100,20 @@ class AREngine:
         # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
         # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
         start = np.minimum(lengths, cache.capacity - width)
-        if width == 1:
-            tokens = seq[samples, start][:, None]
-        else:
-            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
         upto = int(start.max())
-        if self.guided:
-            rows = None if full else np.concatenate([samples, samples + batch])
-            tokens, starts, ends = np.concatenate([tokens, tokens]), np.concatenate([start, start]), \
-                np.concatenate([end, end])
-        else:
-            rows, starts, ends = (None if full else samples), start, end
+        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
+        ends = np.concatenate([end, end]) if self.guided else end
         if rows is None and cache.capacity == self.seq_len:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
         else:
             k, v = cache.view(rows, upto)
-        cond = self.cond if full else self.cond[rows]
-        seconds = self.stats.seconds
-        began = time.perf_counter()
-        out = self.fn(tokens, starts, k, v, cond)
-        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
+        out = self._timed(self.fn, tokens, starts, k, v, cond)
         if self.stage == "draft":
             self.stats.draft_calls += 1
         else:
             self.stats.target_calls += 1
             self.stats.target_rows += len(samples)
-        # float64 sums of float32 outputs cannot overflow: finite iff every element is finite
-        if not math.isfinite(np.add.reduce(out.mean, None, np.float64) + np.add.reduce(out.entropy, None, np.float64)):
-            raise EngineError(f"engine '{self.name}' returned NaN or inf; the engine or its inputs are broken "
-                              "(re-export it, or try a lower --cfg / --temperature)")
+        check_finite(self.name, out.mean, out.entropy)
         cache.write(rows, starts, out.new_k, out.new_v)
         if full:
             cache.lengths[:] = ends
@@ -162,27 +147,11 @@ class AREngine:
         lengths = cache.lengths[:batch] if full else cache.lengths[samples]
         width = int((end - lengths).max())
         start = end - width                              # rows with a valid cache recompute cached positions
-        if width == 1:
-            tokens = seq[samples, start][:, None]
-        else:
-            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
-        if self.guided:
-            rows = None if full else np.concatenate([samples, samples + batch])
-            tokens, starts = np.concatenate([tokens, tokens]), np.concatenate([start, start])
-        else:
-            rows, starts = (None if full else samples), start
+        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
         k, v = (cache.k, cache.v) if rows is None else (cache.k[:, rows], cache.v[:, rows])
-        cond = self.cond if full else self.cond[rows]
-        temperature, cfg_scale = self.scalars
-        seconds = self.stats.seconds
-        began = time.perf_counter()
-        out = fn(tokens, starts, k, v, cond, noise, threshold, max_drafts, temperature, cfg_scale)
-        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
+        out = self._timed(fn, tokens, starts, k, v, cond, noise, threshold, max_drafts, *self.scalars)
         self.stats.draft_calls += 1
-        if not math.isfinite(np.add.reduce(out.draft_mean, None, np.float64)
-                             + np.add.reduce(out.draft_sigma, None, np.float64)):
-            raise EngineError(f"engine 'draft_rollout_{gamma}' returned NaN or inf; the engine or its inputs are "
-                              "broken (re-export it, or try a lower --cfg / --temperature)")
+        check_finite(f"draft_rollout_{gamma}", out.draft_mean, out.draft_sigma)
         cache.write(rows, starts, out.new_k, out.new_v)
         fed = starts + (width + gamma - 1)
         if full:
@@ -191,12 +160,41 @@ class AREngine:
             cache.lengths[rows] = fed
         return out
 
+    def _feed(self, seq: np.ndarray, samples: np.ndarray, start: np.ndarray, width: int):
+        """The engine rows of `samples` (None: every row in order), their input window seq[start : start+width]
+        ([cond; uncond] copies with guidance), per-row start positions and class ids."""
+        full = len(samples) == self.batch
+        if width == 1:
+            tokens = seq[samples, start][:, None]
+        else:
+            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
+        if self.guided:
+            rows = None if full else np.concatenate([samples, samples + self.batch])
+            tokens, start = np.concatenate([tokens, tokens]), np.concatenate([start, start])
+        else:
+            rows = None if full else samples
+        return rows, tokens, start, (self.cond if full else self.cond[rows])
+
+    def _timed(self, fn, *arrays):
+        began = time.perf_counter()
+        out = fn(*arrays)
+        seconds = self.stats.seconds
+        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
+        return out
+
     def rollback(self, samples: np.ndarray, length: np.ndarray) -> None:
         lengths = self.cache.lengths.reshape(self.reps, self.batch)      # a view: [cond; uncond] rows
         if len(samples) == self.batch:
             np.minimum(lengths, length, out=lengths)
         else:
             lengths[:, samples] = np.minimum(lengths[:, samples], length)
+
+
+def check_finite(name: str, a: np.ndarray, b: np.ndarray) -> None:
+    """float64 sums of float32 outputs cannot overflow: finite iff every element is finite."""
+    if not math.isfinite(np.add.reduce(a, None, np.float64) + np.add.reduce(b, None, np.float64)):
+        raise EngineError(f"engine '{name}' returned NaN or inf; the engine or its inputs are broken "
+                          "(re-export it, or try a lower --cfg / --temperature)")
 
 
 def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: int | None = None) -> int:
