@@ -59,8 +59,13 @@ def cost_model_speedup(target, spec) -> float:
     return target_engines / spec_engines if spec_engines else 0.0
 
 
-def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: str, seed: int) -> list[dict]:
-    """Rows for target-only and speculative at each gamma, per backend, measured interleaved."""
+JACOBI_MODES = {"jacobi": True, "jacobi-independent": False}   # row mode -> maximal coupling
+
+
+def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: str, seed: int,
+                  jacobi_windows=()) -> list[dict]:
+    """Rows for target-only, model-draft speculative at each gamma and Jacobi (coupled and independent) at each
+    window, per backend, measured interleaved."""
     import numpy as np
 
     from fastardiff.runtime.speculative import GenerationConfig
@@ -68,11 +73,16 @@ def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: 
     rows = []
     for backend, engines in backends.items():
         num_classes = engines.manifest.config["num_classes"]
+        gens = {}
         classes = np.arange(batch) % num_classes
-        gens = {("target", 0): GenerationConfig(mode="target", early_stop=early_stop, seed=seed,
-                                                gamma=max(gammas))}
+        gens[("target", 0)] = GenerationConfig(mode="target", early_stop=early_stop, seed=seed,
+                                               gamma=max(list(gammas) + list(jacobi_windows)))
         for g in gammas:
             gens[("speculative", g)] = GenerationConfig(mode="speculative", gamma=g, early_stop=early_stop, seed=seed)
+        for w in jacobi_windows:
+            for mode, coupling in JACOBI_MODES.items():
+                gens[(mode, w)] = GenerationConfig(mode="speculative", draft="jacobi", coupling=coupling, gamma=w,
+                                                   early_stop=early_stop, seed=seed)
         stats = _interleaved(engines, classes, gens, repeats, batch)
         target = stats[("target", 0)]
         target_ms = 1000 * target.total_seconds / max(target.images, 1)
@@ -115,7 +125,7 @@ def cost_rows(rows: list[dict]) -> list[dict]:
     return [{"backend": r["backend"], "batch": r["batch"], "gamma": r["gamma"],
              "target step ms": r["per call ms"]["target step"], "rollout ms": r["per call ms"]["rollout"],
              "verify ms": r["per call ms"]["verify"], "decode ms": r["per call ms"]["decode"]}
-            for r in rows if r["mode"] == "speculative"]
+            for r in rows if r["mode"] != "target"]
 
 
 def write_plot(rows: list[dict], path: Path) -> Path:
@@ -126,15 +136,15 @@ def write_plot(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    series = sorted({(r["backend"], r["batch"]) for r in rows if r["mode"] == "speculative"})
-    for backend, batch in series:
+    series = sorted({(r["backend"], r["batch"], r["mode"]) for r in rows if r["mode"] != "target"})
+    for backend, batch, mode in series:
         pts = sorted((r["gamma"], r["speedup"], r["model speedup"]) for r in rows
-                     if r["mode"] == "speculative" and r["backend"] == backend and r["batch"] == batch)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{backend}, batch {batch}")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(),
-                label=f"{backend}, batch {batch} (cost model)")
+                     if r["mode"] == mode and r["backend"] == backend and r["batch"] == batch)
+        name = f"{backend}, batch {batch}, {'model draft' if mode == 'speculative' else mode}"
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(), label=f"{name} (cost model)")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("gamma (draft tokens per round)")
+    ax.set_xlabel("gamma (draft tokens / Jacobi window per round)")
     ax.set_ylabel("speedup vs target-only")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -157,6 +167,9 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--gamma", default="auto", show_default=True,
               help="Draft length(s): N, a list '2,4,6', 'all' (every exported rollout) or 'auto' (what --gamma "
                    "auto chooses per backend and batch).")
+@click.option("--jacobi", "jacobi_spec", default="auto", show_default=True,
+              help="Jacobi window length(s) for the `jacobi` / `jacobi-independent` rows: a list '2,4,8', 'auto' "
+                   "(what --gamma auto chooses for Jacobi per backend and batch) or 'none'.")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -164,8 +177,8 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of speedup against gamma (default: beside --json).")
-def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, early_stop, seed, threads,
-                     json_path, plot_path):
+def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, jacobi_spec, early_stop, seed,
+                     threads, json_path, plot_path):
     """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU)."""
     import platform
     import tempfile
@@ -186,6 +199,7 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         raise FastardiffError(f"--batch '{batches}' is not a comma-separated list of integers") from None
     if not batch_list or min(batch_list) < 1 or max(batch_list) > 8:
         raise FastardiffError(f"--batch '{batches}': batch sizes must be in 1..8")
+    _windows(jacobi_spec)                      # a bad --jacobi fails before any export or timing
     ckpt = Path(ckpt) if ckpt else default_checkpoint_path()
     from fastardiff.runtime.images import check_destination
 
@@ -213,11 +227,17 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                 available = sorted(getattr(engines, "rollouts", {}) or {})
                 gammas = _gammas(gamma, available)
                 if gammas == "auto":
-                    choice = choose_gamma(engines, batch, 1.0)
+                    choice = choose_gamma(engines, batch, 1.0, drafts=("model",))
                     choices.append({"backend": name, "batch": batch, **choice.to_dict()})
                     click.echo(f"[{name}, batch {batch}] {choice.table()}")
                     gammas = [choice.gamma] if choice.gamma else [available[0] if available else 1]
-                rows += pipeline_rows({name: engines}, batch, repeats, gammas, early_stop, seed)
+                windows = _windows(jacobi_spec)
+                if windows == "auto":
+                    choice = choose_gamma(engines, batch, 1.0, drafts=("jacobi",))
+                    choices.append({"backend": name, "batch": batch, **choice.to_dict()})
+                    click.echo(f"[{name}, batch {batch}] {choice.table()}")
+                    windows = [choice.gamma] if choice.gamma else [max(gammas)]
+                rows += pipeline_rows({name: engines}, batch, repeats, gammas, early_stop, seed, windows)
     click.echo(f"pipeline benchmark: {ckpt.name}, batches {batch_list}, early stop {early_stop}, {repeats} timed "
                f"runs per configuration after 1 warm-up, interleaved; {platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPUs, threads {threads or 'default'}")
@@ -247,6 +267,19 @@ def _gammas(spec: str, available: list[int]):
         raise FastardiffError(f"--gamma '{spec}' must be N, a list like 2,4,6, 'all' or 'auto'") from None
     if not values or min(values) < 1:
         raise FastardiffError(f"--gamma '{spec}': draft lengths must be >= 1")
+    return values
+
+
+def _windows(spec: str):
+    text = str(spec).strip().lower()
+    if text in ("auto", "none"):
+        return "auto" if text == "auto" else []
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise FastardiffError(f"--jacobi '{spec}' must be a list like 2,4,8, 'auto' or 'none'") from None
+    if not values or min(values) < 1:
+        raise FastardiffError(f"--jacobi '{spec}': window lengths must be >= 1")
     return values
 
 

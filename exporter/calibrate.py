@@ -1,10 +1,13 @@
-"""`fastardiff calibrate`: measure the per-position draft acceptance `--gamma auto` plans with.
+"""`fastardiff calibrate`: measure the per-position draft acceptance and the Jacobi tokens per target call that
+`--gamma auto` plans with.
 
 The real speculative loop (runtime/speculative.py) runs on the torch reference backend at gamma_max with early
 stopping off, per guidance scale; for every draft position i it counts the verifies that proposed draft i after
 accepting drafts < i and those that accepted it. a_i = accepted_i / proposed_i is written into the checkpoint's
 calibration (`extra.acceptance_by_position`: {scale: [a_1 .. a_gmax]}), from where every export copies it into
-the manifest. The target and draft weights are untouched; the checkpoint is rewritten atomically.
+the manifest. For `--draft jacobi` the same loop runs in Jacobi mode per window length L and guidance scale, and
+the tokens per target call go into `extra.jacobi_tokens_per_call`: {scale: {L: tokens}}.
+The target and draft weights are untouched; the checkpoint is rewritten atomically.
 """
 from __future__ import annotations
 
@@ -39,6 +42,32 @@ def measure_position_acceptance(ckpt, gamma: int = 8, images: int = 200, scales=
     return curves
 
 
+def measure_jacobi_tokens(ckpt, windows=(2, 4, 8, 12, 16), images: int = 100, scales=(1.0, 2.0), seed: int = 0,
+                          batch: int = 50) -> dict:
+    """{str(scale): {str(L): tokens per target call}} of the real Jacobi loop (coupled), per window length."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+    from fastardiff.runtime.stats import RunStats
+
+    from .torch_backend import TorchEngines
+
+    engines = TorchEngines(ckpt, max_batch=2 * batch, max_gamma=1)
+    classes = np.arange(images) % ckpt.config.num_classes
+    windows = [w for w in windows if w + 1 <= ckpt.config.num_tokens]
+    out = {}
+    for scale in scales:
+        per_window = {}
+        for window in windows:
+            gen = GenerationConfig(gamma=window, draft="jacobi", cfg_scale=scale, seed=seed, eta=0.0,
+                                   num_tokens=ckpt.config.num_tokens)
+            stats = RunStats(gamma=window, draft="jacobi")
+            generate(engines, classes, gen, stats, max_batch=(2 if scale != 1.0 else 1) * batch)
+            per_window[str(window)] = round(stats.summary()["tokens_per_target_call"], 4)
+            log.info("guidance %g, jacobi window %d: %.3f tokens per target call", scale, window,
+                     per_window[str(window)])
+        out[f"{scale:g}"] = per_window
+    return out
+
+
 @click.command("calibrate")
 @click.option("--ckpt", type=click.Path(dir_okay=False, exists=True), required=True,
               help="Checkpoint to calibrate (rewritten in place, atomically).")
@@ -48,8 +77,11 @@ def measure_position_acceptance(ckpt, gamma: int = 8, images: int = 200, scales=
 @click.option("--cfg-scales", default="1,2", show_default=True, help="Guidance scales to calibrate.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
-def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads):
-    """Measure per-position draft acceptance (for --gamma auto) and store it in the checkpoint."""
+@click.option("--measure", type=click.Choice(["all", "model", "jacobi"]), default="all", show_default=True,
+              help="What to measure: the model draft's per-position acceptance, Jacobi tokens per call, or both.")
+@click.option("--jacobi-windows", default="2,4,8,12,16", show_default=True, help="Jacobi window lengths measured.")
+def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads, measure, jacobi_windows):
+    """Measure per-position draft acceptance and Jacobi tokens per call (for --gamma auto) into the checkpoint."""
     import torch
 
     from fastardiff.errors import FastardiffError
@@ -61,13 +93,32 @@ def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads):
         raise FastardiffError(f"--cfg-scales '{cfg_scales}' is not a comma-separated list of numbers") from None
     if not scales or not all(np.isfinite(scales)) or min(scales) < 0:
         raise FastardiffError(f"--cfg-scales '{cfg_scales}' needs finite, non-negative numbers, e.g. 1,2")
+    try:
+        windows = sorted({int(w) for w in jacobi_windows.split(",") if w.strip()})
+    except ValueError:
+        raise FastardiffError(f"--jacobi-windows '{jacobi_windows}' is not a comma-separated list of integers") \
+            from None
+    if not windows or min(windows) < 1:
+        raise FastardiffError(f"--jacobi-windows '{jacobi_windows}': window lengths must be >= 1, e.g. 2,4,8")
     torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
-    curves = measure_position_acceptance(model, gamma, images, scales, seed)
-    model.calibration.extra = {**model.calibration.extra, "acceptance_by_position": curves,
-                               "acceptance_calibration": {"gamma": gamma, "images": images, "seed": seed,
-                                                          "early_stop": "off", "loop": "runtime (torch backend)"}}
+    extra = dict(model.calibration.extra)
+    if measure in ("all", "model"):
+        curves = measure_position_acceptance(model, gamma, images, scales, seed)
+        extra["acceptance_by_position"] = curves
+        extra["acceptance_calibration"] = {"gamma": gamma, "images": images, "seed": seed, "early_stop": "off",
+                                           "loop": "runtime (torch backend)"}
+        click.echo(f"per-position acceptance for guidance {', '.join(curves)}:")
+        for scale, curve in curves.items():
+            click.echo(f"  cfg {scale}: " + " ".join(f"{a:.3f}" for a in curve))
+    if measure in ("all", "jacobi"):
+        jacobi = measure_jacobi_tokens(model, windows, images, scales, seed)
+        extra["jacobi_tokens_per_call"] = jacobi
+        extra["jacobi_calibration"] = {"windows": windows, "images": images, "seed": seed, "coupling": True,
+                                       "eta": 0.0, "loop": "runtime (torch backend)"}
+        click.echo("Jacobi tokens per target call:")
+        for scale, per_window in jacobi.items():
+            click.echo(f"  cfg {scale}: " + " ".join(f"L={w}: {t:.3f}" for w, t in per_window.items()))
+    model.calibration.extra = extra
     save_checkpoint(Path(ckpt), model)
-    click.echo(f"wrote per-position acceptance for guidance {', '.join(curves)} into {ckpt}")
-    for scale, curve in curves.items():
-        click.echo(f"  cfg {scale}: " + " ".join(f"{a:.3f}" for a in curve))
+    click.echo(f"wrote the calibration into {ckpt}")

@@ -38,6 +38,12 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--gamma", default="auto", show_default=True,
               help="Draft tokens per target call, or 'auto': chosen at load time from the calibrated acceptance "
                    "and per-call costs timed on these engines (target-only where speculation cannot pay).")
+@click.option("--draft", type=click.Choice(["auto", "model", "jacobi"]), default="auto", show_default=True,
+              help="What proposes the tokens the target verifies: the draft model, or the target's own previous "
+                   "guesses (speculative Jacobi decoding, no draft engine needed); 'auto' picks the faster with "
+                   "--gamma auto (the model draft with an explicit --gamma).")
+@click.option("--coupling/--no-coupling", default=True, show_default=True,
+              help="Jacobi: maximal coupling of new guesses with the old ones (--no-coupling: independent, SJD).")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True,
               help="Entropy early stopping of drafting.")
 @click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
@@ -52,7 +58,7 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt (cpu, cuda, cuda:N).")
 @verbose_option()
-def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, temperature, cfg_scale, eta, seed,
+def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
                 out, out_dir, stats_json, device):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
@@ -78,15 +84,18 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, early_stop, mode, t
 
             per_call = 2 if cfg_scale != 1.0 else 1
             batch = max(1, min(len(classes), engines.manifest.max_batch // per_call))
-            choice = choose_gamma(engines, batch, cfg_scale)
+            choice = choose_gamma(engines, batch, cfg_scale, drafts=("model", "jacobi") if draft == "auto"
+                                  else (draft,))
             click.echo(choice.table(), err=True)
             mode = choice.mode
+            draft = choice.draft if choice.gamma else draft
         gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
-    gen = GenerationConfig(mode=mode, gamma=gamma, early_stop=early_stop, temperature=temperature,
+    gen = GenerationConfig(mode=mode, gamma=gamma, draft="jacobi" if draft == "jacobi" else "model",
+                           coupling=coupling, early_stop=early_stop, temperature=temperature,
                            cfg_scale=cfg_scale, eta=eta, seed=seed)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
-    log.info("generating %d image(s) for classes %s (%s, gamma=%d, early stop %s)", len(classes), classes, mode,
-             gamma, early_stop)
+    log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
+             mode, gen.draft, gamma, early_stop)
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
         images, stats = generate(engines, classes, gen)
         names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]

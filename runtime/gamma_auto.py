@@ -1,16 +1,18 @@
-"""`--gamma auto`: choose the draft length (or target-only) that maximises expected tokens per second.
+"""`--gamma auto`: choose the proposal kind (model draft or Jacobi), its length, or target-only, to maximise
+expected tokens per second.
 
-Expected tokens per round at draft length g, from the per-position acceptance a_1, a_2, ... calibrated on the
-trained model (a_i = P(draft i accepted | drafts before it accepted), stored in the checkpoint's and the
-manifest's calibration as `acceptance_by_position`, one curve per guidance scale):
-    tau(g) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_g
-Cost of a round: t_rollout(g) + t_verify(g + 1) + h_round, target-only t_step + h_step per token: engine calls
-timed on the loaded engines in a short warm-up at the requested batch, the host work per round / per step (the
-loop's numpy sampling, acceptance and bookkeeping) measured by two short real generations (16 tokens).
-Predicted speedup(g) = tau(g) (t_step + h_step) / (t_rollout(g) + t_verify(g+1) + h_round). Speculation runs only
-where its best predicted speedup exceeds `margin` (default 1.10: the bench measured up to ~9 % below the
-prediction on this CPU): never slower than
-target-only; otherwise target-only, and the choice says why.
+Model draft, length g, from the per-position acceptance a_1, a_2, ... calibrated on the trained model
+(a_i = P(draft i accepted | drafts before it accepted), stored in the checkpoint's and the manifest's calibration
+as `acceptance_by_position`, one curve per guidance scale):
+    tau(g) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_g,   round cost t_rollout(g) + t_verify(g + 1) + h_round.
+Jacobi, window L (runtime/jacobi.py): tau(L) = the calibrated tokens per target call of the real Jacobi loop
+(`jacobi_tokens_per_call`), round cost t_verify(L + 1) + h_jacobi: no draft call at all.
+Target-only costs t_step + h_step per token. Engine calls are timed on the loaded engines in a short warm-up at
+the requested batch; the host work per round / per step (the loop's numpy sampling, acceptance and bookkeeping)
+is measured by short real generations (16 tokens). Predicted speedup = tau (t_step + h_step) / round cost.
+Speculation runs only where its best predicted speedup exceeds `margin` (default 1.10: the bench measured up to
+~9 % below the prediction on this CPU): never slower than target-only; otherwise target-only, and the choice
+says why.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ class GammaChoice:
     gamma: int | None                 # None: target-only
     reason: str
     target_step_ms: float = 0.0
-    candidates: list = field(default_factory=list)   # {gamma, tokens_per_round, rollout_ms, verify_ms, speedup}
+    candidates: list = field(default_factory=list)   # {draft, gamma, tokens_per_round, rollout_ms, verify_ms, ...}
+    draft: str = "model"              # what proposes: the draft model or the target's own Jacobi guesses
 
     @property
     def mode(self) -> str:
@@ -40,14 +43,15 @@ class GammaChoice:
     def table(self) -> str:
         lines = [f"gamma auto: {self.reason}",
                  f"  target-only {self.target_step_ms:.3f} ms/token (engine + host)",
-                 "  gamma  tokens/round  rollout ms  verify ms  host ms  predicted speedup"]
+                 "  draft   gamma  tokens/round  rollout ms  verify ms  host ms  predicted speedup"]
         for c in self.candidates:
-            lines.append(f"  {c['gamma']:>5}  {c['tokens_per_round']:>12.3f}  {c['rollout_ms']:>10.3f}  "
-                         f"{c['verify_ms']:>9.3f}  {c.get('host_ms', 0.0):>7.3f}  {c['speedup']:>17.3f}")
+            lines.append(f"  {c.get('draft', 'model'):<6}  {c['gamma']:>5}  {c['tokens_per_round']:>12.3f}  "
+                         f"{c['rollout_ms']:>10.3f}  {c['verify_ms']:>9.3f}  {c.get('host_ms', 0.0):>7.3f}  "
+                         f"{c['speedup']:>17.3f}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"gamma": self.gamma, "mode": self.mode, "reason": self.reason,
+        return {"gamma": self.gamma, "mode": self.mode, "draft": self.draft, "reason": self.reason,
                 "target_step_ms": self.target_step_ms, "candidates": self.candidates}
 
 
@@ -58,6 +62,15 @@ def acceptance_curve(calibration: dict, cfg_scale: float) -> list[float] | None:
         return None
     scale = min(curves, key=lambda k: abs(float(k) - cfg_scale))
     return [min(max(float(a), 0.0), 1.0) for a in curves[scale]]
+
+
+def jacobi_tokens(calibration: dict, cfg_scale: float) -> dict[int, float] | None:
+    """{L: calibrated Jacobi tokens per target call} for the guidance scale nearest `cfg_scale` (None if absent)."""
+    tables = (calibration.get("extra") or {}).get("jacobi_tokens_per_call") or {}
+    if not tables:
+        return None
+    scale = min(tables, key=lambda k: abs(float(k) - cfg_scale))
+    return {int(w): max(float(t), 1.0) for w, t in tables[scale].items()}
 
 
 def expected_tokens(curve: list[float], gamma: int) -> float:
@@ -80,7 +93,7 @@ def _median_ms(call, calls: int = TIMED_CALLS) -> float:
     return 1000 * float(np.median(times))
 
 
-def time_engine_calls(engines, batch: int, cfg_scale: float, gammas) -> dict:
+def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widths=()) -> dict:
     """Per-call milliseconds at `batch` samples (2x rows with guidance), mid-sequence cache lengths:
     {"step": target 1-token step, ("verify", k): k-token verify, ("rollout", g): draft_rollout(g)}."""
     from .speculative import ModelShape, rollout_capacity
@@ -101,10 +114,11 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas) -> dict:
         return lambda: engines.target_verify(tokens, lengths, t_cache, t_cache, cond)
 
     out["step"] = _median_ms(verify(1))
+    for k in sorted({g + 1 for g in gammas} | set(verify_widths)):
+        out[("verify", k)] = _median_ms(verify(k))
     rollouts = getattr(engines, "rollouts", {})
     scalars = (np.ones(1, np.float32), np.full(1, cfg_scale, np.float32))
     for g in gammas:
-        out[("verify", g + 1)] = _median_ms(verify(g + 1))
         if g not in rollouts:
             continue
         cap = rollout_capacity(engines.manifest, g)
@@ -119,48 +133,73 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas) -> dict:
     return out
 
 
-def host_ms(engines, batch: int, cfg_scale: float, gamma: int, tokens: int = 16) -> tuple[float, float]:
-    """(host ms per target-only step, host ms per speculative round) from two short real generations."""
+def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16) -> dict:
+    """Host ms per target call of each run {key: (mode, draft, gamma)}, from short real generations."""
     from .speculative import GenerationConfig, ModelShape, generate
     from .stats import RunStats
 
     shape = ModelShape.from_config(engines.manifest.config)
     tokens = min(tokens, shape.num_tokens)
     classes = np.zeros(batch, np.int64)
-    out = []
-    for mode in ("target", "speculative"):
-        gen = GenerationConfig(mode=mode, gamma=gamma, early_stop="off", cfg_scale=cfg_scale, eta=0.0,
+    out = {}
+    for key, (mode, draft, gamma) in runs.items():
+        gen = GenerationConfig(mode=mode, draft=draft, gamma=gamma, early_stop="off", cfg_scale=cfg_scale, eta=0.0,
                                num_tokens=tokens)
         generate(engines, classes, gen)                       # warm-up
         stats = RunStats()
         generate(engines, classes, gen, stats)
-        out.append(1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1))
-    return out[0], out[1]
+        out[key] = 1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1)
+    return out
 
 
-def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10) -> GammaChoice:
-    """Pick gamma in [1, gamma_max] (the exported rollouts) or target-only, with the figures behind it."""
+def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
+                 drafts=("model", "jacobi")) -> GammaChoice:
+    """Pick the proposal kind in `drafts` and its length (model: gamma in the exported rollouts; jacobi: a
+    calibrated window the verify engine accepts), or target-only, with the figures behind it."""
+    from .speculative import ModelShape, verify_limit
+
     manifest = engines.manifest
-    gammas = sorted(getattr(engines, "rollouts", {}) or {})
-    curve = acceptance_curve(manifest.calibration, cfg_scale)
-    if not gammas:
-        return GammaChoice(None, "these engines have no draft_rollout engine; target-only "
-                                 "(re-export with fastardiff-export to get them)")
+    gammas = sorted(getattr(engines, "rollouts", {}) or {}) if "model" in drafts else []
+    curve = acceptance_curve(manifest.calibration, cfg_scale) if gammas else None
+    limit = min(verify_limit(engines) or 1 << 30, ModelShape.from_config(manifest.config).num_tokens)
+    windows = {w: t for w, t in (jacobi_tokens(manifest.calibration, cfg_scale) or {}).items() if w + 1 <= limit} \
+        if "jacobi" in drafts else {}
     if curve is None:
-        return GammaChoice(None, "the model has no calibrated per-position acceptance "
-                                 "(calibration.extra.acceptance_by_position); target-only")
-    costs = time_engine_calls(engines, batch, cfg_scale, gammas)
-    host_step, host_round = host_ms(engines, batch, cfg_scale, max(gammas))
-    step = costs["step"] + host_step
+        gammas = []
+    if not gammas and not windows:
+        why = []
+        if "model" in drafts:
+            why.append("no draft_rollout engine (re-export with fastardiff-export)" if not getattr(
+                engines, "rollouts", {}) else "no calibrated per-position acceptance "
+                                              "(calibration.extra.acceptance_by_position)")
+        if "jacobi" in drafts:
+            why.append("no calibrated Jacobi tokens per call (calibration.extra.jacobi_tokens_per_call; "
+                       "run fastardiff calibrate)")
+        return GammaChoice(None, f"{'; '.join(why)}; target-only")
+    costs = time_engine_calls(engines, batch, cfg_scale, gammas, [w + 1 for w in windows])
+    runs = {"step": ("target", "model", 1)}
+    if gammas:
+        runs["model"] = ("speculative", "model", max(gammas))
+    if windows:
+        runs["jacobi"] = ("speculative", "jacobi", max(windows))
+    host = host_ms(engines, batch, cfg_scale, runs)
+    step = costs["step"] + host["step"]
     candidates = []
     for g in gammas:
         tau = expected_tokens(curve, g)
         rollout, verify = costs[("rollout", g)], costs[("verify", g + 1)]
-        candidates.append({"gamma": g, "tokens_per_round": tau, "rollout_ms": rollout, "verify_ms": verify,
-                           "host_ms": host_round, "speedup": tau * step / (rollout + verify + host_round)})
+        candidates.append({"draft": "model", "gamma": g, "tokens_per_round": tau, "rollout_ms": rollout,
+                           "verify_ms": verify, "host_ms": host["model"],
+                           "speedup": tau * step / (rollout + verify + host["model"])})
+    for w, tau in sorted(windows.items()):
+        verify = costs[("verify", w + 1)]
+        candidates.append({"draft": "jacobi", "gamma": w, "tokens_per_round": tau, "rollout_ms": 0.0,
+                           "verify_ms": verify, "host_ms": host["jacobi"],
+                           "speedup": tau * step / (verify + host["jacobi"])})
     best = max(candidates, key=lambda c: c["speedup"])
     if best["speedup"] < margin:
-        return GammaChoice(None, f"speculation cannot pay here (best predicted speedup {best['speedup']:.2f}x at "
-                                 f"gamma {best['gamma']} < {margin:.2f}x); running target-only", step, candidates)
-    return GammaChoice(best["gamma"], f"gamma {best['gamma']} (predicted {best['speedup']:.2f}x over target-only "
-                                      f"at batch {batch})", step, candidates)
+        return GammaChoice(None, f"speculation cannot pay here (best predicted speedup {best['speedup']:.2f}x with "
+                                 f"{best['draft']} gamma {best['gamma']} < {margin:.2f}x); running target-only",
+                           step, candidates)
+    return GammaChoice(best["gamma"], f"{best['draft']} gamma {best['gamma']} (predicted {best['speedup']:.2f}x over "
+                                      f"target-only at batch {batch})", step, candidates, best["draft"])

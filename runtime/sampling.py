@@ -126,6 +126,18 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     return out
 
 
+def accept_prefix(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.ndarray, p: TokenDistribution,
+                  q: TokenDistribution) -> np.ndarray:
+    """The number of drafts kept per row [R]: draft i passes with probability min(1, p_i(x)/q_i(x)), left to right,
+    up to the first rejection (only the first num_drafts[r] drafts of a row are tested)."""
+    rows, gamma = drafts.shape[:2]
+    log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma)  # log p - log q
+    valid = np.arange(gamma)[None, :] < num_drafts[:, None]
+    rejected = valid & (np.log(rng.random((rows, gamma))) >= log_ratio)
+    first_rejection = rejected.argmax(axis=1) if gamma else np.zeros(rows, np.int64)
+    return np.where(rejected.any(axis=1), first_rejection, num_drafts)
+
+
 def accept_drafts(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.ndarray,
                   p: TokenDistribution, q: TokenDistribution) -> tuple[np.ndarray, np.ndarray]:
     """Left-to-right speculative acceptance for R samples with ragged draft counts.
@@ -134,13 +146,8 @@ def accept_drafts(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.n
     num_drafts is the bonus), q has G slots. Returns (accepted [R], next_token [R, D]): the number of drafts
     kept, and the token that follows them (residual sample at the first rejection, else the target's bonus).
     """
-    rows, gamma = drafts.shape[:2]
-    log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma)  # log p - log q
-    valid = np.arange(gamma)[None, :] < num_drafts[:, None]
-    rejected = valid & (np.log(rng.random((rows, gamma))) >= log_ratio)
-    first_rejection = rejected.argmax(axis=1) if gamma else np.zeros(rows, np.int64)
-    accepted = np.where(rejected.any(axis=1), first_rejection, num_drafts)
-    r = np.arange(rows)
+    accepted = accept_prefix(rng, drafts, num_drafts, p, q)
+    r = np.arange(len(drafts))
     next_token = sample_gaussian(rng, p.mean[r, accepted], p.sigma[r, accepted])   # bonus where all passed
     fix = np.flatnonzero(accepted < num_drafts)
     if fix.size:

@@ -23,11 +23,13 @@ from fastardiff.errors import EngineError, FastardiffError
 
 from .distribution import SigmaParams
 from .early_stop import EarlyStop
+from .jacobi import jacobi_rounds
 from .kv_cache import KVCache
 from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian, token_distribution
 from .stats import RunStats
 
 MODES = ("speculative", "target", "draft")
+DRAFTS = ("model", "jacobi")
 
 
 class GenerationError(FastardiffError):
@@ -44,6 +46,8 @@ class GenerationConfig:
     eta: float = 5.0              # percent of the N tokens sampled by the target alone before speculating
     seed: int = 0
     num_tokens: int | None = None  # stop after the first tokens (tests); None = all N, then decode
+    draft: str = "model"          # speculative proposals: "model" (the draft engine) or "jacobi" (runtime/jacobi.py)
+    coupling: bool = True         # jacobi: maximal coupling of new guesses with the old ones (False: independent)
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,8 @@ def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: i
     """Validate the request; returns the number of tokens to generate."""
     if gen.mode not in MODES:
         raise GenerationError(f"unknown mode '{gen.mode}'; choose one of {', '.join(MODES)}")
+    if gen.draft not in DRAFTS:
+        raise GenerationError(f"unknown draft '{gen.draft}'; choose one of {', '.join(DRAFTS)}")
     if gen.gamma < 1:
         raise GenerationError(f"--gamma must be at least 1 (got {gen.gamma}): it is the number of draft tokens "
                               "per target call")
@@ -236,9 +242,11 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen, sigma,
                       stats, "verify")
-    rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" else None
-    draft = AREngine("draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft",
-                     rollout_capacity(m, G) if rollout is not None else None)
+    jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
+    rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
+    draft = None if jacobi or gen.mode == "target" else AREngine(
+        "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft",
+        rollout_capacity(m, G) if rollout is not None else None)
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
@@ -254,6 +262,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         token_entropy[:, j] = p.entropy[:, 0]
         stopper.observe_target(everyone, p.entropy, ones)
     n += prefill
+    if jacobi:
+        jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats)
 
     while (act := np.flatnonzero(n < total)).size:
         R = len(act)
@@ -349,7 +359,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
              max_batch: int | None = None) -> tuple[np.ndarray, RunStats]:
     """Tokens for every class id (in engine-sized chunks), then the decoder when all N tokens were asked for.
     Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats)."""
-    stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma)
+    stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     per_call = 2 if gen.cfg_scale != 1.0 else 1

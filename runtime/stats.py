@@ -22,6 +22,7 @@ class RunStats:
     mode: str = "speculative"
     early_stop: str = "static"
     gamma: int = 4
+    draft: str = "model"       # speculative proposals: the draft model or the target's own Jacobi guesses
     images: int = 0
     tokens: int = 0            # tokens generated, summed over samples
     target_calls: int = 0      # batched target engine invocations (prefill steps + verifies)
@@ -72,7 +73,7 @@ class RunStats:
     def summary(self) -> dict:
         ratio = lambda a, b: a / b if b else 0.0  # noqa: E731
         return {
-            "mode": self.mode, "early_stop": self.early_stop, "gamma": self.gamma, "images": self.images,
+            "mode": self.mode, "draft": self.draft, "early_stop": self.early_stop, "gamma": self.gamma, "images": self.images,
             "tokens": self.tokens, "target_calls": self.target_calls, "target_rows": self.target_rows,
             "draft_calls": self.draft_calls, "verifies": self.verifies,
             "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,

@@ -128,6 +128,10 @@ def run_flags(draw):
         flags += ["--early-stop", draw(st.sampled_from(["static", "context", "off", "sometimes"]))]
     if draw(st.booleans()):
         flags += ["--mode", draw(st.sampled_from(["speculative", "target", "draft"]))]
+    if draw(st.booleans()):
+        flags += ["--draft", draw(st.sampled_from(["auto", "model", "jacobi", "eagle"]))]
+    if draw(st.booleans()):
+        flags += [draw(st.sampled_from(["--coupling", "--no-coupling"]))]
     outputs = draw(st.sets(st.sampled_from(["--out", "--out-dir", "--stats-json"]), min_size=1))
     return flags, sorted(outputs)
 
@@ -149,7 +153,7 @@ def test_fuzzed_run_flags_work_or_fail_cleanly(run_env, case, monkeypatch):
     flags, outputs = case
     monkeypatch.setattr(run_cli, "_load", lambda e, c, dev: FakeEngines(load_manifest(e)))
     monkeypatch.setattr(speculative, "generate", fake_generate)
-    monkeypatch.setattr(gamma_auto, "choose_gamma", lambda engines, batch, cfg: gamma_auto.GammaChoice(
+    monkeypatch.setattr(gamma_auto, "choose_gamma", lambda engines, batch, cfg, **kw: gamma_auto.GammaChoice(
         gamma=2, reason="fuzz"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -35,10 +35,10 @@ def random_engines(random_checkpoint):
     return TorchEngines(random_checkpoint)
 
 
-def first_tokens(engines, mode, seed, early_stop="off", cfg_scale=1.0):
+def first_tokens(engines, mode, seed, early_stop="off", cfg_scale=1.0, **options):
     classes = np.arange(STAT_BATCH) % 10
     gen = GenerationConfig(mode=mode, early_stop=early_stop, eta=0.0, seed=seed, num_tokens=STAT_TOKENS,
-                           cfg_scale=cfg_scale)
+                           cfg_scale=cfg_scale, **options)
     tokens, stats = generate(engines, classes, gen)
     return tokens, stats
 
@@ -77,6 +77,19 @@ def test_speculative_is_indistinguishable_from_target_only(shipped_engines, targ
     assert stats.drafts_accepted > 0
     if engines is not shipped_engines:
         assert stats.early_stops > STAT_BATCH
+    assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)) > 1e-3
+
+
+@pytest.mark.parametrize("coupling,cfg_scale,window", [(True, 1.0, 4), (True, 2.0, 8), (False, 2.0, 3)])
+def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_only_tokens, coupling, cfg_scale,
+                                                      window):
+    """--draft jacobi, coupled and independent, with and without guidance: the target's own guesses, accepted
+    exactly, give target-only samples (first STAT_TOKENS tokens, two-sample tests with power shown below)."""
+    spec, stats = first_tokens(shipped_engines, "speculative", seed=7, cfg_scale=cfg_scale, draft="jacobi",
+                               coupling=coupling, gamma=window)
+    s = stats.summary()
+    assert stats.draft_calls == 0 and s["draft"] == "jacobi"
+    assert s["drafts_accepted"] > 0.1 * s["drafts_proposed"] > 0 and s["tokens_per_target_call"] > 1.5
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)) > 1e-3
 
 

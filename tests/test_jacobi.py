@@ -1,0 +1,199 @@
+"""Speculative Jacobi decoding: maximal coupling and acceptance on known Gaussians (with wrong variants caught by
+the same tests), cache exactness and cost semantics of the loop, --gamma auto's mode choice, the CLI.
+The end-to-end two-sample tests against target-only sampling are in test_speculative.py (shared references)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+from test_sampling import matches_p
+from test_speculative import RecordingEngines
+
+from fastardiff.runtime.jacobi import coupling_keeps, couple_guesses
+from fastardiff.runtime.sampling import TokenDistribution, accept_drafts, sample_gaussian, sample_residual
+from fastardiff.runtime.speculative import GenerationConfig, generate, generate_tokens
+from fastardiff.runtime.stats import RunStats
+
+N, SIG = 20_000, 0.3
+# (D, shift of the new mean along e_0 in units of sigma, sigma_new / sigma_old)
+COUPLINGS = [(16, 1.5, 1.0), (16, 0.0, 1.6), (1, 0.8, 0.7), (4, 2.5, 1.2)]
+
+
+def gaussians(dim, shift, ratio, seed=123):
+    rng = np.random.default_rng(seed)
+    old_mean = np.tile(rng.normal(size=dim), (N, 1))
+    new_mean = old_mean.copy()
+    new_mean[:, 0] += shift * SIG
+    return old_mean, np.full(N, SIG), new_mean, np.full(N, SIG * ratio)
+
+
+def keep_always(rng, x_old, old_mean, old_sigma, new_mean, new_sigma):
+    return x_old.copy(), np.ones(len(x_old), bool)
+
+
+def swapped_ratio(rng, x_old, old_mean, old_sigma, new_mean, new_sigma):
+    """A plausible bug: the keep probability min(1, old/new) instead of min(1, new/old)."""
+    kept = coupling_keeps(rng, x_old, new_mean, new_sigma, old_mean, old_sigma)
+    x = x_old.copy()
+    x[~kept] = sample_residual(rng, new_mean[~kept], new_sigma[~kept], old_mean[~kept], old_sigma[~kept])
+    return x, kept
+
+
+@pytest.mark.parametrize("dim,shift,ratio", COUPLINGS)
+def test_coupled_guess_follows_p_new_and_wrong_couplings_fail(dim, shift, ratio):
+    old_mean, old_sigma, new_mean, new_sigma = gaussians(dim, shift, ratio)
+    x_old = sample_gaussian(np.random.default_rng(1), old_mean, old_sigma)
+    x, kept = couple_guesses(np.random.default_rng(2), x_old, old_mean, old_sigma, new_mean, new_sigma)
+    assert matches_p(x, new_mean, new_sigma) > 1e-3
+    np.testing.assert_array_equal(x[kept], x_old[kept])
+    if ratio == 1.0:   # equal widths: P(kept) = 1 - TV = 2 (1 - Phi(shift / 2))
+        assert kept.mean() == pytest.approx(2 * sps.norm.sf(shift / 2), abs=0.015)
+    assert 0.02 < kept.mean() < 0.98   # the coupling keeps some old guesses, not all
+    for wrong in (keep_always, swapped_ratio):
+        y, _ = wrong(np.random.default_rng(2), x_old, old_mean, old_sigma, new_mean, new_sigma)
+        assert matches_p(y, new_mean, new_sigma) < 1e-6, wrong.__name__
+
+
+@pytest.mark.parametrize("record_old", [False, True])
+def test_accepting_a_coupled_guess_against_its_recorded_q_gives_p(record_old):
+    """The guess was coupled from q_old into p_new (its recorded q); the target's p differs from both. Accepting
+    against p_new and drawing the residual gives p; testing against the stale q_old (a plausible bug) does not."""
+    dim = 4
+    old_mean, old_sigma, new_mean, new_sigma = gaussians(dim, 2.0, 1.3)
+    p_mean, p_sigma = new_mean.copy(), np.full(N, SIG * 0.8)
+    p_mean[:, 1] -= 1.2 * SIG
+    rng = np.random.default_rng(3)
+    x_old = sample_gaussian(rng, old_mean, old_sigma)
+    guess, _ = couple_guesses(rng, x_old, old_mean, old_sigma, new_mean, new_sigma)
+    q_mean, q_sigma = (old_mean, old_sigma) if record_old else (new_mean, new_sigma)
+    p = TokenDistribution(np.stack([p_mean, p_mean], 1), np.stack([p_sigma, p_sigma], 1), None)
+    q = TokenDistribution(q_mean[:, None], q_sigma[:, None], None)
+    accepted, nxt = accept_drafts(rng, guess[:, None], np.ones(N, np.int64), p, q)
+    token = np.where((accepted == 1)[:, None], guess, nxt)
+    if record_old:
+        assert matches_p(token, p_mean, p_sigma) < 1e-6
+    else:
+        assert 0.1 < accepted.mean() < 0.9 and matches_p(token, p_mean, p_sigma) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def random_engines(random_checkpoint):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    return TorchEngines(random_checkpoint)
+
+
+@pytest.mark.parametrize("coupling,window,cfg_scale", [(True, 4, 1.0), (False, 3, 2.0)])
+def test_jacobi_cache_is_exact_and_costs_one_verify_per_round(random_checkpoint, random_engines, coupling, window,
+                                                              cfg_scale):
+    """Every target call, recomputed without a cache on the final tokens + the call's inputs, gives the same
+    means (the cache held exactly the accepted prefix: rollback by length, ragged rows); there are no draft
+    calls; one verify per round, of width min(L, tokens left - 1) + 1 after the first round (a plain step)."""
+    T, classes = 24, np.array([0, 3])
+    rec = RecordingEngines(random_engines)
+    stats = RunStats(draft="jacobi")
+    gen = GenerationConfig(draft="jacobi", gamma=window, coupling=coupling, eta=0.0, num_tokens=T, seed=4,
+                           temperature=6.0, cfg_scale=cfg_scale)
+    tokens, _ = generate_tokens(rec, classes, gen, np.random.default_rng(0), stats)
+    assert {c[0] for c in rec.calls} == {"target"} and stats.draft_calls == 0
+    assert stats.target_calls == len(rec.calls) and stats.drafts_accepted > 0
+    assert stats.tokens == len(classes) * T
+    nc = random_checkpoint.config.n_cond
+    seq = np.concatenate([np.zeros((len(classes), nc, tokens.shape[-1])), tokens], axis=1)
+    first, ragged, reps = {}, False, 2 if cfg_scale != 1.0 else 1
+    for c, (_, call_tokens, lengths, cond, mean) in enumerate(rec.calls):
+        rows = len(cond) // reps               # the conditional rows (the unconditional ones share their inputs)
+        ragged |= len(set(lengths[:rows].tolist())) > 1
+        for r in range(len(cond)):             # with guidance the unconditional copies too (the null class)
+            L, sample = int(lengths[r]), int(np.flatnonzero(classes == cond[r % rows])[0])
+            n = L - nc + 1                     # tokens accepted before this call
+            want = 1 if first.setdefault(sample, c) == c else min(window, T - 1 - n) + 1
+            assert call_tokens.shape[1] >= want
+            prefix = np.concatenate([seq[sample, :L], call_tokens[r]])[None].astype(np.float32)
+            with torch.no_grad():
+                k, v = random_checkpoint.target.empty_cache(1, 0)
+                full = random_checkpoint.target(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
+                                                torch.tensor([int(cond[r])]))[0][0, L:].numpy()
+            own = min(call_tokens.shape[1], nc + T - 1 - L)
+            np.testing.assert_allclose(mean[r, :own], full[:own], atol=2e-4, rtol=1e-3, err_msg=f"call {c}")
+            # the verify's first slot is the exact next-token distribution of the accepted prefix
+            np.testing.assert_array_equal(call_tokens[r, 0], seq[sample, L].astype(np.float32))
+    assert ragged                                # rows advanced by different amounts
+    if cfg_scale != 1.0:                         # the null class was fed beside every conditional row
+        assert all((c[3][len(c[3]) // 2:] == random_checkpoint.config.num_classes).all() for c in rec.calls)
+
+
+def test_jacobi_needs_no_draft_engine(random_engines):
+    """Engines with only target_verify and decoder run --draft jacobi (the draft is never touched)."""
+    class TargetOnly:
+        manifest = random_engines.manifest
+        target_verify = staticmethod(random_engines.target_verify)
+        decoder = staticmethod(random_engines.decoder)
+
+    images, stats = generate(TargetOnly(), [1, 2], GenerationConfig(draft="jacobi", gamma=4, seed=1))
+    assert images.shape[0] == 2 and np.isfinite(images).all()
+    assert stats.draft_calls == 0 and stats.tokens == 2 * 64 and stats.target_calls < 2 * 64
+
+
+def test_statistics_of_a_jacobi_run_add_up(random_engines):
+    B, eta = 3, 10.0
+    _, stats = generate(random_engines, [1, 4, 6], GenerationConfig(draft="jacobi", gamma=4, eta=eta, seed=2,
+                                                                      temperature=6.0))
+    s = stats.summary()
+    prefill = round(eta / 100 * 64)
+    assert s["tokens"] == B * prefill + s["drafts_accepted"] + s["verifies"]
+    assert s["residual_samples"] + s["bonus_tokens"] == s["verifies"]
+    assert s["target_rows"] == B * prefill + s["verifies"]
+    assert s["drafts_proposed"] <= 4 * s["verifies"] and s["draft"] == "jacobi"
+
+
+def test_seeded_jacobi_is_reproducible_and_coupling_changes_it(random_engines):
+    gen = GenerationConfig(draft="jacobi", gamma=4, seed=9, num_tokens=20, temperature=6.0)
+    a, _ = generate(random_engines, [1, 2], gen)
+    b, _ = generate(random_engines, [1, 2], gen)
+    c, _ = generate(random_engines, [1, 2], dataclasses.replace(gen, coupling=False))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def _with_jacobi_table(checkpoint, table):
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    ckpt = dataclasses.replace(checkpoint, calibration=dataclasses.replace(
+        checkpoint.calibration, extra={"jacobi_tokens_per_call": {"1": table}}))
+    return TorchEngines(ckpt, max_gamma=2)
+
+
+def test_gamma_auto_chooses_jacobi_where_it_pays_and_target_only_where_not(random_checkpoint):
+    from fastardiff.runtime.gamma_auto import choose_gamma
+
+    fast = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9}), batch=1, cfg_scale=1.0)
+    assert [c["draft"] for c in fast.candidates] == ["jacobi", "jacobi"]       # no model acceptance calibrated
+    best = max(fast.candidates, key=lambda c: c["speedup"])
+    assert fast.draft == "jacobi" and fast.gamma == best["gamma"] and best["speedup"] >= 1.10, fast.table()
+    slow = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 1.0, "4": 1.0}), batch=1, cfg_scale=1.0)
+    assert slow.gamma is None and slow.mode == "target" and "cannot pay" in slow.reason, slow.table()
+    only_model = choose_gamma(_with_jacobi_table(random_checkpoint, {"4": 4.9}), 1, 1.0, drafts=("model",))
+    assert only_model.gamma is None and "acceptance" in only_model.reason
+
+
+def test_run_cli_draft_jacobi(random_checkpoint_path, tmp_path, capsys):
+    import json
+
+    from cli_runner import run_cli
+
+    stats = tmp_path / "stats.json"
+    code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3,4", "--draft", "jacobi",
+                              "--gamma", "4", "--no-coupling", "--out", str(tmp_path / "a.png"), "--stats-json",
+                              str(stats)], capsys)
+    assert code == 0, err
+    summary = json.loads(stats.read_text())
+    assert summary["draft"] == "jacobi" and summary["draft_calls"] == 0 and summary["gamma"] == 4
+    assert summary["target_calls"] < 64 and math.isclose(summary["tokens"], 128)
+    code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3", "--draft", "eagle",
+                              "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 2 and "--draft" in err and not (tmp_path / "b.png").exists()
