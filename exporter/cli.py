@@ -30,9 +30,13 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
               help="Parity relative tolerance in [0, 1] (default 1e-3 for fp32).")
 @click.option("--force", is_flag=True, help="Rebuild even when the engine cache matches.")
 @click.option("--onnx-only", is_flag=True, help="trt: stop after writing the ONNX graph with plugin nodes.")
+@click.option("--draft/--no-draft", default=True, show_default=True,
+              help="Export the draft model (draft_step, draft_rollout_*); --no-draft: only target_verify and the "
+                   "decoder, for `fastardiff-run --draft jacobi` (smaller, faster export).")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
-def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, verbose):
+def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
+                   verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
     if verbose:
@@ -54,11 +58,11 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     default_atol, default_rtol = DEFAULT_TOLERANCES[precision]
     opts = ExportOptions(target=target, precision=precision, device=device, max_batch=max_batch, gamma=gamma,
                          atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
-                         force=force, onnx_only=onnx_only)
+                         force=force, onnx_only=onnx_only, draft=draft)
     manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
-    for name in ENGINE_NAMES:
+    for name in [n for n in ENGINE_NAMES if n in manifest.engines]:
         entry = manifest.engines[name]
         outputs = entry.parity.get("outputs", {}) or {}
         worst_abs = max((float(v.get("max_abs", float("nan"))) for v in outputs.values() if isinstance(v, dict)),

@@ -62,6 +62,7 @@ class ExportOptions:
     rtol: float = 1e-3
     force: bool = False
     onnx_only: bool = False       # trt: stop after the ONNX graph (with plugin nodes) is written
+    draft: bool = True            # False: no draft_step / draft_rollout engines (the engines serve --draft jacobi)
 
 
 @dataclass
@@ -183,7 +184,10 @@ def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[s
     family = ckpt.config.family
     if family not in FAMILY_ADAPTERS:
         raise FastardiffError(f"no export adapter for model family '{family}'; known: {', '.join(FAMILY_ADAPTERS)}")
-    reference = FAMILY_ADAPTERS[family](ckpt, range(1, opts.gamma + 1))
+    reference = FAMILY_ADAPTERS[family](ckpt, range(1, opts.gamma + 1) if opts.draft else ())
+    if not opts.draft:
+        reference = {name: m for name, m in reference.items()
+                     if name != "draft_step" and name not in ROLLOUT_GAMMA}
     exported = {}
     for name, module in reference.items():
         m = copy.deepcopy(module).to(opts.device)

@@ -13,9 +13,10 @@ import torch
 
 from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
-from fastardiff.runtime.manifest import EngineEntry, Manifest
+from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, Manifest
 
-from .engine_modules import ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, make_engine_modules, rollout_capacity, rollout_name
+from .engine_modules import (ENGINE_IO, ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, make_engine_modules, rollout_capacity,
+                             rollout_name)
 
 DEFAULT_MAX_GAMMA = 8
 
@@ -26,6 +27,8 @@ def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, ga
     engines = {rollout_name(g): EngineEntry(file="", sha256="", inputs=list(ROLLOUT_INPUTS),
                                             outputs=list(ROLLOUT_OUTPUTS), profile={"cache": [capacity] * 3},
                                             kind="draft_rollout", gamma=g) for g in range(1, gamma + 1)}
+    engines.update({name: EngineEntry(file="", sha256="", inputs=list(ENGINE_IO[name][0]),
+                                      outputs=list(ENGINE_IO[name][1]), kind=name) for name in ENGINE_NAMES})
     return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
                     calibration=ckpt.calibration.to_dict(), engines=engines, device=device, max_batch=max_batch,
                     gamma=gamma,

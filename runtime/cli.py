@@ -90,7 +90,9 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
             mode = choice.mode
             draft = choice.draft if choice.gamma else draft
         gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
-    gen = GenerationConfig(mode=mode, gamma=gamma, draft="jacobi" if draft == "jacobi" else "model",
+    if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
+        draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
+    gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft,
                            coupling=coupling, early_stop=early_stop, temperature=temperature,
                            cfg_scale=cfg_scale, eta=eta, seed=seed)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))

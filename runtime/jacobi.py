@@ -4,7 +4,7 @@ Each sample keeps a window of L guesses after its accepted prefix, each with the
 One `target_verify` over [last accepted token, guesses] gives the target's p at every window slot (slot j is
 conditioned on the guesses before it). Guesses are accepted left to right with min(1, p(x)/q(x)); at the first
 rejection the token is drawn from the residual max(0, p - q), the bonus token from p when all pass
-(`accept_drafts`, the model-draft rule). The verify's p at the slots after the emitted token become the new
+(the model-draft rule). The verify's p at the slots after the emitted token become the new
 guesses' proposals (conditioned on stale guesses: that is what q records); positions past the verified window
 take the last slot's p as their proposal.
 
@@ -21,25 +21,58 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampling import TokenDistribution, accept_prefix, log_density_ratio, sample_gaussian, sample_residual
-
-
-def coupling_keeps(rng: np.random.Generator, x_old: np.ndarray, old_mean, old_sigma, new_mean, new_sigma):
-    """Maximal coupling, first half: keep x_old ~ N(old) as a sample of N(new) with probability
-    min(1, new(x_old)/old(x_old)) [R] bool; the rows not kept draw from max(0, new - old) (`sample_residual`),
-    and then x ~ N(new) exactly, equal to x_old with probability 1 - TV(old, new)."""
-    log_ratio = log_density_ratio(x_old, new_mean, new_sigma, old_mean, old_sigma)      # log p_new - log q_old
-    return np.log(rng.random(len(x_old))) < log_ratio
+from .sampling import TokenDistribution, log_density_ratio, sample_gaussian, sample_residual
 
 
 def couple_guesses(rng: np.random.Generator, x_old: np.ndarray, old_mean, old_sigma, new_mean, new_sigma):
-    """Maximal coupling of x_old [R, D] ~ N(old) into a sample of N(new). Returns (x [R, D], kept [R])."""
-    kept = coupling_keeps(rng, x_old, old_mean, old_sigma, new_mean, new_sigma)
+    """Maximal coupling of x_old [R, D] ~ N(old) into a sample of N(new): keep x_old with probability
+    min(1, new(x_old)/old(x_old)), else draw from max(0, new - old). Then x ~ N(new) exactly, equal to x_old with
+    probability 1 - TV(old, new). Returns (x [R, D], kept [R]). (`resolve_slots` applies this rule to every slot
+    after the emitted token, with the acceptance test's own ratios and coins.)"""
+    log_ratio = log_density_ratio(x_old, new_mean, new_sigma, old_mean, old_sigma)      # log p_new - log q_old
+    kept = np.log(rng.random(len(x_old))) < log_ratio
     x = x_old.copy()
     redo = np.flatnonzero(~kept)
     if redo.size:
         x[redo] = sample_residual(rng, new_mean[redo], new_sigma[redo], old_mean[redo], old_sigma[redo])
     return x, kept
+
+
+def resolve_slots(rng: np.random.Generator, guesses: np.ndarray, k: np.ndarray, p: TokenDistribution,
+                  q: TokenDistribution, window: int, coupling: bool):
+    """One round's sampling for R rows: guesses [R, G, D] (the first k[r] real) with their q [R, G]; p [R, G + 1]
+    from the verify. Returns (accepted [R], out [R, window + 1, D], next_mean [R, window, D], next_sigma
+    [R, window]): out[:, 0] is the emitted token (residual at the first rejection, else the bonus), out[:, 1:]
+    the next window's guesses, drawn from / coupled into the verify's p at their slots (the last slot's p past
+    it), which are their recorded q.
+
+    One log-ratio per slot serves both rules: slot j's acceptance test min(1, p_j/q_j) and, for j after the
+    emitted token, the coupling of its guess (drawn from q_j) into p_j, with the same uniform: the acceptance
+    outcome depends only on the coins up to the first rejection, so the later coins are still fresh."""
+    R, G = guesses.shape[:2]
+    log_ratio = log_density_ratio(guesses, p.mean[:, :G], p.sigma[:, :G], q.mean, q.sigma)      # log p - log q
+    has_guess = np.arange(G)[None, :] < k[:, None]
+    rejected = has_guess & (np.log(rng.random((R, G))) >= log_ratio)
+    accepted = np.where(rejected.any(axis=1), rejected.argmax(axis=1), k) if G else np.zeros(R, np.int64)
+    rows = np.arange(R)[:, None]
+    slots = accepted[:, None] + np.arange(window + 1)[None, :]                  # [R, window + 1]: a .. a + window
+    source = np.minimum(slots, k[:, None])
+    mean, sigma = p.mean[rows, source], p.sigma[rows, source]
+    out = sample_gaussian(rng, mean, sigma)
+    held = slots < k[:, None]                     # slots with a guess: the rejected one at a, later ones
+    if G and held.any():
+        at = np.minimum(slots, G - 1)
+        keep = held & ~rejected[rows, at]         # (the slot at a, when held, is rejected by definition)
+        if not coupling:
+            keep[:] = False
+            held[:, 1:] = False                   # independent guesses: only the rejected slot needs a residual
+        out[keep] = guesses[rows, at][keep]
+        redo = held & ~keep
+        if redo.any():
+            r, c = np.nonzero(redo)
+            j = slots[r, c]
+            out[r, c] = sample_residual(rng, p.mean[r, j], p.sigma[r, j], q.mean[r, j], q.sigma[r, j])
+    return accepted, out, mean[:, 1:], sigma[:, 1:]
 
 
 def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndarray, total: int, n_cond: int,
@@ -52,9 +85,8 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
     guess_mean = np.zeros((B, total + L + 1, D))        # q of the guess at token index j, column j
     guess_sigma = np.ones((B, total + L + 1))
     have = np.zeros(B, np.int64)                        # guesses in each window (none before the first round)
-    seq_windows, entropy_windows = windows(seq, L), windows(token_entropy, L + 1)
+    seq_windows, out_windows, entropy_windows = windows(seq, L), windows(seq, L + 1), windows(token_entropy, L + 1)
     mean_windows, sigma_windows = windows(guess_mean, L), windows(guess_sigma, L)
-    spans = np.arange(L)[None, :]
     while (act := np.flatnonzero(n < total)).size:
         R = len(act)
         na = n[act]
@@ -64,44 +96,14 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
         p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
         guesses = seq_windows[act, base][:, :kmax]        # copies (fancy index): the window is rewritten below
         q = TokenDistribution(mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax], None)
-        accepted = accept_prefix(rng, guesses, k, p, q)
-        rows = np.arange(R)
-        next_token = sample_gaussian(rng, p.mean[rows, accepted], p.sigma[rows, accepted])  # the bonus where all pass
-        n[act] = na + accepted + 1
-        target.rollback(act, base + accepted)            # = n_cond + n - 1: the new token is not fed yet
-
-        # the next window: slots accepted+1 .. accepted+L of this verify; proposals from its p (the last slot's
-        # past the verified span)
-        slots = accepted[:, None] + 1 + spans             # [R, L]
-        source = np.minimum(slots, k[:, None])
-        new_mean, new_sigma = p.mean[rows[:, None], source], p.sigma[rows[:, None], source]
-        new = sample_gaussian(rng, new_mean, new_sigma)
-        # residual samples, in one call: the rejected slot of each row that stopped early and, with coupling,
-        # every old guess the coupling did not keep
-        fix = np.flatnonzero(accepted < k)
-        pm, ps = p.mean[fix, accepted[fix]], p.sigma[fix, accepted[fix]]
-        qm, qs = q.mean[fix, accepted[fix]], q.sigma[fix, accepted[fix]]
-        if coupling:
-            r, c = np.nonzero(slots < k[:, None])         # slots holding a guess this verify was fed
-            if r.size:
-                old = slots[r, c]
-                x_old = guesses[r, old]
-                kept = coupling_keeps(rng, x_old, q.mean[r, old], q.sigma[r, old], new_mean[r, c], new_sigma[r, c])
-                new[r[kept], c[kept]] = x_old[kept]
-                r, c, old = r[~kept], c[~kept], old[~kept]
-                pm, ps = np.concatenate([pm, new_mean[r, c]]), np.concatenate([ps, new_sigma[r, c]])
-                qm, qs = np.concatenate([qm, q.mean[r, old]]), np.concatenate([qs, q.sigma[r, old]])
-        if len(pm):
-            residual = sample_residual(rng, pm, ps, qm, qs)
-            next_token[fix] = residual[:fix.size]
-            if coupling and r.size:
-                new[r, c] = residual[fix.size:]
-        seq[act, base + accepted] = next_token
+        accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, k, p, q, L, coupling)
+        out_windows[act, base + accepted] = out          # the emitted token, then the next window's guesses
         entropy_windows[act, na, :kmax + 1] = p.entropy  # slots past `accepted` are rewritten later
         first = na + accepted + 1
-        seq_windows[act, n_cond + first] = new
-        mean_windows[act, first], sigma_windows[act, first] = new_mean, new_sigma
+        mean_windows[act, first], sigma_windows[act, first] = next_mean, next_sigma
+        n[act] = first
         have[act] = L
+        target.rollback(act, base + accepted)            # = n_cond + n - 1: the new token is not fed yet
 
         if stats.track_positions:
             stats.record_positions(k, accepted)

@@ -18,6 +18,7 @@ from fastardiff.errors import EngineError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 ENGINE_NAMES = ("draft_step", "target_verify", "decoder")
+REQUIRED_ENGINES = ("target_verify", "decoder")   # draft_step is left out by `fastardiff-export --no-draft`
 PRECISIONS = ("fp32", "fp16", "bf16")
 REEXPORT = "re-export the engines with `fastardiff-export --force`"
 
@@ -212,10 +213,12 @@ def _schema():
 
         @model_validator(mode="after")
         def consistent(self):
-            missing = [n for n in ENGINE_NAMES if n not in self.engines]
+            missing = [n for n in REQUIRED_ENGINES if n not in self.engines]
             if missing:
                 raise _bad("engines", f"has no {', '.join(repr(n) for n in missing)} engine (every engine dir needs "
-                                 f"{', '.join(ENGINE_NAMES)})")
+                                 f"{', '.join(REQUIRED_ENGINES)})")
+            if "draft_step" not in self.engines and any(e.kind == "draft_rollout" for e in self.engines.values()):
+                raise _bad("engines", "lists draft_rollout engines but no 'draft_step' engine")
             seen: dict[int, str] = {}
             for name, e in self.engines.items():
                 if e.kind == "draft_rollout":
@@ -321,7 +324,7 @@ def load_manifest(engine_dir: str | Path) -> Manifest:
 def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
     """Every engine file exists and has the sha256 the manifest records (refuse tampered or stale files)."""
     engine_dir = Path(engine_dir)
-    for name in ENGINE_NAMES:
+    for name in REQUIRED_ENGINES:
         if name not in manifest.engines:
             raise EngineError(f"manifest in '{engine_dir}' has no '{name}' engine; re-export")
     for name, entry in manifest.engines.items():

@@ -362,6 +362,10 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
+    needs_draft = gen.mode == "draft" or (gen.mode == "speculative" and gen.draft == "model")
+    if needs_draft and "draft_step" not in engines.manifest.engines:
+        raise GenerationError("these engines have no draft model (exported with --no-draft); run with "
+                              "--draft jacobi or --mode target, or re-export without --no-draft")
     per_call = 2 if gen.cfg_scale != 1.0 else 1
     chunk = max(1, (max_batch or engines.manifest.max_batch) // per_call)
     rng = np.random.default_rng(gen.seed)

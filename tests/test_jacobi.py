@@ -13,8 +13,9 @@ from scipy import stats as sps
 from test_sampling import matches_p
 from test_speculative import RecordingEngines
 
-from fastardiff.runtime.jacobi import coupling_keeps, couple_guesses
-from fastardiff.runtime.sampling import TokenDistribution, accept_drafts, sample_gaussian, sample_residual
+from fastardiff.runtime.jacobi import couple_guesses, resolve_slots
+from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, log_density_ratio, sample_gaussian,
+                                         sample_residual)
 from fastardiff.runtime.speculative import GenerationConfig, generate, generate_tokens
 from fastardiff.runtime.stats import RunStats
 
@@ -37,7 +38,7 @@ def keep_always(rng, x_old, old_mean, old_sigma, new_mean, new_sigma):
 
 def swapped_ratio(rng, x_old, old_mean, old_sigma, new_mean, new_sigma):
     """A plausible bug: the keep probability min(1, old/new) instead of min(1, new/old)."""
-    kept = coupling_keeps(rng, x_old, new_mean, new_sigma, old_mean, old_sigma)
+    kept = np.log(rng.random(len(x_old))) < log_density_ratio(x_old, old_mean, old_sigma, new_mean, new_sigma)
     x = x_old.copy()
     x[~kept] = sample_residual(rng, new_mean[~kept], new_sigma[~kept], old_mean[~kept], old_sigma[~kept])
     return x, kept
@@ -78,6 +79,38 @@ def test_accepting_a_coupled_guess_against_its_recorded_q_gives_p(record_old):
         assert matches_p(token, p_mean, p_sigma) < 1e-6
     else:
         assert 0.1 < accepted.mean() < 0.9 and matches_p(token, p_mean, p_sigma) > 1e-3
+
+
+@pytest.mark.parametrize("coupling", [True, False])
+def test_resolve_slots_emits_p_and_guesses_follow_their_recorded_q(coupling):
+    """The loop's own round on known Gaussians: two guesses g0 ~ q0, g1 ~ q1 and the verify's p0, p1, p2
+    (p1, p2 as if conditioned on g0, g1). The emitted first token follows p0 whatever happens; where g0 was
+    rejected, the next window's first guess follows p1 (its recorded q: kept from g1 by the coupling or drawn
+    fresh) and later ones p2; a rule that kept g1 unconditionally (the tested wrong variant) would not."""
+    dim, window = 4, 2
+    rng = np.random.default_rng(11)
+    q_mean = np.tile(rng.normal(size=(1, 2, dim)), (N, 1, 1))
+    p_mean = np.tile(rng.normal(size=(1, 3, dim)) * 0.2, (N, 1, 1)) + np.concatenate(
+        [q_mean, q_mean[:, -1:]], axis=1)
+    p_mean[:, :2, 0] += np.array([1.0, 0.8]) * SIG                      # p and q overlap, differ
+    q_sigma, p_sigma = np.full((N, 2), SIG), np.full((N, 3), SIG * 1.1)
+    guesses = sample_gaussian(rng, q_mean, q_sigma)
+    p, q = TokenDistribution(p_mean, p_sigma, None), TokenDistribution(q_mean, q_sigma, None)
+    accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, np.full(N, 2), p, q, window, coupling)
+    first = np.where((accepted >= 1)[:, None], guesses[:, 0], out[:, 0])
+    assert matches_p(first, p_mean[:, 0], p_sigma[:, 0]) > 1e-3
+    stopped = accepted == 0
+    assert 0.2 < stopped.mean() < 0.8
+    g1 = out[stopped, 1]
+    assert matches_p(g1, p_mean[stopped, 1], p_sigma[stopped, 1]) > 1e-3
+    np.testing.assert_array_equal(next_mean[stopped, 0], p_mean[stopped, 1])
+    np.testing.assert_array_equal(next_mean[stopped, 1], p_mean[stopped, 2])          # past the verified span
+    np.testing.assert_array_equal(next_sigma[stopped, 0], p_sigma[stopped, 1])
+    kept = (g1 == guesses[stopped, 1]).all(axis=1)
+    assert (kept.mean() > 0.3) if coupling else not kept.any()
+    assert matches_p(guesses[stopped, 1], p_mean[stopped, 1], p_sigma[stopped, 1]) < 1e-6   # keep-always: caught
+    everything = accepted == 2                                          # all passed: the bonus token from p2
+    assert matches_p(out[everything, 0], p_mean[everything, 2], p_sigma[everything, 2]) > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +230,29 @@ def test_run_cli_draft_jacobi(random_checkpoint_path, tmp_path, capsys):
     code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3", "--draft", "eagle",
                               "--out", str(tmp_path / "b.png")], capsys)
     assert code == 2 and "--draft" in err and not (tmp_path / "b.png").exists()
+
+
+def test_engines_exported_without_a_draft_run_jacobi_only(random_checkpoint_path, tmp_path, capsys):
+    """`fastardiff-export --no-draft` writes target_verify and the decoder only; `--draft jacobi` runs on it,
+    the model draft is refused with one clear line, and --gamma auto never offers it."""
+    import json
+
+    from cli_runner import run_cli
+
+    from fastardiff.runtime.manifest import load_manifest
+
+    out = tmp_path / "onnx-no-draft"
+    code, _, err = run_cli(["export", "--ckpt", str(random_checkpoint_path), "--target", "onnx", "--out", str(out),
+                            "--no-draft", "--batch", "2"], capsys)
+    assert code == 0, err
+    assert sorted(load_manifest(out).engines) == ["decoder", "target_verify"]
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["decoder.onnx", "target_verify.onnx"]
+    stats = tmp_path / "s.json"
+    code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "1,2", "--gamma", "3", "--out",
+                            str(tmp_path / "a.png"), "--stats-json", str(stats)], capsys)
+    assert code == 0, err
+    assert json.loads(stats.read_text())["draft"] == "jacobi"          # --draft auto: the only kind available
+    code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "1", "--draft", "model", "--gamma", "2",
+                            "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 2 and "no draft model" in err and "--draft jacobi" in err
+    assert not (tmp_path / "b.png").exists()
