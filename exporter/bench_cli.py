@@ -129,25 +129,29 @@ def cost_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_plot(rows: list[dict], path: Path) -> Path:
-    """Speedup against gamma (measured and cost model), one line per backend and batch."""
+    """Speedup against gamma / Jacobi window, one panel per batch, one line per backend and mode (measured: solid,
+    cost model: dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    series = sorted({(r["backend"], r["batch"], r["mode"]) for r in rows if r["mode"] != "target"})
-    for backend, batch, mode in series:
-        pts = sorted((r["gamma"], r["speedup"], r["model speedup"]) for r in rows
-                     if r["mode"] == mode and r["backend"] == backend and r["batch"] == batch)
-        name = f"{backend}, batch {batch}, {'model draft' if mode == 'speculative' else mode}"
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(), label=f"{name} (cost model)")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("gamma (draft tokens / Jacobi window per round)")
-    ax.set_ylabel("speedup vs target-only")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False, sharey=True)
+    for ax, batch in zip(axes[0], batches):
+        series = sorted({(r["backend"], r["mode"]) for r in rows if r["mode"] != "target" and r["batch"] == batch})
+        for backend, mode in series:
+            pts = sorted((r["gamma"], r["speedup"], r["model speedup"]) for r in rows
+                         if r["mode"] == mode and r["backend"] == backend and r["batch"] == batch)
+            name = f"{backend}, {'model draft' if mode == 'speculative' else mode}"
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(), alpha=0.6)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"batch {batch}  (solid: measured, dotted: cost model)", fontsize=9)
+        ax.set_xlabel("gamma (model draft) / window L (Jacobi)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("speedup vs target-only")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

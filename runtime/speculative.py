@@ -250,7 +250,10 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
-    prefill = total if gen.mode != "speculative" else min(total, int(round(gen.eta / 100 * shape.num_tokens)))
+    # the eta prefill spares the model draft the first tokens, where it is poor; Jacobi has no draft calls to spare
+    # and its first round is a plain target step already, so a prefill would only cost it target calls
+    prefill = (total if gen.mode != "speculative" else 0 if jacobi
+               else min(total, int(round(gen.eta / 100 * shape.num_tokens))))
     one_model = draft if gen.mode == "draft" else target
     everyone = np.arange(B)
     ones = np.ones(B, np.int64)

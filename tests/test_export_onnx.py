@@ -337,3 +337,36 @@ def test_execution_provider_choice(onnx_engine_dir):
     assert choose_providers(cpu_ort, manifest, "draft_step") == ["CPUExecutionProvider"]
     with pytest.raises(EngineError, match="not available"):
         choose_providers(cpu_ort, manifest, "draft_step", ["CUDAExecutionProvider"])
+
+
+def test_no_draft_engine_dir_runs_jacobi_only(onnx_engine_dir, tmp_path, capsys):
+    """An engine dir with only target_verify and the decoder (what `fastardiff-export --no-draft` writes) loads,
+    runs `--draft jacobi` (also chosen by --draft auto), refuses the model draft with one clear line, and its
+    manifest still refuses a missing target."""
+    import json
+    import shutil
+
+    from cli_runner import run_cli
+
+    out = tmp_path / "no-draft"
+    out.mkdir()
+    manifest = json.loads((onnx_engine_dir / "manifest.json").read_text())
+    manifest["engines"] = {k: v for k, v in manifest["engines"].items() if k in ("target_verify", "decoder")}
+    for entry in manifest["engines"].values():
+        shutil.copy(onnx_engine_dir / entry["file"], out / entry["file"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    stats = tmp_path / "s.json"
+    code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "1,2", "--gamma", "3", "--num-images", "2",
+                            "--out", str(tmp_path / "a.png"), "--stats-json", str(stats)], capsys)
+    assert code == 0, err
+    summary = json.loads(stats.read_text())
+    assert summary["draft"] == "jacobi" and summary["draft_calls"] == 0 and summary["tokens"] == 2 * 64
+    code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "1", "--draft", "model", "--gamma", "2",
+                            "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 2 and "no draft model" in err and "--draft jacobi" in err
+    assert not (tmp_path / "b.png").exists()
+    del manifest["engines"]["target_verify"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "1", "--draft", "jacobi", "--gamma", "2",
+                            "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 2 and "target_verify" in err
