@@ -39,10 +39,12 @@ def guided(model, tokens, lengths, k_cache, v_cache, cond, cfg_scale: float):
 
 @torch.no_grad()
 def sample_target_only(ckpt, labels: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
-                       cfg_scale: float = DEFAULT_CFG_SCALE, generator: torch.Generator | None = None):
-    """Tokens [B, N, D] and their sigma-entropies [B, N] sampled by the target alone."""
+                       cfg_scale: float = DEFAULT_CFG_SCALE, generator: torch.Generator | None = None,
+                       num_tokens: int | None = None):
+    """Tokens [B, n, D] and their sigma-entropies [B, n] sampled by the target alone (n = num_tokens or all N).
+    Written apart from the runtime's loop (torch, its own cache handling): the tests' independent reference."""
     cfg, target = ckpt.config, ckpt.target
-    B, N, D = len(labels), cfg.num_tokens, cfg.token_dim
+    B, N, D = len(labels), num_tokens or cfg.num_tokens, cfg.token_dim
     cond = labels if cfg_scale == 1.0 else torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     rows = len(cond)
     k_cache, v_cache = target.empty_cache(rows, cfg.seq_len)

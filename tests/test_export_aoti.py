@@ -80,3 +80,10 @@ def test_aoti_rollout_equals_gamma_step_calls(aoti_export, guided):
 
     _, out, _, _ = aoti_export
     assert check_rollout_matches_steps(load_engines(out), AOTI_GAMMA, guided, "context") > 0
+
+
+def test_aoti_tampered_engine_is_refused_at_load(aoti_export, tmp_path):
+    """Every AOTI package of the export, one flipped byte at a time, is refused by name before it is loaded."""
+    from tamper import assert_every_engine_tamper_refused
+
+    assert_every_engine_tamper_refused(aoti_export[1], tmp_path, load_engines)

@@ -130,3 +130,54 @@ def test_early_stop_thresholds():
     np.testing.assert_allclose(context.threshold(np.arange(2)), [0.4, 0.8 * ema])
     off = EarlyStop("off", 2, calib)
     assert not off.should_stop(np.arange(2), np.array([-5.0, 0.0])).any()
+
+
+def test_sigma_of_entropy_is_pinned_to_config_and_calibration():
+    """sigma(E) = sigma_max (e^{E/tau} - 1) / (e^{E_max/tau} - 1), floored at sigma_min, from the config's
+    sigma_max / tau_sigma / sigma_min and the calibration's e_max (each argument in its place), times T."""
+    from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+    from fastardiff.runtime.sampling import token_distribution
+
+    sp = SigmaParams.from_config({"sigma_max": 0.5, "tau_sigma": 2.0, "sigma_min": 0.01, "unused": 9},
+                                 {"e_max": 0.9})
+    assert (sp.sigma_max, sp.tau_sigma, sp.e_max, sp.sigma_min) == (0.5, 2.0, 0.9, 0.01)
+    entropy = np.array([0.0, 0.001, 0.3, 0.9, 1.0])
+    want = np.maximum(0.5 * (np.exp(entropy / 2.0) - 1) / (np.exp(0.9 / 2.0) - 1), 0.01)
+    np.testing.assert_allclose(sigma_from_entropy(entropy, sp), want, rtol=1e-12)
+    assert sigma_from_entropy(np.array([0.9]), sp)[0] == pytest.approx(0.5)     # E_max gives sigma_max
+    assert sigma_from_entropy(np.array([0.0]), sp)[0] == 0.01                   # the floor
+    mean = np.zeros((5, 3), np.float32)
+    for temperature in (1.0, 0.7, 2.5):   # the temperature scales sigma linearly, the mean not at all
+        d = token_distribution(mean, entropy.astype(np.float32), sp, temperature)
+        np.testing.assert_allclose(d.sigma, temperature * sigma_from_entropy(entropy.astype(np.float32), sp),
+                                   rtol=1e-7)
+        assert (d.mean == 0).all()
+
+
+def test_bonus_token_comes_from_the_slot_after_the_last_draft():
+    """All drafts accepted (q = p): the next token is drawn from p at slot num_drafts[r], per row (ragged)."""
+    rows, gamma, dim = 6, 4, 3
+    slot_means = np.arange(gamma + 1, dtype=float)[None, :, None] * 10.0          # slot j has mean 10 j
+    p = TokenDistribution(np.broadcast_to(slot_means, (rows, gamma + 1, dim)).copy(), np.full((rows, gamma + 1), 0.01),
+                          None)
+    q = TokenDistribution(p.mean[:, :gamma].copy(), p.sigma[:, :gamma].copy(), None)
+    drafts = p.mean[:, :gamma] + 0.01 * np.random.default_rng(0).standard_normal((rows, gamma, dim))
+    num_drafts = np.array([0, 1, 2, 3, 4, 2])
+    accepted, nxt = accept_drafts(np.random.default_rng(1), drafts, num_drafts, p, q)
+    np.testing.assert_array_equal(accepted, num_drafts)
+    np.testing.assert_allclose(nxt, 10.0 * num_drafts[:, None].repeat(dim, 1), atol=0.1)
+
+
+def test_context_threshold_reads_exactly_the_emitted_tokens():
+    """observe_target folds counts[r] target entropies of row r into its running mean, in order, no more."""
+    calib = {"tau_static": 0.2, "tau_global": 0.4}
+    context = EarlyStop("context", 3, calib)
+    entropy = np.array([[0.9, 0.1, 0.5], [0.3, 0.7, 0.2], [0.6, 0.6, 0.6]])
+    context.observe_target(np.arange(3), entropy, np.array([2, 0, 3]))
+    want = []
+    for row, count in zip(entropy, (2, 0, 3)):
+        e = 0.4 / 0.8
+        for x in row[:count]:
+            e = 0.9 * e + 0.1 * x
+        want.append(0.8 * e)
+    np.testing.assert_allclose(context.threshold(np.arange(3)), want, rtol=1e-12)

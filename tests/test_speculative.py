@@ -94,6 +94,22 @@ def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_on
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)[:, :16]) > 1e-3
 
 
+def test_runtime_target_only_matches_an_independent_reference_sampler(shipped_engines, shipped_checkpoint):
+    """The runtime's target-only sampling against recipes' separately written torch sampler, at a temperature
+    and a guidance scale != 1, so that an error both runtime paths share (sigma, temperature, guidance rows)
+    cannot cancel out. (The ONNX and AOTI backends are pinned to this torch backend run for run.)"""
+    from fastardiff.recipes.evaluate import sample_target_only
+
+    temperature, cfg_scale = 0.8, 1.5
+    runtime, _ = first_tokens(shipped_engines, "target", seed=8, cfg_scale=cfg_scale, temperature=temperature,
+                              num_tokens=8)
+    labels = torch.from_numpy(np.arange(STAT_BATCH) % 10)
+    with torch.no_grad():
+        reference, _ = sample_target_only(shipped_checkpoint, labels, temperature, cfg_scale,
+                                          torch.Generator().manual_seed(8), num_tokens=8)
+    assert two_sample_pvalue(runtime, reference.numpy()) > 1e-3
+
+
 def test_draft_samples_are_distinguishable(shipped_engines, target_only_tokens):
     """The two-sample test has power at STAT_BATCH: draft-only samples (the wrong distribution) are rejected.
     With the on-policy distilled draft, 400 and 1000 samples per mode gave p = 0.03 and 8e-4 (seed 3), so a loop
@@ -263,3 +279,45 @@ def test_kv_cache_writes_ragged_rows_in_place_and_refuses_overflow():
     assert k.base is not None and k.shape == (2, 3, 1, 4, 2)         # all rows: a view, no copy
     with pytest.raises(EngineError, match="N is exceeded"):
         cache.write(np.array([1]), np.array([4]), new[:, :1], new[:, :1])
+
+
+def test_cost_semantics_null_class_widths_and_no_recomputation(random_checkpoint, random_engines):
+    """Speed contracts the distribution tests cannot see, from recorded calls (batch 1, step drafting):
+    with guidance both engines get [cond; uncond] rows with the null class and the same tokens; a verify is
+    exactly min(gamma, tokens left - 1) + 1 wide and starts at its cache length with the last accepted token
+    (rollback recomputes nothing); a draft step feeds at most the last accepted token and the new one."""
+    T, gamma, nc = 24, 3, random_checkpoint.config.n_cond
+    rec = RecordingEngines(random_engines)
+    gen = GenerationConfig(gamma=gamma, early_stop="off", eta=0.0, num_tokens=T, seed=3, temperature=8.0,
+                           cfg_scale=2.0)
+    stats = RunStats()
+    tokens, _ = generate_tokens(rec, np.array([6]), gen, np.random.default_rng(0), stats)
+    assert stats.drafts_accepted > 0 and stats.residual_samples > 0
+    null = random_checkpoint.config.num_classes
+    seq = np.concatenate([np.zeros((nc, tokens.shape[-1])), tokens[0]])
+    for name, call_tokens, lengths, cond, _ in rec.calls:
+        assert cond.tolist() == [6, null], (name, cond)
+        np.testing.assert_array_equal(call_tokens[0], call_tokens[1])
+        assert lengths[0] == lengths[1]
+        if name == "target":
+            n = int(lengths[0]) - nc + 1                  # tokens accepted before this verify
+            assert call_tokens.shape[1] == min(gamma, T - 1 - n) + 1
+            if n > 0:
+                np.testing.assert_array_equal(call_tokens[0, 0], seq[lengths[0]].astype(np.float32))
+        else:
+            assert call_tokens.shape[1] in (1, 2)
+    assert sum(c[0] == "target" for c in rec.calls) == stats.target_calls == stats.verifies
+
+
+def test_early_stop_drops_the_low_entropy_draft(random_engines):
+    """A threshold above every shallow entropy stops each round at its first draft, which is dropped: nothing
+    is proposed, every verify is one token wide, one draft call per round (none for the last token: nothing
+    is left to draft)."""
+    rec = RecordingEngines(random_engines, calibration={"tau_static": 2.0})
+    stats = RunStats()
+    gen = GenerationConfig(gamma=4, early_stop="static", eta=0.0, num_tokens=16, seed=1)
+    generate_tokens(rec, np.array([2, 5]), gen, np.random.default_rng(0), stats)
+    assert stats.drafts_proposed == 0 and stats.verifies == 2 * 16 and stats.early_stops == 2 * 15
+    verify_widths = {c[1].shape[1] for c in rec.calls if c[0] == "target"}
+    assert verify_widths == {1}
+    assert sum(c[0] == "draft" for c in rec.calls) == 15
