@@ -97,6 +97,12 @@ MUTANTS = [
            "target.predict(seq, act, base - 1, base + k - 1, kmax + 1)", "verify misses the last draft"),
     Mutant("loop-eta-ignored", "runtime/speculative.py",
            "min(total, int(round(gen.eta / 100 * shape.num_tokens)))", "0", "eta prefill ignored"),
+    Mutant("loop-rollout-fed", "runtime/speculative.py", "fed = starts + (width + gamma - 1)",
+           "fed = starts + (width + gamma)", "draft cache claims one position it was not fed"),
+    Mutant("loop-check-finite-off", "runtime/speculative.py", "    if not math.isfinite(",
+           "    if False and not math.isfinite(", "NaN from an engine passes silently"),
+    Mutant("loop-rollback-max", "runtime/speculative.py", "np.minimum(lengths, length, out=lengths)",
+           "np.maximum(lengths, length, out=lengths)", "rollback never shortens the cache"),
     # early stop
     Mutant("early-stop-flipped", "runtime/early_stop.py",
            "            return shallow_entropy < np.float64(self.tau_static)",
@@ -126,7 +132,15 @@ MUTANTS = [
            "            out[r, c] = sample_residual(rng, p.mean[r, j], p.sigma[r, j], q.mean[r, j], q.sigma[r, j])",
            "            out[r, c] = sample_gaussian(rng, p.mean[r, j], p.sigma[r, j])",
            "residual replaced by a plain sample of p"),
-    # manifest / hashes / parity gate
+    Mutant("jacobi-window-unset", "runtime/jacobi.py", "        have[act] = L\n", "",
+           "no guesses kept: every round a plain step (a speed bug)"),
+    # manifest / hashes / parity gate / backends' verification
+    Mutant("backend-onnx-no-verify", "runtime/backend_onnxruntime.py",
+           "            verify_engine_files(self.engine_dir, manifest)", "            pass",
+           "onnxruntime backend loads unverified files"),
+    Mutant("backend-aoti-no-verify", "runtime/backend_aoti.py",
+           "            verify_engine_files(self.engine_dir, manifest)", "            pass",
+           "aoti backend loads unverified files"),
     Mutant("hash-check-skipped", "runtime/manifest.py", "        if sha256_file(path) != entry.sha256:",
            "        if False:", "tampered engine files accepted"),
     Mutant("manifest-version-unchecked", "runtime/manifest.py",
@@ -163,13 +177,14 @@ def run_tests(tests, deselect, timeout: int) -> tuple[str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="run mutants whose id contains this")
+    ap.add_argument("--only", default="", help="run mutants whose id contains this (comma-separated: any of them)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--slow", action="store_true", help="also the two-sample tests on the shipped model")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json", default=str(ROOT / "runs" / "mutation.json"))
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.only in m.id]
+    wanted = [w for w in args.only.split(",")] or [""]
+    chosen = [m for m in MUTANTS if any(w in m.id for w in wanted)]
     if args.list:             # also checks that every snippet still occurs exactly once
         for m in chosen:
             count = (ROOT / m.file).read_text().count(m.old)

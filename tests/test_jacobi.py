@@ -240,3 +240,30 @@ def test_no_draft_export_option_leaves_out_every_draft_engine(random_checkpoint)
     without, reference = engine_modules(random_checkpoint, ExportOptions(target="onnx", gamma=2, draft=False))
     assert sorted(with_draft) == ["decoder", "draft_rollout_1", "draft_rollout_2", "draft_step", "target_verify"]
     assert sorted(without) == sorted(reference) == ["decoder", "target_verify"]
+
+
+def test_jacobi_loop_tests_each_guess_against_the_q_it_was_drawn_from(random_engines, monkeypatch):
+    """Loop plumbing (white box): the q a round tests each guess against is exactly the proposal the previous
+    round recorded for that token (next_mean / next_sigma), and the guess fed is the value that round emitted."""
+    import fastardiff.runtime.jacobi as jacobi
+
+    rounds = []
+    real = jacobi.resolve_slots
+
+    def recording(rng, guesses, k, p, q, window, coupling):
+        out = real(rng, guesses, k, p, q, window, coupling)
+        rounds.append((guesses.copy(), k.copy(), q.mean.copy(), q.sigma.copy(), *[a.copy() for a in out]))
+        return out
+
+    monkeypatch.setattr(jacobi, "resolve_slots", recording)
+    window = 3
+    generate(random_engines, [4], GenerationConfig(draft="jacobi", gamma=window, num_tokens=20, seed=6,
+                                                   temperature=6.0))
+    assert len(rounds) > 3
+    for before, after in zip(rounds, rounds[1:]):
+        _, _, _, _, accepted, out, next_mean, next_sigma = before
+        guesses, k, q_mean, q_sigma = after[:4]
+        used = int(k[0])
+        np.testing.assert_array_equal(q_mean[0, :used], next_mean[0, :used])
+        np.testing.assert_array_equal(q_sigma[0, :used], next_sigma[0, :used])
+        np.testing.assert_array_equal(guesses[0, :used], out[0, 1:1 + used].astype(np.float32))

@@ -463,3 +463,40 @@ def test_usage_errors_are_one_line(tmp_path):
                                   (export_main, ["--target", "onnx", "--out", "x", "--atol", "nan"], "[0, 1]")]:
         assert_user_error(*call(entry, args), fragment)
     assert files_under(tmp_path) == []
+
+
+def test_every_tampered_or_missing_engine_file_is_refused(tmp_path):
+    """verify_engine_files (what every backend calls before loading) refuses each engine file of the manifest,
+    rollouts included, when one byte changes or the file is gone, naming the file."""
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.manifest import load_manifest, verify_engine_files
+
+    d = write_manifest_dict(tmp_path / "eng", fake_manifest(tmp_path / "eng"))
+    manifest = load_manifest(d)
+    verify_engine_files(d, manifest)
+    for name, entry in manifest.engines.items():
+        path = d / entry.file
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(EngineError, match="sha256") as err:
+            verify_engine_files(d, manifest)
+        assert entry.file in str(err.value), name
+        path.unlink()
+        with pytest.raises(EngineError, match="missing"):
+            verify_engine_files(d, manifest)
+        path.write_bytes(original)
+    verify_engine_files(d, manifest)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_backends_verify_hashes_before_loading(backend, tmp_path):
+    """Each backend refuses a tampered engine by its sha256 before handing the file to its loader (the fake
+    files are not loadable: a backend that skipped the check would fail later, with another message)."""
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.engine import load_engines
+
+    pytest.importorskip("onnxruntime" if backend == "onnxruntime" else "torch")
+    d = write_manifest_dict(tmp_path / "eng", fake_manifest(tmp_path / "eng", backend=backend))
+    (d / "decoder.onnx").write_bytes(b"tampered")
+    with pytest.raises(EngineError, match="sha256"):
+        load_engines(d)

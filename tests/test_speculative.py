@@ -260,7 +260,7 @@ def test_nan_from_an_engine_is_an_error(random_engines):
             out = super().target_verify(*args)
             return out._replace(mean=np.full_like(out.mean, np.nan))
 
-    with pytest.raises(EngineError, match="NaN"):
+    with pytest.raises(EngineError, match="engine 'target_verify' returned NaN"):
         generate(NaNEngines(random_engines), [1], GenerationConfig())
 
 
@@ -321,3 +321,56 @@ def test_early_stop_drops_the_low_entropy_draft(random_engines):
     verify_widths = {c[1].shape[1] for c in rec.calls if c[0] == "target"}
     assert verify_widths == {1}
     assert sum(c[0] == "draft" for c in rec.calls) == 15
+
+
+def test_rejected_drafts_are_replaced_in_the_output(random_checkpoint, random_engines):
+    """From recorded verify calls (batch 1): the drafts a verify accepted are in the final tokens, and the token
+    at its first rejection differs from the rejected draft (the residual sample took its place). How many it
+    accepted is read off the next verify's cache length; verifies cut short = residual samples counted."""
+    T, nc = 32, random_checkpoint.config.n_cond
+    rec = RecordingEngines(random_engines)
+    stats = RunStats()
+    gen = GenerationConfig(gamma=3, early_stop="off", eta=0.0, num_tokens=T, seed=5, temperature=8.0)
+    tokens, _ = generate_tokens(rec, np.array([3]), gen, np.random.default_rng(2), stats)
+    final = tokens[0].astype(np.float32)
+    verifies = [(int(c[2][0]), c[1][0, 1:]) for c in rec.calls if c[0] == "target"]
+    cut = 0
+    for (length, drafts), (next_length, _) in zip(verifies, verifies[1:] + [(nc + T - 1, None)]):
+        first = length - nc + 1                           # token index of the first draft
+        accepted = next_length - length - 1
+        assert 0 <= accepted <= len(drafts)
+        np.testing.assert_array_equal(final[first: first + accepted], drafts[:accepted])
+        if accepted < len(drafts):
+            cut += 1
+            assert not np.array_equal(final[first + accepted], drafts[accepted])
+    assert cut == stats.residual_samples > 0 and stats.drafts_accepted > 0
+
+
+class RolloutRecorder:
+    """Engines whose draft_rollout calls are recorded: (cache lengths, tokens fed, gamma)."""
+
+    def __init__(self, engines):
+        self.inner, self.manifest, self.calls = engines, engines.manifest, []
+        self.rollouts = {g: self._recording(g, fn) for g, fn in engines.rollouts.items()}
+
+    def _recording(self, gamma, fn):
+        def run(tokens, lengths, *rest):
+            self.calls.append((lengths.copy(), tokens.shape[1], gamma))
+            return fn(tokens, lengths, *rest)
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_rollout_loop_never_claims_an_unfed_cache_position(random_engines):
+    """Speed contract of the rollout path: a draft_rollout call fills the cache through its fed window and its
+    drafts but the last (never fed); the next call's cache length may not exceed that (junk keys would be
+    treated as valid, changing later drafts though not the output distribution)."""
+    rec = RolloutRecorder(random_engines)
+    stats = RunStats()
+    gen = GenerationConfig(gamma=2, early_stop="off", eta=0.0, num_tokens=40, seed=2, temperature=8.0)
+    generate_tokens(rec, np.array([1]), gen, np.random.default_rng(4), stats)
+    assert len(rec.calls) > 5 and stats.bonus_tokens > 0          # some rounds accepted every draft
+    for (length, width, gamma), (next_length, _, _) in zip(rec.calls, rec.calls[1:]):
+        assert int(next_length[0]) <= int(length[0]) + width + gamma - 1
