@@ -42,7 +42,8 @@ def _interleaved(engines, classes, gens: dict, repeats: int, max_batch: int) -> 
 
     for gen in gens.values():
         generate(engines, classes, gen, max_batch=max_batch)
-    stats = {key: RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma) for key, gen in gens.items()}
+    stats = {key: RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
+             for key, gen in gens.items()}
     for r in range(repeats):
         for key, gen in gens.items():
             generate(engines, classes, replace(gen, seed=gen.seed + r), stats[key], max_batch)

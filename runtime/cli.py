@@ -42,8 +42,8 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
               help="What proposes the tokens the target verifies: the draft model, or the target's own previous "
                    "guesses (speculative Jacobi decoding, no draft engine needed); 'auto' picks the faster with "
                    "--gamma auto (the model draft with an explicit --gamma).")
-@click.option("--coupling/--no-coupling", default=True, show_default=True,
-              help="Jacobi: maximal coupling of new guesses with the old ones (--no-coupling: independent, SJD).")
+@click.option("--coupling", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Jacobi: maximal coupling of new guesses with the old ones ('off': independent guesses, SJD).")
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True,
               help="Entropy early stopping of drafting.")
 @click.option("--mode", type=click.Choice(["speculative", "target"]), default="speculative", show_default=True,
@@ -93,7 +93,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
         draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
     gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft,
-                           coupling=coupling, early_stop=early_stop, temperature=temperature,
+                           coupling=coupling == "on", early_stop=early_stop, temperature=temperature,
                            cfg_scale=cfg_scale, eta=eta, seed=seed)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,

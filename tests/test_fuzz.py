@@ -131,7 +131,7 @@ def run_flags(draw):
     if draw(st.booleans()):
         flags += ["--draft", draw(st.sampled_from(["auto", "model", "jacobi", "eagle"]))]
     if draw(st.booleans()):
-        flags += [draw(st.sampled_from(["--coupling", "--no-coupling"]))]
+        flags += ["--coupling", draw(st.sampled_from(["on", "off", "maybe"]))]
     outputs = draw(st.sets(st.sampled_from(["--out", "--out-dir", "--stats-json"]), min_size=1))
     return flags, sorted(outputs)
 

@@ -221,7 +221,7 @@ def test_run_cli_draft_jacobi(random_checkpoint_path, tmp_path, capsys):
 
     stats = tmp_path / "stats.json"
     code, out, err = run_cli(["run", "--ckpt", str(random_checkpoint_path), "--prompt", "3,4", "--draft", "jacobi",
-                              "--gamma", "4", "--no-coupling", "--out", str(tmp_path / "a.png"), "--stats-json",
+                              "--gamma", "4", "--coupling", "off", "--out", str(tmp_path / "a.png"), "--stats-json",
                               str(stats)], capsys)
     assert code == 0, err
     summary = json.loads(stats.read_text())
