@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_PROPOSALS = 1 << 22
 MAX_CHUNK = 1 << 13
-FIRST_CHUNK = 32
+FIRST_CHUNK = 16
 
 
 class TokenDistribution(NamedTuple):

@@ -104,13 +104,12 @@ class AREngine:
         # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
         # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
         start = np.minimum(lengths, cache.capacity - width)
-        upto = int(start.max())
         rows, tokens, starts, cond = self._feed(seq, samples, start, width)
         ends = np.concatenate([end, end]) if self.guided else end
         if rows is None and cache.capacity == self.seq_len:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
         else:
-            k, v = cache.view(rows, upto)
+            k, v = cache.view(rows, int(start.max()))
         out = self._timed(self.fn, tokens, starts, k, v, cond)
         if self.stage == "draft":
             self.stats.draft_calls += 1
