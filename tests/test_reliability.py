@@ -488,14 +488,21 @@ def test_every_tampered_or_missing_engine_file_is_refused(tmp_path):
     verify_engine_files(d, manifest)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
-def test_backends_verify_hashes_before_loading(backend, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti", "tensorrt"])
+def test_backends_verify_hashes_before_loading(backend, tmp_path, monkeypatch):
     """Each backend refuses a tampered engine by its sha256 before handing the file to its loader (the fake
-    files are not loadable: a backend that skipped the check would fail later, with another message)."""
+    files are not loadable: a backend that skipped the check would fail later, with another message).
+    TensorRT: a stand-in module with the API's Builder attribute (the check runs before any TensorRT call)."""
+    import sys
+    import types
+
     from fastardiff.errors import EngineError
     from fastardiff.runtime.engine import load_engines
 
-    pytest.importorskip("onnxruntime" if backend == "onnxruntime" else "torch")
+    if backend == "tensorrt":
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.16.1", Builder=object))
+    else:
+        pytest.importorskip("onnxruntime" if backend == "onnxruntime" else "torch")
     d = write_manifest_dict(tmp_path / "eng", fake_manifest(tmp_path / "eng", backend=backend))
     (d / "decoder.onnx").write_bytes(b"tampered")
     with pytest.raises(EngineError, match="sha256"):
