@@ -260,32 +260,31 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         click.echo(f"wrote {path}")
 
 
+def _lengths(spec: str, option: str, forms: str, what: str) -> list[int]:
+    """A comma-separated list of lengths >= 1, sorted and deduplicated, or one error line naming `option`."""
+    try:
+        values = sorted({int(v) for v in str(spec).split(",") if v.strip()})
+    except ValueError:
+        raise FastardiffError(f"{option} '{spec}' must be {forms}") from None
+    if not values or min(values) < 1:
+        raise FastardiffError(f"{option} '{spec}': {what} must be >= 1")
+    return values
+
+
 def _gammas(spec: str, available: list[int]):
     text = str(spec).strip().lower()
     if text == "auto":
         return "auto"
     if text == "all":
         return available or [4]
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise FastardiffError(f"--gamma '{spec}' must be N, a list like 2,4,6, 'all' or 'auto'") from None
-    if not values or min(values) < 1:
-        raise FastardiffError(f"--gamma '{spec}': draft lengths must be >= 1")
-    return values
+    return _lengths(spec, "--gamma", "N, a list like 2,4,6, 'all' or 'auto'", "draft lengths")
 
 
 def _windows(spec: str):
     text = str(spec).strip().lower()
     if text in ("auto", "none"):
         return "auto" if text == "auto" else []
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise FastardiffError(f"--jacobi '{spec}' must be a list like 2,4,8, 'auto' or 'none'") from None
-    if not values or min(values) < 1:
-        raise FastardiffError(f"--jacobi '{spec}': window lengths must be >= 1")
-    return values
+    return _lengths(spec, "--jacobi", "a list like 2,4,8, 'auto' or 'none'", "window lengths")
 
 
 @bench_command.command("kernels", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kv_cache import windows
 from .sampling import TokenDistribution, log_density_ratio, sample_gaussian, sample_residual
 
 
@@ -79,8 +80,6 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
                   window: int, coupling: bool, rng: np.random.Generator, stats) -> None:
     """Run Jacobi rounds until every sample has `total` tokens; fills seq / token_entropy in place like the
     model-draft loop (seq needs window + 1 spare positions per row, token_entropy window + 1 spare columns)."""
-    from .speculative import windows
-
     B, D, L = seq.shape[0], seq.shape[-1], window
     guess_mean = np.zeros((B, total + L + 1, D))        # q of the guess at token index j, column j
     guess_sigma = np.ones((B, total + L + 1))
@@ -88,7 +87,6 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
     seq_windows, out_windows, entropy_windows = windows(seq, L), windows(seq, L + 1), windows(token_entropy, L + 1)
     mean_windows, sigma_windows = windows(guess_mean, L), windows(guess_sigma, L)
     while (act := np.flatnonzero(n < total)).size:
-        R = len(act)
         na = n[act]
         base = n_cond + na                                # position of token na, the first one this round makes
         k = np.minimum(have[act], total - 1 - na)         # guesses verified (0: a plain target step)
@@ -104,12 +102,4 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
         n[act] = first
         have[act] = L
         target.rollback(act, base + accepted)            # = n_cond + n - 1: the new token is not fed yet
-
-        if stats.track_positions:
-            stats.record_positions(k, accepted)
-        bonus = int((accepted == k).sum())
-        stats.verifies += R
-        stats.drafts_proposed += int(k.sum())
-        stats.drafts_accepted += int(accepted.sum())
-        stats.residual_samples += R - bonus
-        stats.bonus_tokens += bonus
+        stats.record_round(k, accepted)

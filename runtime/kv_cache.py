@@ -63,9 +63,15 @@ class KVCache:
         """Writable strided views [L, B, H, S - size + 1, size, Dh] of the buffers: window s of a row is its
         positions s .. s+size-1 (windows overlap in memory; a write touches one window per row)."""
         if size not in self._window_views:
-            def windows(a):
-                L, B, H, S, Dh = a.shape
-                return np.lib.stride_tricks.as_strided(a, (L, B, H, S - size + 1, size, Dh),
-                                                       a.strides[:4] + a.strides[3:], writeable=True)
-            self._window_views[size] = windows(self.k), windows(self.v)
+            self._window_views[size] = windows(self.k, size, axis=3), windows(self.v, size, axis=3)
         return self._window_views[size]
+
+
+def windows(buffer: np.ndarray, size: int, axis: int = 1) -> np.ndarray:
+    """Writable strided view of `buffer` with its axis `axis` (P positions) replaced by (P - size + 1, size):
+    window s holds positions s .. s+size-1, so one fancy index per row reads or writes a window per row
+    (windows overlap in memory)."""
+    shape, strides = buffer.shape, buffer.strides
+    return np.lib.stride_tricks.as_strided(
+        buffer, shape[:axis] + (shape[axis] - size + 1, size) + shape[axis + 1:],
+        strides[:axis + 1] + strides[axis:], writeable=True)

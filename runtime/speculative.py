@@ -24,7 +24,7 @@ from fastardiff.errors import EngineError, FastardiffError
 from .distribution import SigmaParams
 from .early_stop import EarlyStop
 from .jacobi import jacobi_rounds
-from .kv_cache import KVCache
+from .kv_cache import KVCache, windows
 from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian, token_distribution
 from .stats import RunStats
 
@@ -295,24 +295,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         n[act] = na + accepted + 1
         target.rollback(act, base + accepted)          # = nc + n - 1: the new token is not fed yet
         draft.rollback(act, base + accepted)
-        if stats.track_positions:
-            stats.record_positions(k, accepted)
-        bonus = int((accepted == k).sum())
-        stats.verifies += R
-        stats.drafts_proposed += int(k.sum())
-        stats.drafts_accepted += int(accepted.sum())
-        stats.residual_samples += R - bonus          # accepted < k: a rejection, replaced by a residual sample
-        stats.bonus_tokens += bonus
+        stats.record_round(k, accepted)
     stats.tokens += B * total
     return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
-
-
-def windows(buffer: np.ndarray, size: int) -> np.ndarray:
-    """Writable strided view [B, P - size + 1, size, ...] of buffer [B, P, ...]: window s of a row is its positions
-    s .. s+size-1, so one fancy index (rows, starts) reads or writes a window per row."""
-    B, P = buffer.shape[:2]
-    return np.lib.stride_tricks.as_strided(buffer, (B, P - size + 1, size) + buffer.shape[2:],
-                                           buffer.strides[:2] + buffer.strides[1:], writeable=True)
 
 
 def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_drafts, G: int, rng, stats):

@@ -44,6 +44,18 @@ class RunStats:
     position_proposed: list = field(default_factory=list)
     position_accepted: list = field(default_factory=list)
 
+    def record_round(self, proposed, accepted) -> None:
+        """One verify per row: `proposed` [R] drafts (or Jacobi guesses) tested, `accepted` [R] of them kept;
+        each row then emits one more token, a residual sample after a rejection or the bonus when all passed."""
+        if self.track_positions:
+            self.record_positions(proposed, accepted)
+        rows, bonus = len(accepted), int((accepted == proposed).sum())
+        self.verifies += rows
+        self.drafts_proposed += int(proposed.sum())
+        self.drafts_accepted += int(accepted.sum())
+        self.residual_samples += rows - bonus
+        self.bonus_tokens += bonus
+
     def record_positions(self, num_drafts, accepted) -> None:
         import numpy as np
 
