@@ -169,6 +169,37 @@ def check_plugin_graph(model: onnx.ModelProto) -> None:
         raise ValueError(f"the TensorRT graph still has local functions {[f.name for f in model.functions]}")
 
 
+# ---------------------------------------------------------------------------------------------- precision
+
+WEIGHT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
+
+
+def weight_precisions(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements of the graph's floating-point initializers (its weights), per precision name."""
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_type in WEIGHT_TYPES:
+            n = 1
+            for d in init.dims:
+                n *= d
+            counts[WEIGHT_TYPES[init.data_type]] = counts.get(WEIGHT_TYPES[init.data_type], 0) + n
+    return counts
+
+
+def check_graph_precision(model: onnx.ModelProto, precision: str, label: str) -> None:
+    """A strongly typed TensorRT network computes in the graph's own types, so the graph must be typed in the
+    precision asked for: most weight elements in that type (a few fp32 constants, e.g. in LayerNorm, may stay)."""
+    counts = weight_precisions(model)
+    if not counts:
+        return  # no float weights: nothing decides the precision
+    dominant = max(counts, key=counts.get)
+    if dominant != precision:
+        raise ValueError(f"engine '{label}': the exported ONNX graph's weights are mostly {dominant} "
+                         f"({counts[dominant]} of {sum(counts.values())} elements), not {precision}; a strongly "
+                         f"typed TensorRT build would run it in {dominant}: export the modules cast to {precision} "
+                         "(targets.engine_modules with --precision)")
+
+
 # ---------------------------------------------------------------------------------------------- swap back
 
 def _decomposition(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:

@@ -6,11 +6,18 @@ node, graph pass stamps plugin_namespace / plugin_version), check that every oth
   --onnx-only   stop there (backend "tensorrt-onnx"; the runtime refuses these with a message saying they need a
                 TensorRT build). Parity: the graph with the plugin nodes swapped back to the reference decomposition,
                 run by ONNX Runtime when it is installed (the plugin itself does not run).
-  otherwise     TensorRT Python API: plugin library registered before parsing, OnnxParser, builder config with
-                the precision flag (fp16 / bf16), one optimisation profile (min/opt/max of batch, K, cache), a
-                timing cache kept beside the engine directory, a progress monitor; the serialised .engine is run
-                by the tensorrt backend's runner for parity. The manifest records the TensorRT version, the plugin
-                library (copied into the engine dir) with its sha256, and the GPU name / compute capability.
+  otherwise     TensorRT Python API: plugin library registered before parsing, OnnxParser into a strongly typed
+                network, one optimisation profile (min/opt/max of batch, K, cache), a timing cache kept beside the
+                engine directory, a progress monitor; the serialised .engine is run by the tensorrt backend's
+                runner for parity. The manifest records the TensorRT version, the plugin library (copied into the
+                engine dir) with its sha256, and the GPU name / compute capability.
+
+Precision (TensorRT 10.x and 11.x alike): the network is strongly typed (NetworkDefinitionCreationFlag
+.STRONGLY_TYPED; 11.x is always strongly typed and ignores the flag), so every tensor keeps the type the ONNX
+graph gives it. An fp16/bf16 export is an fp16/bf16-typed graph (CastWrapper: weights and activations in that
+type, fp32 at the engine interface), checked by trt_graph.check_graph_precision; the FP16/BF16 builder flags are
+never set (deprecated since 10.12, gone in 11.x, refused with a strongly typed network). fp32 builds clear
+BuilderFlag.TF32 (on by default), or fp32 matmuls would round their inputs to 10-bit mantissas.
 """
 from __future__ import annotations
 
@@ -75,8 +82,10 @@ def require_gpu() -> dict:
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
-def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: ShapeProfile, path: Path) -> int:
-    """Export one engine with entropy-attention plugin nodes; returns the number of plugin nodes."""
+def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: ShapeProfile, path: Path,
+                       precision: str = "fp32") -> int:
+    """Export one engine with entropy-attention plugin nodes; returns the number of plugin nodes. The graph's
+    weights must be of `precision`'s type: a strongly typed TensorRT build takes its precision from them."""
     trt_graph.use_plugin_attention(module)
     inputs, outputs = ENGINE_IO[name]
     export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile),
@@ -84,6 +93,7 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
     trt_graph.check_plugin_graph(model)
+    trt_graph.check_graph_precision(model, precision, name)
     onnx.checker.check_model(model)
     tmp = path.with_suffix(".onnx.tmp")
     onnx.save(model, str(tmp))
@@ -144,40 +154,87 @@ def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile) 
     return {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "unknown"
+
+
 def timing_cache_path(work_dir: Path, trt, gpu: dict) -> Path:
-    """Beside the engine directory (work_dir is a temp dir in the same parent), per TensorRT version and GPU."""
+    """Beside the engine directory (work_dir is a temp dir in the same parent), one file per TensorRT version and
+    GPU model (name and compute capability: two GPUs of one architecture time tactics differently)."""
     cc = gpu.get("compute_capability", "unknown").replace(".", "")
-    return work_dir.parent / f".fastardiff-trt-timing-{trt.__version__}-sm{cc}.cache"
+    return work_dir.parent / f".fastardiff-trt-timing-{trt.__version__}-{_slug(gpu.get('name', ''))}-sm{cc}.cache"
+
+
+def network_flags(trt) -> int:
+    """create_network flags for a strongly typed network. The enum value differs (10.x: STRONGLY_TYPED = 1 after
+    the deprecated EXPLICIT_BATCH; 11.x: 0, kept for compatibility and ignored), so the bit comes from the enum."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)  # no such flag: a TensorRT where strong typing is the only mode
+
+
+def configure_precision(trt, config, precision: str) -> None:
+    """The strongly typed network carries the precision; no FP16/BF16 flag. fp32: TF32 off (on by default)."""
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+
+
+def attach_timing_cache(config, path: Path, label: str):
+    """Attach the kept timing cache, or a fresh one when TensorRT refuses it (other GPU / TensorRT, or corrupt:
+    set_timing_cache returns False, create_timing_cache may return None). Returns the attached cache (keep it
+    alive until the build is done) or None when not even a fresh cache was accepted."""
+    blob = path.read_bytes() if path.exists() else b""
+    if blob:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        log.warning("%s: TensorRT refused the timing cache '%s' (built on another GPU or TensorRT, or damaged); "
+                    "timing tactics from scratch with a fresh cache", label, path.name)
+    cache = config.create_timing_cache(b"")
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    log.warning("%s: TensorRT refused a fresh timing cache; building without one (tactic timings are not kept)",
+                label)
+    return None
+
+
+def save_timing_cache(config, path: Path, label: str) -> bool:
+    """Write the config's timing cache (atomically); False when there is none to write."""
+    cache = config.get_timing_cache()  # None when no cache is attached
+    blob = cache.serialize() if cache is not None else None
+    data = bytes(blob) if blob is not None else b""
+    if not data:
+        log.warning("%s: no timing cache to keep (TensorRT returned none); the next build times tactics again",
+                    label)
+        return False
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
 
 
 def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, precision: str,
                  timing_cache: Path, label: str) -> None:
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise FastardiffError(f"TensorRT could not parse '{onnx_path.name}': {errors[:400]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    configure_precision(trt, config, precision)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = attach_timing_cache(config, timing_cache, label)
     config.progress_monitor = make_progress_monitor(trt)(label)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FastardiffError(f"TensorRT failed to build '{label}' (see the TensorRT log above)")
     engine_path.write_bytes(bytes(serialized))
-    tmp = timing_cache.with_suffix(".tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(tmp, timing_cache)
+    if cache is not None:
+        save_timing_cache(config, timing_cache, label)
 
 
 def tensorrt_runner(trt, logger, engine_path: Path, label: str):
@@ -207,7 +264,8 @@ def build_trt(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> T
         layers = engine_layers(ckpt, name)
         onnx_file = f"{name}.onnx"
         example = trace_inputs(cfg, name, layers, profile, "cpu")
-        plugin_counts[name] = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / onnx_file)
+        plugin_counts[name] = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / onnx_file,
+                                                 opts.precision)
         log.debug("%s: %d plugin nodes", name, plugin_counts[name])
         if opts.onnx_only:
             run, why_not = decomposed_onnx_runner(work_dir / onnx_file)

@@ -7,8 +7,15 @@ exists and has its sha256 -> a CUDA GPU with the manifest's compute capability -
 
 Device memory is torch CUDA tensors (torch imported lazily, only by this backend). Inputs bind by address with
 set_tensor_address: numpy arrays are copied to the device once per call (the Engines interface is numpy), while
-torch CUDA tensors of the engine's dtype are bound as they are, without a copy (`run_device`), which is how a
-caller that keeps its KV cache on the GPU avoids copies. Outputs come back as numpy through the interface.
+torch CUDA tensors of the engine's dtype, contiguous and 256-byte aligned (TensorRT's requirement for bound
+addresses) are bound as they are, without a copy (`run_device`), which is how a caller that keeps its KV cache on
+the GPU avoids copies; any other tensor is copied into a 256-byte aligned buffer. Zero-element tensors (an empty
+cache) are bound to a small dummy buffer: TensorRT wants a non-null address for every input and output.
+
+Streams: the engine runs on its own stream, which first waits on the caller's stream (the inputs the caller
+produced there are ready); outputs are allocated on the caller's stream and the caller's stream waits on the
+engine's after the enqueue, so the caller may use them, or free them, in stream order without a host sync.
+Outputs come back as numpy through the interface (the copy to the host synchronises the caller's stream).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from .manifest import Manifest, sha256_file, verify_engine_files
 log = logging.getLogger("fastardiff.runtime")
 
 PLUGIN_LIBRARY = "libfastardiff_trt_plugin.so"
+ALIGNMENT = 256  # bytes: the alignment TensorRT requires of every address bound with set_tensor_address
 PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION = "EntropyAttention", "fastardiff", "1"
 BUILD_HINT = ("build it with `cmake -S . -B build/plugin -DTENSORRT_ROOT=/path/to/TensorRT && "
               "cmake --build build/plugin -j` (from the fastardiff source tree)")
@@ -132,6 +140,7 @@ class TensorRTRunner:
         self.inputs = list(inputs) if inputs is not None else self.inputs
         self.outputs = list(outputs) if outputs is not None else self.outputs
         self.dtypes = {n: self._torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self._dummy = None  # the address bound for zero-element tensors, allocated on first use
 
     def _torch_dtype(self, dt):
         trt, torch = self.trt, self.torch
@@ -144,40 +153,66 @@ class TensorRTRunner:
                               "cannot bind")
         return table[dt]
 
+    def _aligned_empty(self, shape, dtype):
+        """An uninitialised tensor whose storage starts on a 256-byte boundary (torch's CUDA allocator already
+        aligns to 512; the CPU allocator used by the tests only to 64, hence the explicit offset)."""
+        torch = self.torch
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=self.device)
+        offset = (-raw.data_ptr()) % ALIGNMENT
+        return raw[offset:offset + nbytes].view(dtype).view(shape)
+
     def _device_tensor(self, name: str, x):
         torch = self.torch
         if (isinstance(x, torch.Tensor) and x.device.type == self.device and x.dtype == self.dtypes[name]
-                and x.is_contiguous()):
+                and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0):
             return x  # bound in place: no copy
         if not isinstance(x, torch.Tensor):
             x = torch.from_numpy(np.ascontiguousarray(x))
-        return x.to(device=self.device, dtype=self.dtypes[name], non_blocking=True).contiguous()
+        out = self._aligned_empty(tuple(x.shape), self.dtypes[name])
+        out.copy_(x, non_blocking=True)
+        return out
 
-    def run_device(self, arrays) -> list:
-        """Inputs in engine order (numpy or torch CUDA tensors) -> output torch CUDA tensors."""
-        import contextlib
+    def _address(self, t) -> int:
+        if t.numel() == 0:  # torch gives empty tensors address 0; TensorRT refuses null I/O addresses
+            if self._dummy is None:
+                self._dummy = self._aligned_empty((ALIGNMENT,), self.torch.uint8)
+            return self._dummy.data_ptr()
+        return t.data_ptr()
 
+    def _bind(self, name: str, t) -> None:
+        address = self._address(t)
+        if not self.context.set_tensor_address(name, address):
+            raise EngineError(f"engine '{self.label}': TensorRT refused address {address:#x} for tensor '{name}' "
+                              "(not one of the engine's tensors, or not a 256-byte aligned device pointer); re-export "
+                              "the engines with `fastardiff export --target trt --force`")
+
+    def run_device(self, arrays, caller_stream=None) -> list:
+        """Inputs in engine order (numpy or torch tensors) -> output torch tensors on the engine's device, ready
+        in the order of `caller_stream` (default: torch's current stream; no host synchronisation here)."""
         torch = self.torch
         if len(arrays) != len(self.inputs):
             raise EngineError(f"engine '{self.label}' takes {len(self.inputs)} inputs {self.inputs}, got {len(arrays)}")
-        on_stream = torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()
-        with on_stream:
-            bound = [self._device_tensor(n, a) for n, a in zip(self.inputs, arrays)]
-            for name, t in zip(self.inputs, bound):
-                if not self.context.set_input_shape(name, tuple(t.shape)):
-                    raise EngineError(f"engine '{self.label}': input '{name}' shape {tuple(t.shape)} is outside the "
-                                      "optimisation profile it was built with; re-export with a larger --batch/--gamma")
-                self.context.set_tensor_address(name, t.data_ptr())
-            outs = []
-            for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
-                out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-                self.context.set_tensor_address(name, out.data_ptr())
-                outs.append(out)
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError(f"TensorRT failed to enqueue engine '{self.label}' (see the TensorRT log above)")
-        self.stream.synchronize()
-        del bound  # kept alive until the stream finished
+        caller = caller_stream if caller_stream is not None else (
+            torch.cuda.current_stream() if self.device == "cuda" else self.stream)
+        bound = [self._device_tensor(n, a) for n, a in zip(self.inputs, arrays)]  # on the caller's stream
+        for name, t in zip(self.inputs, bound):
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise EngineError(f"engine '{self.label}': input '{name}' shape {tuple(t.shape)} is outside the "
+                                  "optimisation profile it was built with; re-export with a larger --batch/--gamma")
+            self._bind(name, t)
+        outs = []
+        for name in self.outputs:
+            out = self._aligned_empty(tuple(self.context.get_tensor_shape(name)), self.dtypes[name])
+            self._bind(name, out)
+            outs.append(out)
+        self.stream.wait_stream(caller)       # inputs (and the output buffers) are ready before the engine reads
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError(f"TensorRT failed to enqueue engine '{self.label}' (see the TensorRT log above)")
+        if self.device == "cuda":
+            for t in bound + outs:            # memory the engine stream still uses is not reused before it is done
+                t.record_stream(self.stream)
+        caller.wait_stream(self.stream)       # the caller's later work sees the outputs
         return outs
 
     def __call__(self, arrays) -> list[np.ndarray]:

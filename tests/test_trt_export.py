@@ -1,7 +1,7 @@
 """The `trt` target without TensorRT: the --onnx-only graph carries the plugin nodes the TensorRT parser and the
 plugin creator read; swapped back to the reference it matches the `onnx` export numerically (ONNX Runtime);
 clear errors for a missing tensorrt package, an unbuilt --onnx-only directory, and the backend's version/plugin checks.
-(What runs on a TensorRT machine is only compiled/inspected here: see /work/notes/trt.md.)"""
+(What runs on a TensorRT machine is only compiled/inspected here: README, "What was verified, and what was not".)"""
 from __future__ import annotations
 
 import importlib.util
@@ -281,12 +281,15 @@ def test_target_trt_without_plugin_library_names_cmake(random_checkpoint_path, t
     assert not out.exists()
 
 
-def test_fp16_plugin_graph_feeds_half_tensors(random_checkpoint, tmp_path, tiny_config):
-    """--precision fp16: the plugin nodes take float16 q/k/v (the plugin's fp16 kernel) and int64 lengths; the graph,
-    swapped back to the reference, stays within fp16 tolerance of the fp32 PyTorch model."""
+def test_fp16_plugin_graph_feeds_half_tensors(random_checkpoint, tmp_path, tiny_config, monkeypatch):
+    """--precision fp16: the graph is fp16-typed (what a strongly typed TensorRT build computes in): fp16 weights,
+    the plugin nodes take float16 q/k/v (the plugin's fp16 kernel) and int64 lengths; the graph, swapped back to the
+    reference, stays within fp16 tolerance of the fp32 PyTorch model. An fp32-typed graph is refused for fp16."""
     from fastardiff.exporter.engine_modules import shape_profiles
     from fastardiff.exporter.targets import ExportOptions, engine_modules, trace_inputs
-    from fastardiff.exporter.trt_graph import decompose_plugin_nodes, plugin_nodes
+    from fastardiff.exporter.trt_graph import (check_graph_precision, decompose_plugin_nodes, plugin_nodes,
+                                               weight_precisions)
+    from fastardiff.exporter import trt_target
     from fastardiff.exporter.trt_target import export_plugin_onnx
 
     opts = ExportOptions(target="trt", precision="fp16", onnx_only=True)
@@ -295,8 +298,16 @@ def test_fp16_plugin_graph_feeds_half_tensors(random_checkpoint, tmp_path, tiny_
     layers = tiny_config.target_layers
     path = tmp_path / "target_verify.onnx"
     assert export_plugin_onnx("target_verify", modules["target_verify"], trace_inputs(tiny_config, "target_verify",
-                              layers, profile), profile, path) == 2
+                              layers, profile), profile, path, "fp16") == 2
     model = onnx.load(str(path))
+    assert set(weight_precisions(model)) == {"fp16"}
+    with pytest.raises(ValueError, match="weights are mostly fp16.*not fp32"):
+        check_graph_precision(model, "fp32", "target_verify")
+    # the export itself refuses a graph typed otherwise than asked (the ONNX export step replaced by the file above)
+    monkeypatch.setattr(trt_target, "export_onnx_file", lambda *args, **kwargs: path)
+    with pytest.raises(ValueError, match="target_verify.*mostly fp16"):
+        export_plugin_onnx("target_verify", modules["target_verify"], (), profile, path, "fp32")
+    assert {i.type.tensor_type.elem_type for i in model.graph.input if i.name == "tokens"} == {onnx.TensorProto.FLOAT}
     types_ = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
     for node in plugin_nodes(model):
         assert [types_[i] for i in node.input] == [onnx.TensorProto.FLOAT16] * 3 + [onnx.TensorProto.INT64]
