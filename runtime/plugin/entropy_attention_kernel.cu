@@ -152,6 +152,7 @@ int launch_typed(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q,
     const size_t smem = smem_bytes((int)head_dim);
     if (smem > 48 * 1024 &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();  // consume the error: it must not surface at the next, unrelated CUDA call
         return FASTARDIFF_CUDA_ERROR;
     }
     const int64_t row_blocks = (num_q + kWarps - 1) / kWarps;
@@ -160,7 +161,9 @@ int launch_typed(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q,
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), lengths, lengths_dtype,
         (int)heads, (int)num_q, (int)num_k, (int)head_dim, scale, normalize, static_cast<T*>(out),
         static_cast<T*>(entropy));
-    return cudaPeekAtLastError() == cudaSuccess ? FASTARDIFF_OK : FASTARDIFF_CUDA_ERROR;
+    // cudaGetLastError (not Peek): reads and clears this launch's error, so a failed launch is reported here,
+    // once, and not again by whatever CUDA call TensorRT or torch makes next on this thread
+    return cudaGetLastError() == cudaSuccess ? FASTARDIFF_OK : FASTARDIFF_CUDA_ERROR;
 }
 
 template <typename T>

@@ -31,7 +31,7 @@ enum FastardiffIndexType {
 enum FastardiffStatus {
     FASTARDIFF_OK = 0,
     FASTARDIFF_BAD_ARGUMENT = 1,   // unsupported dtype, head dim, or negative/zero sizes
-    FASTARDIFF_CUDA_ERROR = 2,     // the launch failed (cudaGetLastError() holds the CUDA error)
+    FASTARDIFF_CUDA_ERROR = 2,     // the launch failed (the CUDA error was read and cleared)
 };
 
 // Largest head dim the kernel handles (keys/values are staged in shared memory, 32 keys per tile).
