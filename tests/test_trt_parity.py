@@ -45,3 +45,29 @@ def test_polygraphys_verdict_must_agree_with_the_count(monkeypatch):
         compare_arrays(ref, np.array([0.0, 0.0, 0.0, 1.0]), atol=1e-4, rtol=1e-3)
     monkeypatch.setattr(parity, "_polygraphy_compare", real)
     assert not real(ref, np.array([0.0, 0.0, 0.0, 1.0]), 1e-4, 1e-3)  # the real one fails it
+
+
+def test_engine_parity_compares_each_output_once_and_names_the_failing_shape(tiny_config, monkeypatch):
+    """One comparison per output over all shapes; a failure is traced back to its shape."""
+    import torch
+
+    from fastardiff.exporter.engine_modules import make_engine_modules, shape_profiles
+    from fastardiff.recipes.models import build_models
+
+    torch.manual_seed(0)
+    decoder = make_engine_modules(*build_models(tiny_config))["decoder"].eval()
+    profile = shape_profiles(tiny_config, 4, 2)["decoder"]
+    calls = []
+    real = parity.compare_arrays
+    monkeypatch.setattr(parity, "compare_arrays", lambda r, g, a, t: calls.append(r.shape) or real(r, g, a, t))
+
+    def engine(inputs, nudge_batch=None):
+        with torch.no_grad():
+            out = decoder(*inputs).numpy()
+        return [out + 1e-2 if out.shape[0] == nudge_batch else out]
+
+    report = parity.check_engine_parity("decoder", engine, decoder, tiny_config, 0, profile, 1e-4, 1e-3)
+    assert len(calls) == 1 and report["outputs"]["image"]["mismatches"] == 0
+    assert report["outputs"]["image"]["elements"] == sum(b for b, _, _ in report["shapes"]) * 32 * 32
+    with pytest.raises(ParityError, match="'decoder' output 'image' differs.*at batch=4 K=64 cache=0"):
+        parity.check_engine_parity("decoder", lambda x: engine(x, 4), decoder, tiny_config, 0, profile, 1e-4, 1e-3)
