@@ -2,7 +2,9 @@
 
   fastardiff bench pipeline   per-image time of target-only vs speculative decoding on ONNX Runtime and on the
                               torch reference backend, side by side in one run, with the share of wall time
-                              spent outside the engines (sampling, KV-cache bookkeeping, Python).
+                              spent outside the engines (sampling, KV-cache bookkeeping, Python). --device cuda:
+                              AOTInductor engines exported for CUDA and torch on CUDA instead; --config NAME:
+                              a preset with seeded random weights (timing only) instead of a checkpoint.
   fastardiff bench kernels    the entropy-attention kernel benchmark (fastardiff.exporter.bench_kernels or
                               benchmarks/bench_kernels.py, when present).
 """
@@ -25,6 +27,8 @@ log = logging.getLogger("fastardiff.bench")
 COLUMNS = ("backend", "batch", "mode", "gamma", "ms/image", "speedup", "model speedup", "draft %", "verify %",
            "decode %", "outside engines %", "tok/target call", "accept rate")
 COST_COLUMNS = ("backend", "batch", "gamma", "target step ms", "rollout ms", "verify ms", "decode ms")
+EXPORT_MAX_BATCH = 8    # what `fastardiff export --batch` accepts (exporter/targets.check_options)
+BENCH_MAX_BATCH = 64    # the torch backend takes any batch; exported engines only up to their export's
 
 
 @click.group("bench")
@@ -182,9 +186,15 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of speedup against gamma (default: beside --json).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: ONNX Runtime (exported unless --engine) and torch on CPU. cuda: AOTInductor engines "
+                   "exported for CUDA (unless --aoti-engine) and torch on CUDA; ONNX Runtime only with --engine.")
+@click.option("--config", "config_name", default=None,
+              help="A preset (e.g. mar-b-like) with seeded random weights instead of --ckpt: timing only.")
+@click.option("--no-export", is_flag=True, help="Export nothing: time --engine / --aoti-engine and torch only.")
 def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, jacobi_spec, early_stop, seed,
-                     threads, json_path, plot_path):
-    """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU)."""
+                     threads, json_path, plot_path, device, config_name, no_export):
+    """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU or CUDA)."""
     import platform
     import tempfile
 
@@ -202,9 +212,17 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         batch_list = sorted({int(b) for b in str(batches).split(",") if b.strip()})
     except ValueError:
         raise FastardiffError(f"--batch '{batches}' is not a comma-separated list of integers") from None
-    if not batch_list or min(batch_list) < 1 or max(batch_list) > 8:
-        raise FastardiffError(f"--batch '{batches}': batch sizes must be in 1..8")
+    if not batch_list or min(batch_list) < 1 or max(batch_list) > BENCH_MAX_BATCH:
+        raise FastardiffError(f"--batch '{batches}': batch sizes must be in 1..{BENCH_MAX_BATCH}")
     _windows(jacobi_spec)                      # a bad --jacobi fails before any export or timing
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FastardiffError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if ckpt and config_name:
+        raise FastardiffError("--ckpt and --config both name the model; give one")
+    if config_name:
+        from fastardiff.recipes.config import get_config
+
+        get_config(config_name)                # an unknown preset fails before any work
     ckpt = Path(ckpt) if ckpt else default_checkpoint_path()
     from fastardiff.runtime.images import check_destination
 
@@ -214,10 +232,16 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="fastardiff-bench-") as tmp:
-        if engine_dir is None:
+        if config_name:
+            ckpt = random_checkpoint(config_name, seed, Path(tmp) / f"{config_name}-random.pt")
+        export = dict(max_batch=min(max(batch_list), EXPORT_MAX_BATCH), gamma=_export_gamma(gamma, jacobi_spec))
+        if engine_dir is None and device == "cpu" and not no_export:
             engine_dir = Path(tmp) / "onnx"
-            export_engines(ckpt, engine_dir, ExportOptions(target="onnx", max_batch=max(batch_list)))
-        backends = {"onnxruntime": load_engines(engine_dir, threads=threads)}
+            export_engines(ckpt, engine_dir, ExportOptions(target="onnx", **export))
+        if aoti_dir is None and device == "cuda" and not no_export:
+            aoti_dir = Path(tmp) / "aoti"
+            export_engines(ckpt, aoti_dir, ExportOptions(target="aoti", device="cuda", **export))
+        backends = {"onnxruntime": load_engines(engine_dir, threads=threads)} if engine_dir else {}
         if aoti_dir:
             backends["aoti"] = load_engines(aoti_dir)
         for engines in backends.values():
@@ -225,10 +249,17 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                 raise FastardiffError(f"engines in '{engines.engine_dir}' were exported from a different checkpoint "
                                       f"than '{ckpt}'; pass the matching --ckpt or omit --engine/--aoti-engine")
         if not no_torch:
-            backends["torch"] = load_torch_engines(ckpt)
-        rows, choices = [], []
+            backends["torch"] = load_torch_engines(ckpt, device=device)
+        if not backends:
+            raise FastardiffError("nothing to time: --no-export and --no-torch without --engine / --aoti-engine")
+        rows, choices, skipped = [], [], []
         for batch in batch_list:
             for name, engines in backends.items():
+                if batch > engines.manifest.max_batch:  # an export's profile ends at its --batch
+                    skipped.append({"backend": name, "batch": batch, "reason": f"engines exported for batch <= "
+                                    f"{engines.manifest.max_batch} (export accepts at most {EXPORT_MAX_BATCH})"})
+                    log.warning("%s: batch %d skipped: %s", name, batch, skipped[-1]["reason"])
+                    continue
                 available = sorted(getattr(engines, "rollouts", {}) or {})
                 gammas = _gammas(gamma, available)
                 if gammas == "auto":
@@ -243,21 +274,42 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                     click.echo(f"[{name}, batch {batch}] {choice.table()}")
                     windows = [choice.gamma] if choice.gamma else [max(gammas)]
                 rows += pipeline_rows({name: engines}, batch, repeats, gammas, early_stop, seed, windows)
-    click.echo(f"pipeline benchmark: {ckpt.name}, batches {batch_list}, early stop {early_stop}, {repeats} timed "
-               f"runs per configuration after 1 warm-up, interleaved; {platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} CPUs, threads {threads or 'default'}")
+    where = (torch.cuda.get_device_name() if device == "cuda" else
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {threads or 'default'}")
+    click.echo(f"pipeline benchmark: {config_name + ' (random weights)' if config_name else ckpt.name}, batches "
+               f"{batch_list}, early stop {early_stop}, {repeats} timed runs per configuration after 1 warm-up, "
+               f"interleaved; {device}: {where}")
     click.echo(format_table(rows))
     click.echo("\nper-call engine cost (ms)")
     click.echo(format_table(cost_rows(rows), COST_COLUMNS))
     if json_path:
         from fastardiff.runtime.stats import write_text_atomic
 
-        write_text_atomic(Path(json_path), json.dumps({"rows": rows, "gamma_auto": choices}, indent=2, default=str)
-                          + "\n")
+        meta = {"model": config_name or ckpt.name, "config": next(iter(backends.values())).manifest.config.get("name"),
+                "random_weights": bool(config_name), "device": device, "where": where, "batches": batch_list,
+                "repeats": repeats}
+        write_text_atomic(Path(json_path), json.dumps({"meta": meta, "rows": rows, "gamma_auto": choices,
+                                                       "skipped": skipped}, indent=2, default=str) + "\n")
         click.echo(f"wrote {json_path}")
-    if plot_path or json_path:
+    from fastardiff.errors import is_installed
+
+    if rows and (plot_path or (json_path and is_installed("matplotlib"))):  # the CLI's gate asks for matplotlib
         path = write_plot(rows, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))
         click.echo(f"wrote {path}")
+
+
+def random_checkpoint(config_name: str, seed: int, path: Path) -> Path:
+    """A checkpoint of preset `config_name` with seeded random weights (calibration defaults), saved to `path`."""
+    import torch
+
+    from fastardiff.recipes.checkpoint import DriftARCheckpoint, save_checkpoint
+    from fastardiff.recipes.config import Calibration, get_config
+    from fastardiff.recipes.models import build_models
+
+    cfg = get_config(config_name)
+    torch.manual_seed(seed)
+    target, draft, decoder = build_models(cfg)
+    return save_checkpoint(path, DriftARCheckpoint(cfg, Calibration(), target, draft, decoder).eval())
 
 
 def _lengths(spec: str, option: str, forms: str, what: str) -> list[int]:
@@ -278,6 +330,18 @@ def _gammas(spec: str, available: list[int]):
     if text == "all":
         return available or [4]
     return _lengths(spec, "--gamma", "N, a list like 2,4,6, 'all' or 'auto'", "draft lengths")
+
+
+def _export_gamma(gamma_spec: str, jacobi_spec: str) -> int:
+    """Rollout engines to export: up to the longest draft / window asked for (the export's default when 'auto' or
+    'all' leave it open), so a benchmark does not compile engines it never times."""
+    from fastardiff.exporter.targets import ExportOptions
+
+    lengths = [] if str(gamma_spec).strip().lower() in ("auto", "all") else list(_gammas(gamma_spec, []))
+    windows = _windows(jacobi_spec)
+    if windows == "auto" or str(gamma_spec).strip().lower() in ("auto", "all"):
+        return ExportOptions.gamma
+    return max(lengths + list(windows))
 
 
 def _windows(spec: str):
