@@ -57,3 +57,22 @@ def test_dry_run_records_every_step_and_computes_the_floor_ratio(tmp_path):
     bandwidth = report["copy_bandwidth"]["bytes_per_second"]
     assert floor["target_weight_bytes"] == weights and bandwidth > 0
     assert floor["ratio"] == pytest.approx(2.5 / (1e3 * weights / bandwidth))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "--device cuda was asked for but torch sees no CUDA device"),
+    (["--config", "mar-b-like", "--ckpt", "x.pt"], "--ckpt and --config both name the model"),
+    (["--config", "mar-z-like"], "unknown model config 'mar-z-like'"),
+    (["--batch", "65"], "batch sizes must be in 1..64"),
+])
+def test_bench_pipeline_options_of_the_gpu_check_fail_before_any_work(args, message, tmp_path, monkeypatch):
+    import torch
+
+    from fastardiff.errors import FastardiffError
+    from fastardiff.exporter.bench_cli import bench_command
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastardiffError, match=message):
+        bench_command.main(["pipeline", *args, "--json", str(tmp_path / "b.json")], standalone_mode=False)
+    assert list(tmp_path.iterdir()) == []
