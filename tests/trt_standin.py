@@ -3,8 +3,9 @@
 Two surfaces, following the Python bindings of TensorRT 10.16 and 11.1 (python/src/infer/pyCore.cpp and the
 NvInfer.h enums of those releases; read, not copied):
   10.16  BuilderFlag has FP16 and BF16 (deprecated) besides TF32; NetworkDefinitionCreationFlag has
-         EXPLICIT_BATCH = 0 (ignored) and STRONGLY_TYPED = 1. A strongly typed network with FP16/BF16 set does
-         not build (build_serialized_network returns None).
+         EXPLICIT_BATCH = 0 (ignored) and STRONGLY_TYPED = 1. The stand-in fails a strongly typed build that has
+         FP16/BF16 set (build_serialized_network returns None): the flags contradict strong typing, so the
+         builder code must never set them.
   11.1   no FP16/BF16 builder flags (accessing them raises AttributeError, as on the real module);
          STRONGLY_TYPED = 0, deprecated and ignored: every network is strongly typed.
 Both: TF32 is on in a fresh builder config; set_timing_cache returns a bool; get_timing_cache returns None while no
