@@ -19,6 +19,23 @@ and draws draft i = z + sigma * noise[:, i]. A sample's drafts end at the first 
 shallow-layer entropy is below its threshold (that draft is dropped) or at max_drafts. Outputs: drafts [B,g,D],
 draft_mean [B,g,D], draft_sigma [B,g], num_drafts [B], shallow_entropy [B,g], new_k / new_v [L,R,H,K0+g-1,Dh]
 (the keys/values of every fed position, written by the runtime at `lengths`).
+
+`target_jacobi`: one speculative Jacobi round of the target in one graph (runtime/jacobi.py: the rule and the
+host reference `resolve_slots`): target_verify over [last accepted token, G guesses] (tokens [R, G + 1, D];
+the runtime never shifts this feed back) plus, in-graph, guidance,
+sigma, the left-to-right acceptance of the guesses against their recorded q, maximal coupling of the later
+guesses, fresh draws, and the residual max(0, p - q) by rejection over C proposals per slot. Extra inputs
+(B samples, G guesses tested, W = window + 1 slots out, C residual proposals):
+  guess_mean [B,G,D], guess_sigma [B,G]   the q each guess was drawn from; num_guesses [B] int64 (<= G)
+  coins [B,G]                      uniforms: guess j passes (or keeps its coupling) when log(coin) < log p/q
+  noise [B,W,D]                    standard normals for the fresh draws
+  residual_noise [B,W,C,D], residual_coins [B,W,C]   the residual's proposals y = p + sigma * noise, kept when
+                                   coin < 1 - min(1, q(y)/p(y)); the first kept one is the sample
+  temperature [1], cfg_scale [1], coupling [1] (1: maximal coupling, 0: independent guesses)
+Outputs: accepted [B] int64, tokens_out [B,W,D] (the emitted token, then the next window's guesses),
+slot_mean [B,W,D] / slot_sigma [B,W] (p at those slots: the guesses' recorded q), slot_entropy [B,G+1],
+residual_miss [B,W] int64 (a residual slot none of its C proposals served: the runtime continues the same
+rejection sampler there), new_k / new_v as target_verify.
 """
 from __future__ import annotations
 
@@ -34,6 +51,11 @@ from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 AR_INPUTS = ["tokens", "lengths", "k_cache", "v_cache", "cond"]
 ROLLOUT_INPUTS = AR_INPUTS + ["noise", "threshold", "max_drafts", "temperature", "cfg_scale"]
 ROLLOUT_OUTPUTS = ["drafts", "draft_mean", "draft_sigma", "num_drafts", "shallow_entropy", "new_k", "new_v"]
+JACOBI_INPUTS = AR_INPUTS + ["guess_mean", "guess_sigma", "num_guesses", "coins", "noise",
+                             "residual_noise", "residual_coins", "temperature", "cfg_scale", "coupling"]
+JACOBI_OUTPUTS = ["accepted", "tokens_out", "slot_mean", "slot_sigma", "slot_entropy", "residual_miss", "new_k",
+                  "new_v"]
+MAX_JACOBI_WINDOW = 16    # the longest Jacobi window a target_jacobi engine serves
 MAX_ROLLOUT = 16   # the longest draft rollout an export may ask for
 
 
@@ -45,6 +67,7 @@ ENGINE_IO = {
     "draft_step": (AR_INPUTS, ["mean", "entropy", "shallow_entropy", "new_k", "new_v"]),
     "target_verify": (AR_INPUTS, ["mean", "entropy", "new_k", "new_v"]),
     "decoder": (["tokens", "entropy", "cond"], ["image"]),
+    "target_jacobi": (JACOBI_INPUTS, JACOBI_OUTPUTS),
     **{rollout_name(g): (ROLLOUT_INPUTS, ROLLOUT_OUTPUTS) for g in range(1, MAX_ROLLOUT + 1)},
 }
 ROLLOUT_GAMMA = {rollout_name(g): g for g in range(1, MAX_ROLLOUT + 1)}   # engine name -> rollout length
@@ -108,6 +131,61 @@ class DraftRollout(nn.Module):
                 torch.stack(kept, 1).sum(1), torch.stack(shallows, 1), new_k, new_v)
 
 
+class TargetJacobi(nn.Module):
+    """One Jacobi round in one graph (see the module docstring; runtime/jacobi.py `resolve_slots` is the same
+    rule on the host, with the same meaning of every random input). The feed is [last accepted token, G guesses]
+    (K = G + 1). Slot lookups are one-hot matrix products (exact: one 1.0 times a finite value plus zeros), so the
+    sampling adds few nodes to the graph (on small graphs a call's cost follows its node count)."""
+
+    def __init__(self, target: ARTransformer, sigma: SigmaParams):
+        super().__init__()
+        self.model = target
+        self.sigma = sigma
+
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
+                residual_noise, residual_coins, temperature, cfg_scale, coupling):
+        mean, entropy, _shallow, new_k, new_v = self.model(tokens, lengths, k_cache, v_cache, cond)
+        samples, guesses, dim = guess_mean.shape
+        rows, slots = tokens.shape[0], noise.shape[1]
+        z = mean[rows - samples:] + cfg_scale * (mean[:samples] - mean[rows - samples:])   # guided [B, G + 1, D]
+        e = entropy[:samples]
+        s = sigma_from_entropy(e, self.sigma) * temperature
+        x = tokens[:samples, 1:]                                                    # the guesses [B, G, D]
+        log_ratio = (0.5 * (((x - guess_mean) ** 2).sum(-1) / guess_sigma ** 2
+                            - ((x - z[:, :guesses]) ** 2).sum(-1) / s[:, :guesses] ** 2)
+                     + dim * torch.log(guess_sigma / s[:, :guesses]))             # log p(x) - log q(x)
+        k = num_guesses.unsqueeze(1)
+        held = torch.arange(guesses, device=x.device).unsqueeze(0) < k
+        fails = held & (torch.log(coins) >= log_ratio)
+        accepted = (held & (torch.cumsum(fails.long(), 1) == 0)).long().sum(1)     # passes before the first fail
+        slot = accepted.unsqueeze(1) + torch.arange(slots, device=x.device)         # [B, W] token slots a .. a+L
+        # p at min(slot, k) (the last verified slot's p past the span); the guess and its q at min(slot, G - 1)
+        pick_p = (torch.minimum(slot, k).unsqueeze(-1) == torch.arange(guesses + 1, device=x.device)).to(z.dtype)
+        p_at = torch.matmul(pick_p, torch.cat([z, s.unsqueeze(-1)], -1))
+        out_mean, out_sigma = p_at[..., :dim], p_at[..., dim]
+        pick_g = (torch.clamp(slot, max=guesses - 1).unsqueeze(-1) == torch.arange(guesses, device=x.device)).to(z.dtype)
+        g_at = torch.matmul(pick_g, torch.cat([x, guess_mean, guess_sigma.unsqueeze(-1),
+                                               fails.to(z.dtype).unsqueeze(-1)], -1))
+        x_at, q_mean, q_sigma, failed = g_at[..., :dim], g_at[..., dim:2 * dim], g_at[..., 2 * dim], g_at[..., -1]
+        has_guess = slot < k
+        coupled = coupling > 0
+        keep = has_guess & (failed < 0.5) & coupled                 # a held slot at a is its first failure
+        first = (torch.arange(slots, device=x.device) == 0).unsqueeze(0)
+        residual = has_guess & ~keep & (coupled | first)            # independent: only the rejected slot
+        y = out_mean.unsqueeze(2) + out_sigma[..., None, None] * residual_noise     # [B, W, C, D] from p
+        log_q_over_p = (0.5 * ((residual_noise ** 2).sum(-1)
+                               - ((y - q_mean.unsqueeze(2)) ** 2).sum(-1) / q_sigma.unsqueeze(-1) ** 2)
+                        + dim * torch.log(out_sigma / q_sigma).unsqueeze(-1))
+        kept = residual_coins < -torch.expm1(torch.clamp(log_q_over_p, max=0.0))
+        first_kept = kept & (torch.cumsum(kept.long(), 2) == 1)
+        from_residual = (first_kept.unsqueeze(-1).to(y.dtype) * y).sum(2)
+        tokens_out = torch.where(keep.unsqueeze(-1), x_at,
+                                 torch.where(residual.unsqueeze(-1), from_residual,
+                                             out_mean + out_sigma.unsqueeze(-1) * noise))
+        miss = residual & ~kept.any(2)
+        return accepted, tokens_out, out_mean, out_sigma, e, miss.long(), new_k, new_v
+
+
 class Decoder(nn.Module):
     def __init__(self, decoder: DriftDecoder):
         super().__init__()
@@ -122,6 +200,8 @@ def make_engine_modules(target: ARTransformer, draft: ARTransformer, decoder: Dr
     """The engines; `gammas` adds one draft_rollout engine per rollout length (needs the calibrated sigma)."""
     modules = {"draft_step": DraftStep(draft).eval(), "target_verify": TargetVerify(target).eval(),
                "decoder": Decoder(decoder).eval()}
+    if rollout_sigma is not None:
+        modules["target_jacobi"] = TargetJacobi(target, rollout_sigma).eval()
     for g in gammas:
         modules[rollout_name(g)] = DraftRollout(draft, g, rollout_sigma).eval()
     return modules
@@ -142,7 +222,8 @@ class ShapeProfile:
 
 
 def shape_profiles(cfg: DriftARConfig, max_batch: int, gamma: int) -> dict[str, ShapeProfile]:
-    """Profiles of every engine an export writes: draft_step, target_verify, decoder, draft_rollout_1..gamma.
+    """Profiles of every engine an export writes: draft_step, target_verify, target_jacobi, decoder,
+    draft_rollout_1..gamma.
     A rollout's cache axis is static (rollout_capacity for the export's largest gamma)."""
     cap = cfg.seq_len
     opt_b = max(1, max_batch // 2)
@@ -151,6 +232,8 @@ def shape_profiles(cfg: DriftARConfig, max_batch: int, gamma: int) -> dict[str, 
         "target_verify": ShapeProfile((1, opt_b, max_batch), (1, gamma + 1, cap), (0, cap // 2, cap)),
         "decoder": ShapeProfile((1, opt_b, max_batch), (cfg.num_tokens,) * 3, (0, 0, 0)),
     }
+    profiles["target_jacobi"] = ShapeProfile((1, opt_b, max_batch), (2, min(gamma, MAX_JACOBI_WINDOW) + 1, cap),
+                                             (0, cap // 2, cap))
     full = (rollout_capacity(cfg, gamma),) * 3
     for g in range(1, gamma + 1):
         profiles[rollout_name(g)] = ShapeProfile((1, opt_b, max_batch), (1, 1, cap), full)
@@ -163,6 +246,8 @@ def example_inputs(cfg: DriftARConfig, name: str, model_layers: int, batch: int,
     g = torch.Generator().manual_seed(seed)
     if name in ROLLOUT_GAMMA:
         return rollout_example_inputs(cfg, ROLLOUT_GAMMA[name], model_layers, batch, new_tokens, cache, g)
+    if name == "target_jacobi":
+        return jacobi_example_inputs(cfg, model_layers, batch, new_tokens, cache, g)
     if name == "decoder":
         return (torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g),
                 torch.rand(batch, cfg.num_tokens, generator=g),
@@ -200,3 +285,37 @@ def rollout_example_inputs(cfg: DriftARConfig, gamma: int, layers: int, rows: in
     return (tokens.repeat(reps, 1, 1), lengths.repeat(reps).long(), torch.randn(shape, generator=g),
             torch.randn(shape, generator=g), cond.long(), torch.randn(samples, gamma, cfg.token_dim, generator=g),
             threshold, max_drafts.long(), torch.tensor([0.8]), torch.tensor([1.5 if reps == 2 else 1.0]))
+
+
+def jacobi_example_inputs(cfg: DriftARConfig, layers: int, rows: int, new_tokens: int, cache: int,
+                          g: torch.Generator, samples: int | None = None, window: int | None = None,
+                          proposals: int = 3) -> tuple[torch.Tensor, ...]:
+    """Contract-valid target_jacobi inputs: `rows` cache rows for `samples` samples (default: the [cond; uncond]
+    halves when rows is even), K = new_tokens >= 2 fed tokens (G = K - 1 guesses, ragged counts), ragged lengths
+    with lengths + K <= seq_len, a window of `window` slots out (default K + 1), guesses near their q."""
+    if samples is None:
+        samples = rows // 2 if rows % 2 == 0 else rows
+    reps = rows // samples
+    new_tokens = max(2, min(new_tokens, cfg.seq_len - 1))
+    guesses = new_tokens - 1
+    slots = (window or guesses + 1) + 1
+    max_len = max(0, min(cache, cfg.seq_len - new_tokens))
+    lengths = torch.randint(0, max_len + 1, (samples,), generator=g)
+    lengths[0] = max_len
+    shape = (layers, rows, cfg.heads, cache, cfg.head_dim)
+    guess_mean = torch.randn(samples, guesses, cfg.token_dim, generator=g)
+    guess_sigma = 0.05 + 0.5 * torch.rand(samples, guesses, generator=g)
+    tokens = torch.randn(samples, new_tokens, cfg.token_dim, generator=g)
+    tokens[:, 1:] = guess_mean + guess_sigma.unsqueeze(-1) * torch.randn(guess_mean.shape, generator=g)
+    cond = torch.randint(0, cfg.num_classes, (samples,), generator=g)
+    if reps == 2:
+        cond = torch.cat([cond, torch.full_like(cond, cfg.num_classes)])
+    num_guesses = torch.randint(1, guesses + 1, (samples,), generator=g)
+    num_guesses[0] = guesses
+    return (tokens.repeat(reps, 1, 1), lengths.repeat(reps).long(), torch.randn(shape, generator=g),
+            torch.randn(shape, generator=g), cond.long(), guess_mean,
+            guess_sigma, num_guesses.long(), torch.rand(samples, guesses, generator=g),
+            torch.randn(samples, slots, cfg.token_dim, generator=g),
+            torch.randn(samples, slots, proposals, cfg.token_dim, generator=g),
+            torch.rand(samples, slots, proposals, generator=g), torch.tensor([0.8]),
+            torch.tensor([1.5 if reps == 2 else 1.0]), torch.tensor([1.0]))

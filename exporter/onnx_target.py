@@ -101,7 +101,8 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         file = f"{name}.onnx"
         example = trace_inputs(cfg, name, layers, profile, opts.device)
         log.debug("%s: exporting with example shapes %s", name, [tuple(x.shape) for x in example])
-        export_onnx_file(module, example, work_dir / file, inputs, outputs, dynamic_shapes(name, profile))
+        export_onnx_file(module, example, work_dir / file, inputs, outputs,
+                         dynamic_shapes(name, profile, derived_dims=False))
         run = ort_runner(work_dir / file, name, opts.device)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))

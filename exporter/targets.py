@@ -135,7 +135,8 @@ def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
     """Number of KV-cache layers an engine takes (0 for the decoder)."""
     if name in ROLLOUT_GAMMA:
         return ckpt.draft.num_layers
-    return {"draft_step": ckpt.draft.num_layers, "target_verify": ckpt.target.num_layers}.get(name, 0)
+    return {"draft_step": ckpt.draft.num_layers, "target_verify": ckpt.target.num_layers,
+            "target_jacobi": ckpt.target.num_layers}.get(name, 0)
 
 
 class CastWrapper(nn.Module):
@@ -162,6 +163,13 @@ class ARCastWrapper(CastWrapper):
 class RolloutCastWrapper(CastWrapper):
     def forward(self, tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
         return self.run(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale)
+
+
+class JacobiCastWrapper(CastWrapper):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
+                residual_noise, residual_coins, temperature, cfg_scale, coupling):
+        return self.run(tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
+                        residual_noise, residual_coins, temperature, cfg_scale, coupling)
 
 
 class DecoderCastWrapper(CastWrapper):
@@ -192,8 +200,8 @@ def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[s
     for name, module in reference.items():
         m = copy.deepcopy(module).to(opts.device)
         if opts.precision != "fp32":
-            wrapper = (DecoderCastWrapper if name == "decoder" else
-                       RolloutCastWrapper if name in ROLLOUT_GAMMA else ARCastWrapper)
+            wrapper = (DecoderCastWrapper if name == "decoder" else JacobiCastWrapper if name == "target_jacobi"
+                       else RolloutCastWrapper if name in ROLLOUT_GAMMA else ARCastWrapper)
             m = wrapper(m, PRECISIONS[opts.precision])
         exported[name] = m.eval()
     return exported, reference
@@ -223,13 +231,22 @@ def trace_inputs(cfg: DriftARConfig, name: str, layers: int, profile: ShapeProfi
         g = torch.Generator().manual_seed(1234)
         return tuple(x.to(device) for x in rollout_example_inputs(cfg, ROLLOUT_GAMMA[name], layers, rows, 2,
                                                                   profile.cache[2], g, samples))
+    if name == "target_jacobi":  # 4 rows = 2 samples x [cond; uncond]; K = 3 fed, G = 2, W = 4, C = 5: distinct
+        from .engine_modules import jacobi_example_inputs
+
+        rows = 4 if profile.batch[2] >= 4 else profile.batch[2]
+        g = torch.Generator().manual_seed(1234)
+        return tuple(x.to(device) for x in jacobi_example_inputs(cfg, layers, rows, 3, cache, g,
+                                                                 2 if rows == 4 else rows, window=3, proposals=5))
     if name != "decoder":
         k = min(k, cfg.seq_len - 2)
     return tuple(x.to(device) for x in example_inputs(cfg, name, layers, batch, k, cache, seed=1234))
 
 
-def dynamic_shapes(name: str, profile: ShapeProfile) -> dict:
-    """torch.export Dim ranges for the engine inputs (same names as ENGINE_IO)."""
+def dynamic_shapes(name: str, profile: ShapeProfile, derived_dims: bool = True) -> dict:
+    """torch.export Dim ranges for the engine inputs (same names as ENGINE_IO). target_jacobi's guess axis is
+    K - 1: a derived Dim for torch.export (AOTInductor); `derived_dims=False` gives it a Dim of its own, for
+    torch.onnx (2.13 fails on derived Dims with KeyError 'min' and infers the relation itself)."""
     Dim = torch.export.Dim
     batch = Dim("batch", min=profile.batch[0], max=profile.batch[2]) if profile.batch[2] > 1 else None
     if name == "decoder":
@@ -241,6 +258,19 @@ def dynamic_shapes(name: str, profile: ShapeProfile) -> dict:
                 "cond": {0: batch}, "noise": {0: samples}, "threshold": {0: samples}, "max_drafts": {0: samples},
                 "temperature": None, "cfg_scale": None}
     s = Dim("cache", min=profile.cache[0], max=profile.cache[2])
+    if name == "target_jacobi":
+        samples = Dim("samples", min=1, max=profile.batch[2]) if profile.batch[2] > 1 else None
+        guesses = k - 1 if derived_dims else Dim("guesses", min=1, max=profile.new_tokens[2] - 1)  # feed: [x, guesses]
+        slots = Dim("slots", min=2, max=profile.new_tokens[2] + 1)
+        proposals = Dim("proposals", min=2, max=256)
+        per_sample = {"guess_mean": {0: samples, 1: guesses},
+                      "guess_sigma": {0: samples, 1: guesses}, "num_guesses": {0: samples},
+                      "coins": {0: samples, 1: guesses}, "noise": {0: samples, 1: slots},
+                      "residual_noise": {0: samples, 1: slots, 2: proposals},
+                      "residual_coins": {0: samples, 1: slots, 2: proposals},
+                      "temperature": None, "cfg_scale": None, "coupling": None}
+        return {"tokens": {0: batch, 1: k}, "lengths": {0: batch}, "k_cache": {1: batch, 3: s},
+                "v_cache": {1: batch, 3: s}, "cond": {0: batch}, **per_sample}
     return {"tokens": {0: batch, 1: k}, "lengths": {0: batch}, "k_cache": {1: batch, 3: s},
             "v_cache": {1: batch, 3: s}, "cond": {0: batch}}
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
-from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
+from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, Manifest
 
 from .engine_modules import (ENGINE_IO, ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, make_engine_modules, rollout_capacity,
@@ -28,7 +28,8 @@ def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, ga
                                             outputs=list(ROLLOUT_OUTPUTS), profile={"cache": [capacity] * 3},
                                             kind="draft_rollout", gamma=g) for g in range(1, gamma + 1)}
     engines.update({name: EngineEntry(file="", sha256="", inputs=list(ENGINE_IO[name][0]),
-                                      outputs=list(ENGINE_IO[name][1]), kind=name) for name in ENGINE_NAMES})
+                                      outputs=list(ENGINE_IO[name][1]), kind=name)
+                    for name in ENGINE_NAMES + ("target_jacobi",)})
     return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
                     calibration=ckpt.calibration.to_dict(), engines=engines, device=device, max_batch=max_batch,
                     gamma=gamma,
@@ -60,6 +61,13 @@ class TorchEngines:
             return RolloutOutput(*(t.cpu().numpy() for t in out))
 
         return run
+
+    @torch.inference_mode()
+    def target_jacobi(self, *arrays) -> JacobiOutput:
+        longs = {1, 4, 7}                          # lengths, cond, num_guesses
+        out = self.modules["target_jacobi"](*(self._tensor(a, torch.long if i in longs else torch.float32)
+                                              for i, a in enumerate(arrays)))
+        return JacobiOutput(*(t.cpu().numpy() for t in out))
 
     def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)

@@ -88,7 +88,7 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     weights must be of `precision`'s type: a strongly typed TensorRT build takes its precision from them."""
     trt_graph.use_plugin_attention(module)
     inputs, outputs = ENGINE_IO[name]
-    export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile),
+    export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile, derived_dims=False),
                      custom_translation_table=trt_graph.custom_translation_table())
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))

@@ -63,6 +63,13 @@ def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_to
     if gamma:
         shapes.update({"noise": (batch, gamma, config["token_dim"]), "threshold": (batch,), "max_drafts": (batch,),
                        "temperature": (1,), "cfg_scale": (1,)})
+    if name == "target_jacobi":   # samples = rows; G = K - 1 guesses, W = K slots out, C residual proposals
+        from .jacobi import residual_proposals
+
+        d, g, w, c = config["token_dim"], max(new_tokens - 1, 1), max(new_tokens, 2), residual_proposals(batch)
+        shapes.update({"guess_mean": (batch, g, d), "guess_sigma": (batch, g), "num_guesses": (batch,),
+                       "coins": (batch, g), "noise": (batch, w, d), "residual_noise": (batch, w, c, d),
+                       "residual_coins": (batch, w, c), "temperature": (1,), "cfg_scale": (1,), "coupling": (1,)})
     return shapes
 
 

@@ -42,6 +42,17 @@ class RolloutOutput(NamedTuple):
     new_v: np.ndarray
 
 
+class JacobiOutput(NamedTuple):
+    accepted: np.ndarray         # [B] guesses accepted
+    tokens_out: np.ndarray       # [B, W, D] the emitted token, then the next window's guesses
+    slot_mean: np.ndarray        # [B, W, D] p at those slots (the guesses' recorded q)
+    slot_sigma: np.ndarray       # [B, W]
+    slot_entropy: np.ndarray     # [B, G + 1] the target's entropy at the verified slots
+    residual_miss: np.ndarray    # [B, W] 1 where the runtime must finish a residual sample
+    new_k: np.ndarray
+    new_v: np.ndarray
+
+
 class Engines(Protocol):
     manifest: Manifest
 
@@ -54,6 +65,9 @@ class Engines(Protocol):
     # optional: gamma -> draft_rollout(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
     # temperature[1], cfg_scale[1]) -> RolloutOutput; absent or empty: the loop drafts with draft_step calls
     # rollouts: dict
+    # optional: target_jacobi(tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses,
+    # coins, noise, residual_noise, residual_coins, temperature[1], cfg_scale[1], coupling[1])
+    # -> JacobiOutput (one whole Jacobi round in-graph); None: the loop resolves rounds on the host
 
 
 # backend name (as written in manifest.backend) -> "module:factory"; factory(engine_dir, manifest) -> Engines.
@@ -102,6 +116,13 @@ class EngineCalls:
 
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
         return self._run("decoder", (tokens, entropy, cond))[0]
+
+    @property
+    def target_jacobi(self):
+        """Callable running the target_jacobi engine, or None when the manifest has none (older exports)."""
+        if "target_jacobi" not in self.manifest.engines:
+            return None
+        return lambda *arrays: JacobiOutput(*self._run("target_jacobi", arrays))
 
     @property
     def rollouts(self) -> dict:

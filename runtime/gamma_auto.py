@@ -6,7 +6,8 @@ Model draft, length g, from the per-position acceptance a_1, a_2, ... calibrated
 as `acceptance_by_position`, one curve per guidance scale):
     tau(g) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_g,   round cost t_rollout(g) + t_verify(g + 1) + h_round.
 Jacobi, window L (runtime/jacobi.py): tau(L) = the calibrated tokens per target call of the real Jacobi loop
-(`jacobi_tokens_per_call`), round cost t_verify(L + 1) + h_jacobi: no draft call at all.
+(`jacobi_tokens_per_call`), round cost t_verify(L + 1) + h_jacobi (t_jacobi(L), the target_jacobi engine's
+call, where the engines have it): no draft call at all.
 Target-only costs t_step + h_step per token. Engine calls are timed on the loaded engines in a short warm-up at
 the requested batch; the host work per round / per step (the loop's numpy sampling, acceptance and bookkeeping)
 is measured by short real generations (16 tokens). Predicted speedup = tau (t_step + h_step) / round cost.
@@ -93,9 +94,10 @@ def _median_ms(call, calls: int = TIMED_CALLS) -> float:
     return 1000 * float(np.median(times))
 
 
-def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widths=()) -> dict:
+def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widths=(), jacobi_windows=()) -> dict:
     """Per-call milliseconds at `batch` samples (2x rows with guidance), mid-sequence cache lengths:
-    {"step": target 1-token step, ("verify", k): k-token verify, ("rollout", g): draft_rollout(g)}."""
+    {"step": target 1-token step, ("verify", k): k-token verify, ("rollout", g): draft_rollout(g),
+    ("jacobi", L): a target_jacobi round of window L (when the engines have one: the call Jacobi rounds make)}."""
     from .speculative import ModelShape, rollout_capacity
 
     cfg = engines.manifest.config
@@ -130,6 +132,18 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
         fn = rollouts[g]
         out[("rollout", g)] = _median_ms(lambda: fn(tokens, lengths, d_cache, d_cache, cond, noise, threshold,
                                                      max_drafts, *scalars))
+    jacobi = getattr(engines, "target_jacobi", None) if jacobi_windows else None
+    if jacobi is not None:
+        from .jacobi import residual_proposals
+
+        c, d, flag = residual_proposals(batch), shape.token_dim, np.ones(1, np.float32)
+        for w in jacobi_windows:
+            sampling = (np.zeros((batch, w, d), np.float32), np.ones((batch, w), np.float32), np.full(batch, w),
+                        np.full((batch, w), 0.5, np.float32), np.zeros((batch, w + 1, d), np.float32),
+                        np.zeros((batch, w + 1, c, d), np.float32), np.full((batch, w + 1, c), 0.5, np.float32))
+            tokens = np.zeros((rows, w + 1, shape.token_dim), np.float32)
+            out[("jacobi", w)] = _median_ms(lambda: jacobi(tokens, lengths, t_cache, t_cache, cond, *sampling,
+                                                           *scalars, flag))
     return out
 
 
@@ -176,7 +190,7 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
             why.append("no calibrated Jacobi tokens per call (calibration.extra.jacobi_tokens_per_call; "
                        "run fastardiff calibrate)")
         return GammaChoice(None, f"{'; '.join(why)}; target-only")
-    costs = time_engine_calls(engines, batch, cfg_scale, gammas, [w + 1 for w in windows])
+    costs = time_engine_calls(engines, batch, cfg_scale, gammas, [w + 1 for w in windows], list(windows))
     runs = {"step": ("target", "model", 1)}
     if gammas:
         runs["model"] = ("speculative", "model", max(gammas))
@@ -192,7 +206,7 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
                            "verify_ms": verify, "host_ms": host["model"],
                            "speedup": tau * step / (rollout + verify + host["model"])})
     for w, tau in sorted(windows.items()):
-        verify = costs[("verify", w + 1)]
+        verify = costs.get(("jacobi", w), costs[("verify", w + 1)])   # the round's call: in-graph if exported
         candidates.append({"draft": "jacobi", "gamma": w, "tokens_per_round": tau, "rollout_ms": 0.0,
                            "verify_ms": verify, "host_ms": host["jacobi"],
                            "speedup": tau * step / (verify + host["jacobi"])})

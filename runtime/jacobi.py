@@ -25,6 +25,13 @@ from .kv_cache import windows
 from .sampling import TokenDistribution, log_density_ratio, sample_gaussian, sample_residual
 
 
+
+def residual_proposals(rows: int) -> int:
+    """In-graph residual proposals per slot (each kept with probability TV(p, q)): 16 for a few rows, fewer for
+    many (every slot of every row gets them; a slot left without a sample is finished on the host, exactly)."""
+    return max(2, min(16, 128 // max(rows, 1)))
+
+
 def couple_guesses(rng: np.random.Generator, x_old: np.ndarray, old_mean, old_sigma, new_mean, new_sigma):
     """Maximal coupling of x_old [R, D] ~ N(old) into a sample of N(new): keep x_old with probability
     min(1, new(x_old)/old(x_old)), else draw from max(0, new - old). Then x ~ N(new) exactly, equal to x_old with
@@ -77,29 +84,60 @@ def resolve_slots(rng: np.random.Generator, guesses: np.ndarray, k: np.ndarray, 
 
 
 def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndarray, total: int, n_cond: int,
-                  window: int, coupling: bool, rng: np.random.Generator, stats) -> None:
+                  window: int, coupling: bool, rng: np.random.Generator, stats, engine=None) -> None:
     """Run Jacobi rounds until every sample has `total` tokens; fills seq / token_entropy in place like the
-    model-draft loop (seq needs window + 1 spare positions per row, token_entropy window + 1 spare columns)."""
+    model-draft loop (seq needs window + 1 spare positions per row, token_entropy window + 1 spare columns).
+
+    With `engine` (the target_jacobi engine) a round with guesses is one engine call that also samples: the
+    rule above in-graph, fed the round's uniforms and normals from `rng`; only a residual slot none of its
+    in-graph proposals served is finished here (the same rejection sampler, continued). Without it
+    (or in a round without guesses) the round is a target_verify call and `resolve_slots`."""
     B, D, L = seq.shape[0], seq.shape[-1], window
-    guess_mean = np.zeros((B, total + L + 1, D))        # q of the guess at token index j, column j
-    guess_sigma = np.ones((B, total + L + 1))
+    guess_mean = np.zeros((B, total + L + 1, D), np.float32)   # q of the guess at token index j, column j
+    guess_sigma = np.ones((B, total + L + 1), np.float32)
     have = np.zeros(B, np.int64)                        # guesses in each window (none before the first round)
     seq_windows, out_windows, entropy_windows = windows(seq, L), windows(seq, L + 1), windows(token_entropy, L + 1)
     mean_windows, sigma_windows = windows(guess_mean, L), windows(guess_sigma, L)
+    coupling_flag = np.array([1.0 if coupling else 0.0], np.float32)
     while (act := np.flatnonzero(n < total)).size:
         na = n[act]
         base = n_cond + na                                # position of token na, the first one this round makes
-        k = np.minimum(have[act], total - 1 - na)         # guesses verified (0: a plain target step)
+        # guesses verified (0: a plain target step); the widest feed must fit every row's cache (rows near the end
+        # beside rows with room: fewer guesses tested, never a feed shifted back over cached positions)
+        k = np.minimum(have[act], np.minimum(total - 1 - na, target.cache.capacity - int(base.max())))
         kmax = int(k.max())
-        p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
-        guesses = seq_windows[act, base][:, :kmax]        # copies (fancy index): the window is rewritten below
-        q = TokenDistribution(mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax], None)
-        accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, k, p, q, L, coupling)
+        q_mean, q_sigma = mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax]
+        if engine is not None and kmax:
+            R, C = len(act), residual_proposals(len(act))
+            sampling = (q_mean, q_sigma, k, rng.random((R, kmax), np.float32),
+                        rng.standard_normal((R, L + 1, D), np.float32),
+                        rng.standard_normal((R, L + 1, C, D), np.float32), rng.random((R, L + 1, C), np.float32))
+            res = target.jacobi(engine, seq, act, base + k, sampling, coupling_flag)
+            accepted, out, entropy = res.accepted.astype(np.int64), res.tokens_out, res.slot_entropy
+            next_mean, next_sigma = res.slot_mean[:, 1:], res.slot_sigma[:, 1:]
+            if res.residual_miss.any():
+                finish_residuals(rng, out, res, accepted, q_mean, q_sigma)
+        else:
+            p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
+            guesses = seq_windows[act, base][:, :kmax]    # copies (fancy index): the window is rewritten below
+            accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, k, p,
+                                                                 TokenDistribution(q_mean, q_sigma, None), L,
+                                                                 coupling)
+            entropy = p.entropy
         out_windows[act, base + accepted] = out          # the emitted token, then the next window's guesses
-        entropy_windows[act, na, :kmax + 1] = p.entropy  # slots past `accepted` are rewritten later
+        entropy_windows[act, na, :kmax + 1] = entropy    # slots past `accepted` are rewritten later
         first = na + accepted + 1
         mean_windows[act, first], sigma_windows[act, first] = next_mean, next_sigma
         n[act] = first
         have[act] = L
         target.rollback(act, base + accepted)            # = n_cond + n - 1: the new token is not fed yet
         stats.record_round(k, accepted)
+
+
+def finish_residuals(rng: np.random.Generator, out: np.ndarray, res, accepted: np.ndarray, q_mean, q_sigma) -> None:
+    """Residual slots whose in-graph proposals were all rejected: continue the rejection sampler on the host
+    (a fresh run of the same sampler: the first kept proposal of an i.i.d. sequence, wherever counting starts)."""
+    r, c = np.nonzero(res.residual_miss)
+    j = accepted[r] + c                                   # the slot's guess index (it has a guess: j < k)
+    out[r, c] = sample_residual(rng, res.slot_mean[r, c].astype(np.float64), res.slot_sigma[r, c].astype(np.float64),
+                                q_mean[r, j].astype(np.float64), q_sigma[r, j].astype(np.float64))

@@ -97,31 +97,8 @@ class AREngine:
     def predict(self, seq: np.ndarray, samples: np.ndarray, first: np.ndarray, end: np.ndarray, slots: int):
         """Feed positions up to end[r] (exclusive) of `samples`; return the token distributions output at
         positions first[r] .. first[r]+slots-1 (slots past a row's own end are junk) and the shallow entropy."""
-        cache, batch = self.cache, self.batch
-        full = len(samples) == batch                  # every sample in order
-        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
-        width = int((end - lengths).max())
-        # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
-        # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
-        start = np.minimum(lengths, cache.capacity - width)
-        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
-        ends = np.concatenate([end, end]) if self.guided else end
-        if rows is None and cache.capacity == self.seq_len:
-            k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
-        else:
-            k, v = cache.view(rows, int(start.max()))
-        out = self._timed(self.fn, tokens, starts, k, v, cond)
-        if self.stage == "draft":
-            self.stats.draft_calls += 1
-        else:
-            self.stats.target_calls += 1
-            self.stats.target_rows += len(samples)
-        check_finite(self.name, out.mean, out.entropy)
-        cache.write(rows, starts, out.new_k, out.new_v)
-        if full:
-            cache.lengths[:] = ends
-        else:
-            cache.lengths[rows] = ends
+        out, start, width = self._fed_call(self.fn, seq, samples, end, lambda start: (),
+                                           lambda o: (o.mean, o.entropy))
         mean, entropy = guide(out.mean, out.entropy, self.gen.cfg_scale)
         shallow = getattr(out, "shallow_entropy", None)
         if shallow is not None:
@@ -140,6 +117,46 @@ class AREngine:
             take = lambda a: a[row, idx]  # noqa: E731
         dist = token_distribution(take(mean), take(entropy), self.sigma, self.gen.temperature)
         return dist, (take(shallow) if shallow is not None else None)
+
+    def jacobi(self, fn, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, sampling: tuple,
+               coupling: np.ndarray):
+        """One target_jacobi call over [last accepted token, guesses]: positions end[r] - kmax - 1 .. end[r] - 1
+        (every row's feed starts at its cache length: runtime/jacobi.py keeps the window inside the cache), with
+        the round's sampling inputs (guess_mean .. residual_coins)."""
+        out, _, _ = self._fed_call(fn, seq, samples, end, lambda start: sampling + self.scalars + (coupling,),
+                                   lambda o: (o.tokens_out, o.slot_sigma))
+        return out
+
+    def _fed_call(self, fn, seq, samples, end, extra, finite):
+        """Feed positions up to end[r] (exclusive) of `samples` through `fn` (with the inputs extra(start) after
+        the AR ones), check the outputs finite(out), write the new keys/values and the lengths; returns
+        (out, start, width)."""
+        cache, batch = self.cache, self.batch
+        full = len(samples) == batch                  # every sample in order
+        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
+        width = int((end - lengths).max())
+        # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
+        # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
+        start = np.minimum(lengths, cache.capacity - width)
+        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
+        ends = np.concatenate([end, end]) if self.guided else end
+        if rows is None and cache.capacity == self.seq_len:
+            k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
+        else:
+            k, v = cache.view(rows, int(start.max()))
+        out = self._timed(fn, tokens, starts, k, v, cond, *extra(start))
+        if self.stage == "draft":
+            self.stats.draft_calls += 1
+        else:
+            self.stats.target_calls += 1
+            self.stats.target_rows += len(samples)
+        check_finite(self.name, *finite(out))
+        cache.write(rows, starts, out.new_k, out.new_v)
+        if full:
+            cache.lengths[:] = ends
+        else:
+            cache.lengths[rows] = ends
+        return out, start, width
 
     def rollout(self, fn, gamma: int, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, noise: np.ndarray,
                 threshold: np.ndarray, max_drafts: np.ndarray):
@@ -265,7 +282,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stopper.observe_target(everyone, p.entropy, ones)
     n += prefill
     if jacobi:
-        jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats)
+        jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats,
+                      getattr(engines, "target_jacobi", None))
 
     while (act := np.flatnonzero(n < total)).size:
         R = len(act)

@@ -30,7 +30,7 @@ def test_aoti_export_manifest_and_parity(aoti_export):
     assert not hit and manifest.backend == "aoti" and manifest.device == "cpu"
     assert manifest.library_versions["torch"] == library_versions(["torch"])["torch"] is not None
     assert manifest.rollout_engines() == {g: f"draft_rollout_{g}" for g in range(1, AOTI_GAMMA + 1)}
-    for name in list(ENGINE_NAMES) + list(manifest.rollout_engines().values()):
+    for name in list(ENGINE_NAMES) + ["target_jacobi"] + list(manifest.rollout_engines().values()):
         entry = manifest.engines[name]
         assert entry.file == f"{name}.pt2" and entry.sha256 == sha256_file(out / entry.file)
         assert set(entry.parity["outputs"]) == set(ENGINE_IO[name][1])
@@ -72,6 +72,19 @@ def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
     ckpt_path, out, _, _ = aoti_export
     gen = GenerationConfig(mode="speculative", gamma=AOTI_GAMMA, early_stop="static", seed=3)
     assert_same_run(*generate_on_both(load_engines(out), load_torch_engines(ckpt_path), np.array([1, 4, 7]), gen))
+
+
+def test_jacobi_run_on_aoti_matches_torch_backend(aoti_export):
+    """--draft jacobi through the AOTInductor target_jacobi package (sampling in-graph) equals the torch
+    reference module's run for the same seed, with guidance (ragged rows)."""
+    from fastardiff.exporter.torch_backend import load_torch_engines
+    from fastardiff.runtime.speculative import GenerationConfig
+
+    ckpt_path, out, _, _ = aoti_export
+    engines = load_engines(out)
+    assert engines.target_jacobi is not None
+    gen = GenerationConfig(mode="speculative", draft="jacobi", gamma=3, cfg_scale=1.5, seed=5)
+    assert_same_run(*generate_on_both(engines, load_torch_engines(ckpt_path), np.array([2, 9]), gen))
 
 
 @pytest.mark.parametrize("guided", [False, True])

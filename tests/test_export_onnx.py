@@ -79,7 +79,7 @@ def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_
     assert not hit
     rollouts = [f"draft_rollout_{g}.onnx" for g in range(1, ONNX_GAMMA + 1)]
     assert sorted(p.name for p in out.iterdir()) == sorted(["decoder.onnx", "draft_step.onnx", "manifest.json",
-                                                            "target_verify.onnx"] + rollouts)
+                                                            "target_jacobi.onnx", "target_verify.onnx"] + rollouts)
     assert manifest.rollout_engines() == {g: f"draft_rollout_{g}" for g in range(1, ONNX_GAMMA + 1)}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
     data = json.loads((out / "manifest.json").read_text())
@@ -259,6 +259,28 @@ def test_guided_speculative_run_on_onnx_matches_torch_backend(onnx_engine_dir, e
                                       np.array([2, 6, 8]), gen))
 
 
+@pytest.mark.parametrize("coupling,cfg_scale", [(True, 1.0), (False, 2.0)])
+def test_jacobi_round_engine_on_onnx_matches_torch_backend(onnx_engine_dir, export_ckpt_path, coupling, cfg_scale):
+    """--draft jacobi through the exported target_jacobi engine (sampling, acceptance and coupling in-graph) gives
+    the torch reference module's run for the same seed, ragged rows and guidance included; and it is that
+    engine that ran (every round with guesses; the first round and a last token alone are plain target steps)."""
+    from fastardiff.exporter.torch_backend import load_torch_engines
+    from fastardiff.runtime.speculative import GenerationConfig
+
+    engines = load_engines(onnx_engine_dir)
+    assert "target_jacobi" in engines.manifest.engines and engines.target_jacobi is not None
+    calls = []
+    inner = engines._run
+    engines._run = lambda name, arrays: calls.append(name) or inner(name, arrays)
+    gen = GenerationConfig(mode="speculative", draft="jacobi", gamma=4, coupling=coupling, cfg_scale=cfg_scale,
+                           seed=4)
+    run = generate_on_both(engines, load_torch_engines(export_ckpt_path), np.array([1, 7, 0]), gen)
+    assert_same_run(*run)
+    stats = run[0][1]
+    assert calls.count("target_verify") + calls.count("target_jacobi") == stats.target_calls
+    assert calls.count("target_verify") >= 1 and calls.count("target_jacobi") >= 0.8 * stats.target_calls
+
+
 def test_bench_pipeline_rows_and_table(onnx_engine_dir):
     from fastardiff.exporter.bench_cli import format_table, pipeline_rows
 
@@ -333,6 +355,10 @@ def test_execution_provider_choice(onnx_engine_dir):
                                              f"v_cache:{layers}x1x{heads}x0x{head_dim},cond:1")
     cap = c["n_cond"] + (c["image_size"] // c["patch"]) ** 2 - 1
     assert trt["trt_profile_max_shapes"].startswith(f"tokens:8x{cap}x{d},lengths:8,k_cache:{layers}x8x{heads}x{cap}x")
+    jacobi = choose_providers(gpu_ort, manifest, "target_jacobi")[0][1]
+    for corner in ("min", "opt", "max"):   # every input of the engine has a shape at every corner
+        names = [part.split(":")[0] for part in jacobi[f"trt_profile_{corner}_shapes"].split(",")]
+        assert names == manifest.engines["target_jacobi"].inputs
     assert choose_providers(gpu_ort, manifest, "decoder", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     cpu_ort = SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"])
     assert choose_providers(cpu_ort, manifest, "draft_step") == ["CPUExecutionProvider"]

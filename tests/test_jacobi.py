@@ -11,9 +11,10 @@ import pytest
 import torch
 from scipy import stats as sps
 from test_sampling import matches_p
-from test_speculative import RecordingEngines
+from test_speculative import HostResolved, RecordingEngines
 
-from fastardiff.runtime.jacobi import couple_guesses, resolve_slots
+from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+from fastardiff.runtime.jacobi import couple_guesses, finish_residuals, resolve_slots
 from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, log_density_ratio, sample_gaussian,
                                          sample_residual)
 from fastardiff.runtime.speculative import GenerationConfig, generate, generate_tokens
@@ -81,12 +82,62 @@ def test_accepting_a_coupled_guess_against_its_recorded_q_gives_p(record_old):
         assert 0.1 < accepted.mean() < 0.9 and matches_p(token, p_mean, p_sigma) > 1e-3
 
 
+STUB_SIGMA = SigmaParams(sigma_max=0.5, tau_sigma=2.0, e_max=1.0, sigma_min=1e-3)
+
+
+class FixedTarget(torch.nn.Module):
+    """Stands in for the target AR inside TargetJacobi: outputs fixed means and the entropies giving the wanted
+    sigmas at every fed position (the feed's tokens are ignored: p is given), no keys/values."""
+
+    def __init__(self, mean: np.ndarray, sigma: np.ndarray):
+        super().__init__()
+        denom = math.expm1(STUB_SIGMA.e_max / STUB_SIGMA.tau_sigma)
+        entropy = STUB_SIGMA.tau_sigma * np.log1p(sigma * denom / STUB_SIGMA.sigma_max)
+        self.mean, self.entropy = torch.tensor(mean, dtype=torch.float32), torch.tensor(entropy, dtype=torch.float32)
+
+    def forward(self, tokens, lengths, k_cache, v_cache, cond):
+        rows, width = tokens.shape[:2]
+        kv = torch.zeros(1, rows, 1, width, 1)
+        return self.mean[:, :width], self.entropy[:, :width], self.entropy[:, :width], kv, kv
+
+
+def resolve_slots_in_graph(rng, guesses, k, p, q, window, coupling):
+    """resolve_slots's contract, computed by the target_jacobi engine module (exporter/engine_modules.py) that
+    the exports trace, fed the round's randomness from `rng` as the runtime feeds it; misses finished on the host
+    as the loop does."""
+    from fastardiff.exporter.engine_modules import TargetJacobi
+    from fastardiff.runtime.jacobi import residual_proposals
+
+    R, G, D = guesses.shape
+    module = TargetJacobi(FixedTarget(p.mean, p.sigma), STUB_SIGMA)
+    tokens = np.concatenate([np.zeros((R, 1, D)), guesses], axis=1)
+    C = residual_proposals(R)
+    inputs = [tokens, np.zeros(R), np.zeros((1, R, 1, 0, 1)), np.zeros((1, R, 1, 0, 1)), np.zeros(R),
+              q.mean, q.sigma, k, rng.random((R, G), np.float32),
+              rng.standard_normal((R, window + 1, D), np.float32),
+              rng.standard_normal((R, window + 1, C, D), np.float32), rng.random((R, window + 1, C), np.float32),
+              np.ones(1), np.ones(1), np.array([1.0 if coupling else 0.0])]
+    longs = {1, 4, 7}
+    with torch.no_grad():
+        out = module(*(torch.tensor(np.asarray(a), dtype=torch.long if i in longs else torch.float32)
+                       for i, a in enumerate(inputs)))
+    from fastardiff.runtime.engine import JacobiOutput
+
+    res = JacobiOutput(*(t.numpy() for t in out))
+    accepted, tokens_out = res.accepted.astype(np.int64), res.tokens_out.astype(np.float64)
+    if res.residual_miss.any():
+        finish_residuals(rng, tokens_out, res, accepted, q.mean, q.sigma)
+    return accepted, tokens_out, res.slot_mean[:, 1:].astype(np.float64), res.slot_sigma[:, 1:].astype(np.float64)
+
+
+@pytest.mark.parametrize("resolve", [resolve_slots, resolve_slots_in_graph])
 @pytest.mark.parametrize("coupling", [True, False])
-def test_resolve_slots_emits_p_and_guesses_follow_their_recorded_q(coupling):
+def test_resolve_slots_emits_p_and_guesses_follow_their_recorded_q(coupling, resolve):
     """The loop's own round on known Gaussians: two guesses g0 ~ q0, g1 ~ q1 and the verify's p0, p1, p2
     (p1, p2 as if conditioned on g0, g1). The emitted first token follows p0 whatever happens; where g0 was
     rejected, the next window's first guess follows p1 (its recorded q: kept from g1 by the coupling or drawn
-    fresh) and later ones p2; a rule that kept g1 unconditionally (the tested wrong variant) would not."""
+    fresh) and later ones p2; a rule that kept g1 unconditionally (the tested wrong variant) would not. The same
+    test holds the host rule and the target_jacobi engine's in-graph rule (float32)."""
     dim, window = 4, 2
     rng = np.random.default_rng(11)
     q_mean = np.tile(rng.normal(size=(1, 2, dim)), (N, 1, 1))
@@ -94,18 +145,18 @@ def test_resolve_slots_emits_p_and_guesses_follow_their_recorded_q(coupling):
         [q_mean, q_mean[:, -1:]], axis=1)
     p_mean[:, :2, 0] += np.array([1.0, 0.8]) * SIG                      # p and q overlap, differ
     q_sigma, p_sigma = np.full((N, 2), SIG), np.full((N, 3), SIG * 1.1)
-    guesses = sample_gaussian(rng, q_mean, q_sigma)
+    guesses = sample_gaussian(rng, q_mean, q_sigma).astype(np.float32).astype(np.float64)  # as the engines see
     p, q = TokenDistribution(p_mean, p_sigma, None), TokenDistribution(q_mean, q_sigma, None)
-    accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, np.full(N, 2), p, q, window, coupling)
+    accepted, out, next_mean, next_sigma = resolve(rng, guesses, np.full(N, 2), p, q, window, coupling)
     first = np.where((accepted >= 1)[:, None], guesses[:, 0], out[:, 0])
     assert matches_p(first, p_mean[:, 0], p_sigma[:, 0]) > 1e-3
     stopped = accepted == 0
     assert 0.2 < stopped.mean() < 0.8
     g1 = out[stopped, 1]
     assert matches_p(g1, p_mean[stopped, 1], p_sigma[stopped, 1]) > 1e-3
-    np.testing.assert_array_equal(next_mean[stopped, 0], p_mean[stopped, 1])
-    np.testing.assert_array_equal(next_mean[stopped, 1], p_mean[stopped, 2])          # past the verified span
-    np.testing.assert_array_equal(next_sigma[stopped, 0], p_sigma[stopped, 1])
+    np.testing.assert_allclose(next_mean[stopped, 0], p_mean[stopped, 1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(next_mean[stopped, 1], p_mean[stopped, 2], rtol=1e-6, atol=1e-7)  # past the span
+    np.testing.assert_allclose(next_sigma[stopped, 0], p_sigma[stopped, 1], rtol=1e-5)
     kept = (g1 == guesses[stopped, 1]).all(axis=1)
     assert (kept.mean() > 0.3) if coupling else not kept.any()
     assert matches_p(guesses[stopped, 1], p_mean[stopped, 1], p_sigma[stopped, 1]) < 1e-6   # keep-always: caught
@@ -238,13 +289,33 @@ def test_no_draft_export_option_leaves_out_every_draft_engine(random_checkpoint)
 
     with_draft, _ = engine_modules(random_checkpoint, ExportOptions(target="onnx", gamma=2))
     without, reference = engine_modules(random_checkpoint, ExportOptions(target="onnx", gamma=2, draft=False))
-    assert sorted(with_draft) == ["decoder", "draft_rollout_1", "draft_rollout_2", "draft_step", "target_verify"]
-    assert sorted(without) == sorted(reference) == ["decoder", "target_verify"]
+    assert sorted(with_draft) == ["decoder", "draft_rollout_1", "draft_rollout_2", "draft_step", "target_jacobi",
+                                  "target_verify"]
+    assert sorted(without) == sorted(reference) == ["decoder", "target_jacobi", "target_verify"]
 
 
-def test_jacobi_loop_tests_each_guess_against_the_q_it_was_drawn_from(random_engines, monkeypatch):
-    """Loop plumbing (white box): the q a round tests each guess against is exactly the proposal the previous
-    round recorded for that token (next_mean / next_sigma), and the guess fed is the value that round emitted."""
+class JacobiRecorder:
+    """The engines with their target_jacobi calls recorded as (guesses fed, k, q mean, q sigma, accepted,
+    tokens_out, next mean, next sigma): the same tuple the host path's resolve_slots records."""
+
+    def __init__(self, engines, rounds):
+        self.inner, self.rounds = engines, rounds
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def target_jacobi(self, tokens, lengths, k_cache, v_cache, cond, q_mean, q_sigma, k, *rest):
+        out = self.inner.target_jacobi(tokens, lengths, k_cache, v_cache, cond, q_mean, q_sigma, k, *rest)
+        self.rounds.append((tokens[:len(k), 1:].copy(), k.copy(), q_mean.copy(), q_sigma.copy(), out.accepted.copy(),
+                            out.tokens_out.copy(), out.slot_mean[:, 1:].copy(), out.slot_sigma[:, 1:].copy()))
+        return out
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_jacobi_loop_tests_each_guess_against_the_q_it_was_drawn_from(random_engines, monkeypatch, in_graph):
+    """Loop plumbing (white box), host-resolved and in-graph rounds: the q a round tests each guess against is
+    exactly the proposal the previous round recorded for that token (next_mean / next_sigma, stored as the
+    engines' float32), and the guess fed is the value that round emitted."""
     import fastardiff.runtime.jacobi as jacobi
 
     rounds = []
@@ -256,14 +327,16 @@ def test_jacobi_loop_tests_each_guess_against_the_q_it_was_drawn_from(random_eng
         return out
 
     monkeypatch.setattr(jacobi, "resolve_slots", recording)
+    engines = JacobiRecorder(random_engines, rounds) if in_graph else HostResolved(random_engines)
     window = 3
-    generate(random_engines, [4], GenerationConfig(draft="jacobi", gamma=window, num_tokens=20, seed=6,
-                                                   temperature=6.0))
+    generate(engines, [4], GenerationConfig(draft="jacobi", gamma=window, num_tokens=20, seed=6, temperature=6.0))
     assert len(rounds) > 3
+    rounds = rounds[1:] if in_graph else rounds   # the first round (no guesses yet) is resolved on the host
     for before, after in zip(rounds, rounds[1:]):
         _, _, _, _, accepted, out, next_mean, next_sigma = before
         guesses, k, q_mean, q_sigma = after[:4]
         used = int(k[0])
-        np.testing.assert_array_equal(q_mean[0, :used], next_mean[0, :used])
-        np.testing.assert_array_equal(q_sigma[0, :used], next_sigma[0, :used])
+        assert used >= 1
+        np.testing.assert_array_equal(q_mean[0, :used], next_mean[0, :used].astype(np.float32))
+        np.testing.assert_array_equal(q_sigma[0, :used], next_sigma[0, :used].astype(np.float32))
         np.testing.assert_array_equal(guesses[0, :used], out[0, 1:1 + used].astype(np.float32))

@@ -80,13 +80,15 @@ def test_speculative_is_indistinguishable_from_target_only(shipped_engines, targ
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)) > 1e-3
 
 
-@pytest.mark.parametrize("coupling,cfg_scale,window", [(True, 2.0, 8), (False, 1.0, 4)])
+@pytest.mark.parametrize("coupling,cfg_scale,window,in_graph", [(True, 2.0, 8, True), (False, 1.0, 4, True),
+                                                                (True, 1.0, 8, False)])
 def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_only_tokens, coupling, cfg_scale,
-                                                      window):
-    """--draft jacobi, coupled and independent, with and without guidance: the target's own guesses, accepted
-    exactly, give target-only samples (the first 16 tokens: two full windows and more; two-sample tests with
-    power shown below)."""
-    spec, stats = first_tokens(shipped_engines, "speculative", seed=7, cfg_scale=cfg_scale, draft="jacobi",
+                                                      window, in_graph):
+    """--draft jacobi, coupled and independent, with and without guidance, rounds resolved in-graph (the
+    target_jacobi engine module) and on the host: the target's own guesses, accepted exactly, give target-only
+    samples (the first 16 tokens: two full windows and more; two-sample tests with power shown below)."""
+    engines = shipped_engines if in_graph else HostResolved(shipped_engines)
+    spec, stats = first_tokens(engines, "speculative", seed=7, cfg_scale=cfg_scale, draft="jacobi",
                                coupling=coupling, gamma=window, num_tokens=16)
     s = stats.summary()
     assert stats.draft_calls == 0 and s["draft"] == "jacobi"
@@ -120,6 +122,18 @@ def test_draft_samples_are_distinguishable(shipped_engines, target_only_tokens):
     # and two independent target-only runs are not (the test is calibrated)
     again, _ = first_tokens(shipped_engines, "target", seed=4)
     assert two_sample_pvalue(again, target_only_tokens(1.0)) > 1e-3
+
+
+class HostResolved:
+    """The engines without their target_jacobi engine: the loop resolves every round on the host."""
+
+    def __init__(self, engines):
+        self.inner = engines
+
+    def __getattr__(self, name):
+        if name == "target_jacobi":
+            return None
+        return getattr(self.inner, name)
 
 
 class RecordingEngines:
