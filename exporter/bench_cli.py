@@ -81,7 +81,7 @@ def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: 
         gens = {}
         classes = np.arange(batch) % num_classes
         gens[("target", 0)] = GenerationConfig(mode="target", early_stop=early_stop, seed=seed,
-                                               gamma=max(list(gammas) + list(jacobi_windows)))
+                                               gamma=max(list(gammas) + list(jacobi_windows), default=4))
         for g in gammas:
             gens[("speculative", g)] = GenerationConfig(mode="speculative", gamma=g, early_stop=early_stop, seed=seed)
         for w in jacobi_windows:
@@ -174,8 +174,8 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--batch", "batches", default="8", show_default=True, help="Batch size(s), e.g. 1 or 1,8.")
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--gamma", default="auto", show_default=True,
-              help="Draft length(s): N, a list '2,4,6', 'all' (every exported rollout) or 'auto' (what --gamma "
-                   "auto chooses per backend and batch).")
+              help="Draft length(s): N, a list '2,4,6', 'all' (every exported rollout), 'auto' (what --gamma "
+                   "auto chooses per backend and batch) or 'none' (no model-draft rows).")
 @click.option("--jacobi", "jacobi_spec", default="auto", show_default=True,
               help="Jacobi window length(s) for the `jacobi` / `jacobi-independent` rows: a list '2,4,8', 'auto' "
                    "(what --gamma auto chooses for Jacobi per backend and batch) or 'none'.")
@@ -262,6 +262,8 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                     continue
                 available = sorted(getattr(engines, "rollouts", {}) or {})
                 gammas = _gammas(gamma, available)
+                if "draft_step" not in engines.manifest.engines:   # a --no-draft export: no model-draft rows
+                    gammas = []
                 if gammas == "auto":
                     choice = choose_gamma(engines, batch, 1.0, drafts=("model",))
                     choices.append({"backend": name, "batch": batch, **choice.to_dict()})
@@ -272,7 +274,7 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                     choice = choose_gamma(engines, batch, 1.0, drafts=("jacobi",))
                     choices.append({"backend": name, "batch": batch, **choice.to_dict()})
                     click.echo(f"[{name}, batch {batch}] {choice.table()}")
-                    windows = [choice.gamma] if choice.gamma else [max(gammas)]
+                    windows = [choice.gamma] if choice.gamma else [max(gammas, default=4)]
                 rows += pipeline_rows({name: engines}, batch, repeats, gammas, early_stop, seed, windows)
     where = (torch.cuda.get_device_name() if device == "cuda" else
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {threads or 'default'}")
@@ -329,7 +331,9 @@ def _gammas(spec: str, available: list[int]):
         return "auto"
     if text == "all":
         return available or [4]
-    return _lengths(spec, "--gamma", "N, a list like 2,4,6, 'all' or 'auto'", "draft lengths")
+    if text == "none":
+        return []
+    return _lengths(spec, "--gamma", "N, a list like 2,4,6, 'all', 'auto' or 'none'", "draft lengths")
 
 
 def _export_gamma(gamma_spec: str, jacobi_spec: str) -> int:
@@ -341,7 +345,7 @@ def _export_gamma(gamma_spec: str, jacobi_spec: str) -> int:
     windows = _windows(jacobi_spec)
     if windows == "auto" or str(gamma_spec).strip().lower() in ("auto", "all"):
         return ExportOptions.gamma
-    return max(lengths + list(windows))
+    return max(lengths + list(windows), default=1)
 
 
 def _windows(spec: str):

@@ -62,10 +62,11 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
-    for name in [n for n in ENGINE_NAMES if n in manifest.engines]:
+    listed = [n for n in ENGINE_NAMES if n in manifest.engines]   # the core engines first, then the others
+    for name in listed + sorted(n for n in manifest.engines if n not in listed):
         entry = manifest.engines[name]
         outputs = entry.parity.get("outputs", {}) or {}
         worst_abs = max((float(v.get("max_abs", float("nan"))) for v in outputs.values() if isinstance(v, dict)),
                         default=float("nan"))
-        click.echo(f"  {name:<14} {entry.file:<20} parity max abs {worst_abs:.2e} (atol {entry.parity.get('atol')}, "
+        click.echo(f"  {name:<15} {entry.file:<20} parity max abs {worst_abs:.2e} (atol {entry.parity.get('atol')}, "
                    f"rtol {entry.parity.get('rtol')}, shapes {len(entry.parity.get('shapes', []))})")

@@ -47,6 +47,7 @@ def test_onnx_only_graph_carries_plugin_nodes(trt_onnx_dir, random_checkpoint, t
                 "decoder": 0}
     # a draft_rollout of length g calls the draft g times: g times the draft's plugin nodes
     expected.update({f"draft_rollout_{g}": g * expected["draft_step"] for g in (1, 2)})
+    expected["target_jacobi"] = expected["target_verify"]      # the target once, sampling around it
     assert expected["target_verify"] == 2
     assert manifest.export["plugin_nodes"] == expected
     for name, count in expected.items():
