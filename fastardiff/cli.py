@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "run": "fastardiff.runtime.cli:run_command",
     "bench": "fastardiff.exporter.bench_cli:bench_command",
     "calibrate": "fastardiff.exporter.calibrate:calibrate_command",
+    "serve": "fastardiff.runtime.serve.cli:serve_command",
 }
 
 # command path -> (package, extra, condition on the parsed parameters or None) checked before the command runs.
@@ -43,6 +44,7 @@ REQUIREMENTS: dict[str, tuple] = {
                        ("onnxscript", "export", lambda p: p.get("engine_dir") is None),
                        ("matplotlib", "bench", lambda p: p.get("json_path") or p.get("plot_path"))),
     "bench kernels": (("torch", "export", None),),
+    "serve": (("ray", "serve", None),),
 }
 
 _state = {"verbose": 0}

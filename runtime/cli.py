@@ -62,9 +62,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
                 out, out_dir, stats_json, device):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
-    from fastardiff.runtime.prompts import parse_prompts
-    from fastardiff.runtime.speculative import (GenerationConfig, GenerationError, ModelShape, check_request,
-                                                generate, verify_limit)
+    from fastardiff.runtime.speculative import generate
 
     if (engine_dir is None) == (ckpt is None):
         raise FastardiffError("pass exactly one of --engine DIR (exported engines) or --ckpt PATH (a checkpoint)")
@@ -73,31 +71,19 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
         out = "samples.png"
     check_outputs(out, out_dir, stats_json, check_destination)   # before any engine is loaded
     engines = _load(engine_dir, ckpt, device)
-    classes = parse_prompts(prompt, engines.manifest.config["class_names"], num_images)
-    if len(classes) > MAX_IMAGES:
-        raise FastardiffError(f"--prompt asks for {len(classes)} images; a run makes 1..{MAX_IMAGES} "
-                              "(split it into several runs)")
-    choice = None
-    if gamma == "auto":
-        if mode == "speculative":
-            from fastardiff.runtime.gamma_auto import choose_gamma
+    classes = request_classes(prompt, engines.manifest.config["class_names"], num_images)
 
-            per_call = 2 if cfg_scale != 1.0 else 1
-            batch = max(1, min(len(classes), engines.manifest.max_batch // per_call))
-            choice = choose_gamma(engines, batch, cfg_scale, drafts=("model", "jacobi") if draft == "auto"
-                                  else (draft,))
-            click.echo(choice.table(), err=True)
-            mode = choice.mode
-            draft = choice.draft if choice.gamma else draft
-        gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
-    if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
-        draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
-    gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft,
-                           coupling=coupling == "on", early_stop=early_stop, temperature=temperature,
-                           cfg_scale=cfg_scale, eta=eta, seed=seed)
-    check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
+    def choose(batch, cfg, drafts):
+        from fastardiff.runtime.gamma_auto import choose_gamma
+
+        choice = choose_gamma(engines, batch, cfg, drafts=drafts)
+        click.echo(choice.table(), err=True)
+        return choice
+
+    gen, choice = plan_generation(engines, len(classes), gamma, draft, coupling == "on", early_stop, mode,
+                                  temperature, cfg_scale, eta, seed, choose)
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
-             mode, gen.draft, gamma, early_stop)
+             gen.mode, gen.draft, gen.gamma, early_stop)
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
         images, stats = generate(engines, classes, gen)
         names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
@@ -110,6 +96,43 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
         for path in staged.commit():
             log.info("wrote %s", path)
     click.echo(stats.table())
+
+
+def request_classes(prompt, class_names, num_images, max_images: int = MAX_IMAGES, what: str = "a run",
+                    fix: str = "split it into several runs") -> list[int]:
+    """The class id of every image: the prompt parsed and cycled to `num_images`, at most `max_images` of them
+    (`fastardiff run` and `fastardiff serve`, whose requests are smaller)."""
+    from fastardiff.runtime.prompts import parse_prompts
+
+    classes = parse_prompts(prompt, class_names, num_images)
+    if len(classes) > max_images:
+        raise FastardiffError(f"--prompt asks for {len(classes)} images; {what} makes 1..{max_images} ({fix})")
+    return classes
+
+
+def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool, early_stop: str, mode: str,
+                    temperature: float, cfg_scale: float, eta: float, seed: int, choose):
+    """(GenerationConfig, GammaChoice or None) of a request, checked against the model and its engines; shared by
+    `fastardiff run` and `fastardiff serve`. gamma 'auto' in speculative mode is `choose(batch, cfg_scale,
+    drafts)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
+    model draft where the engines have one (Jacobi otherwise)."""
+    from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
+
+    choice = None
+    if gamma == "auto":
+        if mode == "speculative":
+            per_call = 2 if cfg_scale != 1.0 else 1
+            batch = max(1, min(num_images, engines.manifest.max_batch // per_call))
+            choice = choose(batch, cfg_scale, ("model", "jacobi") if draft == "auto" else (draft,))
+            mode = choice.mode
+            draft = choice.draft if choice.gamma else draft
+        gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
+    if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
+        draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
+    gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft, coupling=coupling, early_stop=early_stop,
+                           temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed)
+    check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
+    return gen, choice
 
 
 def check_outputs(out, out_dir, stats_json, check_destination) -> None:

@@ -1,0 +1,225 @@
+"""Cross-request batching of engine calls: each request runs its own `generate`, their engine calls run together.
+
+Why not one `generate` over every request of a batch: the loop sizes each engine call from the whole batch (the
+widest row's token count, the longest row's cache view) and ONNX Runtime's CPU kernels round differently by
+shape (measured: a 1-token call differs from a 2-token one, a 30-position key axis from the full one, and a call
+whose rows x tokens is not a multiple of 4 from one that is, in the last bits), and one random stream serves
+the whole batch. A request's images would then depend on what it was batched with.
+
+Here every request keeps its own loop, its own `default_rng(seed)` and so its own shapes, exactly as if it ran
+alone (the random numbers of `fastardiff-run` with the same settings and seed; pixels may differ from the CLI's
+in the last bits because of the padding below). Its engine calls go through an `EngineCallMerger` that requests
+join when they start and leave when they end (continuous batching: a request need not wait for a batch to
+finish): once every request in it has submitted its next call, calls with the same shape (engine, tokens per
+row, cache length; for a rollout also temperature and guidance scale) run as one engine call over all their
+rows, and each request gets its rows back. Every engine call, alone or merged, is padded with copies of a row
+to a multiple of 4 in rows x tokens, where neither the batch size nor a row's place in it changes a row's bits
+(tests/test_serve.py checks the images bit for bit); calls over more than `max_rows` rows are split.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
+
+ALIGN = 4          # rows x tokens of every engine call is a multiple of this
+
+
+@dataclass
+class _Call:
+    key: tuple
+    arrays: tuple
+    done: bool = False
+    result: object = None
+    error: BaseException | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class EngineCallMerger:
+    """Engines shared by the threads of concurrent `generate` calls: each thread runs its `generate` on the
+    engines `join()` returns, used as a context manager (leaving is what lets the others go on without it)."""
+
+    def __init__(self, engines, max_rows: int | None = None):
+        self.engines = engines
+        self.manifest = engines.manifest
+        self.max_rows = max(ALIGN, (max_rows or engines.manifest.max_batch) // ALIGN * ALIGN)
+        self.engine_calls = 0                     # engine invocations made (merged calls count once)
+        self.submitted = 0                        # calls the generate loops made
+        self._live = 0
+        self._pending: list[_Call] = []
+        self._cv = threading.Condition()
+        self._rollouts = getattr(engines, "rollouts", {}) or {}
+
+    def join(self) -> "MergedEngines":
+        with self._cv:
+            self._live += 1
+        return MergedEngines(self)
+
+    def _leave(self) -> None:
+        with self._cv:
+            self._live -= 1
+            self._dispatch_if_ready()
+
+    def submit(self, key: tuple, arrays: tuple) -> tuple:
+        """(result, number of calls merged into its engine call)."""
+        call = _Call(key, arrays)
+        with self._cv:
+            self._pending.append(call)
+            self.submitted += 1
+            self._dispatch_if_ready()
+            self._cv.wait_for(lambda: call.done)
+        if call.error is not None:
+            raise call.error
+        return call.result, call.extra["merged"]
+
+    def _dispatch_if_ready(self) -> None:
+        if not self._pending or len(self._pending) < self._live:
+            return
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list[_Call]] = {}
+        for call in pending:
+            groups.setdefault(call.key, []).append(call)
+        for key, calls in groups.items():
+            try:
+                if key[0] == "rollout":
+                    results = self._run_rollouts(key, calls)
+                else:
+                    results = self._run_rows(key, calls)
+                for call, result in zip(calls, results):
+                    call.result = result
+                    call.extra["merged"] = len(calls)
+            except BaseException as err:  # noqa: BLE001 - every caller of the merged call gets the error
+                for call in calls:
+                    call.error = err
+            for call in calls:
+                call.done = True
+        self._cv.notify_all()
+
+    # -- row-wise engines: draft_step, target_verify, decoder (every input and output has the row axis first,
+    #    except the caches [L, B, ...], whose row axis is 1)
+    def _run_rows(self, key: tuple, calls: list[_Call]) -> list:
+        name = key[0]
+        fn = getattr(self.engines, name)
+        axes = _ROW_AXES[name]
+        sizes = [len(c.arrays[0]) for c in calls]
+        merged = [np.concatenate([c.arrays[i] for c in calls], axis=ax) for i, ax in enumerate(axes)]
+        width = merged[0].shape[1]
+        total, outs = sum(sizes), []
+        for lo in range(0, total, self.max_rows):
+            hi = min(total, lo + self.max_rows)
+            take = _aligned_rows(lo, hi, width)
+            part = [np.take(a, take, axis=ax) for a, ax in zip(merged, axes)]
+            out = fn(*part)
+            self.engine_calls += 1
+            out = (out,) if isinstance(out, np.ndarray) else tuple(out)
+            outs.append([o[:, : hi - lo] if o.ndim == 5 else o[: hi - lo] for o in out])
+        joined = [np.concatenate(parts, axis=1 if parts[0].ndim == 5 else 0) for parts in zip(*outs)]
+        wrap = _WRAP[name]
+        results, lo = [], 0
+        for n in sizes:
+            piece = [o[:, lo: lo + n] if o.ndim == 5 else o[lo: lo + n] for o in joined]
+            results.append(wrap(piece))
+            lo += n
+        return results
+
+    # -- draft_rollout: per-sample inputs (noise, threshold, max_drafts) and, with guidance, rows [cond; uncond]
+    #    (the engine pairs row r with row r + samples), so merged rows are every call's cond rows, then its uncond
+    def _run_rollouts(self, key: tuple, calls: list[_Call]) -> list:
+        fn = self._rollouts[key[1]]
+        reps = 2 if key[-1] else 1
+        axes = _ROW_AXES["target_verify"]
+        samples = [len(c.arrays[5]) for c in calls]
+        total = sum(samples)
+        # merged row index of (half h, sample s) = h * total + s
+        order = [np.arange(b) + h * b for h in range(reps) for b in samples]
+        starts = np.cumsum([0] + [reps * b for b in samples])[:-1]
+        pick = np.concatenate([o + starts[i % len(samples)] for i, o in enumerate(order)])
+        rows_in = [np.take(np.concatenate([c.arrays[i] for c in calls], axis=ax), pick, axis=ax)
+                   for i, ax in enumerate(axes)]
+        sample_in = [np.concatenate([c.arrays[i] for c in calls]) for i in (5, 6, 7)]
+        scalars = calls[0].arrays[8:]
+        step = max(1, self.max_rows // reps)
+        per_sample, halves = [[] for _ in range(5)], [[[] for _ in range(reps)] for _ in range(2)]
+        for lo in range(0, total, step):
+            hi = min(total, lo + step)
+            take = _aligned_rows(lo, hi, reps)          # samples; rows = reps * samples, a multiple of ALIGN
+            rows = np.concatenate([take + h * total for h in range(reps)])
+            out = fn(*[np.take(a, rows, axis=ax) for a, ax in zip(rows_in, axes)], *[a[take] for a in sample_in],
+                     *scalars)
+            self.engine_calls += 1
+            n, padded = hi - lo, len(take)
+            for i in range(5):
+                per_sample[i].append(out[i][:n])
+            for i in range(2):
+                for h in range(reps):
+                    halves[i][h].append(out[5 + i][:, h * padded: h * padded + n])
+        per_sample = [np.concatenate(parts) for parts in per_sample]
+        caches = [[np.concatenate(parts, axis=1) for parts in cache] for cache in halves]   # [i][h]: [L, total, ...]
+        results, lo = [], 0
+        for b in samples:
+            new = [np.concatenate([cache[h][:, lo: lo + b] for h in range(reps)], axis=1) for cache in caches]
+            results.append(RolloutOutput(*[o[lo: lo + b] for o in per_sample], *new))
+            lo += b
+        return results
+
+
+def _aligned_rows(lo: int, hi: int, width: int) -> np.ndarray:
+    """Indices lo..hi-1, then copies of lo until rows x width is a multiple of ALIGN."""
+    n = hi - lo
+    while (n * width) % ALIGN:
+        n += 1
+    return np.concatenate([np.arange(lo, hi), np.full(n - (hi - lo), lo)])
+
+
+_ROW_AXES = {"draft_step": (0, 0, 1, 1, 0), "target_verify": (0, 0, 1, 1, 0), "decoder": (0, 0, 0)}
+_WRAP = {"draft_step": lambda p: DraftOutput(*p), "target_verify": lambda p: VerifyOutput(*p),
+         "decoder": lambda p: p[0]}
+
+
+class MergedEngines:
+    """The `Engines` interface of one request over an EngineCallMerger; `calls` and `merged` count its engine
+    calls and the requests' calls they ran with (itself included)."""
+
+    def __init__(self, merger: EngineCallMerger):
+        self._m = merger
+        self.manifest = merger.manifest
+        self.calls = 0
+        self.merged = 0
+
+    def __enter__(self) -> "MergedEngines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._m._leave()
+
+    def _submit(self, key: tuple, arrays: tuple):
+        result, merged = self._m.submit(key, arrays)
+        self.calls += 1
+        self.merged += merged
+        return result
+
+    def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
+        return self._submit(("draft_step", tokens.shape[1], k_cache.shape[3]),
+                            (tokens, lengths, k_cache, v_cache, cond))
+
+    def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
+        return self._submit(("target_verify", tokens.shape[1], k_cache.shape[3]),
+                            (tokens, lengths, k_cache, v_cache, cond))
+
+    def decoder(self, tokens, entropy, cond) -> np.ndarray:
+        return self._submit(("decoder", tokens.shape[1]), (tokens, entropy, cond))
+
+    @property
+    def rollouts(self) -> dict:
+        def caller(g):
+            def call(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
+                key = ("rollout", g, tokens.shape[1], k_cache.shape[3], float(temperature[0]), float(cfg_scale[0]),
+                       len(cond) == 2 * len(noise))
+                return self._submit(key, (tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
+                                          temperature, cfg_scale))
+            return call
+
+        return {g: caller(g) for g in self._m._rollouts}

@@ -1,0 +1,141 @@
+"""The generator replica of `fastardiff serve`: engines loaded once, requests batched by `serve.batch`.
+
+A replica loads the engines as `fastardiff-run` does (manifest read and every engine file's sha256 verified by
+the backend) and times `--gamma auto` once for the default guidance scale (again, once, for each other scale
+asked for), so every request on a replica gets the same choice. `serve.batch` hands it the requests that arrive
+within `batch_wait_s` of each other, up to `max_batch` at a time; each request runs its own `generate` (its own
+seed, its own settings) in a thread of the replica, and the engine calls of every request running on the replica
+run together through one EngineCallMerger (merge.py), so a request's images do not depend on what it ran with.
+Batches do not wait for each other (Ray Serve forms the next batch while one runs, so one batch at a time would
+make a busy replica run many small batches in turn): a new batch's requests join those already running.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from fastardiff.errors import EngineError, FastardiffError
+
+log = logging.getLogger("fastardiff.serve")
+
+DEFAULT_DRAFTS = ("model", "jacobi")      # what `--gamma auto` weighs for a request with draft 'auto'
+
+
+def png_base64(image_uint8: np.ndarray) -> str:
+    """[H, W, C] uint8 -> base64 of its PNG file."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Generator:
+    """One replica (a Ray Serve deployment class; see app.py for its options)."""
+
+    def __init__(self, engine_dir: str, max_batch: int, batch_wait_s: float, max_ongoing: int,
+                 threads: int | None = None):
+        from ray import serve
+
+        from fastardiff.runtime.engine import load_engines
+
+        from .merge import EngineCallMerger
+
+        started = time.perf_counter()
+        self.engines = load_engines(engine_dir, threads=threads)
+        manifest = self.engines.manifest
+        # ONNX Runtime takes any batch size; other backends keep to the batch their engines were built for
+        max_rows = manifest.max_batch if manifest.backend != "onnxruntime" else max(manifest.max_batch, 64)
+        self.merger = EngineCallMerger(self.engines, max_rows)
+        self.max_batch = max_batch
+        self._choices: dict = {}
+        self._choice_lock = threading.Lock()
+        self._choice(1.0, DEFAULT_DRAFTS)
+        # every request held runs at once: a request waiting for a thread would hold up the merged calls
+        self._pool = ThreadPoolExecutor(max_ongoing, thread_name_prefix="fastardiff-generate")
+        self._batched = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_s,
+                                    max_concurrent_batches=max_ongoing)(self._run_batch)
+        self.batches = 0
+        log.info("replica %d: engines from %s (%s) loaded and verified in %.1f s", os.getpid(), engine_dir,
+                 manifest.backend, time.perf_counter() - started)
+
+    async def __call__(self, job: dict) -> dict:
+        return await self._batched({**job, "arrived": time.perf_counter()})
+
+    def health(self) -> dict:
+        return {"pid": os.getpid(), "backend": self.engines.manifest.backend, "batches": self.batches,
+                "gamma_auto": {str(k[0]): c.to_dict()["gamma"] for k, c in self._choices.items()}}
+
+    async def _run_batch(self, jobs: list[dict]) -> list[dict]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.run_jobs, jobs)
+
+    def run_jobs(self, jobs: list[dict]) -> list[dict]:
+        """Results in the order of `jobs`: {"images", "classes", "stats"} or {"error", "status"}."""
+        self.batches += 1
+        began = time.perf_counter()
+        results: list = [None] * len(jobs)
+        planned = []
+        for i, job in enumerate(jobs):
+            try:
+                planned.append((i, job["classes"], *self._plan(job)))
+            except FastardiffError as err:
+                results[i] = {"error": str(err), "status": 400}
+        futures = [(i, self._pool.submit(self._generate, classes, gen, choice)) for i, classes, gen, choice in planned]
+        for i, future in futures:
+            results[i] = future.result()
+        for job, result in zip(jobs, results):
+            if "stats" in result:
+                result["stats"]["batch"].update(requests=len(jobs), queued_seconds=round(began - job["arrived"], 4))
+        return results
+
+    def _plan(self, job: dict):
+        from fastardiff.runtime.cli import plan_generation
+
+        return plan_generation(self.engines, len(job["classes"]), job["gamma"], job["draft"], job["coupling"] == "on",
+                               job["early_stop"], job["mode"], job["temperature"], job["cfg_scale"], job["eta"],
+                               job["seed"], lambda batch, cfg, drafts: self._choice(cfg, drafts))
+
+    def _choice(self, cfg_scale: float, drafts: tuple):
+        """`--gamma auto` for this replica: timed once per guidance scale and draft set, at the batch a busy
+        replica runs (max_batch requests of one image, within the engines' batch)."""
+        key = (float(cfg_scale), tuple(drafts))
+        with self._choice_lock:
+            if key not in self._choices:
+                from fastardiff.runtime.gamma_auto import choose_gamma
+
+                per_call = 2 if cfg_scale != 1.0 else 1
+                batch = max(1, min(self.max_batch, self.engines.manifest.max_batch // per_call))
+                self._choices[key] = choose_gamma(self.engines, batch, cfg_scale, drafts=drafts)
+                log.info("replica %d: gamma auto for cfg %g: %s", os.getpid(), cfg_scale, self._choices[key].reason)
+            return self._choices[key]
+
+    def _generate(self, classes, gen, choice) -> dict:
+        from fastardiff.runtime.images import to_uint8
+        from fastardiff.runtime.speculative import generate
+
+        try:
+            with self.merger.join() as engines:
+                images, stats = generate(engines, classes, gen)
+        except FastardiffError as err:
+            return {"error": str(err), "status": 500 if isinstance(err, EngineError) else 400}
+        except Exception as err:  # noqa: BLE001 - one line to the client, the traceback to the replica's log
+            log.exception("generation failed")
+            message = " ".join(str(err).split())[:300] or "(no message)"
+            return {"error": f"internal error: {type(err).__name__}: {message}", "status": 500}
+        if choice is not None:
+            stats.gamma_choice = choice.to_dict()
+        summary = stats.summary()
+        # the engine calls of this request's loop, and how many requests' calls each ran with on average
+        summary["batch"] = {"engine_calls": engines.calls,
+                            "requests_per_engine_call": round(engines.merged / max(1, engines.calls), 3)}
+        return {"images": [png_base64(im) for im in to_uint8(images)], "classes": list(map(int, classes)),
+                "stats": summary}
+
