@@ -226,7 +226,8 @@ def test_same_seed_same_images_alone_or_batched(server):
 @pytest.mark.parametrize("settings", [
     {"mode": "speculative", "draft": "model", "gamma": 1, "cfg_scale": 2.0},      # merged rollouts, [cond; uncond]
     {"mode": "speculative", "draft": "model", "gamma": 2, "early_stop": "context"},  # draft_step calls (no rollout)
-    {"mode": "speculative", "draft": "jacobi", "gamma": 4, "temperature": 0.8},
+    {"mode": "speculative", "draft": "jacobi", "gamma": 4, "temperature": 0.8},   # merged target_jacobi rounds
+    {"mode": "speculative", "draft": "jacobi", "gamma": 2, "cfg_scale": 3.0},
     {"mode": "target", "gamma": 1, "cfg_scale": 1.5},
 ], ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_merged_engine_calls_give_each_request_its_alone_bits(engine_dir, settings):
@@ -260,6 +261,8 @@ def test_merged_engine_calls_give_each_request_its_alone_bits(engine_dir, settin
         np.testing.assert_array_equal(alone[0], images)          # bit for bit
     other = run([(requests[0][0], GenerationConfig(**settings, seed=requests[0][1].seed + 1))], 0.0)[0][0]
     assert not np.array_equal(other, together[0])
+    # the random numbers of `fastardiff-run`: the same sample, up to the last bits the padding changes
+    np.testing.assert_allclose(generate(engines, *requests[1])[0], together[1], rtol=0, atol=1e-4)
 
 
 # -- the ingress's statuses, with a stand-in for the generator deployment -------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fastardiff.runtime.engine import DraftOutput, RolloutOutput, VerifyOutput
+from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 
 ALIGN = 4          # rows x tokens of every engine call is a multiple of this
 
@@ -52,6 +52,7 @@ class EngineCallMerger:
         self._pending: list[_Call] = []
         self._cv = threading.Condition()
         self._rollouts = getattr(engines, "rollouts", {}) or {}
+        self._jacobi = getattr(engines, "target_jacobi", None)
 
     def join(self) -> "MergedEngines":
         with self._cv:
@@ -84,8 +85,8 @@ class EngineCallMerger:
             groups.setdefault(call.key, []).append(call)
         for key, calls in groups.items():
             try:
-                if key[0] == "rollout":
-                    results = self._run_rollouts(key, calls)
+                if key[0] in ("rollout", "jacobi"):
+                    results = self._run_sampling(key, calls)
                 else:
                     results = self._run_rows(key, calls)
                 for call, result in zip(calls, results):
@@ -125,11 +126,13 @@ class EngineCallMerger:
             lo += n
         return results
 
-    # -- draft_rollout: per-sample inputs (noise, threshold, max_drafts) and, with guidance, rows [cond; uncond]
-    #    (the engine pairs row r with row r + samples), so merged rows are every call's cond rows, then its uncond
-    def _run_rollouts(self, key: tuple, calls: list[_Call]) -> list:
-        fn = self._rollouts[key[1]]
-        reps = 2 if key[-1] else 1
+    # -- draft_rollout and target_jacobi: the AR inputs per row, then inputs per sample (the rollout's noise,
+    #    thresholds and draft limits; Jacobi's guesses, their q, coins and normals), then scalars (temperature,
+    #    guidance, coupling). With guidance the rows are [cond; uncond] (the engine pairs row r with row
+    #    r + samples), so the merged rows are every call's cond rows, then every call's uncond rows.
+    def _run_sampling(self, key: tuple, calls: list[_Call]) -> list:
+        kind, reps, n_sample = key[0], 2 if key[4] else 1, len(key[5])
+        fn, wrap = (self._rollouts[key[1]], RolloutOutput) if kind == "rollout" else (self._jacobi, JacobiOutput)
         axes = _ROW_AXES["target_verify"]
         samples = [len(c.arrays[5]) for c in calls]
         total = sum(samples)
@@ -139,10 +142,10 @@ class EngineCallMerger:
         pick = np.concatenate([o + starts[i % len(samples)] for i, o in enumerate(order)])
         rows_in = [np.take(np.concatenate([c.arrays[i] for c in calls], axis=ax), pick, axis=ax)
                    for i, ax in enumerate(axes)]
-        sample_in = [np.concatenate([c.arrays[i] for c in calls]) for i in (5, 6, 7)]
-        scalars = calls[0].arrays[8:]
+        sample_in = [np.concatenate([c.arrays[i] for c in calls]) for i in range(5, 5 + n_sample)]
+        scalars = calls[0].arrays[5 + n_sample:]
         step = max(1, self.max_rows // reps)
-        per_sample, halves = [[] for _ in range(5)], [[[] for _ in range(reps)] for _ in range(2)]
+        per_sample, halves = None, [[[] for _ in range(reps)] for _ in range(2)]
         for lo in range(0, total, step):
             hi = min(total, lo + step)
             take = _aligned_rows(lo, hi, reps)          # samples; rows = reps * samples, a multiple of ALIGN
@@ -151,17 +154,18 @@ class EngineCallMerger:
                      *scalars)
             self.engine_calls += 1
             n, padded = hi - lo, len(take)
-            for i in range(5):
-                per_sample[i].append(out[i][:n])
-            for i in range(2):
+            per_sample = per_sample or [[] for _ in out[:-2]]
+            for i, o in enumerate(out[:-2]):
+                per_sample[i].append(o[:n])
+            for i, o in enumerate(out[-2:]):
                 for h in range(reps):
-                    halves[i][h].append(out[5 + i][:, h * padded: h * padded + n])
+                    halves[i][h].append(o[:, h * padded: h * padded + n])
         per_sample = [np.concatenate(parts) for parts in per_sample]
         caches = [[np.concatenate(parts, axis=1) for parts in cache] for cache in halves]   # [i][h]: [L, total, ...]
         results, lo = [], 0
         for b in samples:
             new = [np.concatenate([cache[h][:, lo: lo + b] for h in range(reps)], axis=1) for cache in caches]
-            results.append(RolloutOutput(*[o[lo: lo + b] for o in per_sample], *new))
+            results.append(wrap(*[o[lo: lo + b] for o in per_sample], *new))
             lo += b
         return results
 
@@ -212,14 +216,27 @@ class MergedEngines:
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
         return self._submit(("decoder", tokens.shape[1]), (tokens, entropy, cond))
 
+    def _sampling_key(self, kind: str, name, arrays: tuple, n_sample: int) -> tuple:
+        tokens, _, k_cache, _, cond = arrays[:5]
+        per_sample = tuple(a.shape[1:] for a in arrays[5:5 + n_sample])
+        scalars = tuple(float(a[0]) for a in arrays[5 + n_sample:])
+        return (kind, name, tokens.shape[1], k_cache.shape[3], len(cond) == 2 * len(arrays[5]), per_sample, scalars)
+
     @property
     def rollouts(self) -> dict:
+        """gamma -> draft_rollout(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
+        temperature, cfg_scale), merged with the same rollouts of other requests."""
         def caller(g):
-            def call(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
-                key = ("rollout", g, tokens.shape[1], k_cache.shape[3], float(temperature[0]), float(cfg_scale[0]),
-                       len(cond) == 2 * len(noise))
-                return self._submit(key, (tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
-                                          temperature, cfg_scale))
+            def call(*arrays):
+                return self._submit(self._sampling_key("rollout", g, arrays, 3), arrays)
             return call
 
         return {g: caller(g) for g in self._m._rollouts}
+
+    @property
+    def target_jacobi(self):
+        """target_jacobi(tokens, lengths, k_cache, v_cache, cond, 7 per-sample inputs, temperature, cfg_scale,
+        coupling) merged with other requests' rounds of the same shape, or None where the engines have none."""
+        if self._m._jacobi is None:
+            return None
+        return lambda *arrays: self._submit(self._sampling_key("jacobi", None, arrays, 7), arrays)
