@@ -148,6 +148,10 @@ class TensorRTRunner:
         self.outputs = list(outputs) if outputs is not None else self.outputs
         self.dtypes = {n: self._torch_dtype(engine.get_tensor_dtype(n)) for n in names}
         self._dummy = None  # the address bound for zero-element tensors, allocated on first use
+        # (name, shape, dtype) -> an aligned buffer reused by every host-facing call of that shape: staged inputs
+        # and outputs, so a run at a shape seen before allocates nothing (__call__ only: it reads the outputs
+        # back before returning; run_device's outputs belong to the caller)
+        self._pool: dict[tuple, object] = {}
 
     def _torch_dtype(self, dt):
         trt, torch = self.trt, self.torch
@@ -169,14 +173,22 @@ class TensorRTRunner:
         offset = (-raw.data_ptr()) % ALIGNMENT
         return raw[offset:offset + nbytes].view(dtype).view(shape)
 
-    def _device_tensor(self, name: str, x):
+    def _buffer(self, name: str, shape: tuple, pooled: bool):
+        if not pooled:
+            return self._aligned_empty(shape, self.dtypes[name])
+        key = (name, shape)
+        if key not in self._pool:
+            self._pool[key] = self._aligned_empty(shape, self.dtypes[name])
+        return self._pool[key]
+
+    def _device_tensor(self, name: str, x, pooled: bool = False):
         torch = self.torch
         if (isinstance(x, torch.Tensor) and x.device.type == self.device and x.dtype == self.dtypes[name]
                 and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0):
             return x  # bound in place: no copy
         if not isinstance(x, torch.Tensor):
             x = torch.from_numpy(np.ascontiguousarray(x))
-        out = self._aligned_empty(tuple(x.shape), self.dtypes[name])
+        out = self._buffer(name, tuple(x.shape), pooled)
         out.copy_(x, non_blocking=True)
         return out
 
@@ -194,15 +206,17 @@ class TensorRTRunner:
                               "(not one of the engine's tensors, or not a 256-byte aligned device pointer); re-export "
                               "the engines with `fastardiff export --target trt --force`")
 
-    def run_device(self, arrays, caller_stream=None) -> list:
+    def run_device(self, arrays, caller_stream=None, pooled: bool = False) -> list:
         """Inputs in engine order (numpy or torch tensors) -> output torch tensors on the engine's device, ready
-        in the order of `caller_stream` (default: torch's current stream; no host synchronisation here)."""
+        in the order of `caller_stream` (default: torch's current stream; no host synchronisation here).
+        pooled: staged inputs and outputs in buffers reused across calls of the same shapes (the outputs are
+        overwritten by the next pooled call: for callers that copy them out first, as __call__ does)."""
         torch = self.torch
         if len(arrays) != len(self.inputs):
             raise EngineError(f"engine '{self.label}' takes {len(self.inputs)} inputs {self.inputs}, got {len(arrays)}")
         caller = caller_stream if caller_stream is not None else (
             torch.cuda.current_stream() if self.device == "cuda" else self.stream)
-        bound = [self._device_tensor(n, a) for n, a in zip(self.inputs, arrays)]  # on the caller's stream
+        bound = [self._device_tensor(n, a, pooled) for n, a in zip(self.inputs, arrays)]  # on the caller's stream
         for name, t in zip(self.inputs, bound):
             if not self.context.set_input_shape(name, tuple(t.shape)):
                 raise EngineError(f"engine '{self.label}': input '{name}' shape {tuple(t.shape)} is outside the "
@@ -210,7 +224,7 @@ class TensorRTRunner:
             self._bind(name, t)
         outs = []
         for name in self.outputs:
-            out = self._aligned_empty(tuple(self.context.get_tensor_shape(name)), self.dtypes[name])
+            out = self._buffer(name, tuple(self.context.get_tensor_shape(name)), pooled)
             self._bind(name, out)
             outs.append(out)
         self.stream.wait_stream(caller)       # inputs (and the output buffers) are ready before the engine reads
@@ -223,7 +237,11 @@ class TensorRTRunner:
         return outs
 
     def __call__(self, arrays) -> list[np.ndarray]:
-        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in self.run_device(arrays)]
+        """Host arrays in and out; no allocation on the device at shapes seen before (the copies back to the
+        host finish before this returns, so the pooled buffers are free for the next call)."""
+        host = [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in self.run_device(arrays, pooled=True)]
+        # on a CPU device (the tests' stand-in) .cpu() is the pooled buffer itself: copy it out
+        return [a.copy() for a in host] if self.device == "cpu" else host
 
 
 def deserialize_engine(trt, runtime, path: Path):

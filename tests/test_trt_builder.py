@@ -179,3 +179,26 @@ def test_runner_orders_the_engine_stream_after_the_callers():
     caller = StandInStream("caller", events)
     runner.run_device([np.ones((1, 2, 4), np.float32), np.array([1])], caller_stream=caller)
     assert events == ["engine waits caller", "execute", "caller waits engine"]
+
+
+def test_runner_host_calls_allocate_nothing_at_a_shape_seen_before(monkeypatch):
+    """Host-facing calls stage inputs and take outputs in pooled aligned buffers: after the first call at a
+    shape, repeated calls allocate nothing and still return fresh, correct host arrays; a new shape allocates
+    once more. run_device (outputs the caller keeps) gets new buffers every time."""
+    runner, engine, _ = make_runner()
+    allocations = []
+    real = runner._aligned_empty
+    monkeypatch.setattr(runner, "_aligned_empty", lambda shape, dtype: allocations.append(shape) or real(shape, dtype))
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    first = runner([tokens, np.array([5, 7])])
+    assert len(allocations) == 4                      # two staged inputs, two outputs
+    second = runner([tokens + 1, np.array([1, 2])])
+    assert len(allocations) == 4 and engine.executed == 2
+    np.testing.assert_array_equal(first[0], tokens * 2)             # the first result was not overwritten
+    np.testing.assert_array_equal(second[0], (tokens + 1) * 2)
+    np.testing.assert_array_equal(second[1], (tokens + 1).sum(-1) + np.array([1, 2])[:, None])
+    runner([np.zeros((1, 3, 4), np.float32), np.array([0])])
+    assert len(allocations) == 8
+    kept = runner.run_device([tokens, np.array([5, 7])])
+    again = runner.run_device([tokens, np.array([5, 7])])
+    assert kept[0].data_ptr() != again[0].data_ptr()
