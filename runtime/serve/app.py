@@ -2,8 +2,8 @@
 
 Two deployments: `Generator` replicas (replica.py: engines, batching; `--num-cpus/--num-gpus` each, spread
 over the cluster's nodes by Ray) behind one `Ingress` (ingress.py: HTTP, checks, retries; no CPU reserved).
-A generator replica takes `2 x max_batch` requests at a time (one batch running, the next one gathering);
-`max_queued` more may wait at the ingress; past that a request gets 503 at once.
+A generator replica holds `2 x max_batch` requests at a time (all of them running: see replica.py); `max_queued`
+more may wait at the ingress; past that a request gets 503 at once.
 
 Without `address` a local Ray instance is started and shut down with the server; with it, the application is
 deployed on that cluster and removed from it on exit (the cluster keeps running). Every node that runs a
@@ -59,9 +59,11 @@ def build_app(opts: ServeOptions, class_names):
         ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
         max_ongoing_requests=opts.max_ongoing, max_queued_requests=opts.max_queued,
         health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0)
+    # the ingress only awaits: it takes far more requests than the generators, so that it is their full queues
+    # that refuse a request (a JSON 503 from the ingress), not the HTTP proxy's (a plain-text one)
     admitted = opts.replicas * opts.max_ongoing + opts.max_queued
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=admitted + 16, max_queued_requests=opts.max_queued)
+                               max_ongoing_requests=4 * admitted + 64, max_queued_requests=admitted)
     engine_dir = str(Path(opts.engine_dir).resolve())
     replica = generator.bind(engine_dir, opts.max_batch, opts.batch_wait_ms / 1000.0, opts.max_ongoing,
                              opts.engine_threads)
