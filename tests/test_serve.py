@@ -307,7 +307,7 @@ def _answer(response):
 
 
 def test_ingress_retries_a_dead_replica_and_maps_overload_to_503_and_504(monkeypatch):
-    from ray.exceptions import ActorDiedError
+    from ray.exceptions import ActorDiedError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
     import fastardiff.runtime.serve.ingress as ingress_module
@@ -332,6 +332,9 @@ def test_ingress_retries_a_dead_replica_and_maps_overload_to_503_and_504(monkeyp
 
     status, payload = _answer(asyncio.run(_ingress(FakeGenerator(RuntimeError("boom\nline two"))).generate(body)))
     assert status == 500 and payload["error"] == "internal error: RuntimeError: boom line two"
+    remote = RayTaskError("f", "Traceback (most recent call last):\n  File 'x'\nValueError: bad", ValueError("bad"))
+    status, payload = _answer(asyncio.run(_ingress(FakeGenerator(remote)).generate(body)))
+    assert status == 500 and payload["error"] == "internal error: ValueError: bad"      # the cause, no traceback
 
     refused = {"error": "--gamma 99 needs 100 tokens per target call", "status": 400}
     status, payload = _answer(asyncio.run(_ingress(FakeGenerator(refused)).generate(body)))

@@ -20,7 +20,7 @@ from fastardiff.params import Number
 @click.option("--replicas", type=Number(int, 1, 1024), default=1, show_default=True,
               help="Generator replicas, each with its own copy of the engines (spread over the cluster's nodes).")
 @click.option("--max-batch", type=Number(int, 1, 256), default=8, show_default=True,
-              help="Requests batched together on a replica, 1..256.")
+              help="Requests a replica takes in one batch, 1..256 (it runs up to twice as many at once).")
 @click.option("--batch-wait-ms", type=Number(float, 0.0, 60000.0), default=10.0, show_default=True,
               help="How long a replica waits for a batch to fill before it starts, in [0, 60000] ms.")
 @click.option("--num-cpus", type=Number(float, 0.0, 1024.0), default=1.0, show_default=True,

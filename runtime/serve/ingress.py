@@ -105,7 +105,8 @@ class Ingress:
                 continue
             except Exception as err:  # noqa: BLE001 - one line to the client, never a traceback
                 log.exception("request failed")
-                return {"error": f"internal error: {type(err).__name__}: {_short(err)}"}, 500
+                cause = getattr(err, "cause", None) or err       # a RayTaskError carries the replica's exception
+                return {"error": f"internal error: {type(cause).__name__}: {_short(cause)}"}, 500
             status = result.pop("status", 200)
             if attempt > 1 and "stats" in result:
                 result["stats"]["attempts"] = attempt

@@ -88,6 +88,10 @@ class Generator:
                 planned.append((i, job["classes"], *self._plan(job)))
             except FastardiffError as err:
                 results[i] = {"error": str(err), "status": 400}
+            except Exception as err:  # noqa: BLE001 - this request fails in one line, the batch goes on
+                log.exception("planning a request failed")
+                results[i] = {"error": f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]}",
+                              "status": 500}
         futures = [(i, self._pool.submit(self._generate, classes, gen, choice)) for i, classes, gen, choice in planned]
         for i, future in futures:
             results[i] = future.result()
