@@ -163,7 +163,8 @@ class TargetJacobi(nn.Module):
         pick_p = (torch.minimum(slot, k).unsqueeze(-1) == torch.arange(guesses + 1, device=x.device)).to(z.dtype)
         p_at = torch.matmul(pick_p, torch.cat([z, s.unsqueeze(-1)], -1))
         out_mean, out_sigma = p_at[..., :dim], p_at[..., dim]
-        pick_g = (torch.clamp(slot, max=guesses - 1).unsqueeze(-1) == torch.arange(guesses, device=x.device)).to(z.dtype)
+        at = torch.clamp(slot, max=guesses - 1)
+        pick_g = (at.unsqueeze(-1) == torch.arange(guesses, device=x.device)).to(z.dtype)
         g_at = torch.matmul(pick_g, torch.cat([x, guess_mean, guess_sigma.unsqueeze(-1),
                                                fails.to(z.dtype).unsqueeze(-1)], -1))
         x_at, q_mean, q_sigma, failed = g_at[..., :dim], g_at[..., dim:2 * dim], g_at[..., 2 * dim], g_at[..., -1]

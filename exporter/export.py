@@ -39,6 +39,21 @@ def cache_key(ckpt_sha256: str, config_hash: str, calibration: dict, opts: Expor
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def engine_code_hash() -> str:
+    """sha256 (16 hex) of the sources that define what an engine computes and its contract (the engine modules,
+    the models, entropy attention, the target sampling rule): an edit there invalidates cached engines even when
+    the package version stays the same."""
+    from fastardiff.recipes import entropy_attention, models
+    from fastardiff.runtime import distribution
+
+    from . import engine_modules
+
+    digest = hashlib.sha256()
+    for module in (engine_modules, models, entropy_attention, distribution):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _gpu_identity(device: str) -> dict:
     if device != "cuda":
         return {}
@@ -105,7 +120,8 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
     cfg = ckpt.config
     ckpt_sha = sha256_file(ckpt_path)
     versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
-                "numpy": library_versions(["numpy"])["numpy"], **library_versions(TARGET_LIBRARIES[opts.target])}
+                "numpy": library_versions(["numpy"])["numpy"], "engine_code": engine_code_hash(),
+                **library_versions(TARGET_LIBRARIES[opts.target])}
     gpu = _gpu_identity(opts.device)
     key = cache_key(ckpt_sha, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
     if not opts.force:

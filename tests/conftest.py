@@ -10,17 +10,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
-# Files whose tests are independent and long (statistical two-sample tests on cheap torch engines) are spread
-# over the xdist workers test by test; every other file stays on one worker with its module/session fixtures
-# (engine exports) built once (scripts/test.sh runs `--dist loadgroup`).
-SPREAD_FILES = {"test_speculative.py"}
-
-
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     try:
         import torch
 

