@@ -296,7 +296,7 @@ def test_no_draft_export_option_leaves_out_every_draft_engine(random_checkpoint)
 
 class JacobiRecorder:
     """The engines with their target_jacobi calls recorded as (guesses fed, k, q mean, q sigma, accepted,
-    tokens_out, next mean, next sigma): the same tuple the host path's resolve_slots records."""
+    tokens_out, next mean, next sigma, residual slots left to the host): resolve_slots's record, then the count."""
 
     def __init__(self, engines, rounds):
         self.inner, self.rounds = engines, rounds
@@ -307,7 +307,8 @@ class JacobiRecorder:
     def target_jacobi(self, tokens, lengths, k_cache, v_cache, cond, q_mean, q_sigma, k, *rest):
         out = self.inner.target_jacobi(tokens, lengths, k_cache, v_cache, cond, q_mean, q_sigma, k, *rest)
         self.rounds.append((tokens[:len(k), 1:].copy(), k.copy(), q_mean.copy(), q_sigma.copy(), out.accepted.copy(),
-                            out.tokens_out.copy(), out.slot_mean[:, 1:].copy(), out.slot_sigma[:, 1:].copy()))
+                            out.tokens_out.copy(), out.slot_mean[:, 1:].copy(), out.slot_sigma[:, 1:].copy(),
+                            out.residual_miss.sum()))
         return out
 
 
@@ -333,10 +334,36 @@ def test_jacobi_loop_tests_each_guess_against_the_q_it_was_drawn_from(random_eng
     assert len(rounds) > 3
     rounds = rounds[1:] if in_graph else rounds   # the first round (no guesses yet) is resolved on the host
     for before, after in zip(rounds, rounds[1:]):
-        _, _, _, _, accepted, out, next_mean, next_sigma = before
+        _, _, _, _, accepted, out, next_mean, next_sigma = before[:8]
         guesses, k, q_mean, q_sigma = after[:4]
         used = int(k[0])
         assert used >= 1
         np.testing.assert_array_equal(q_mean[0, :used], next_mean[0, :used].astype(np.float32))
         np.testing.assert_array_equal(q_sigma[0, :used], next_sigma[0, :used].astype(np.float32))
         np.testing.assert_array_equal(guesses[0, :used], out[0, 1:1 + used].astype(np.float32))
+
+
+def test_residual_slots_the_graph_could_not_serve_are_finished_on_the_host(random_engines, monkeypatch):
+    """With only 2 in-graph residual proposals per slot many residual slots go unserved (the graph leaves a zero
+    there and flags it); every flagged slot is finished by the host sampler, with a finite value that is not the
+    graph's placeholder, and the run's tokens are those finished values (no placeholder survives)."""
+    import fastardiff.runtime.jacobi as jacobi
+
+    monkeypatch.setattr(jacobi, "residual_proposals", lambda rows: 2)
+    flagged, finished = [], []
+    real = jacobi.finish_residuals
+
+    def recording(rng, out, res, accepted, q_mean, q_sigma):
+        flagged.append(int(res.residual_miss.sum()))
+        real(rng, out, res, accepted, q_mean, q_sigma)
+        finished.append(out[res.residual_miss.astype(bool)].copy())
+
+    monkeypatch.setattr(jacobi, "finish_residuals", recording)
+    rounds = []
+    tokens, _ = generate(JacobiRecorder(random_engines, rounds), np.arange(6),
+                         GenerationConfig(draft="jacobi", gamma=4, num_tokens=24, seed=2, temperature=1.5))
+    misses = sum(int(r[-1]) for r in rounds)
+    assert misses > 0 and sum(flagged) == misses, (misses, flagged)
+    done = np.concatenate(finished)
+    assert np.isfinite(done).all() and (np.abs(done).sum(-1) > 0).all()
+    assert (np.abs(tokens).sum(-1) > 0).all()        # no all-zero placeholder among the emitted tokens
