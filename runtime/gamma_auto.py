@@ -27,6 +27,7 @@ log = logging.getLogger("fastardiff.runtime")
 
 WARMUP_CALLS = 2
 TIMED_CALLS = 7
+HOST_RUNS = 3       # short generations timed for the host work per call (median)
 
 
 @dataclass
@@ -148,7 +149,8 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
 
 
 def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16) -> dict:
-    """Host ms per target call of each run {key: (mode, draft, gamma)}, from short real generations."""
+    """Host ms per target call of each run {key: (mode, draft, gamma)}: the median over HOST_RUNS short real
+    generations after a warm-up."""
     from .speculative import GenerationConfig, ModelShape, generate
     from .stats import RunStats
 
@@ -160,9 +162,12 @@ def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16)
         gen = GenerationConfig(mode=mode, draft=draft, gamma=gamma, early_stop="off", cfg_scale=cfg_scale, eta=0.0,
                                num_tokens=tokens)
         generate(engines, classes, gen)                       # warm-up
-        stats = RunStats()
-        generate(engines, classes, gen, stats)
-        out[key] = 1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1)
+        per_call = []
+        for _ in range(HOST_RUNS):                            # the median: one stall must not decide the mode
+            stats = RunStats()
+            generate(engines, classes, gen, stats)
+            per_call.append(1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1))
+        out[key] = float(np.median(per_call))
     return out
 
 

@@ -68,3 +68,31 @@ def shipped_checkpoint(shipped_checkpoint_path):
     from fastardiff.recipes.checkpoint import load_checkpoint
 
     return load_checkpoint(shipped_checkpoint_path)
+
+
+SHARED_ONNX_GAMMA = 2   # draft_rollout_1..2 (each rollout is one more engine to export on the 2-core CI machine)
+
+
+@pytest.fixture(scope="session")
+def shared_onnx_export(shipped_checkpoint_path, tmp_path_factory):
+    """The shipped model exported to ONNX once per test run and shared by every xdist worker (the first to take
+    the file lock builds it, the others get the exporter's cache hit): (engine dir, manifest, whether the first
+    export of this run was a cache hit)."""
+    import fcntl
+    import json
+
+    from fastardiff.exporter.export import export_engines
+    from fastardiff.exporter.targets import ExportOptions
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-onnx"  # this run's workers'
+    root.mkdir(exist_ok=True)
+    out, record = root / "engines", root / "first-export.json"
+    with open(root / "export.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest, hit = export_engines(shipped_checkpoint_path, out,
+                                       ExportOptions(target="onnx", gamma=SHARED_ONNX_GAMMA))
+        if not record.exists():
+            record.write_text(json.dumps({"hit": hit}))
+        first_hit = json.loads(record.read_text())["hit"]
+    return out, manifest, first_hit

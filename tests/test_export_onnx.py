@@ -26,7 +26,7 @@ from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, load_manifest
 from same_run import assert_same_run, generate_on_both
 
 pytestmark = pytest.mark.slow
-ONNX_GAMMA = 2   # rollouts 1..2 (each is one more engine to export on the 2-core CI machine)
+from conftest import SHARED_ONNX_GAMMA as ONNX_GAMMA  # noqa: E402  rollouts 1..2 of the shared export
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +36,9 @@ def export_ckpt_path(shipped_checkpoint_path):
 
 
 @pytest.fixture(scope="session")
-def onnx_export(export_ckpt_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "onnx"
-    manifest, hit = export_engines(export_ckpt_path, out, ExportOptions(target="onnx", gamma=ONNX_GAMMA))
-    return out, manifest, hit
+def onnx_export(shared_onnx_export):
+    """The run's shared export of the shipped model (tests/conftest.py; test_serve.py serves the same engines)."""
+    return shared_onnx_export
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """`fastardiff serve` on Ray Serve: one real server per module (a local Ray instance started by the CLI in a
 subprocess) over ONNX engines exported from the shipped checkpoint, spoken to over HTTP on 127.0.0.1.
 
-The export (gamma 1: one draft_rollout engine) is kept in pytest's cache directory, where the exporter's own
-engine cache (config hash, library versions, sha256 of every file) reuses it on later runs. Tests that need no
+The engines are the run's shared ONNX export (tests/conftest.py `shared_onnx_export`: built once, by whichever
+xdist worker needs it first; draft_rollout_1..2). Tests that need no
 server (the engine-call merger, the ingress's error mapping, the CLI's checks) run without one. The last test
 stops the server with SIGTERM and checks it shut down cleanly; keep it last.
 """
@@ -34,15 +34,10 @@ SERVER_START_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def engine_dir(shipped_checkpoint_path, request, tmp_path_factory):
-    from fastardiff.exporter.export import export_engines
-    from fastardiff.exporter.targets import ExportOptions
-
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("fastardiff-serve-engines") if cache is not None else tmp_path_factory.mktemp("serve")
-    out = Path(root) / "onnx-gamma1"
-    export_engines(shipped_checkpoint_path, out, ExportOptions(target="onnx", gamma=1))
-    return out
+def engine_dir(shared_onnx_export):
+    """The run's shared ONNX export of the shipped model (tests/conftest.py: built once for every worker;
+    draft_rollout_1..2)."""
+    return shared_onnx_export[0]
 
 
 def free_port() -> int:
@@ -225,7 +220,7 @@ def test_same_seed_same_images_alone_or_batched(server):
 
 @pytest.mark.parametrize("settings", [
     {"mode": "speculative", "draft": "model", "gamma": 1, "cfg_scale": 2.0},      # merged rollouts, [cond; uncond]
-    {"mode": "speculative", "draft": "model", "gamma": 2, "early_stop": "context"},  # draft_step calls (no rollout)
+    {"mode": "speculative", "draft": "model", "gamma": 3, "early_stop": "context"},  # draft_step calls (no rollout)
     {"mode": "speculative", "draft": "jacobi", "gamma": 4, "temperature": 0.8},   # merged target_jacobi rounds
     {"mode": "speculative", "draft": "jacobi", "gamma": 2, "cfg_scale": 3.0},
     {"mode": "target", "gamma": 1, "cfg_scale": 1.5},
