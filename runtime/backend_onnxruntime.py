@@ -23,27 +23,18 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 
 
 def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
-    """TensorRT EP profile string 'input:dim x dim,...' for one corner (0 min, 1 opt, 2 max) of the profile."""
-    cfg, entry = manifest.config, manifest.engines[name]
-    b = entry.profile["batch"][corner]
-    if name == "decoder":
-        n = cfg["image_size"] // cfg["patch"]
-        n = n * n
-        return f"tokens:{b}x{n}x{cfg['token_dim']},entropy:{b}x{n},cond:{b}"
-    k, s = entry.profile["K"][corner], entry.profile["cache"][corner]
-    layers = cfg["target_layers"] if name in ("target_verify", "target_jacobi") else cfg["draft_layers"]
-    cache = f"{layers}x{b}x{cfg['heads']}x{s}x{cfg['width'] // cfg['heads']}"
-    shapes = f"tokens:{b}x{k}x{cfg['token_dim']},lengths:{b},k_cache:{cache},v_cache:{cache},cond:{b}"
-    if entry.kind == "draft_rollout":  # samples B <= rows R; the corner's B = its R
-        shapes += (f",noise:{b}x{entry.gamma}x{cfg['token_dim']},threshold:{b},max_drafts:{b},"
-                   "temperature:1,cfg_scale:1")
-    if entry.kind == "target_jacobi":  # G = K - 1 guesses, W = K slots, C residual proposals (runtime/jacobi.py)
-        from .jacobi import residual_proposals
+    """TensorRT EP profile string 'input:dim x dim,...' for one corner (0 min, 1 opt, 2 max) of the profile: the
+    engine contract's input shapes, as the tensorrt backend builds its profiles (one definition of them)."""
+    from .backend_tensorrt import engine_input_shapes
 
-        d, g, w, c = cfg["token_dim"], max(k - 1, 1), max(k, 2), residual_proposals(b)
-        shapes += (f",guess_mean:{b}x{g}x{d},guess_sigma:{b}x{g},num_guesses:{b},coins:{b}x{g},noise:{b}x{w}x{d},"
-                   f"residual_noise:{b}x{w}x{c}x{d},residual_coins:{b}x{w}x{c},temperature:1,cfg_scale:1,coupling:1")
-    return shapes
+    cfg, entry = manifest.config, manifest.engines[name]
+    profile = entry.profile
+    k = profile["K"][corner] if "K" in profile else 0
+    s = profile["cache"][corner] if "cache" in profile else 0
+    layers = cfg["target_layers"] if name in ("target_verify", "target_jacobi") else cfg["draft_layers"]
+    shapes = engine_input_shapes(cfg, name, layers, profile["batch"][corner], k, s,
+                                 entry.gamma if entry.kind == "draft_rollout" else 0)
+    return ",".join(f"{n}:{'x'.join(str(d) for d in dims)}" for n, dims in shapes.items())
 
 
 def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list:
