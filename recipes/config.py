@@ -57,6 +57,12 @@ class DriftARConfig:
         return self.n_cond + self.num_tokens - 1
 
     @property
+    def ar_out_dim(self) -> int:
+        """Width of the AR's per-position output: the token mean here; a family with a token head (fast-ardiff:
+        a conditioning vector z for its diffusion head) overrides it."""
+        return self.token_dim
+
+    @property
     def head_dim(self) -> int:
         return self.width // self.heads
 

@@ -73,7 +73,7 @@ class ARTransformer(nn.Module):
         nn.init.normal_(self.pos_emb, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.token_dim)
+        self.head = nn.Linear(cfg.width, cfg.ar_out_dim)
 
     def empty_cache(self, batch: int, capacity: int = 0, dtype=torch.float32, device=None):
         shape = (self.num_layers, batch, self.cfg.heads, capacity, self.cfg.head_dim)
