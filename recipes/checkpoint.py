@@ -90,12 +90,21 @@ def read_payload(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> 
     return payload
 
 
+FAMILIES = (FAMILY, "fast-ardiff")
+
+
 def load_checkpoint(path: str | Path, attention_impl: str = "reference",
-                    expected_config: DriftARConfig | None = None) -> DriftARCheckpoint:
+                    expected_config: DriftARConfig | None = None):
+    """A DriftARCheckpoint or a FastARDiffCheckpoint (recipes/fast_ardiff.py), by the payload's family."""
     payload = read_payload(path)
-    if payload.get("family") != FAMILY:
-        raise CheckpointError(f"'{path}' is a checkpoint of model family '{payload.get('family')}', "
-                              f"expected '{FAMILY}'")
+    family = payload.get("family")
+    if family == "fast-ardiff":
+        from .fast_ardiff import load_fast_ardiff
+
+        return load_fast_ardiff(payload, path, attention_impl, expected_config)
+    if family != FAMILY:
+        raise CheckpointError(f"'{path}' is a checkpoint of unknown model family '{family}'; this fastardiff "
+                              f"reads {', '.join(FAMILIES)}")
     config = DriftARConfig.from_dict(payload["config"])
     if expected_config is not None and config != expected_config:
         diff = sorted(k for k, v in expected_config.to_dict().items() if config.to_dict().get(k) != v)

@@ -114,6 +114,40 @@ class DriftARConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class FastARDiffConfig(DriftARConfig):  # re-exported by recipes/fast_ardiff.py (the family's module)
+    """A fast-ardiff model: the drift-ar AR fields (its decoder fields unused: the decoder is unpatchify), the AR
+    outputs a conditioning vector z per position and a per-token diffusion head (MAR's DiffLoss) turns z into a
+    token: a teacher_steps-step DDPM teacher head and a student_steps-step distilled student head."""
+
+    name: str = "tiny-mnist-fast-ardiff"
+    family: str = "fast-ardiff"
+    z_dim: int = 64            # AR output per position: the head's conditioning vector z
+    head_width: int = 128
+    head_depth: int = 3        # residual AdaLN blocks (MAR's SimpleMLPAdaLN)
+    teacher_steps: int = 100   # T of the cosine schedule; the teacher samples with all T steps
+    student_steps: int = 3     # 2..4: the distilled head's steps (step_schedule(T, student_steps))
+    x0_clip: float = 1.5       # clamp of the head's x0 prediction (tokens are pixel patches in [-1, 1])
+
+    @property
+    def ar_out_dim(self) -> int:
+        return self.z_dim
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        if self.z_dim < 1 or self.head_width < 1 or self.head_depth < 1:
+            problems.append("z_dim, head_width and head_depth must be >= 1")
+        if self.teacher_steps < 2:
+            problems.append(f"teacher_steps {self.teacher_steps} must be >= 2")
+        if not 2 <= self.student_steps <= 4 or self.student_steps > self.teacher_steps:
+            problems.append(f"student_steps {self.student_steps} must be in 2..4 and <= teacher_steps")
+        if not self.x0_clip > 0:
+            problems.append(f"x0_clip {self.x0_clip} must be > 0")
+        if problems:
+            raise CheckpointError("invalid fast-ardiff config: " + "; ".join(problems))
+
+
 def _imagenet_like(name: str, width: int, heads: int, target_layers: int) -> DriftARConfig:
     """Paper-scale shapes (16x16 KL-16 latents, D=16, 256px images) for benchmarks with random weights."""
     return DriftARConfig(
@@ -132,10 +166,16 @@ CONFIGS: dict[str, DriftARConfig] = {
     "mar-h-like": _imagenet_like("mar-h-like", 1280, 16, 40),
     "transdiff-l-like": _imagenet_like("transdiff-l-like", 1024, 16, 32),
     "transdiff-h-like": _imagenet_like("transdiff-h-like", 1280, 20, 40),
+    # fast-ardiff family (recipes/fast_ardiff.py): the shipped one has tiny-mnist's AR shapes
+    "tiny-mnist-fast-ardiff": FastARDiffConfig(),
+    # quick tests: a 2-layer target, a 1-block head, 10 teacher steps, a 2-step student
+    "tiny-mnist-fast-ardiff-small": FastARDiffConfig(name="tiny-mnist-fast-ardiff-small", target_layers=2,
+                                                     head_width=64, head_depth=1, teacher_steps=10,
+                                                     student_steps=2),
 }
 
 
-def get_config(name: str) -> DriftARConfig:
+def get_config(name: str) -> DriftARConfig:  # or a FastARDiffConfig (a subclass)
     if name not in CONFIGS:
         raise CheckpointError(f"unknown model config '{name}'; known: {', '.join(sorted(CONFIGS))}")
     return CONFIGS[name]
