@@ -59,9 +59,23 @@ def _default_classifier() -> str:
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None, hidden=True,
               help="Training digits used for the entropy statistics (tests use few).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--stages", default=None,
+              help="fast-ardiff recipes: comma-separated stages to run, of teacher,draft,cd,dmd [all].")
+@click.option("--stage-steps", default=None,
+              help="fast-ardiff recipes: steps per stage, e.g. teacher=4000,draft=1000,cd=2000,dmd=1500.")
+@click.option("--student-init", type=click.Choice(["teacher", "random"]), default=None,
+              help="fast-ardiff recipes: the student head starts from the teacher [teacher] or from random weights "
+                   "(the DMD-from-scratch ablation).")
+@click.option("--train-blocks", type=click.IntRange(min=1), default=None,
+              help="fast-ardiff recipes: trained last blocks of the target in the teacher stage [2].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="fast-ardiff recipes: where the frozen target's outputs are cached [--out].")
 def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
-                  entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after, calibration_images, no_progress):
-    """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR."""
+                  entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after,
+                  calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, cache_dir):
+    """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR.
+    For a fast-ardiff recipe: the target AR + teacher head, the draft, and the head's CD -> DMD distillation
+    (--init: a fast-ardiff checkpoint to start from instead of the teacher stage)."""
     from fastardiff.runtime.images import check_destination
 
     from .config import CONFIGS
@@ -74,6 +88,15 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
     from .train import TrainSettings, train
 
     torch.set_num_threads(threads)
+    if CONFIGS[recipe].family == "fast-ardiff":
+        path = _train_fast_ardiff(recipe, out_dir, init_ckpt, stages, stage_steps, student_init, train_blocks,
+                                  entropy_weight, seed, save_every, calibration_images, resume, stop_after,
+                                  not no_progress, cache_dir)
+        click.echo(f"wrote {path}")
+        return
+    if any(v is not None for v in (stages, stage_steps, student_init, train_blocks, cache_dir)):
+        raise FastardiffError("--stages, --stage-steps, --student-init, --train-blocks and --cache-dir belong to the "
+                              "fast-ardiff recipes; drop them or pass --recipe tiny-mnist-fast-ardiff")
     if stage == "draft-onpolicy":
         from .distill_draft import DistillSettings, distill_draft
 
@@ -98,6 +121,26 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
     click.echo(f"wrote {path}")
 
 
+def _train_fast_ardiff(recipe, out_dir, init_ckpt, stages, stage_steps, student_init, train_blocks, entropy_weight, seed,
+                       save_every, calibration_images, resume, stop_after, progress, cache_dir):
+    from .train_fast_ardiff import STAGES, FastARDiffTrainSettings, train_fast_ardiff
+
+    given = {"init": init_ckpt, "student_init": student_init, "train_blocks": train_blocks,
+             "entropy_weight": entropy_weight, "save_every": save_every, "calibration_images": calibration_images}
+    given = {k: v for k, v in given.items() if v is not None}
+    if stages is not None:
+        given["stages"] = tuple(x.strip() for x in stages.split(",") if x.strip())
+    for item in (stage_steps.split(",") if stage_steps else []):
+        name, _, value = item.partition("=")
+        if name.strip() not in STAGES or not value.strip().isdigit():
+            raise FastardiffError(f"--stage-steps item '{item}': use STAGE=STEPS with STAGE one of "
+                                  f"{', '.join(STAGES)}")
+        given[f"{name.strip()}_steps"] = int(value)
+    settings = FastARDiffTrainSettings(recipe=recipe, seed=seed, **given)
+    return train_fast_ardiff(out_dir, settings, resume=resume, progress=progress, stop_after=stop_after,
+                             cache_dir=cache_dir)
+
+
 @click.command("eval")
 @click.option("--ckpt", type=click.Path(dir_okay=True), default=_default_ckpt, show_default="shipped tiny-mnist",
               help="Checkpoint to evaluate.")
@@ -112,7 +155,9 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid of samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
-def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, as_json, threads):
+@click.option("--head", type=click.Choice(["teacher", "student"]), default=None,
+              help="fast-ardiff checkpoints: the diffusion head to sample with [student].")
+def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, as_json, threads, head):
     """Sample target-only and score the digits: class accuracy, Fréchet distance, classifier accuracy."""
     from fastardiff.runtime.images import check_destination
 
@@ -133,9 +178,16 @@ def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, a
         raise FastardiffError(f"'{ckpt}' is a '{model.config.name}' model; eval scores MNIST digits and needs "
                               "a tiny-mnist checkpoint")
     classifier = load_classifier(classifier_path)
-    metrics, images = evaluate(model, classifier, n=n, seed=seed,
-                               temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-                               cfg_scale=DEFAULT_CFG_SCALE if cfg_scale is None else cfg_scale)
+    options = {"n": n, "seed": seed, "temperature": DEFAULT_TEMPERATURE if temperature is None else temperature,
+               "cfg_scale": DEFAULT_CFG_SCALE if cfg_scale is None else cfg_scale}
+    if getattr(model, "family", "drift-ar") == "fast-ardiff":
+        from .evaluate import evaluate_fast_ardiff
+
+        metrics, images = evaluate_fast_ardiff(model, classifier, head=head or "student", **options)
+    elif head is not None:
+        raise FastardiffError(f"--head applies to fast-ardiff checkpoints; '{ckpt}' is a drift-ar checkpoint")
+    else:
+        metrics, images = evaluate(model, classifier, **options)
     metrics["checkpoint"] = str(ckpt)
     if grid:
         labels = torch.arange(n) % model.config.num_classes  # the labels evaluate() sampled
@@ -158,13 +210,15 @@ def info_command(ckpt, as_json):
     model = load_checkpoint(ckpt)
     path = Path(ckpt)
     side = path.with_suffix(".json")
+    family = getattr(model, "family", "drift-ar")
+    modules = (model.modules() if family == "fast-ardiff" else
+               {"target": model.target, "draft": model.draft, "decoder": model.decoder})
     info = {
         "checkpoint": str(path),
-        "family": "drift-ar",
+        "family": family,
         "config": model.config.to_dict(),
         "config_hash": model.config.config_hash(),
-        "parameters": {name: sum(p.numel() for p in m.parameters())
-                       for name, m in (("target", model.target), ("draft", model.draft), ("decoder", model.decoder))},
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()},
         "calibration": model.calibration.to_dict(),
         "files": {str(path): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}},
         "meta": model.meta,
@@ -174,7 +228,7 @@ def info_command(ckpt, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    click.echo(f"checkpoint   {info['checkpoint']}  (family drift-ar, config hash {info['config_hash']})")
+    click.echo(f"checkpoint   {info['checkpoint']}  (family {family}, config hash {info['config_hash']})")
     cfg = info["config"]
     click.echo("config       " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "class_names"))
     click.echo("parameters   " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())

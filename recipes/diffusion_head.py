@@ -53,8 +53,9 @@ def variance_floor(alpha_bar: torch.Tensor) -> torch.Tensor:
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [M, dim] of timesteps t [M] (any real values; here timestep/T * 1000)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float().unsqueeze(-1) * freqs.unsqueeze(0)
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype).unsqueeze(-1) * freqs.unsqueeze(0)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

@@ -195,3 +195,70 @@ def write_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: in
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def image_metrics(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Class accuracy and Fréchet distance of generated digits against the held-out real test digits."""
+    from .data import load_digit_split
+
+    split = load_digit_split()
+    gen_feat, gen_pred = classifier_features(classifier, images)
+    real_feat, real_pred = classifier_features(classifier, split.test_images)
+    return {"class_accuracy": float((gen_pred == labels.numpy()).mean()),
+            "frechet_distance": frechet_distance(gen_feat, real_feat),
+            "classifier_test_accuracy": float((real_pred == split.test_labels.numpy()).mean()),
+            "real_test_digits": len(split.test_images)}
+
+
+@torch.no_grad()
+def estimate_cspd_acceptance(ckpt, tokens, labels, head: str = "student", cfg_scale: float = 1.0,
+                             temperature: float = 1.0, shared_noise: bool = True, skip: int = 3, draws: int = 4,
+                             generator: torch.Generator | None = None) -> float:
+    """fast-ardiff: E_{x~q}[min(1, p(x)/q(x))] per token with the CSpD ratio (final-step Gaussian densities times
+    the per-step sigma ratios, recipes/diffusion_head.py final_step), draft and target teacher-forced on the
+    target's own samples; shared_noise: draft and target run the head on the same trajectory noise (CSpD's
+    trajectory alignment), else on independent noise."""
+    from .diffusion_head import final_step
+    from .fast_ardiff import head_timesteps
+
+    cfg = ckpt.config
+    timesteps, net, alpha_bar = head_timesteps(cfg, head), ckpt.head(head), ckpt.alpha_bar
+    z_p, _ = teacher_forced_guided(ckpt.target, tokens, labels, cfg_scale, cfg.num_classes)
+    z_q, _ = teacher_forced_guided(ckpt.draft, tokens, labels, cfg_scale, cfg.num_classes)
+    z_p, z_q = z_p[:, skip:].reshape(-1, cfg.z_dim), z_q[:, skip:].reshape(-1, cfg.z_dim)
+    M, S, D = z_p.shape[0], len(timesteps), cfg.token_dim
+    total = 0.0
+    for _ in range(draws):
+        noise_q = torch.randn(M, S, D, generator=generator)
+        noise_p = noise_q if shared_noise else torch.randn(M, S, D, generator=generator)
+        mu_q, s_q, off_q = final_step(net, z_q, noise_q, timesteps, alpha_bar, temperature)
+        mu_p, s_p, off_p = final_step(net, z_p, noise_p, timesteps, alpha_bar, temperature)
+        x = mu_q + s_q.unsqueeze(-1) * torch.randn(M, D, generator=generator)
+        log_q = -0.5 * ((x - mu_q) / s_q.unsqueeze(-1)).pow(2).sum(-1) - D * s_q.log()
+        log_p = -0.5 * ((x - mu_p) / s_p.unsqueeze(-1)).pow(2).sum(-1) - D * s_p.log()
+        total += (log_p + off_p - log_q - off_q).double().clamp(max=0).exp().mean().item()
+    return total / draws
+
+
+def evaluate_fast_ardiff(ckpt, classifier, n: int = 500, seed: int = 0, head: str = "student",
+                         temperature: float = DEFAULT_TEMPERATURE, cfg_scale: float = DEFAULT_CFG_SCALE,
+                         batch: int = 250, with_acceptance: bool = True):
+    """`fastardiff eval` for a fast-ardiff checkpoint: target-only samples with one head; (metrics, images)."""
+    from .fast_ardiff import decode_tokens, head_timesteps, sample_target_only as sample_fast_ardiff
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % ckpt.config.num_classes
+    start = time.time()
+    tokens = torch.cat([sample_fast_ardiff(ckpt, labels[i:i + batch], head, cfg_scale, temperature, gen)
+                        for i in range(0, n, batch)])
+    images = decode_tokens(ckpt.config, tokens)
+    metrics = {"family": "fast-ardiff", "head": head, "head_steps": len(head_timesteps(ckpt.config, head)), "n": n,
+               "seed": seed, "temperature": temperature, "cfg_scale": cfg_scale,
+               **image_metrics(classifier, images, labels), "sampling_seconds": round(time.time() - start, 2)}
+    if with_acceptance:
+        m = min(n, 200)
+        for shared in (True, False):
+            key = "acceptance_rate_estimate" + ("" if shared else "_independent_noise")
+            metrics[key] = estimate_cspd_acceptance(ckpt, tokens[:m], labels[:m], "student", cfg_scale, temperature,
+                                                    shared, generator=torch.Generator().manual_seed(seed + 1))
+    return metrics, images

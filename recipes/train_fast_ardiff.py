@@ -81,6 +81,7 @@ class FastARDiffTrainSettings:
     calibration_images: int = 2000
     seed: int = 0
     save_every: int = 200
+    train_images: int | None = None  # use only the first this many training digits (tests)
 
     def stage_steps(self) -> dict:
         steps = {"teacher": self.teacher_steps, "draft": self.draft_steps, "cd": self.cd_steps, "dmd": self.dmd_steps}
@@ -128,7 +129,7 @@ def run_last_blocks(target, hidden_in, start: int):
         x, e, _, _ = target.blocks[i](x, k_cache[i], v_cache[i], lengths, impl if i == target.entropy_layer else None)
         entropy = e if e is not None else entropy
     sl = slice(target.cfg.n_cond - 1, None)  # position n_cond-1+r conditions token r
-    return target.head(target.norm(x))[:, sl], entropy[:, sl]
+    return target.head(target.norm(x))[:, sl], (entropy[:, sl] if entropy is not None else None)
 
 
 @torch.no_grad()
@@ -191,8 +192,9 @@ class Trainer:
         self.cfg = cfg
         torch.manual_seed(s.seed)
         self.split = load_digit_split()
-        self.tokens = image_tokens(self.split.train_images, cfg.patch)
-        self.labels = self.split.train_labels
+        limit = s.train_images or len(self.split.train_images)
+        self.tokens = image_tokens(self.split.train_images[:limit], cfg.patch)
+        self.labels = self.split.train_labels[:limit]
         self.alpha_bar = cosine_alpha_bar(cfg.teacher_steps)
         self.student_timesteps = step_schedule(cfg.teacher_steps, cfg.student_steps)
         target, draft, teacher, student = build_fast_ardiff_models(cfg)
@@ -294,6 +296,8 @@ class Trainer:
 
     def draft_step(self, k: int, n: int) -> dict:
         self.ensure_frozen_target()
+        if k == 0:  # as drift-ar: embeddings, the first blocks, the final norm and the head of the target
+            init_draft_from_target(self.m["draft"], self.m["target"])
         self.set_lr(self.opts["draft"], k, n, self.s.draft_lr)
         idx, use_null = self.batch(self.s.batch_images)
         loss, stats = self.draft_loss(idx, use_null, 1.0)
