@@ -192,8 +192,11 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--config", "config_name", default=None,
               help="A preset (e.g. mar-b-like) with seeded random weights instead of --ckpt: timing only.")
 @click.option("--no-export", is_flag=True, help="Export nothing: time --engine / --aoti-engine and torch only.")
+@click.option("--quality-images", type=click.IntRange(0, 10000), default=200, show_default=True,
+              help="Diffusion-head families: images generated per row for class accuracy and Fréchet distance "
+                   "(0: speed only).")
 def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, jacobi_spec, early_stop, seed,
-                     threads, json_path, plot_path, device, config_name, no_export):
+                     threads, json_path, plot_path, device, config_name, no_export, quality_images):
     """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU or CUDA)."""
     import platform
     import tempfile
@@ -203,8 +206,9 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     from fastardiff.exporter.export import export_engines
     from fastardiff.exporter.targets import ExportOptions
     from fastardiff.exporter.torch_backend import load_torch_engines
-    from fastardiff.recipes.checkpoint import default_checkpoint_path
+    from fastardiff.recipes.checkpoint import default_checkpoint_path, default_classifier_path
     from fastardiff.runtime.engine import load_engines
+    from fastardiff.runtime.manifest import HEAD_FAMILIES
     from fastardiff.runtime.gamma_auto import choose_gamma
     from fastardiff.runtime.manifest import sha256_file
 
@@ -253,12 +257,23 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         if not backends:
             raise FastardiffError("nothing to time: --no-export and --no-torch without --engine / --aoti-engine")
         rows, choices, skipped = [], [], []
+        scorer = None
         for batch in batch_list:
             for name, engines in backends.items():
                 if batch > engines.manifest.max_batch:  # an export's profile ends at its --batch
                     skipped.append({"backend": name, "batch": batch, "reason": f"engines exported for batch <= "
                                     f"{engines.manifest.max_batch} (export accepts at most {EXPORT_MAX_BATCH})"})
                     log.warning("%s: batch %d skipped: %s", name, batch, skipped[-1]["reason"])
+                    continue
+                if engines.manifest.family in HEAD_FAMILIES:     # the paper's Table 1 rows
+                    from .bench_heads import QualityScorer, head_family_rows
+
+                    if scorer is None and quality_images and not config_name:
+                        scorer = QualityScorer(default_classifier_path())
+                    g = _gammas(gamma, [])
+                    for g in ([int(engines.manifest.gamma)] if g in ("auto", []) else g):
+                        rows += head_family_rows(name, engines, batch, repeats, g, early_stop, seed,
+                                                 quality_images, scorer)
                     continue
                 available = sorted(getattr(engines, "rollouts", {}) or {})
                 gammas = _gammas(gamma, available)
@@ -281,9 +296,16 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     click.echo(f"pipeline benchmark: {config_name + ' (random weights)' if config_name else ckpt.name}, batches "
                f"{batch_list}, early stop {early_stop}, {repeats} timed runs per configuration after 1 warm-up, "
                f"interleaved; {device}: {where}")
-    click.echo(format_table(rows))
-    click.echo("\nper-call engine cost (ms)")
-    click.echo(format_table(cost_rows(rows), COST_COLUMNS))
+    head_rows = [r for r in rows if "head" in r]
+    rows_ar = [r for r in rows if "head" not in r]
+    if rows_ar:
+        click.echo(format_table(rows_ar))
+        click.echo("\nper-call engine cost (ms)")
+        click.echo(format_table(cost_rows(rows_ar), COST_COLUMNS))
+    if head_rows:
+        from .bench_heads import HEAD_COLUMNS
+
+        click.echo(format_table(head_rows, HEAD_COLUMNS))
     if json_path:
         from fastardiff.runtime.stats import write_text_atomic
 
@@ -295,8 +317,8 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         click.echo(f"wrote {json_path}")
     from fastardiff.errors import is_installed
 
-    if rows and (plot_path or (json_path and is_installed("matplotlib"))):  # the CLI's gate asks for matplotlib
-        path = write_plot(rows, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))
+    if rows_ar and (plot_path or (json_path and is_installed("matplotlib"))):  # the CLI's gate asks for matplotlib
+        path = write_plot(rows_ar, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))
         click.echo(f"wrote {path}")
 
 

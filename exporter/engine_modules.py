@@ -68,6 +68,9 @@ ENGINE_IO = {
     "target_verify": (AR_INPUTS, ["mean", "entropy", "new_k", "new_v"]),
     "decoder": (["tokens", "entropy", "cond"], ["image"]),
     "target_jacobi": (JACOBI_INPUTS, JACOBI_OUTPUTS),
+    # diffusion-head families (exporter/head_engines.py)
+    "head_teacher": (["z", "traj_noise", "temperature"], ["mean", "sigma", "log_offset"]),
+    "head_student": (["z", "traj_noise", "temperature"], ["mean", "sigma", "log_offset"]),
     **{rollout_name(g): (ROLLOUT_INPUTS, ROLLOUT_OUTPUTS) for g in range(1, MAX_ROLLOUT + 1)},
 }
 ROLLOUT_GAMMA = {rollout_name(g): g for g in range(1, MAX_ROLLOUT + 1)}   # engine name -> rollout length
@@ -249,6 +252,10 @@ def example_inputs(cfg: DriftARConfig, name: str, model_layers: int, batch: int,
         return rollout_example_inputs(cfg, ROLLOUT_GAMMA[name], model_layers, batch, new_tokens, cache, g)
     if name == "target_jacobi":
         return jacobi_example_inputs(cfg, model_layers, batch, new_tokens, cache, g)
+    if name.startswith("head_"):
+        from .head_engines import head_example_inputs
+
+        return head_example_inputs(cfg, name, batch, seed)
     if name == "decoder":
         return (torch.randn(batch, cfg.num_tokens, cfg.token_dim, generator=g),
                 torch.rand(batch, cfg.num_tokens, generator=g),

@@ -41,6 +41,8 @@ def parity_shapes(cfg: DriftARConfig, name: str, profile: ShapeProfile) -> list[
         odd = b2 if b2 % 2 else b2 - 1                 # the most rows without guidance
         even = b2 - b2 % 2 if b2 > 1 else b2           # the most rows with guidance
         shapes = [(b0, 1, s), (odd, k1, s), (even, k1, s)]
+    elif name.startswith("head_"):
+        shapes = [(b, profile.new_tokens[0], 0) for b in (b0, b1, b2)]
     elif name == "decoder":
         shapes = [(b0, cfg.num_tokens, 0), (b1, cfg.num_tokens, 0), (b2, cfg.num_tokens, 0)]
     else:

@@ -27,6 +27,8 @@ from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, sha256_file
 
 from .engine_modules import (ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile, example_inputs, make_engine_modules,
                              shape_profiles)
+from .head_engines import (HEAD_ENGINES, fast_ardiff_modules, head_dynamic_shapes, head_example_inputs, head_profile,
+                           head_steps)
 
 log = logging.getLogger("fastardiff.export")
 
@@ -172,6 +174,11 @@ class JacobiCastWrapper(CastWrapper):
                         residual_noise, residual_coins, temperature, cfg_scale, coupling)
 
 
+class HeadCastWrapper(CastWrapper):
+    def forward(self, z, traj_noise, temperature):
+        return self.run(z, traj_noise, temperature)
+
+
 class DecoderCastWrapper(CastWrapper):
     def forward(self, tokens, entropy, cond):
         return self.run(tokens, entropy, cond)[0]
@@ -182,6 +189,7 @@ class DecoderCastWrapper(CastWrapper):
 FAMILY_ADAPTERS: dict[str, Callable[..., dict[str, nn.Module]]] = {
     "drift-ar": lambda ckpt, gammas=(): make_engine_modules(
         ckpt.target, ckpt.draft, ckpt.decoder, ckpt.config.sigma_params(ckpt.calibration.e_max), gammas),
+    "fast-ardiff": fast_ardiff_modules,
 }
 
 
@@ -201,7 +209,8 @@ def engine_modules(ckpt: DriftARCheckpoint, opts: ExportOptions) -> tuple[dict[s
         m = copy.deepcopy(module).to(opts.device)
         if opts.precision != "fp32":
             wrapper = (DecoderCastWrapper if name == "decoder" else JacobiCastWrapper if name == "target_jacobi"
-                       else RolloutCastWrapper if name in ROLLOUT_GAMMA else ARCastWrapper)
+                       else RolloutCastWrapper if name in ROLLOUT_GAMMA else HeadCastWrapper if name in HEAD_ENGINES
+                       else ARCastWrapper)
             m = wrapper(m, PRECISIONS[opts.precision])
         exported[name] = m.eval()
     return exported, reference
@@ -223,6 +232,8 @@ def trace_inputs(cfg: DriftARConfig, name: str, layers: int, profile: ShapeProfi
     batch = min(max(2, profile.batch[1]), profile.batch[2]) if profile.batch[2] >= 2 else profile.batch[2]
     k = min(max(2, profile.new_tokens[1]), profile.new_tokens[2])
     cache = min(max(2, profile.cache[1]), profile.cache[2])
+    if name in HEAD_ENGINES:
+        return tuple(x.to(device) for x in head_example_inputs(cfg, name, batch, seed=1234))
     if name in ROLLOUT_GAMMA:  # 4 rows = 2 samples x [cond; uncond] (guidance traced), no axis of size 1
         from .engine_modules import rollout_example_inputs
 
@@ -251,6 +262,8 @@ def dynamic_shapes(name: str, profile: ShapeProfile, derived_dims: bool = True) 
     batch = Dim("batch", min=profile.batch[0], max=profile.batch[2]) if profile.batch[2] > 1 else None
     if name == "decoder":
         return {"tokens": {0: batch}, "entropy": {0: batch}, "cond": {0: batch}}
+    if name in HEAD_ENGINES:
+        return head_dynamic_shapes(profile)
     k = Dim("K", min=profile.new_tokens[0], max=profile.new_tokens[2])
     if name in ROLLOUT_GAMMA:  # cache rows (B or 2B with guidance) and samples B are separate axes; S is static
         samples = Dim("samples", min=1, max=profile.batch[2]) if profile.batch[2] > 1 else None
@@ -290,6 +303,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
     check_options(ckpt.config, opts)
     modules, references = engine_modules(ckpt, opts)
     profiles = shape_profiles(ckpt.config, opts.max_batch, opts.gamma)
+    profiles.update({n: head_profile(ckpt.config, n, opts.max_batch, opts.gamma) for n in modules if n in HEAD_ENGINES})
     entries = {}
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         bar = tqdm(list(modules), desc=f"export {opts.target}", unit="engine", leave=False,
@@ -313,8 +327,10 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
             inputs, outputs = ENGINE_IO[name]
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
                                         outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity,
-                                        kind="draft_rollout" if name in ROLLOUT_GAMMA else name,
-                                        gamma=ROLLOUT_GAMMA.get(name, 0))
+                                        kind="draft_rollout" if name in ROLLOUT_GAMMA
+                                        else "head" if name in HEAD_ENGINES else name,
+                                        gamma=ROLLOUT_GAMMA.get(name, 0),
+                                        steps=head_steps(ckpt.config, name) if name in HEAD_ENGINES else 0)
             worst = max((v["max_abs"] for v in parity.get("outputs", {}).values()), default=float("nan"))
             log.info("  %-13s %-20s %6.1f s   parity max abs %.2e", name, file, time.perf_counter() - start, worst)
     return entries

@@ -11,26 +11,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastardiff.recipes.checkpoint import FAMILY, DriftARCheckpoint, load_checkpoint
+from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
-from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, Manifest
+from fastardiff.runtime.manifest import EngineEntry, Manifest
 
-from .engine_modules import (ENGINE_IO, ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, make_engine_modules, rollout_capacity,
-                             rollout_name)
+from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, rollout_capacity
+from .head_engines import HEAD_ENGINES
 
 DEFAULT_MAX_GAMMA = 8
 
 
-def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, gamma: int = DEFAULT_MAX_GAMMA) -> Manifest:
-    """In-memory manifest; the rollout entries carry only what the loop reads (kind, gamma, cache capacity)."""
+def checkpoint_manifest(ckpt, modules: dict, device: str, max_batch: int, gamma: int = DEFAULT_MAX_GAMMA) -> Manifest:
+    """In-memory manifest of `modules` (the family's engines); rollout and head entries carry only what the loop
+    reads (kind, gamma or steps, the rollouts' cache capacity)."""
     capacity = rollout_capacity(ckpt.config, gamma)
-    engines = {rollout_name(g): EngineEntry(file="", sha256="", inputs=list(ROLLOUT_INPUTS),
-                                            outputs=list(ROLLOUT_OUTPUTS), profile={"cache": [capacity] * 3},
-                                            kind="draft_rollout", gamma=g) for g in range(1, gamma + 1)}
-    engines.update({name: EngineEntry(file="", sha256="", inputs=list(ENGINE_IO[name][0]),
-                                      outputs=list(ENGINE_IO[name][1]), kind=name)
-                    for name in ENGINE_NAMES + ("target_jacobi",)})
-    return Manifest(backend="torch", family=FAMILY, config=ckpt.config.to_dict(),
+    engines = {}
+    for name in modules:
+        entry = EngineEntry(file="", sha256="", inputs=list(ENGINE_IO[name][0]), outputs=list(ENGINE_IO[name][1]),
+                            kind=name)
+        if name in ROLLOUT_GAMMA:
+            entry.kind, entry.gamma, entry.profile = "draft_rollout", ROLLOUT_GAMMA[name], {"cache": [capacity] * 3}
+        elif name in HEAD_ENGINES:
+            entry.kind, entry.steps = "head", modules[name].steps
+        engines[name] = entry
+    return Manifest(backend="torch", family=ckpt.config.family, config=ckpt.config.to_dict(),
                     calibration=ckpt.calibration.to_dict(), engines=engines, device=device, max_batch=max_batch,
                     gamma=gamma,
                     config_hash=ckpt.config.config_hash(), library_versions={"torch": torch.__version__},
@@ -40,15 +44,24 @@ def checkpoint_manifest(ckpt: DriftARCheckpoint, device: str, max_batch: int, ga
 class TorchEngines:
     """Engines backed by the reference torch modules on `device` (float32)."""
 
-    def __init__(self, ckpt: DriftARCheckpoint, device: str = "cpu", max_batch: int = 256,
-                 max_gamma: int = DEFAULT_MAX_GAMMA):
+    def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA):
+        from .targets import FAMILY_ADAPTERS
+
         self.device = torch.device(device)
-        sigma = ckpt.config.sigma_params(ckpt.calibration.e_max)
-        self.modules = {k: m.to(self.device) for k, m in
-                        make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder, sigma,
-                                            range(1, max_gamma + 1)).items()}
-        self.manifest = checkpoint_manifest(ckpt, str(self.device), max_batch, max_gamma)
-        self.rollouts = {g: self._rollout_caller(rollout_name(g)) for g in range(1, max_gamma + 1)}
+        modules = FAMILY_ADAPTERS[ckpt.config.family](ckpt, range(1, max_gamma + 1))
+        self.modules = {k: m.to(self.device) for k, m in modules.items()}
+        self.manifest = checkpoint_manifest(ckpt, modules, str(self.device), max_batch, max_gamma)
+        self.rollouts = {ROLLOUT_GAMMA[n]: self._rollout_caller(n) for n in modules if n in ROLLOUT_GAMMA}
+
+    def head(self, name: str):
+        module = self.modules[name]
+
+        @torch.inference_mode()
+        def run(z, traj_noise, temperature):
+            out = module(self._tensor(z), self._tensor(traj_noise), self._tensor(temperature))
+            return tuple(t.float().cpu().numpy() for t in out)
+
+        return run
 
     def _rollout_caller(self, name: str):
         module = self.modules[name]
@@ -62,8 +75,12 @@ class TorchEngines:
 
         return run
 
+    @property
+    def target_jacobi(self):
+        return self._target_jacobi if "target_jacobi" in self.modules else None
+
     @torch.inference_mode()
-    def target_jacobi(self, *arrays) -> JacobiOutput:
+    def _target_jacobi(self, *arrays) -> JacobiOutput:
         longs = {1, 4, 7}                          # lengths, cond, num_guesses
         out = self.modules["target_jacobi"](*(self._tensor(a, torch.long if i in longs else torch.float32)
                                               for i, a in enumerate(arrays)))
@@ -92,7 +109,8 @@ class TorchEngines:
         return image.float().cpu().numpy()
 
 
-def load_torch_engines(source: DriftARCheckpoint | str | Path, device: str = "cpu", max_batch: int = 256,
+def load_torch_engines(source, device: str = "cpu", max_batch: int = 256,
                        attention_impl: str = "reference") -> TorchEngines:
-    ckpt = source if isinstance(source, DriftARCheckpoint) else load_checkpoint(source, attention_impl)
+    """source: a loaded checkpoint (either family) or the path of one."""
+    ckpt = load_checkpoint(source, attention_impl) if isinstance(source, (str, Path)) else source
     return TorchEngines(ckpt, device, max_batch)

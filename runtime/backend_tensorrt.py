@@ -57,6 +57,9 @@ def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_to
     n_tokens = (config["image_size"] // config["patch"]) ** 2
     if name == "decoder":
         return {"tokens": (batch, n_tokens, config["token_dim"]), "entropy": (batch, n_tokens), "cond": (batch,)}
+    if name.startswith("head_"):   # diffusion head: `batch` tokens, new_tokens = its steps (the profile's K axis)
+        return {"z": (batch, config["z_dim"]), "traj_noise": (batch, new_tokens, config["token_dim"]),
+                "temperature": (1,)}
     kv = (layers, batch, config["heads"], cache, config["width"] // config["heads"])
     shapes = {"tokens": (batch, new_tokens, config["token_dim"]), "lengths": (batch,), "k_cache": kv, "v_cache": kv,
               "cond": (batch,)}

@@ -57,9 +57,17 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also write one PNG per image here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt (cpu, cuda, cuda:N).")
+@click.option("--head", type=click.Choice(["student", "teacher"]), default=None,
+              help="Diffusion-head families (fast-ardiff): the distilled few-step head or the many-step teacher "
+                   "[student].")
+@click.option("--shared-noise", type=click.Choice(["on", "off"]), default=None,
+              help="Diffusion-head families: draft and target share each token's noise trajectory (CSpD) [on].")
+@click.option("--inner-temperature", type=Number(float, 0.0, 1000.0, low_open=True), default=None,
+              help="Diffusion-head families: CSpD's inner temperature of the acceptance ratio (its official code: "
+                   "42; not exact) [1].")
 @verbose_option()
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
-                out, out_dir, stats_json, device):
+                out, out_dir, stats_json, device, head, shared_noise, inner_temperature):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
     from fastardiff.runtime.speculative import generate
@@ -73,15 +81,18 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     engines = _load(engine_dir, ckpt, device)
     classes = request_classes(prompt, engines.manifest.config["class_names"], num_images)
 
-    def choose(batch, cfg, drafts):
+    def choose(batch, cfg, drafts, options):
         from fastardiff.runtime.gamma_auto import choose_gamma
 
-        choice = choose_gamma(engines, batch, cfg, drafts=drafts)
+        choice = choose_gamma(engines, batch, cfg, drafts=drafts, options=options)
         click.echo(choice.table(), err=True)
         return choice
 
+    head_options = {k: v for k, v in (("head", head), ("shared_noise", None if shared_noise is None
+                                                                  else shared_noise == "on"),
+                                       ("inner_temperature", inner_temperature)) if v is not None}
     gen, choice = plan_generation(engines, len(classes), gamma, draft, coupling == "on", early_stop, mode,
-                                  temperature, cfg_scale, eta, seed, choose)
+                                  temperature, cfg_scale, eta, seed, choose, head_options)
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
              gen.mode, gen.draft, gen.gamma, early_stop)
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
@@ -111,26 +122,37 @@ def request_classes(prompt, class_names, num_images, max_images: int = MAX_IMAGE
 
 
 def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool, early_stop: str, mode: str,
-                    temperature: float, cfg_scale: float, eta: float, seed: int, choose):
+                    temperature: float, cfg_scale: float, eta: float, seed: int, choose,
+                    head_options: dict | None = None):
     """(GenerationConfig, GammaChoice or None) of a request, checked against the model and its engines; shared by
     `fastardiff run` and `fastardiff serve`. gamma 'auto' in speculative mode is `choose(batch, cfg_scale,
-    drafts)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
-    model draft where the engines have one (Jacobi otherwise)."""
+    drafts, head_options)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
+    model draft where the engines have one (Jacobi otherwise; only the model draft for diffusion-head families).
+    head_options (head, shared_noise, inner_temperature) apply to diffusion-head families only."""
+    from fastardiff.runtime.manifest import HEAD_FAMILIES
     from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
 
+    head_options = dict(head_options or {})
+    family = engines.manifest.family
+    if head_options and family not in HEAD_FAMILIES:
+        names = ", ".join("--" + k.replace("_", "-") for k in head_options)
+        raise FastardiffError(f"{names} apply to diffusion-head model families ({', '.join(HEAD_FAMILIES)}); these "
+                              f"engines are of family '{family}': drop {names}")
+    if family in HEAD_FAMILIES and draft == "auto":
+        draft = "model"
     choice = None
     if gamma == "auto":
         if mode == "speculative":
             per_call = 2 if cfg_scale != 1.0 else 1
             batch = max(1, min(num_images, engines.manifest.max_batch // per_call))
-            choice = choose(batch, cfg_scale, ("model", "jacobi") if draft == "auto" else (draft,))
+            choice = choose(batch, cfg_scale, ("model", "jacobi") if draft == "auto" else (draft,), head_options)
             mode = choice.mode
             draft = choice.draft if choice.gamma else draft
         gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
     if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
         draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
     gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft, coupling=coupling, early_stop=early_stop,
-                           temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed)
+                           temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed, **head_options)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     return gen, choice
 

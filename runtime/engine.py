@@ -117,6 +117,11 @@ class EngineCalls:
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
         return self._run("decoder", (tokens, entropy, cond))[0]
 
+    def head(self, name: str):
+        """Callable running diffusion-head engine `name`: (z [M,Z], traj_noise [M,S,D], temperature [1]) ->
+        (mean [M,D], sigma [M], log_offset [M]) of each token's final denoising step (runtime/token_rules.py)."""
+        return lambda z, traj_noise, temperature: tuple(self._run(name, (z, traj_noise, temperature)))
+
     @property
     def target_jacobi(self):
         """Callable running the target_jacobi engine, or None when the manifest has none (older exports)."""

@@ -171,13 +171,59 @@ def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16)
     return out
 
 
+def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options: dict,
+                   tokens: int = 32) -> GammaChoice:
+    """Diffusion-head families: every token also costs head calls (draft and target side), which the call-cost
+    model above does not time, so short real generations decide: target-only and the model draft at each gamma
+    up to the export's, `tokens` tokens each, the median of HOST_RUNS timed runs after a warm-up."""
+    from .speculative import GenerationConfig, ModelShape, generate, verify_limit
+    from .stats import RunStats
+
+    shape = ModelShape.from_config(engines.manifest.config)
+    tokens = min(tokens, shape.num_tokens)
+    top = min(int(engines.manifest.gamma), (verify_limit(engines) or 1 << 30) - 1, tokens - 1)
+    classes = np.arange(batch, dtype=np.int64) % shape.num_classes
+
+    def ms_per_token(gen):
+        generate(engines, classes, gen)
+        times, rounds = [], []
+        for _ in range(HOST_RUNS):
+            stats = RunStats()
+            generate(engines, classes, gen, stats)
+            times.append(1000 * stats.total_seconds / (batch * tokens))
+            rounds.append(stats.summary())
+        return float(np.median(times)), rounds[-1]
+
+    base = dict(cfg_scale=cfg_scale, num_tokens=tokens, **options)
+    step, _ = ms_per_token(GenerationConfig(mode="target", **base))
+    candidates = []
+    for g in range(1, top + 1):
+        ms, summary = ms_per_token(GenerationConfig(mode="speculative", draft="model", gamma=g, **base))
+        candidates.append({"draft": "model", "gamma": g, "tokens_per_round": 1 + summary["mean_accepted_per_verify"],
+                           "rollout_ms": 0.0, "verify_ms": ms, "host_ms": 0.0, "speedup": step / ms})
+    if not candidates:
+        return GammaChoice(None, "no draft length fits these engines; target-only", step)
+    best = max(candidates, key=lambda c: c["speedup"])
+    if best["speedup"] < margin:
+        return GammaChoice(None, f"speculation cannot pay here (best measured speedup {best['speedup']:.2f}x at "
+                                 f"gamma {best['gamma']} < {margin:.2f}x); running target-only", step, candidates)
+    return GammaChoice(best["gamma"], f"model gamma {best['gamma']} (measured {best['speedup']:.2f}x over "
+                                      f"target-only at batch {batch}, {tokens} tokens)", step, candidates)
+
+
 def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
-                 drafts=("model", "jacobi")) -> GammaChoice:
+                 drafts=("model", "jacobi"), options: dict | None = None) -> GammaChoice:
     """Pick the proposal kind in `drafts` and its length (model: gamma in the exported rollouts; jacobi: a
-    calibrated window the verify engine accepts), or target-only, with the figures behind it."""
+    calibrated window the verify engine accepts), or target-only, with the figures behind it. `options`: the
+    request's diffusion-head options (head, shared_noise, inner_temperature) for families that have one."""
+    from .manifest import HEAD_FAMILIES
     from .speculative import ModelShape, verify_limit
 
     manifest = engines.manifest
+    if manifest.family in HEAD_FAMILIES:
+        if "draft_step" not in manifest.engines or "model" not in drafts:
+            return GammaChoice(None, "no draft model in these engines; target-only")
+        return choose_by_runs(engines, batch, cfg_scale, margin, dict(options or {}))
     gammas = sorted(getattr(engines, "rollouts", {}) or {}) if "model" in drafts else []
     curve = acceptance_curve(manifest.calibration, cfg_scale) if gammas else None
     limit = min(verify_limit(engines) or 1 << 30, ModelShape.from_config(manifest.config).num_tokens)

@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 ENGINE_NAMES = ("draft_step", "target_verify", "decoder")
 REQUIRED_ENGINES = ("target_verify", "decoder")   # draft_step is left out by `fastardiff-export --no-draft`
 PRECISIONS = ("fp32", "fp16", "bf16")
+HEAD_FAMILIES = ("fast-ardiff",)   # families whose tokens come from a diffusion-head engine (kind "head")
 REEXPORT = "re-export the engines with `fastardiff-export --force`"
 
 
@@ -33,6 +34,7 @@ class EngineEntry:
     parity: dict = field(default_factory=dict)    # output name -> {"max_abs": .., "max_rel": ..}
     kind: str = ""                 # what the engine computes: its name, or "draft_rollout" for the rollouts
     gamma: int = 0                 # draft_rollout: the number of draft steps unrolled in the graph
+    steps: int = 0                 # head (diffusion-head families): denoising steps unrolled in the graph
 
 
 @dataclass
@@ -178,11 +180,14 @@ def _schema():
         parity: dict = {}
         kind: str = ""
         gamma: NonNegInt = 0
+        steps: NonNegInt = 0
 
         @model_validator(mode="after")
         def consistent(self):
             if self.kind == "draft_rollout" and self.gamma < 1:
                 raise _bad("gamma", f"a draft_rollout engine needs gamma >= 1 (got {self.gamma})")
+            if self.kind == "head" and self.steps < 1:
+                raise _bad("steps", f"a head engine needs steps >= 1 (got {self.steps})")
             for axis, values in self.profile.items():
                 if values != sorted(values):
                     raise _bad(f"profile.{axis}", f"{values} must be min <= opt <= max")
@@ -225,6 +230,12 @@ def _schema():
                     if e.gamma in seen:
                         raise _bad(f"engines.{name}.gamma", f"{e.gamma} repeats the rollout length of '{seen[e.gamma]}'")
                     seen[e.gamma] = name
+            heads = [name for name, e in self.engines.items() if e.kind == "head"]
+            if self.family in HEAD_FAMILIES and not heads:
+                raise _bad("engines", f"family '{self.family}' samples tokens with a diffusion head but no "
+                                      "engine has kind 'head'")
+            if self.family in HEAD_FAMILIES and "z_dim" not in self.config.model_extra:
+                raise _bad("config.z_dim", f"is missing: family '{self.family}' needs the width of its AR output")
             files = [Path(e.file).as_posix() for e in self.engines.values()]
             if len(set(files)) != len(files):
                 raise _bad("engines", "two engines name the same file")

@@ -24,16 +24,31 @@ from .distribution import SigmaParams, sigma_from_entropy
 log = logging.getLogger(__name__)
 
 MAX_PROPOSALS = 1 << 22
+# CSpD's approximate rule (TokenDistribution.log_offset): its residual can be empty, so fewer proposals before the
+# fallback, which is then a sample of the target's final-step Gaussian p (never zeros)
+APPROX_MAX_PROPOSALS = 1 << 12
 MAX_CHUNK = 1 << 13
 FIRST_CHUNK = 16
 
 
 class TokenDistribution(NamedTuple):
-    """N(mean, sigma^2 I) per token: mean [..., D], sigma [...], entropy [...] (the entropy that set sigma)."""
+    """N(mean, sigma^2 I) per token: mean [..., D], sigma [...], entropy [...] (the entropy that set sigma).
+    log_offset [...] (None: 0) is added to the token's log-density in the acceptance test: a diffusion-head family
+    (runtime/token_rules.py) scores its final-step Gaussian times prod_t sigma_t^-D of its earlier steps (CSpD)."""
 
     mean: np.ndarray
     sigma: np.ndarray
     entropy: np.ndarray
+    log_offset: np.ndarray | None = None
+
+
+def offset_shift(p: TokenDistribution, q: TokenDistribution, slots) -> np.ndarray | float:
+    """log_offset_p - log_offset_q at p's `slots` (q's own slots): 0.0 for plain Gaussian tokens."""
+    if p.log_offset is None and q.log_offset is None:
+        return 0.0
+    p_off = 0.0 if p.log_offset is None else p.log_offset[slots]
+    q_off = 0.0 if q.log_offset is None else q.log_offset
+    return p_off - q_off
 
 
 def guide(mean: np.ndarray, entropy: np.ndarray, cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,15 +102,18 @@ def log_residual_weight(y, p_mean, p_sigma, q_mean, q_sigma) -> np.ndarray:
 
 
 def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
-                    max_proposals: int = MAX_PROPOSALS) -> np.ndarray:
-    """One sample per row from max(0, p - q) (normalised), by rejection from p. Rows: p_mean [R, D], p_sigma [R]."""
+                    max_proposals: int = MAX_PROPOSALS, shift=0.0) -> np.ndarray:
+    """One sample per row from max(0, p - q) (normalised), by rejection from p. Rows: p_mean [R, D], p_sigma [R].
+    shift [R] (log_offset_p - log_offset_q) scores p as exp(shift) p: the residual max(0, exp(shift) p - q)."""
     rows, dim = p_mean.shape
+    shift = np.broadcast_to(np.asarray(shift, np.float64), (rows,))
     # fast path (the usual case): one chunk of FIRST_CHUNK proposals per row, few array operations; a row is kept
     # with probability 1 - (1 - Z)^FIRST_CHUNK here. u < 1 - min(1, q/p) is the same test as the loop's in logs.
     z = rng.standard_normal((rows, FIRST_CHUNK, dim))
     y = p_mean[:, None] + p_sigma[:, None, None] * z
     log_ratio = (0.5 * (np.add.reduce(z * z, axis=-1) - np.add.reduce((y - q_mean[:, None]) ** 2, axis=-1)
-                        / (q_sigma**2)[:, None]) + (dim * np.log(p_sigma / q_sigma))[:, None])   # log q(y) - log p(y)
+                        / (q_sigma**2)[:, None]) + (dim * np.log(p_sigma / q_sigma) - shift)[:, None])
+    # = log q(y) - log p(y) - shift
     kept = rng.random(log_ratio.shape) < -np.expm1(np.minimum(log_ratio, 0.0))
     hit = kept.any(axis=1)
     out = y[np.arange(rows), kept.argmax(axis=1)]
@@ -103,11 +121,12 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
         return out
     miss = np.flatnonzero(~hit)
     out[miss] = _sample_residual_loop(rng, p_mean[miss], p_sigma[miss], q_mean[miss], q_sigma[miss],
-                                      max(max_proposals - FIRST_CHUNK, 1))
+                                      max(max_proposals - FIRST_CHUNK, 1), shift[miss])
     return out
 
 
-def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma, max_proposals: int):
+def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma, max_proposals: int,
+                          shift: np.ndarray):
     """sample_residual for the rows its first chunk missed (p close to q): growing chunks, with the fallback."""
     rows, dim = p_mean.shape
     out = np.empty((rows, dim))
@@ -117,14 +136,15 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
     chunk, spent = 64, 0  # each proposal is kept with probability TV(p, q)
     while todo.size and spent < max_proposals:
         if spent == 0:  # every row: views, no gathers
-            pm, ps, qm, qs = p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None]
+            pm, ps, qm, qs, sh = p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None], shift[:, None]
         else:
-            pm, ps, qm, qs = p_mean[todo, None], p_sigma[todo, None], q_mean[todo, None], q_sigma[todo, None]
+            pm, ps, qm, qs, sh = (p_mean[todo, None], p_sigma[todo, None], q_mean[todo, None], q_sigma[todo, None],
+                                  shift[todo, None])
         z = rng.standard_normal((todo.size, chunk, dim))
         y = pm + ps[..., None] * z
         # log q(y) - log p(y), with |y - p_mean|^2 / p_sigma^2 = |z|^2 (log_residual_weight, fewer operations)
         log_ratio = (0.5 * (np.add.reduce(z * z, axis=-1) - np.add.reduce((y - qm) ** 2, axis=-1) / qs**2)
-                     + dim * np.log(ps / qs))
+                     + dim * np.log(ps / qs) - sh)
         weight = _keep_log_probability(log_ratio)                    # [T, chunk]
         kept = np.log(rng.random(weight.shape)) < weight
         hit = kept.any(axis=1)
@@ -141,18 +161,26 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
         spent += chunk
         chunk = min(chunk * 4, MAX_CHUNK, max(max_proposals - spent, 1))
     if todo.size:  # probability <= 1/(e * max_proposals) per row; see the module docstring
-        log.warning("residual sampling used its fallback for %d row(s) after %d proposals each (p ~= q)",
+        level = logging.WARNING if not shift.any() else logging.DEBUG   # CSpD's residual may be empty: expected
+        log.log(level, "residual sampling used its fallback for %d row(s) after %d proposals each (p ~= q)",
                     todo.size, spent)
         out[todo] = best[todo]
     return out
 
 
 def accept_prefix(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.ndarray, p: TokenDistribution,
-                  q: TokenDistribution) -> np.ndarray:
+                  q: TokenDistribution, inner_temperature: float = 1.0) -> np.ndarray:
     """The number of drafts kept per row [R]: draft i passes with probability min(1, p_i(x)/q_i(x)), left to right,
-    up to the first rejection (only the first num_drafts[r] drafts of a row are tested)."""
+    up to the first rejection (only the first num_drafts[r] drafts of a row are tested). inner_temperature != 1
+    divides the ratio's quadratic terms by its square (CSpD's official code uses 42; not exact, off by default)."""
     rows, gamma = drafts.shape[:2]
-    log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma)  # log p - log q
+    if inner_temperature == 1.0:
+        log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma)  # log p/q
+    else:
+        a = np.add.reduce((drafts - p.mean[:, :gamma]) ** 2, axis=-1) / p.sigma[:, :gamma] ** 2
+        b = np.add.reduce((drafts - q.mean) ** 2, axis=-1) / q.sigma ** 2
+        log_ratio = 0.5 * (b - a) / inner_temperature ** 2 + drafts.shape[-1] * np.log(q.sigma / p.sigma[:, :gamma])
+    log_ratio = log_ratio + offset_shift(p, q, np.s_[:, :gamma])
     valid = np.arange(gamma)[None, :] < num_drafts[:, None]
     rejected = valid & (np.log(rng.random((rows, gamma))) >= log_ratio)
     first_rejection = rejected.argmax(axis=1) if gamma else np.zeros(rows, np.int64)
@@ -160,20 +188,26 @@ def accept_prefix(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.n
 
 
 def accept_drafts(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.ndarray,
-                  p: TokenDistribution, q: TokenDistribution) -> tuple[np.ndarray, np.ndarray]:
+                  p: TokenDistribution, q: TokenDistribution,
+                  inner_temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Left-to-right speculative acceptance for R samples with ragged draft counts.
 
     drafts [R, G, D] (G >= max num_drafts), num_drafts [R]; p has G+1 slots per row (p_i for token i, slot
     num_drafts is the bonus), q has G slots. Returns (accepted [R], next_token [R, D]): the number of drafts
     kept, and the token that follows them (residual sample at the first rejection, else the target's bonus).
     """
-    accepted = accept_prefix(rng, drafts, num_drafts, p, q)
+    accepted = accept_prefix(rng, drafts, num_drafts, p, q, inner_temperature)
     r = np.arange(len(drafts))
     next_token = sample_gaussian(rng, p.mean[r, accepted], p.sigma[r, accepted])   # bonus where all passed
     fix = np.flatnonzero(accepted < num_drafts)
     if fix.size:
         a = accepted[fix]
-        next_token[fix] = sample_residual(rng, p.mean[fix, a], p.sigma[fix, a], q.mean[fix, a], q.sigma[fix, a])
+        shift = offset_shift(p, q, np.s_[:, :drafts.shape[1]])
+        if np.isscalar(shift):
+            next_token[fix] = sample_residual(rng, p.mean[fix, a], p.sigma[fix, a], q.mean[fix, a], q.sigma[fix, a])
+        else:   # CSpD's scored densities: max(0, e^s p - q) is empty when e^s p <= q everywhere (s < 0, p ~ q)
+            next_token[fix] = sample_residual(rng, p.mean[fix, a], p.sigma[fix, a], q.mean[fix, a],
+                                              q.sigma[fix, a], APPROX_MAX_PROPOSALS, shift[fix, a])
     return accepted, next_token
 
 

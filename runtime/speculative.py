@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from fastardiff.errors import EngineError, FastardiffError
 
-from .distribution import SigmaParams
 from .early_stop import EarlyStop
 from .jacobi import jacobi_rounds
 from .kv_cache import KVCache, windows
-from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian, token_distribution
+from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian
 from .stats import RunStats
+from .token_rules import token_rules
 
 MODES = ("speculative", "target", "draft")
 DRAFTS = ("model", "jacobi")
@@ -48,6 +48,9 @@ class GenerationConfig:
     num_tokens: int | None = None  # stop after the first tokens (tests); None = all N, then decode
     draft: str = "model"          # speculative proposals: "model" (the draft engine) or "jacobi" (runtime/jacobi.py)
     coupling: bool = True         # jacobi: maximal coupling of new guesses with the old ones (False: independent)
+    head: str = "student"         # diffusion-head families: which head engine samples tokens (student / teacher)
+    shared_noise: bool = True     # diffusion-head families: draft and target share each token's noise trajectory
+    inner_temperature: float = 1.0  # diffusion-head families: CSpD's inner temperature of the ratio (1: as stated)
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,10 @@ class AREngine:
     `samples` passed to predict/rollback are strictly increasing sample indices; all B of them (the common case)
     needs no index arrays on the cache at all."""
 
-    def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, sigma: SigmaParams,
+    def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
                  stats: RunStats, stage: str, capacity: int | None = None):
-        self.name, self.fn, self.gen, self.sigma, self.stats, self.stage = name, fn, gen, sigma, stats, stage
+        self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
+        self.n_cond = shape.n_cond
         self.batch = len(classes)
         self.guided = gen.cfg_scale != 1.0
         self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
@@ -115,7 +119,7 @@ class AREngine:
             idx = np.minimum(np.maximum((first - start)[:, None] + np.arange(slots)[None, :], 0), width - 1)
             row = np.arange(len(samples))[:, None]
             take = lambda a: a[row, idx]  # noqa: E731
-        dist = token_distribution(take(mean), take(entropy), self.sigma, self.gen.temperature)
+        dist = self.rule.distribution(take(mean), take(entropy), samples, first - (self.n_cond - 1))
         return dist, (take(shallow) if shallow is not None else None)
 
     def jacobi(self, fn, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, sampling: tuple,
@@ -246,9 +250,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     m = engines.manifest
     shape = ModelShape.from_config(m.config)
     total = check_request(gen, shape)
-    sigma = SigmaParams.from_config(m.config, m.calibration)
     classes = np.asarray(classes, np.int64)
     B, nc, G = len(classes), shape.n_cond, gen.gamma
+    draft_rule, target_rule = token_rules(engines, gen, rng, B, shape.num_tokens + G + 1, stats)
     # position p holds the input of p, in float32: what the engines are fed (no conversion per call) and exactly
     # the values the acceptance test scores
     seq = np.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim), np.float32)
@@ -256,12 +260,12 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     # overwritten when those tokens are emitted (G + 1 spare columns so a verify never writes out of bounds)
     token_entropy = np.zeros((B, shape.num_tokens + G + 1))
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
-    target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen, sigma,
-                      stats, "verify")
+    target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
+                      target_rule, stats, "verify")
     jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
-        "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, sigma, stats, "draft",
+        "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
         rollout_capacity(m, G) if rollout is not None else None)
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
@@ -296,17 +300,19 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
             out = draft.rollout(rollout, G, seq, act, base, noise, stopper.threshold32(act), max_drafts)
             k = out.num_drafts.astype(np.int64)
             seq_windows[act, base] = out.drafts            # drafts past k[r] are junk, overwritten later
-            drafts, q_mean, q_sigma = out.drafts, out.draft_mean, out.draft_sigma
+            drafts, q_mean, q_sigma, q_offset = out.drafts, out.draft_mean, out.draft_sigma, None
             stats.early_stops += int(np.count_nonzero(k < max_drafts))
         else:
-            k, q_mean, q_sigma = draft_with_steps(draft, stopper, seq, act, base, max_drafts, G, rng, stats)
+            k, q_mean, q_sigma, q_offset = draft_with_steps(draft, stopper, seq, act, base, max_drafts, G, rng,
+                                                            stats)
             drafts = seq_windows[act, base]
         # 2. one target call over [last accepted token, drafts]: p for tokens n .. n+k (slot k = bonus)
         kmax = int(k.max())
         p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
         # 3. accept a prefix, then the residual sample or the bonus token
-        q = TokenDistribution(q_mean[:, :kmax].astype(np.float64), q_sigma[:, :kmax].astype(np.float64), None)
-        accepted, next_token = accept_drafts(rng, drafts[:, :kmax], k, p, q)
+        q = TokenDistribution(q_mean[:, :kmax].astype(np.float64), q_sigma[:, :kmax].astype(np.float64), None,
+                              None if q_offset is None else q_offset[:, :kmax])
+        accepted, next_token = accept_drafts(rng, drafts[:, :kmax], k, p, q, gen.inner_temperature)
         seq[act, base + accepted] = next_token
         entropy_windows[act, na, :kmax + 1] = p.entropy  # slots past `accepted` are rewritten later
         stopper.observe_target(act, p.entropy, accepted + 1)
@@ -323,6 +329,7 @@ def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_dr
     R = len(act)
     k = np.zeros(R, np.int64)
     q_mean, q_sigma = np.zeros((R, G, seq.shape[-1])), np.ones((R, G))
+    q_offset = None                                    # [R, G] once a draft has a log_offset (diffusion heads)
     drafting = max_drafts > 0
     for i in range(G):
         idx = np.flatnonzero(drafting)
@@ -332,24 +339,23 @@ def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_dr
         rows = act if every else act[idx]
         end = (base if every else base[idx]) + i
         q, shallow = draft.predict(seq, rows, end - 1, end, 1)
+        if q.log_offset is not None and q_offset is None:
+            q_offset = np.zeros((R, G))
         stop = stopper.should_stop(rows, shallow[:, 0])
         if stop.any():
-            keep = idx[~stop]
-            seq[act[keep], base[keep] + i] = sample_gaussian(rng, q.mean[~stop, 0], q.sigma[~stop, 0])
-            q_mean[keep, i], q_sigma[keep, i] = q.mean[~stop, 0], q.sigma[~stop, 0]
-            k[keep] += 1
+            keep, go = idx[~stop], ~stop
+            seq[act[keep], base[keep] + i] = sample_gaussian(rng, q.mean[go, 0], q.sigma[go, 0])
             drafting[idx[stop]] = False
             stats.early_stops += int(stop.sum())
         else:
+            keep, go = (slice(None), slice(None)) if every else (idx, slice(None))
             seq[rows, end] = sample_gaussian(rng, q.mean[:, 0], q.sigma[:, 0])
-            if every:
-                q_mean[:, i], q_sigma[:, i] = q.mean[:, 0], q.sigma[:, 0]
-                k += 1
-            else:
-                q_mean[idx, i], q_sigma[idx, i] = q.mean[:, 0], q.sigma[:, 0]
-                k[idx] += 1
+        q_mean[keep, i], q_sigma[keep, i] = q.mean[go, 0], q.sigma[go, 0]
+        if q_offset is not None:
+            q_offset[keep, i] = q.log_offset[go, 0]
+        k[keep] += 1
         drafting &= k < max_drafts
-    return k, q_mean, q_sigma
+    return k, q_mean, q_sigma, q_offset
 
 
 def rollout_capacity(manifest, gamma: int) -> int:
@@ -367,6 +373,9 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
+    if gen.mode == "speculative" and gen.draft == "jacobi" and engines.manifest.family != "drift-ar":
+        raise GenerationError(f"--draft jacobi needs explicit Gaussian tokens (family drift-ar); these engines are "
+                              f"of family '{engines.manifest.family}': use --draft model or --mode target")
     needs_draft = gen.mode == "draft" or (gen.mode == "speculative" and gen.draft == "model")
     if needs_draft and "draft_step" not in engines.manifest.engines:
         raise GenerationError("these engines have no draft model (exported with --no-draft); run with "

@@ -35,6 +35,7 @@ class RunStats:
     residual_samples: int = 0
     bonus_tokens: int = 0
     decode_calls: int = 0
+    head_calls: int = 0        # diffusion-head engine invocations (families whose tokens come from a head)
     seconds: dict = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     total_seconds: float = 0.0
     # per draft position i (when track_positions): verifies that proposed draft i after accepting drafts < i,
@@ -93,7 +94,7 @@ class RunStats:
             "mean_accepted_per_verify": ratio(self.drafts_accepted, self.verifies),
             "tokens_per_target_call": ratio(self.tokens, self.target_rows),
             "early_stops": self.early_stops, "residual_samples": self.residual_samples,
-            "bonus_tokens": self.bonus_tokens,
+            "bonus_tokens": self.bonus_tokens, "head_calls": self.head_calls,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
             **({"gamma_choice": self.gamma_choice} if self.gamma_choice else {}),
             **({"position_acceptance": [round(a, 4) for a in self.position_acceptance()]}

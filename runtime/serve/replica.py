@@ -105,7 +105,7 @@ class Generator:
 
         return plan_generation(self.engines, len(job["classes"]), job["gamma"], job["draft"], job["coupling"] == "on",
                                job["early_stop"], job["mode"], job["temperature"], job["cfg_scale"], job["eta"],
-                               job["seed"], lambda batch, cfg, drafts: self._choice(cfg, drafts))
+                               job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts))
 
     def _choice(self, cfg_scale: float, drafts: tuple):
         """`--gamma auto` for this replica: timed once per guidance scale and draft set, at the batch a busy
