@@ -68,11 +68,14 @@ def _default_classifier() -> str:
                    "(the DMD-from-scratch ablation).")
 @click.option("--train-blocks", type=click.IntRange(min=1), default=None,
               help="fast-ardiff recipes: trained last blocks of the target in the teacher stage [2].")
+@click.option("--dmd-cd-anchor", type=click.FloatRange(min=0.0), default=None,
+              help="fast-ardiff recipes: weight of the consistency anchor in the DMD stage (0: pure DMD) [5].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="fast-ardiff recipes: where the frozen target's outputs are cached [--out].")
 def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
                   entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after,
-                  calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, cache_dir):
+                  calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, dmd_cd_anchor,
+                  cache_dir):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR.
     For a fast-ardiff recipe: the target AR + teacher head, the draft, and the head's CD -> DMD distillation
     (--init: a fast-ardiff checkpoint to start from instead of the teacher stage)."""
@@ -90,13 +93,13 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
     torch.set_num_threads(threads)
     if CONFIGS[recipe].family == "fast-ardiff":
         path = _train_fast_ardiff(recipe, out_dir, init_ckpt, stages, stage_steps, student_init, train_blocks,
-                                  entropy_weight, seed, save_every, calibration_images, resume, stop_after,
+                                  dmd_cd_anchor, entropy_weight, seed, save_every, calibration_images, resume, stop_after,
                                   not no_progress, cache_dir)
         click.echo(f"wrote {path}")
         return
-    if any(v is not None for v in (stages, stage_steps, student_init, train_blocks, cache_dir)):
-        raise FastardiffError("--stages, --stage-steps, --student-init, --train-blocks and --cache-dir belong to the "
-                              "fast-ardiff recipes; drop them or pass --recipe tiny-mnist-fast-ardiff")
+    if any(v is not None for v in (stages, stage_steps, student_init, train_blocks, dmd_cd_anchor, cache_dir)):
+        raise FastardiffError("--stages, --stage-steps, --student-init, --train-blocks, --dmd-cd-anchor and --cache-dir "
+                              "belong to the fast-ardiff recipes; drop them or pass --recipe tiny-mnist-fast-ardiff")
     if stage == "draft-onpolicy":
         from .distill_draft import DistillSettings, distill_draft
 
@@ -121,11 +124,11 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
     click.echo(f"wrote {path}")
 
 
-def _train_fast_ardiff(recipe, out_dir, init_ckpt, stages, stage_steps, student_init, train_blocks, entropy_weight, seed,
-                       save_every, calibration_images, resume, stop_after, progress, cache_dir):
+def _train_fast_ardiff(recipe, out_dir, init_ckpt, stages, stage_steps, student_init, train_blocks, dmd_cd_anchor,
+                       entropy_weight, seed, save_every, calibration_images, resume, stop_after, progress, cache_dir):
     from .train_fast_ardiff import STAGES, FastARDiffTrainSettings, train_fast_ardiff
 
-    given = {"init": init_ckpt, "student_init": student_init, "train_blocks": train_blocks,
+    given = {"init": init_ckpt, "student_init": student_init, "train_blocks": train_blocks, "dmd_cd_anchor": dmd_cd_anchor,
              "entropy_weight": entropy_weight, "save_every": save_every, "calibration_images": calibration_images}
     given = {k: v for k, v in given.items() if v is not None}
     if stages is not None:

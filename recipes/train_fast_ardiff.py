@@ -68,9 +68,10 @@ class FastARDiffTrainSettings:
     target_lr: float = 3e-4
     draft_lr: float = 3e-4
     cd_lr: float = 2e-4
-    dmd_lr: float = 5e-5
+    dmd_lr: float = 2e-5
     fake_lr: float = 2e-4
-    fake_updates: int = 1
+    fake_updates: int = 2
+    dmd_cd_anchor: float = 5.0      # weight of the consistency term in the DMD stage (0: pure DMD)
     class_dropout: float = 0.1
     vlb_weight: float = 0.01
     entropy_weight: float = 10.0
@@ -327,6 +328,12 @@ class Trainer:
         else:
             loss, x0_student, head_stats = dmd_loss(student, teacher, self.m["fake_head"], z, self.student_timesteps,
                                                     self.alpha_bar, self.cfg.num_tokens, self.cfg.x0_clip)
+            if s.dmd_cd_anchor > 0:  # the frozen CD student (ema_head, no longer updated) as the consistency target
+                x0 = self.tokens[idx].reshape(-1, self.cfg.token_dim)
+                anchor, anchor_stats = consistency_loss(student, self.m["ema_head"], teacher, x0, z, self.alpha_bar,
+                                                        s.cd_skip, self.cfg.x0_clip)
+                loss = loss + s.dmd_cd_anchor * anchor
+                head_stats.update(anchor_stats)
         opt.zero_grad(set_to_none=True)
         ((1 - alpha) * loss).backward()
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -354,6 +361,7 @@ class Trainer:
             self.m["ema_head"].load_state_dict(self.m["student_head"].state_dict())
         if stage == "dmd":
             self.m["fake_head"].load_state_dict(teacher)
+            self.m["ema_head"].load_state_dict(self.m["student_head"].state_dict())
         log.info("stage %s: student from %s", stage, self.s.student_init if stage == "cd" else "the previous stage")
 
     def step(self, step: int) -> dict:
