@@ -39,6 +39,7 @@ from . import trt_graph
 from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile
 from .onnx_target import export_onnx_file
 from .parity import check_engine_parity
+from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
 
@@ -89,7 +90,8 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     trt_graph.use_plugin_attention(module)
     inputs, outputs = ENGINE_IO[name]
     export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile, derived_dims=False),
-                     custom_translation_table=trt_graph.custom_translation_table())
+                     custom_translation_table=trt_graph.custom_translation_table(),
+                     optimize=name not in HEAD_ENGINES)   # TensorRT optimises the graph itself
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
     trt_graph.check_plugin_graph(model)

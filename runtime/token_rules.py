@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastardiff.errors import FastardiffError
+from fastardiff.errors import EngineError, FastardiffError
 
 from .distribution import SigmaParams
 from .sampling import TokenDistribution, token_distribution
@@ -59,8 +59,6 @@ class DiffusionHeadTokens:
         seconds["head"] = seconds.get("head", 0.0) + time.perf_counter() - began
         self.stats.head_calls += 1
         if not (np.isfinite(mean).all() and np.isfinite(sigma).all() and (sigma > 0).all()):
-            from fastardiff.errors import EngineError
-
             raise EngineError("the diffusion head engine returned NaN, inf or a non-positive sigma; re-export it")
         return TokenDistribution(mean.reshape(rows, slots, -1).astype(np.float64),
                                  sigma.reshape(rows, slots).astype(np.float64), entropy,

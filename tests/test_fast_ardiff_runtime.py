@@ -185,3 +185,32 @@ def test_onnx_export_runs_the_family_like_torch(fast_ckpt, fast_engines, tmp_pat
     np.testing.assert_allclose(a, b, atol=2e-3)
     assert sa.summary()["drafts_accepted"] == sb.summary()["drafts_accepted"]
     assert sa.summary()["target_calls"] == sb.summary()["target_calls"]
+
+
+def test_serving_merger_runs_head_calls_of_concurrent_requests_together(fast_engines):
+    """Two requests' head calls merge into one engine call and each gets its own rows back."""
+    import threading
+
+    from fastardiff.runtime.serve.merge import EngineCallMerger
+
+    merger = EngineCallMerger(fast_engines)
+    rng = np.random.default_rng(0)
+    steps, dim = fast_engines.manifest.engines["head_student"].steps, fast_engines.manifest.config["token_dim"]
+    inputs = [(rng.standard_normal((n, fast_engines.manifest.config["z_dim"]), dtype=np.float32),
+               rng.standard_normal((n, steps, dim), dtype=np.float32), np.array([0.9], np.float32)) for n in (3, 5)]
+    views = [merger.join(), merger.join()]
+    results = [None, None]
+
+    def request(i):
+        with views[i] as engines:
+            results[i] = engines.head("head_student")(*inputs[i])
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert merger.engine_calls == 1 and views[0].merged == 2
+    for got, args in zip(results, inputs):
+        for g, want in zip(got, fast_engines.head("head_student")(*args)):
+            np.testing.assert_allclose(g, want, atol=1e-4)   # another batch size: float reassociation

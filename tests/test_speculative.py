@@ -11,8 +11,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from scipy import stats as sps
 
+from fastardiff.recipes.two_sample import two_sample_pvalue
 from fastardiff.runtime.engine import DraftOutput
 from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate, generate_tokens
 from fastardiff.runtime.stats import RunStats
@@ -41,16 +41,6 @@ def first_tokens(engines, mode, seed, early_stop="off", cfg_scale=1.0, num_token
                            cfg_scale=cfg_scale, **options)
     tokens, stats = generate(engines, classes, gen)
     return tokens, stats
-
-
-def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
-    """Bonferroni-corrected min p-value of KS tests on per-token statistics (mean over D, and the first
-    two coordinates) for every token: 3 * T tests on [B, T, D] arrays."""
-    pvals = []
-    for t in range(a.shape[1]):
-        for stat in (lambda x: x.mean(-1), lambda x: x[..., 0], lambda x: x[..., 1]):
-            pvals.append(sps.ks_2samp(stat(a[:, t]), stat(b[:, t])).pvalue)
-    return min(1.0, min(pvals) * len(pvals))
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +109,8 @@ def test_draft_samples_are_distinguishable(shipped_engines, target_only_tokens):
     (target vs target: 0.77)."""
     draft, _ = first_tokens(shipped_engines, "draft", seed=3)
     assert two_sample_pvalue(draft, target_only_tokens(1.0)) < 1e-4
-    # and two independent target-only runs are not (the test is calibrated)
-    again, _ = first_tokens(shipped_engines, "target", seed=4)
-    assert two_sample_pvalue(again, target_only_tokens(1.0)) > 1e-3
+    # that two target-only samplers are not told apart (the test is calibrated) is shown by
+    # test_runtime_target_only_matches_an_independent_reference_sampler
 
 
 class HostResolved:

@@ -87,6 +87,8 @@ class EngineCallMerger:
             try:
                 if key[0] in ("rollout", "jacobi"):
                     results = self._run_sampling(key, calls)
+                elif key[0] == "head":
+                    results = self._run_head(key, calls)
                 else:
                     results = self._run_rows(key, calls)
                 for call, result in zip(calls, results):
@@ -123,6 +125,26 @@ class EngineCallMerger:
         for n in sizes:
             piece = [o[:, lo: lo + n] if o.ndim == 5 else o[lo: lo + n] for o in joined]
             results.append(wrap(piece))
+            lo += n
+        return results
+
+    # -- diffusion heads (fast-ardiff): z [M, Z] and traj_noise [M, S, D] per token, temperature [1] shared (in the
+    #    key); up to the head profile's most tokens per call (every row of a full batch's verify)
+    def _run_head(self, key: tuple, calls: list[_Call]) -> list:
+        fn = self.engines.head(key[1])
+        temperature = calls[0].arrays[2]
+        sizes = [len(c.arrays[0]) for c in calls]
+        z = np.concatenate([c.arrays[0] for c in calls])
+        traj = np.concatenate([c.arrays[1] for c in calls])
+        most = self.manifest.max_batch * (int(self.manifest.gamma) + 1)
+        outs = []
+        for lo in range(0, len(z), most):
+            outs.append(fn(z[lo: lo + most], traj[lo: lo + most], temperature))
+            self.engine_calls += 1
+        joined = [np.concatenate(parts) for parts in zip(*outs)]
+        results, lo = [], 0
+        for n in sizes:
+            results.append(tuple(o[lo: lo + n] for o in joined))
             lo += n
         return results
 
@@ -232,6 +254,11 @@ class MergedEngines:
             return call
 
         return {g: caller(g) for g in self._m._rollouts}
+
+    def head(self, name: str):
+        """Diffusion-head engine `name` (z, traj_noise, temperature) merged with other requests' calls of it."""
+        return lambda z, traj_noise, temperature: self._submit(
+            ("head", name, traj_noise.shape[1], float(temperature[0])), (z, traj_noise, temperature))
 
     @property
     def target_jacobi(self):
