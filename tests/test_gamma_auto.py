@@ -32,9 +32,22 @@ def _engines_with_curve(checkpoint, curve):
     return TorchEngines(ckpt, max_gamma=4)
 
 
-def test_draft_as_deep_as_target_runs_target_only():
-    """Even at 95 % acceptance a draft as deep as its target cannot pay: each draft costs a target step."""
+def test_draft_as_deep_as_target_runs_target_only(monkeypatch):
+    """Even at 95 % acceptance a draft as deep as its target cannot pay: each draft costs a target step. The
+    per-call costs are those of such a pair (a rollout of g drafts = g target steps, a k-token verify slightly more
+    than a step), fixed here: measured on a busy 2-core machine, one stalled step timing flipped this decision."""
     import torch
+
+    from fastardiff.runtime import gamma_auto
+
+    def costs(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
+        out = {"step": 1.0, **{("rollout", g): 1.0 * g for g in gammas}}
+        out.update({("verify", k): 1.0 + 0.05 * k for k in {g + 1 for g in gammas} | set(verify_widths)})
+        return out
+
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", costs)
+    monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
+                        {key: 0.1 for key in runs})
 
     from fastardiff.recipes.checkpoint import DriftARCheckpoint
     from fastardiff.recipes.config import Calibration, DriftARConfig
