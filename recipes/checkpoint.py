@@ -49,23 +49,39 @@ def atomic_torch_save(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(path: str | Path, ckpt: DriftARCheckpoint) -> Path:
+def write_checkpoint(path: str | Path, family: str, config, calibration, meta: dict, modules: dict,
+                     json_default=None) -> Path:
+    """The checkpoint format of every family: a weights_only-loadable torch file of the header, config,
+    calibration, meta and each module's state_dict, with the header part written as JSON beside it."""
     path = Path(path)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "family": FAMILY,
-        "config": ckpt.config.to_dict(),
-        "calibration": ckpt.calibration.to_dict(),
-        "meta": ckpt.meta,
-        "target": ckpt.target.state_dict(),
-        "draft": ckpt.draft.state_dict(),
-        "decoder": ckpt.decoder.state_dict(),
-    }
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "family": family,
+               "config": config.to_dict(), "calibration": calibration.to_dict(), "meta": meta}
+    payload.update({name: module.state_dict() for name, module in modules.items()})
     atomic_torch_save(payload, path)
     side = {k: payload[k] for k in ("format", "version", "family", "config", "calibration", "meta")}
-    path.with_suffix(".json").write_text(json.dumps(side, indent=2, sort_keys=True))
+    path.with_suffix(".json").write_text(json.dumps(side, indent=2, sort_keys=True, default=json_default))
     return path
+
+
+def save_checkpoint(path: str | Path, ckpt: DriftARCheckpoint) -> Path:
+    return write_checkpoint(path, FAMILY, ckpt.config, ckpt.calibration, ckpt.meta,
+                            {"target": ckpt.target, "draft": ckpt.draft, "decoder": ckpt.decoder})
+
+
+def check_expected_config(path, config, expected_config) -> None:
+    if expected_config is not None and config != expected_config:
+        diff = sorted(k for k, v in expected_config.to_dict().items() if config.to_dict().get(k) != v)
+        raise CheckpointError(f"'{path}' was trained with a different config (differs in {diff})")
+
+
+def load_weights(path, payload: dict, modules: dict) -> None:
+    """Each module's state_dict from the payload; a missing or mismatched one is one CheckpointError."""
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(payload[name])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"'{path}': weights of '{name}' do not match its config "
+                                  f"({str(err).splitlines()[0][:160]})") from None
 
 
 def read_payload(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> dict:
@@ -106,16 +122,9 @@ def load_checkpoint(path: str | Path, attention_impl: str = "reference",
         raise CheckpointError(f"'{path}' is a checkpoint of unknown model family '{family}'; this fastardiff "
                               f"reads {', '.join(FAMILIES)}")
     config = DriftARConfig.from_dict(payload["config"])
-    if expected_config is not None and config != expected_config:
-        diff = sorted(k for k, v in expected_config.to_dict().items() if config.to_dict().get(k) != v)
-        raise CheckpointError(f"'{path}' was trained with a different config (differs in {diff})")
+    check_expected_config(path, config, expected_config)
     target, draft, decoder = build_models(config, attention_impl)
-    for name, module in (("target", target), ("draft", draft), ("decoder", decoder)):
-        try:
-            module.load_state_dict(payload[name])
-        except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"'{path}': weights of '{name}' do not match its config "
-                                  f"({str(err).splitlines()[0][:160]})") from None
+    load_weights(path, payload, {"target": target, "draft": draft, "decoder": decoder})
     return DriftARCheckpoint(config, Calibration.from_dict(payload["calibration"]), target, draft, decoder,
                              payload.get("meta", {}), Path(path)).eval()
 

@@ -16,7 +16,7 @@ import torch
 
 from fastardiff.errors import CheckpointError
 
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_torch_save
+from .checkpoint import check_expected_config, load_weights, write_checkpoint
 from .config import Calibration, FastARDiffConfig
 from .diffusion_head import DiffusionHead, cosine_alpha_bar, final_step, step_schedule
 from .evaluate import guided
@@ -81,16 +81,8 @@ class FastARDiffCheckpoint:
 
 def save_checkpoint(path: str | Path, ckpt: FastARDiffCheckpoint) -> Path:
     """Same format as drift-ar's (weights_only-loadable torch file, JSON beside it), family 'fast-ardiff'."""
-    import json
-
-    path = Path(path)
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "family": FAMILY,
-               "config": ckpt.config.to_dict(), "calibration": ckpt.calibration.to_dict(), "meta": ckpt.meta}
-    payload.update({name: m.state_dict() for name, m in ckpt.modules().items()})
-    atomic_torch_save(payload, path)
-    side = {k: payload[k] for k in ("format", "version", "family", "config", "calibration", "meta")}
-    path.with_suffix(".json").write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
-    return path
+    return write_checkpoint(path, FAMILY, ckpt.config, ckpt.calibration, ckpt.meta, ckpt.modules(),
+                            json_default=str)
 
 
 def load_fast_ardiff(payload: dict, path, attention_impl: str = "reference",
@@ -101,16 +93,9 @@ def load_fast_ardiff(payload: dict, path, attention_impl: str = "reference",
         raise CheckpointError(f"'{path}' says model family '{FAMILY}' but holds a config of family "
                               f"'{config_family}'; the file is inconsistent, re-save it")
     config = FastARDiffConfig.from_dict(payload["config"])
-    if expected_config is not None and config != expected_config:
-        diff = sorted(k for k, v in expected_config.to_dict().items() if config.to_dict().get(k) != v)
-        raise CheckpointError(f"'{path}' was trained with a different config (differs in {diff})")
+    check_expected_config(path, config, expected_config)
     modules = dict(zip(MODULES, build_fast_ardiff_models(config, attention_impl)))
-    for name, module in modules.items():
-        try:
-            module.load_state_dict(payload[name])
-        except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"'{path}': weights of '{name}' do not match its config "
-                                  f"({str(err).splitlines()[0][:160]})") from None
+    load_weights(path, payload, modules)
     return FastARDiffCheckpoint(config, Calibration.from_dict(payload["calibration"]), **modules,
                                 meta=payload.get("meta", {}), path=Path(path)).eval()
 
