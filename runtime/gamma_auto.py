@@ -10,7 +10,9 @@ Jacobi, window L (runtime/jacobi.py): tau(L) = the calibrated tokens per target 
 call, where the engines have it): no draft call at all.
 Target-only costs t_step + h_step per token. Engine calls are timed on the loaded engines in a short warm-up at
 the requested batch; the host work per round / per step (the loop's numpy sampling, acceptance and bookkeeping)
-is measured by short real generations (16 tokens). Predicted speedup = tau (t_step + h_step) / round cost.
+is measured by short real generations (16 tokens). Every timing is interleaved across the candidates
+(A B C A B C ..., the median of each), so a busy machine's stall cannot favour one of them.
+Predicted speedup = tau (t_step + h_step) / round cost.
 Speculation runs only where its best predicted speedup exceeds `margin` (default 1.10: the bench measured up to
 ~9 % below the prediction on this CPU): never slower than target-only; otherwise target-only, and the choice
 says why.
@@ -84,21 +86,27 @@ def expected_tokens(curve: list[float], gamma: int) -> float:
     return tokens
 
 
-def _median_ms(call, calls: int = TIMED_CALLS) -> float:
-    for _ in range(WARMUP_CALLS):
-        call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+def interleaved_median_ms(calls: dict, repeats: int = TIMED_CALLS) -> dict:
+    """{key: median ms of calls[key]()}, timed round-robin (A B C A B C ...) after WARMUP_CALLS each, so a stall
+    of a busy machine lands on every engine alike instead of on whichever was being timed then."""
+    for call in calls.values():
+        for _ in range(WARMUP_CALLS):
+            call()
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - start)
+    return {key: 1000 * float(np.median(t)) for key, t in times.items()}
 
 
 def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widths=(), jacobi_windows=()) -> dict:
     """Per-call milliseconds at `batch` samples (2x rows with guidance), mid-sequence cache lengths:
     {"step": target 1-token step, ("verify", k): k-token verify, ("rollout", g): draft_rollout(g),
-    ("jacobi", L): a target_jacobi round of window L (when the engines have one: the call Jacobi rounds make)}."""
+    ("jacobi", L): a target_jacobi round of window L (when the engines have one: the call Jacobi rounds make)}.
+    A call over more tokens of the same network is never cheaper than the step: timings that say so are noise
+    and are raised to the step's."""
     from .speculative import ModelShape, rollout_capacity
 
     cfg = engines.manifest.config
@@ -110,41 +118,48 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     mid = shape.seq_len // 2
     lengths = np.full(rows, mid, np.int64)
     t_cache = np.zeros((shape.target_layers, rows, shape.heads, mid, shape.head_dim), np.float32)
-    out = {}
 
     def verify(k):
         tokens = np.zeros((rows, k, shape.token_dim), np.float32)
         return lambda: engines.target_verify(tokens, lengths, t_cache, t_cache, cond)
 
-    out["step"] = _median_ms(verify(1))
+    calls = {"step": verify(1)}
     for k in sorted({g + 1 for g in gammas} | set(verify_widths)):
-        out[("verify", k)] = _median_ms(verify(k))
+        calls[("verify", k)] = verify(k)
     rollouts = getattr(engines, "rollouts", {})
     scalars = (np.ones(1, np.float32), np.full(1, cfg_scale, np.float32))
-    for g in gammas:
-        if g not in rollouts:
-            continue
+
+    def rollout(fn, g):
         cap = rollout_capacity(engines.manifest, g)
         d_cache = np.zeros((shape.draft_layers, rows, shape.heads, cap, shape.head_dim), np.float32)
         tokens = np.zeros((rows, 1, shape.token_dim), np.float32)
         noise = np.zeros((batch, g, shape.token_dim), np.float32)
         threshold = np.full(batch, -np.inf, np.float32)
         max_drafts = np.full(batch, g, np.int64)
-        fn = rollouts[g]
-        out[("rollout", g)] = _median_ms(lambda: fn(tokens, lengths, d_cache, d_cache, cond, noise, threshold,
-                                                     max_drafts, *scalars))
+        return lambda: fn(tokens, lengths, d_cache, d_cache, cond, noise, threshold, max_drafts, *scalars)
+
+    for g in gammas:
+        if g in rollouts:
+            calls[("rollout", g)] = rollout(rollouts[g], g)
     jacobi = getattr(engines, "target_jacobi", None) if jacobi_windows else None
     if jacobi is not None:
         from .jacobi import residual_proposals
 
         c, d, flag = residual_proposals(batch), shape.token_dim, np.ones(1, np.float32)
-        for w in jacobi_windows:
+
+        def jacobi_round(w):
             sampling = (np.zeros((batch, w, d), np.float32), np.ones((batch, w), np.float32), np.full(batch, w),
                         np.full((batch, w), 0.5, np.float32), np.zeros((batch, w + 1, d), np.float32),
                         np.zeros((batch, w + 1, c, d), np.float32), np.full((batch, w + 1, c), 0.5, np.float32))
             tokens = np.zeros((rows, w + 1, shape.token_dim), np.float32)
-            out[("jacobi", w)] = _median_ms(lambda: jacobi(tokens, lengths, t_cache, t_cache, cond, *sampling,
-                                                           *scalars, flag))
+            return lambda: jacobi(tokens, lengths, t_cache, t_cache, cond, *sampling, *scalars, flag)
+
+        for w in jacobi_windows:
+            calls[("jacobi", w)] = jacobi_round(w)
+    out = interleaved_median_ms(calls)
+    for key in out:
+        if key != "step" and key[0] in ("verify", "jacobi"):
+            out[key] = max(out[key], out["step"])
     return out
 
 
@@ -157,18 +172,17 @@ def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16)
     shape = ModelShape.from_config(engines.manifest.config)
     tokens = min(tokens, shape.num_tokens)
     classes = np.zeros(batch, np.int64)
-    out = {}
-    for key, (mode, draft, gamma) in runs.items():
-        gen = GenerationConfig(mode=mode, draft=draft, gamma=gamma, early_stop="off", cfg_scale=cfg_scale, eta=0.0,
-                               num_tokens=tokens)
+    gens = {key: GenerationConfig(mode=mode, draft=draft, gamma=gamma, early_stop="off", cfg_scale=cfg_scale,
+                                  eta=0.0, num_tokens=tokens) for key, (mode, draft, gamma) in runs.items()}
+    for gen in gens.values():
         generate(engines, classes, gen)                       # warm-up
-        per_call = []
-        for _ in range(HOST_RUNS):                            # the median: one stall must not decide the mode
+    per_call = {key: [] for key in gens}
+    for _ in range(HOST_RUNS):          # interleaved, then the median: one stall must not decide the mode
+        for key, gen in gens.items():
             stats = RunStats()
             generate(engines, classes, gen, stats)
-            per_call.append(1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1))
-        out[key] = float(np.median(per_call))
-    return out
+            per_call[key].append(1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1))
+    return {key: float(np.median(v)) for key, v in per_call.items()}
 
 
 def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options: dict,

@@ -97,3 +97,28 @@ def test_gamma_flag_rejects_garbage(random_checkpoint_path, tmp_path, capsys):
         assert code == 2, (bad, err)
         assert "--gamma" in err
         assert not (tmp_path / "x.png").exists()
+
+
+def test_engine_timings_are_interleaved_and_a_wider_call_is_never_cheaper(random_checkpoint):
+    """The calls are timed round-robin (a stall hits every candidate alike), and a verify timed below the 1-token
+    step (noise: it runs the same network over more tokens) is raised to the step's cost."""
+    import time
+
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime.gamma_auto import TIMED_CALLS, WARMUP_CALLS, time_engine_calls
+
+    engines = TorchEngines(random_checkpoint, max_gamma=2)
+    real, widths = engines.target_verify, []
+
+    def slow_step_verify(tokens, *rest):
+        widths.append(tokens.shape[1])
+        if tokens.shape[1] == 1:
+            time.sleep(0.02)                 # a step far slower than the wider calls: what a stall looks like
+        return real(tokens, *rest)
+
+    engines.target_verify = slow_step_verify
+    costs = time_engine_calls(engines, 1, 1.0, [], verify_widths=[3, 5])
+    assert costs["step"] >= 20.0
+    assert costs[("verify", 3)] == costs[("verify", 5)] == costs["step"]
+    timed = widths[3 * WARMUP_CALLS:]
+    assert timed == [1, 3, 5] * TIMED_CALLS
