@@ -36,9 +36,11 @@ def bench_command():
     """Benchmarks (CPU or GPU figures, always side by side in one run)."""
 
 
-def _interleaved(engines, classes, gens: dict, repeats: int, max_batch: int) -> dict:
+def _interleaved(engines, classes, gens: dict, repeats: int, max_batch: int, num_classes: int | None = None) -> dict:
     """One warm-up generate per configuration, then `repeats` rounds A B A B ... so that machine noise hits
-    every configuration alike; returns {key: RunStats summed over the timed runs}."""
+    every configuration alike; returns {key: RunStats summed over the timed runs}. Round r uses seed + r and,
+    with `num_classes`, the classes shifted by r (a batch-1 run covers the digits, not class 0 only); every
+    configuration gets the same requests."""
     from dataclasses import replace
 
     from fastardiff.runtime.speculative import generate
@@ -49,8 +51,9 @@ def _interleaved(engines, classes, gens: dict, repeats: int, max_batch: int) -> 
     stats = {key: RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
              for key, gen in gens.items()}
     for r in range(repeats):
+        request = classes if num_classes is None else (classes + r) % num_classes
         for key, gen in gens.items():
-            generate(engines, classes, replace(gen, seed=gen.seed + r), stats[key], max_batch)
+            generate(engines, request, replace(gen, seed=gen.seed + r), stats[key], max_batch)
     return stats
 
 
@@ -88,7 +91,7 @@ def pipeline_rows(backends: dict, batch: int, repeats: int, gammas, early_stop: 
             for mode, coupling in JACOBI_MODES.items():
                 gens[(mode, w)] = GenerationConfig(mode="speculative", draft="jacobi", coupling=coupling, gamma=w,
                                                    early_stop=early_stop, seed=seed)
-        stats = _interleaved(engines, classes, gens, repeats, batch)
+        stats = _interleaved(engines, classes, gens, repeats, batch, num_classes)
         target = stats[("target", 0)]
         target_ms = 1000 * target.total_seconds / max(target.images, 1)
         for (mode, g), st in stats.items():

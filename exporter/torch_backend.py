@@ -42,7 +42,8 @@ def checkpoint_manifest(ckpt, modules: dict, device: str, max_batch: int, gamma:
 
 
 class TorchEngines:
-    """Engines backed by the reference torch modules on `device` (float32)."""
+    """Engines backed by the reference torch modules on `device` (float32). On CPU the numpy inputs are wrapped,
+    not copied (torch takes strided arrays), so the loop passes cache prefixes as views (`cache_views`)."""
 
     def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA):
         from .targets import FAMILY_ADAPTERS
@@ -52,6 +53,7 @@ class TorchEngines:
         self.modules = {k: m.to(self.device) for k, m in modules.items()}
         self.manifest = checkpoint_manifest(ckpt, modules, str(self.device), max_batch, max_gamma)
         self.rollouts = {ROLLOUT_GAMMA[n]: self._rollout_caller(n) for n in modules if n in ROLLOUT_GAMMA}
+        self.cache_views = True
 
     def head(self, name: str):
         module = self.modules[name]
@@ -87,7 +89,12 @@ class TorchEngines:
         return JacobiOutput(*(t.cpu().numpy() for t in out))
 
     def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+        """A torch view of `a` (strided numpy arrays too; negative strides and unaligned arrays are copied)."""
+        try:
+            t = torch.from_numpy(a)
+        except (ValueError, TypeError):
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(self.device, dtype)
 
     def _ar_inputs(self, tokens, lengths, k_cache, v_cache, cond):
         return (self._tensor(tokens), self._tensor(lengths, torch.long), self._tensor(k_cache),

@@ -84,8 +84,12 @@ class AREngine:
     needs no index arrays on the cache at all."""
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
-                 stats: RunStats, stage: str, capacity: int | None = None):
+                 stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False):
         self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
+        # cache_views: the backend takes strided cache views (torch does; ONNX Runtime would copy them), so a call
+        # gets the cached prefix it needs, not the whole buffer: the engine's attention and concat then scale
+        # with the tokens so far, not with the capacity
+        self.cache_views = cache_views
         self.n_cond = shape.n_cond
         self.batch = len(classes)
         self.guided = gen.cfg_scale != 1.0
@@ -144,7 +148,7 @@ class AREngine:
         start = np.minimum(lengths, cache.capacity - width)
         rows, tokens, starts, cond = self._feed(seq, samples, start, width)
         ends = np.concatenate([end, end]) if self.guided else end
-        if rows is None and cache.capacity == self.seq_len:
+        if rows is None and cache.capacity == self.seq_len and not self.cache_views:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
         else:
             k, v = cache.view(rows, int(start.max()))
@@ -165,14 +169,18 @@ class AREngine:
     def rollout(self, fn, gamma: int, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, noise: np.ndarray,
                 threshold: np.ndarray, max_drafts: np.ndarray):
         """One draft_rollout call: feed positions up to end[r] (exclusive; the last one holds the last accepted
-        token), then `gamma` drafts in-graph. The whole cache buffer is passed (static shape, no copy)."""
+        token), then `gamma` drafts in-graph. The whole cache buffer is passed (static shape, no copy), or with
+        cache_views the prefix the call reads."""
         cache, batch = self.cache, self.batch
         full = len(samples) == batch
         lengths = cache.lengths[:batch] if full else cache.lengths[samples]
         width = int((end - lengths).max())
         start = end - width                              # rows with a valid cache recompute cached positions
         rows, tokens, starts, cond = self._feed(seq, samples, start, width)
-        k, v = (cache.k, cache.v) if rows is None else (cache.k[:, rows], cache.v[:, rows])
+        if self.cache_views:                             # the cached prefix it needs (a view for every row)
+            k, v = cache.view(rows, int(starts.max()))
+        else:                                            # static cache shape: the whole buffer of those rows
+            k, v = (cache.k, cache.v) if rows is None else (cache.k[:, rows], cache.v[:, rows])
         out = self._timed(fn, tokens, starts, k, v, cond, noise, threshold, max_drafts, *self.scalars)
         self.stats.draft_calls += 1
         check_finite(f"draft_rollout_{gamma}", out.draft_mean, out.draft_sigma)
@@ -260,13 +268,14 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     # overwritten when those tokens are emitted (G + 1 spare columns so a verify never writes out of bounds)
     token_entropy = np.zeros((B, shape.num_tokens + G + 1))
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
+    views = bool(getattr(engines, "cache_views", False))
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
-                      target_rule, stats, "verify")
+                      target_rule, stats, "verify", cache_views=views)
     jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
-        rollout_capacity(m, G) if rollout is not None else None)
+        rollout_capacity(m, G) if rollout is not None else None, cache_views=views)
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
