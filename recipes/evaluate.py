@@ -37,34 +37,48 @@ def guided(model, tokens, lengths, k_cache, v_cache, cond, cfg_scale: float):
     return mean[half:] + cfg_scale * (mean[:half] - mean[half:]), entropy[:half], new_k, new_v
 
 
-@torch.no_grad()
-def sample_target_only(ckpt, labels: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
-                       cfg_scale: float = DEFAULT_CFG_SCALE, generator: torch.Generator | None = None,
-                       num_tokens: int | None = None):
-    """Tokens [B, n, D] and their sigma-entropies [B, n] sampled by the target alone (n = num_tokens or all N).
-    Written apart from the runtime's loop (torch, its own cache handling): the tests' independent reference."""
+def target_cached_loop(ckpt, labels: torch.Tensor, cfg_scale: float, num_tokens: int, draw) -> None:
+    """The target's own KV-cached AR loop (torch, its own cache handling), shared by the reference samplers:
+    for r in 0..num_tokens-1, draw(r, guided mean [B, out] at the last position, conditional entropy [B]) returns
+    token r [B, D], which is fed next."""
     cfg, target = ckpt.config, ckpt.target
-    B, N, D = len(labels), num_tokens or cfg.num_tokens, cfg.token_dim
+    B, D = len(labels), cfg.token_dim
     cond = labels if cfg_scale == 1.0 else torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     rows = len(cond)
     k_cache, v_cache = target.empty_cache(rows, cfg.seq_len)
     lengths = torch.zeros(rows, dtype=torch.long)
-    sp = sigma_params(ckpt)
-    tokens = torch.zeros(B, N, D)
-    entropies = torch.zeros(B, N)
     step_input = torch.zeros(rows, cfg.n_cond, D)  # the class slots first (their token values are ignored)
     filled = 0
-    for r in range(N):
+    for r in range(num_tokens):
         mean, entropy, new_k, new_v = guided(target, step_input, lengths, k_cache, v_cache, cond, cfg_scale)
         K = step_input.shape[1]
         k_cache[:, :, :, filled:filled + K] = new_k
         v_cache[:, :, :, filled:filled + K] = new_v
         filled += K
         lengths += K
-        sigma = sigma_from_entropy(entropy[:, -1], sp) * temperature
-        x = mean[:, -1] + sigma.unsqueeze(-1) * torch.randn(B, D, generator=generator)
-        tokens[:, r], entropies[:, r] = x, entropy[:, -1]
+        x = draw(r, mean[:, -1], entropy[:, -1])
         step_input = x.unsqueeze(1).repeat(rows // B, 1, 1)
+
+
+@torch.no_grad()
+def sample_target_only(ckpt, labels: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
+                       cfg_scale: float = DEFAULT_CFG_SCALE, generator: torch.Generator | None = None,
+                       num_tokens: int | None = None):
+    """Tokens [B, n, D] and their sigma-entropies [B, n] sampled by the target alone (n = num_tokens or all N).
+    Written apart from the runtime's loop (torch, its own cache handling): the tests' independent reference."""
+    cfg = ckpt.config
+    B, N, D = len(labels), num_tokens or cfg.num_tokens, cfg.token_dim
+    sp = sigma_params(ckpt)
+    tokens = torch.zeros(B, N, D)
+    entropies = torch.zeros(B, N)
+
+    def draw(r, mean, entropy):
+        sigma = sigma_from_entropy(entropy, sp) * temperature
+        tokens[:, r] = mean + sigma.unsqueeze(-1) * torch.randn(B, D, generator=generator)
+        entropies[:, r] = entropy
+        return tokens[:, r]
+
+    target_cached_loop(ckpt, labels, cfg_scale, N, draw)
     return tokens, entropies
 
 

@@ -19,7 +19,7 @@ from fastardiff.errors import CheckpointError
 from .checkpoint import check_expected_config, load_weights, write_checkpoint
 from .config import Calibration, FastARDiffConfig
 from .diffusion_head import DiffusionHead, cosine_alpha_bar, final_step, step_schedule
-from .evaluate import guided
+from .evaluate import target_cached_loop
 from .models import ARTransformer, unpatchify
 
 FAMILY = "fast-ardiff"
@@ -111,30 +111,20 @@ def sample_target_only(ckpt: FastARDiffCheckpoint, labels: torch.Tensor, head: s
                        return_z: bool = False):
     """Tokens [B, N, D] sampled by the target AR (KV cache) and one head, in torch (the evaluation reference).
     With return_z also the guided z [B, N, z_dim] each token was drawn from."""
-    cfg, target = ckpt.config, ckpt.target
+    cfg = ckpt.config
     timesteps = head_timesteps(cfg, head)
     net = ckpt.head(head)
     alpha_bar = cosine_alpha_bar(cfg.teacher_steps)
     B, N, D = len(labels), cfg.num_tokens, cfg.token_dim
-    cond = labels if cfg_scale == 1.0 else torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-    rows = len(cond)
-    k_cache, v_cache = target.empty_cache(rows, cfg.seq_len)
-    lengths = torch.zeros(rows, dtype=torch.long)
     tokens = torch.zeros(B, N, D)
     zs = torch.zeros(B, N, cfg.z_dim)
-    step_input = torch.zeros(rows, cfg.n_cond, D)  # the class slots first (their token values are ignored)
-    filled = 0
     S = len(timesteps)
-    for r in range(N):
-        z, _, new_k, new_v = guided(target, step_input, lengths, k_cache, v_cache, cond, cfg_scale)
-        K = step_input.shape[1]
-        k_cache[:, :, :, filled:filled + K] = new_k
-        v_cache[:, :, :, filled:filled + K] = new_v
-        filled += K
-        lengths += K
+
+    def draw(r, z, _entropy):
         noise = torch.randn(B, S + 1, D, generator=generator)
-        mean, sigma, _ = final_step(net, z[:, -1], noise[:, :S], timesteps, alpha_bar, temperature)
-        x = mean + sigma.unsqueeze(-1) * noise[:, S]
-        tokens[:, r], zs[:, r] = x, z[:, -1]
-        step_input = x.unsqueeze(1).repeat(rows // B, 1, 1)
+        mean, sigma, _ = final_step(net, z, noise[:, :S], timesteps, alpha_bar, temperature)
+        tokens[:, r], zs[:, r] = mean + sigma.unsqueeze(-1) * noise[:, S], z
+        return tokens[:, r]
+
+    target_cached_loop(ckpt, labels, cfg_scale, N, draw)
     return (tokens, zs) if return_z else tokens

@@ -79,13 +79,17 @@ def log_density(x: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> np.ndarra
     return -0.5 * sq / sigma**2 - d * np.log(sigma) - 0.5 * d * math.log(2 * math.pi)
 
 
-def log_density_ratio(x: np.ndarray, a_mean, a_sigma, b_mean, b_sigma) -> np.ndarray:
+def log_density_ratio(x: np.ndarray, a_mean, a_sigma, b_mean, b_sigma, inner_temperature: float = 1.0) -> np.ndarray:
     """log a(x) - log b(x) for a = N(a_mean, a_sigma^2 I), b = N(b_mean, b_sigma^2 I), in float64: the same value
-    as log_density(x, a) - log_density(x, b), with the shared 2*pi terms cancelled exactly (fewer operations)."""
+    as log_density(x, a) - log_density(x, b), with the shared 2*pi terms cancelled exactly (fewer operations).
+    inner_temperature != 1 divides the quadratic terms by its square (CSpD's tempered ratio; not a density ratio)."""
     d = x.shape[-1]
     a = np.add.reduce((x - a_mean) ** 2, axis=-1)
     b = np.add.reduce((x - b_mean) ** 2, axis=-1)
-    return 0.5 * (b / b_sigma**2 - a / a_sigma**2) + d * np.log(b_sigma / a_sigma)
+    quadratic = 0.5 * (b / b_sigma**2 - a / a_sigma**2)
+    if inner_temperature != 1.0:
+        quadratic = quadratic / inner_temperature ** 2
+    return quadratic + d * np.log(b_sigma / a_sigma)
 
 
 def _keep_log_probability(log_ratio: np.ndarray) -> np.ndarray:
@@ -169,18 +173,15 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
 
 
 def accept_prefix(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.ndarray, p: TokenDistribution,
-                  q: TokenDistribution, inner_temperature: float = 1.0) -> np.ndarray:
+                  q: TokenDistribution, inner_temperature: float = 1.0, shift=None) -> np.ndarray:
     """The number of drafts kept per row [R]: draft i passes with probability min(1, p_i(x)/q_i(x)), left to right,
     up to the first rejection (only the first num_drafts[r] drafts of a row are tested). inner_temperature != 1
-    divides the ratio's quadratic terms by its square (CSpD's official code uses 42; not exact, off by default)."""
+    divides the ratio's quadratic terms by its square (CSpD's official code uses 42; not exact, off by default).
+    shift: offset_shift(p, q) over the drafts' slots, when the caller has it already."""
     rows, gamma = drafts.shape[:2]
-    if inner_temperature == 1.0:
-        log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma)  # log p/q
-    else:
-        a = np.add.reduce((drafts - p.mean[:, :gamma]) ** 2, axis=-1) / p.sigma[:, :gamma] ** 2
-        b = np.add.reduce((drafts - q.mean) ** 2, axis=-1) / q.sigma ** 2
-        log_ratio = 0.5 * (b - a) / inner_temperature ** 2 + drafts.shape[-1] * np.log(q.sigma / p.sigma[:, :gamma])
-    log_ratio = log_ratio + offset_shift(p, q, np.s_[:, :gamma])
+    log_ratio = log_density_ratio(drafts, p.mean[:, :gamma], p.sigma[:, :gamma], q.mean, q.sigma,
+                                  inner_temperature)                                          # log p/q
+    log_ratio = log_ratio + (offset_shift(p, q, np.s_[:, :gamma]) if shift is None else shift)
     valid = np.arange(gamma)[None, :] < num_drafts[:, None]
     rejected = valid & (np.log(rng.random((rows, gamma))) >= log_ratio)
     first_rejection = rejected.argmax(axis=1) if gamma else np.zeros(rows, np.int64)
@@ -196,13 +197,13 @@ def accept_drafts(rng: np.random.Generator, drafts: np.ndarray, num_drafts: np.n
     num_drafts is the bonus), q has G slots. Returns (accepted [R], next_token [R, D]): the number of drafts
     kept, and the token that follows them (residual sample at the first rejection, else the target's bonus).
     """
-    accepted = accept_prefix(rng, drafts, num_drafts, p, q, inner_temperature)
+    shift = offset_shift(p, q, np.s_[:, :drafts.shape[1]])
+    accepted = accept_prefix(rng, drafts, num_drafts, p, q, inner_temperature, shift)
     r = np.arange(len(drafts))
     next_token = sample_gaussian(rng, p.mean[r, accepted], p.sigma[r, accepted])   # bonus where all passed
     fix = np.flatnonzero(accepted < num_drafts)
     if fix.size:
         a = accepted[fix]
-        shift = offset_shift(p, q, np.s_[:, :drafts.shape[1]])
         if np.isscalar(shift):
             next_token[fix] = sample_residual(rng, p.mean[fix, a], p.sigma[fix, a], q.mean[fix, a], q.sigma[fix, a])
         else:   # CSpD's scored densities: max(0, e^s p - q) is empty when e^s p <= q everywhere (s < 0, p ~ q)
