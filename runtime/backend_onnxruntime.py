@@ -72,6 +72,7 @@ class OnnxRuntimeEngines(EngineCalls):
             raise MissingDependencyError("onnxruntime", "onnx", "running ONNX engines") from None
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
+        self.threads = threads
         if verify:
             verify_engine_files(self.engine_dir, manifest)
         options = ort.SessionOptions()

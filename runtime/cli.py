@@ -65,9 +65,12 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--inner-temperature", type=Number(float, 0.0, 1000.0, low_open=True), default=None,
               help="Diffusion-head families: CSpD's inner temperature of the acceptance ratio (its official code: "
                    "42; not exact) [1].")
+@click.option("--replan", is_flag=True,
+              help="--gamma auto: time the engines again even when a cached plan matches these engines, this "
+                   "machine and this request (plans are cached per user, see runtime/plan_cache.py).")
 @verbose_option()
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
-                out, out_dir, stats_json, device, head, shared_noise, inner_temperature):
+                out, out_dir, stats_json, device, head, shared_noise, inner_temperature, replan):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
     from fastardiff.runtime.speculative import generate
@@ -83,9 +86,12 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
 
     def choose(batch, cfg, drafts, options):
         from fastardiff.runtime.gamma_auto import choose_gamma
+        from fastardiff.runtime.plan_cache import cached_choice
 
-        choice = choose_gamma(engines, batch, cfg, drafts=drafts, options=options)
-        click.echo(choice.table(), err=True)
+        choice, source = cached_choice(engines, batch, cfg, drafts, options,
+                                       lambda: choose_gamma(engines, batch, cfg, drafts=drafts, options=options),
+                                       replan)
+        click.echo(f"{choice.table()}\n  ({source})", err=True)
         return choice
 
     head_options = {k: v for k, v in (("head", head), ("shared_noise", None if shared_noise is None

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to one thread, so the
 # workers do not oversubscribe the cores; a plain `pytest` run uses two.
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# `--gamma auto` plans are cached per user (runtime/plan_cache.py): a test run keeps its own cache, not ~/.cache
+os.environ.setdefault("FASTARDIFF_CACHE_DIR", tempfile.mkdtemp(prefix="fastardiff-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

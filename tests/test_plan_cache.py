@@ -1,0 +1,106 @@
+"""The `--gamma auto` plan cache: reused for the same engines, machine and request only; stale, malformed or
+unwritable caches cost a new timing, never the run."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from fastardiff.runtime.gamma_auto import GammaChoice
+from fastardiff.runtime.plan_cache import MAX_AGE_S, cached_choice, load_plan, plan_key, plan_path, store_plan
+
+DRAFTS = ("model", "jacobi")
+
+
+def stub_engines(sha="ab" * 32, calibration=None):
+    entry = SimpleNamespace(sha256=sha)
+    manifest = SimpleNamespace(engines={"target_verify": entry, "decoder": entry}, backend="onnxruntime",
+                               device="cpu", calibration=calibration or {"e_max": 1.0})
+    return SimpleNamespace(manifest=manifest, providers=["CPUExecutionProvider"], threads=1)
+
+
+def jacobi_choice():
+    return GammaChoice(12, "jacobi gamma 12 (predicted 1.80x over target-only at batch 1)", 0.5,
+                       [{"draft": "jacobi", "gamma": 12, "tokens_per_round": 3.9, "rollout_ms": 0.0,
+                         "verify_ms": 1.1, "host_ms": 0.2, "speedup": 1.8}], "jacobi")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTARDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_stored_plan_is_returned_for_the_same_key_only(cache):
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    path = store_plan(key, jacobi_choice())
+    assert path is not None and path.is_relative_to(cache)
+    got = load_plan(key)
+    assert got is not None and got.to_dict() == jacobi_choice().to_dict()
+    for other in (plan_key(stub_engines(), 8, 1.0, DRAFTS, {}),               # another batch
+                  plan_key(stub_engines(), 1, 2.0, DRAFTS, {}),               # another guidance scale
+                  plan_key(stub_engines(), 1, 1.0, ("model",), {}),           # other proposal kinds
+                  plan_key(stub_engines("cd" * 32), 1, 1.0, DRAFTS, {}),      # other engine files
+                  plan_key(stub_engines(calibration={"e_max": 2.0}), 1, 1.0, DRAFTS, {})):
+        assert other != key and load_plan(other) is None
+    assert load_plan(key, now=time.time() + MAX_AGE_S + 1) is None        # stale: timed again
+
+
+def test_malformed_or_unwritable_caches_cost_only_a_new_timing(cache, tmp_path, monkeypatch, caplog):
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    path = plan_path(key)
+    path.parent.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="fastardiff.runtime"):
+        for text in ("{not json", json.dumps({"key": key, "written": time.time(), "choice": {"gamma": "12"}}),
+                     json.dumps({"key": key, "written": time.time(),
+                                 "choice": {**jacobi_choice().to_dict(), "gamma": 0}}),
+                     json.dumps({"key": key, "written": time.time(),
+                                 "choice": {**jacobi_choice().to_dict(), "draft": "oracle"}})):
+            path.write_text(text)
+            assert load_plan(key) is None
+    assert caplog.text.count("ignoring the cached --gamma auto plan") == 4
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("FASTARDIFF_CACHE_DIR", str(blocker))
+    assert store_plan(key, jacobi_choice()) is None                        # logged, not raised
+    calls = []
+    choice, source = cached_choice(stub_engines(), 1, 1.0, DRAFTS, {}, lambda: calls.append(1) or jacobi_choice())
+    assert calls == [1] and choice.gamma == 12 and source == "timed now"
+
+
+def test_engines_without_hashes_are_timed_every_time(cache):
+    calls = []
+    for _ in range(2):
+        cached_choice(stub_engines(sha=""), 1, 1.0, DRAFTS, {}, lambda: calls.append(1) or jacobi_choice())
+    assert calls == [1, 1] and plan_key(stub_engines(sha=""), 1, 1.0, DRAFTS, {}) is None
+    assert not cache.exists()
+
+
+def test_run_reuses_the_plan_and_replan_times_again(shared_onnx_export, cache, tmp_path, capsys, monkeypatch):
+    import fastardiff.runtime.gamma_auto as gamma_auto
+    from cli_runner import run_cli
+
+    engine_dir = shared_onnx_export[0]
+    args = ["run", "--engine", str(engine_dir), "--prompt", "3", "--out", str(tmp_path / "a.png"),
+            "--stats-json", str(tmp_path / "s.json")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "timed now; cached in" in err
+    first = json.loads((tmp_path / "s.json").read_text())["gamma_choice"]
+
+    def must_not_time(*args, **kwargs):
+        raise AssertionError("the engines were timed although a cached plan matches")
+
+    monkeypatch.setattr(gamma_auto, "choose_gamma", must_not_time)
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "cached plan" in err and json.loads((tmp_path / "s.json").read_text())["gamma_choice"] == first
+    monkeypatch.setattr(gamma_auto, "choose_gamma", lambda engines, batch, cfg, **kw: GammaChoice(
+        None, "replanned: target-only"))
+    code, _, err = run_cli(args + ["--replan"], capsys)
+    assert code == 0, err
+    assert "replanned: target-only" in err and "timed now" in err
+    assert json.loads((tmp_path / "s.json").read_text())["mode"] == "target"
