@@ -185,7 +185,8 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--early-stop", type=click.Choice(["static", "context", "off"]), default="static", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads for every backend (default: library's).")
+              help="Intra-op threads for every backend (default: 1 for ONNX Runtime, as fastardiff-run; the "
+                   "library's for torch).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of speedup against gamma (default: beside --json).")
