@@ -94,6 +94,8 @@ def load_plan(key: dict | None, now: float | None = None) -> GammaChoice | None:
     path = plan_path(key)
     try:
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not a plan record")
         if record.get("key") != key:
             return None
         if (now or time.time()) - float(record["written"]) > MAX_AGE_S:

@@ -54,14 +54,14 @@ def test_malformed_or_unwritable_caches_cost_only_a_new_timing(cache, tmp_path, 
     path = plan_path(key)
     path.parent.mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="fastardiff.runtime"):
-        for text in ("{not json", json.dumps({"key": key, "written": time.time(), "choice": {"gamma": "12"}}),
+        for text in ("{not json", "[1, 2]", json.dumps({"key": key, "written": time.time(), "choice": {"gamma": "12"}}),
                      json.dumps({"key": key, "written": time.time(),
                                  "choice": {**jacobi_choice().to_dict(), "gamma": 0}}),
                      json.dumps({"key": key, "written": time.time(),
                                  "choice": {**jacobi_choice().to_dict(), "draft": "oracle"}})):
             path.write_text(text)
             assert load_plan(key) is None
-    assert caplog.text.count("ignoring the cached --gamma auto plan") == 4
+    assert caplog.text.count("ignoring the cached --gamma auto plan") == 5
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("FASTARDIFF_CACHE_DIR", str(blocker))
