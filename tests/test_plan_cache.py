@@ -104,3 +104,29 @@ def test_run_reuses_the_plan_and_replan_times_again(shared_onnx_export, cache, t
     assert code == 0, err
     assert "replanned: target-only" in err and "timed now" in err
     assert json.loads((tmp_path / "s.json").read_text())["mode"] == "target"
+
+
+def test_run_threads_reach_the_engines_and_are_range_checked(shared_onnx_export, cache, tmp_path, capsys,
+                                                              monkeypatch):
+    """`--threads N` loads the ONNX Runtime sessions with N intra-op threads (no flag: the backend's default of
+    one); out-of-range values are one error line, exit 2, nothing written."""
+    import fastardiff.runtime.engine as engine
+    from cli_runner import run_cli
+    from fastardiff.runtime.backend_onnxruntime import DEFAULT_THREADS
+
+    loaded = []
+    real = engine.load_engines
+
+    def recording(engine_dir, **options):
+        loaded.append(real(engine_dir, **options).threads)
+        return real(engine_dir, **options)
+
+    monkeypatch.setattr(engine, "load_engines", recording)
+    base = ["run", "--engine", str(shared_onnx_export[0]), "--prompt", "3", "--gamma", "2"]
+    for flags, threads in (([], DEFAULT_THREADS), (["--threads", "2"], 2), (["--threads", "0"], 0)):
+        code, _, err = run_cli(base + flags + ["--out", str(tmp_path / "a.png")], capsys)
+        assert code == 0, err
+        assert loaded[-1] == threads
+    for bad in ("-1", "1025", "two"):
+        code, _, err = run_cli(base + ["--threads", bad, "--out", str(tmp_path / "b.png")], capsys)
+        assert code == 2 and "--threads" in err and not (tmp_path / "b.png").exists(), err
