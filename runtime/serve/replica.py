@@ -108,17 +108,22 @@ class Generator:
                                job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts))
 
     def _choice(self, cfg_scale: float, drafts: tuple):
-        """`--gamma auto` for this replica: timed once per guidance scale and draft set, at the batch a busy
-        replica runs (max_batch requests of one image, within the engines' batch)."""
+        """`--gamma auto` for this replica: once per guidance scale and draft set, at the batch a busy replica runs
+        (max_batch requests of one image, within the engines' batch); from the user's plan cache when it matches
+        (runtime/plan_cache.py: a restarted or added replica does not time the engines again)."""
         key = (float(cfg_scale), tuple(drafts))
         with self._choice_lock:
             if key not in self._choices:
                 from fastardiff.runtime.gamma_auto import choose_gamma
+                from fastardiff.runtime.plan_cache import cached_choice
 
                 per_call = 2 if cfg_scale != 1.0 else 1
                 batch = max(1, min(self.max_batch, self.engines.manifest.max_batch // per_call))
-                self._choices[key] = choose_gamma(self.engines, batch, cfg_scale, drafts=drafts)
-                log.info("replica %d: gamma auto for cfg %g: %s", os.getpid(), cfg_scale, self._choices[key].reason)
+                self._choices[key], source = cached_choice(
+                    self.engines, batch, cfg_scale, drafts, None,
+                    lambda: choose_gamma(self.engines, batch, cfg_scale, drafts=drafts))
+                log.info("replica %d: gamma auto for cfg %g: %s (%s)", os.getpid(), cfg_scale,
+                         self._choices[key].reason, source)
             return self._choices[key]
 
     def _generate(self, classes, gen, choice) -> dict:
