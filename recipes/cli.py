@@ -32,6 +32,9 @@ def _default_classifier() -> str:
               help="draft-onpolicy: target-sampled sequences, half at guidance 1, half at 2 [20000].")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="draft-onpolicy: peak learning rate of the draft (cosine schedule) [3e-4].")
+@click.option("--residual-contexts", type=click.FloatRange(0.0, 1.0), default=None,
+              help="draft-onpolicy: add this fraction of --samples again with one token replaced by a residual "
+                   "sample (the contexts after a rejection), the next position weighted 4x [0: off].")
 @click.option("--recipe", default="tiny-mnist", show_default=True, help="Model config to train.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (target AR + joint) [4000].")
@@ -72,7 +75,7 @@ def _default_classifier() -> str:
               help="fast-ardiff recipes: weight of the consistency anchor in the DMD stage (0: pure DMD) [5].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="fast-ardiff recipes: where the frozen target's outputs are cached [--out].")
-def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
+def train_command(stage, init_ckpt, samples, lr, residual_contexts, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
                   entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after,
                   calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, dmd_cd_anchor,
                   cache_dir):
@@ -104,15 +107,15 @@ def train_command(stage, init_ckpt, samples, lr, recipe, out_dir, steps, target_
         from .distill_draft import DistillSettings, distill_draft
 
         options = {"samples": samples, "steps": steps, "lr": lr, "entropy_weight": entropy_weight,
-                   "calibration_images": calibration_images}
+                   "calibration_images": calibration_images, "residual_contexts": residual_contexts}
         given = {k: v for k, v in options.items() if v is not None}
         path = distill_draft(init_ckpt or _default_ckpt(), Path(out_dir) / f"{recipe}.pt",
                              DistillSettings(seed=seed, **given), progress=not no_progress)
         click.echo(f"wrote {path}")
         return
-    if init_ckpt is not None or samples is not None or lr is not None:
-        raise FastardiffError("--init, --samples and --lr belong to --stage draft-onpolicy; drop them or add "
-                              "--stage draft-onpolicy")
+    if init_ckpt is not None or samples is not None or lr is not None or residual_contexts is not None:
+        raise FastardiffError("--init, --samples, --lr and --residual-contexts belong to --stage draft-onpolicy; drop "
+                              "them or add --stage draft-onpolicy")
     overrides = {"steps": steps, "target_fraction": target_fraction, "classifier_steps": classifier_steps,
                  "save_every": save_every, "calibration_images": calibration_images, "entropy_weight": entropy_weight,
                  "init_decoder": init_decoder, "grow_target_from": grow_target_from, "target_lr": target_lr}

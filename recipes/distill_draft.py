@@ -20,6 +20,11 @@ Stage `draft-onpolicy` (`fastardiff train --stage draft-onpolicy --init CKPT --s
      alpha(t) story: the recipe's total loss is alpha(t) (L_reg + L_entropy) + (1 - alpha(t)) L_decoder. This
      stage keeps the decoder frozen, i.e. it is the alpha = 1 end of that schedule applied to the draft alone
      (the drift-ar two-phase schedule freezes the draft and trains the decoder; this is the mirror image).
+     With --residual-contexts f, f x samples more copies are added in which one token is replaced by a residual
+     sample of max(0, p - q) (`residual_context_tokens`: the contexts a round starts from after a rejection,
+     where the draft's first-position acceptance is lowest) and the position after it is weighted
+     `after_weight`; benchmarks/residual_context_probe.py measured the loop's first-position acceptance
+     0.46 -> 0.55 with it (docs/draft-acceptance.md).
   3. recompute the calibration statistics that depend on the draft (draft_shallow_mean/std, hence tau_static)
      exactly as recipes/train.py does (noisy teacher-forced training digits); e_max and the target's entropy
      statistics are copied, since the target is unchanged;
@@ -61,6 +66,8 @@ class DistillSettings:
     entropy_weight: float = 10.0
     class_dropout: float = 0.2
     sample_batch: int = 500
+    residual_contexts: float = 0.0   # extra copies (fraction of `samples`) with one token replaced by a residual
+    after_weight: float = 4.0        # loss weight of the position right after that token
     calibration_images: int = 2000
     eval_samples: int = 200  # held-out target samples for the before/after acceptance estimate
     seed: int = 0
@@ -85,15 +92,58 @@ def sample_sequences(ckpt, n: int, cfg_scales, temperature: float, batch: int, g
     return torch.cat(tokens), torch.cat(labels)
 
 
-def distill_loss(target, draft, tokens, cond, sp, entropy_weight: float):
-    """L_reg + w_E L_entropy of the draft against the frozen target on teacher-forced sequences."""
+def distill_loss(target, draft, tokens, cond, sp, entropy_weight: float, weight=None):
+    """L_reg + w_E L_entropy of the draft against the frozen target on teacher-forced sequences (weight [B, N]:
+    per-position weights of both terms; None: the plain mean)."""
     with torch.no_grad():
         z_p, e_p, _ = target.forward_sequence(tokens, cond)
         sigma_p = sigma_from_entropy(e_p, sp)
     z_q, e_q, _ = draft.forward_sequence(tokens, cond)
-    reg = ((z_q - z_p).pow(2).mean(-1) / (sigma_p.pow(2) + 0.01)).mean()
-    ent = (e_q - e_p).pow(2).mean()
+    reg_terms = (z_q - z_p).pow(2).mean(-1) / (sigma_p.pow(2) + 0.01)
+    ent_terms = (e_q - e_p).pow(2)
+    if weight is None:
+        reg, ent = reg_terms.mean(), ent_terms.mean()
+    else:
+        reg, ent = (reg_terms * weight).sum() / weight.sum(), (ent_terms * weight).sum() / weight.sum()
     return reg + entropy_weight * ent, {"reg": reg.item(), "ent": ent.item()}
+
+
+@torch.no_grad()
+def residual_context_tokens(ckpt, tokens, labels, sp, rng, first: int = 3, batch: int = 500):
+    """Copies of `tokens` [B, N, D] with one position t in [first, N - 2] per sequence replaced by a sample of the
+    residual max(0, p_t - q_t) (target p, draft q, both teacher-forced on the original prefix): the contexts the
+    loop's rounds start from after a rejection, where the draft is weakest (docs/draft-acceptance.md).
+    Returns (tokens, t [B])."""
+    from fastardiff.runtime.sampling import sample_residual
+
+    B, N = tokens.shape[:2]
+    first = min(first, max(N - 2, 0))
+    t = torch.from_numpy(rng.integers(first, max(N - 1, first + 1), B))
+    out = tokens.clone()
+    for lo in range(0, B, batch):
+        hi = min(B, lo + batch)
+        z_p, e_p, _ = ckpt.target.forward_sequence(tokens[lo:hi], labels[lo:hi])
+        z_q, e_q, _ = ckpt.draft.forward_sequence(tokens[lo:hi], labels[lo:hi])
+        rows, at = torch.arange(hi - lo), t[lo:hi]
+        sample = sample_residual(rng, z_p[rows, at].double().numpy(),
+                                 sigma_from_entropy(e_p[rows, at], sp).double().numpy(),
+                                 z_q[rows, at].double().numpy(), sigma_from_entropy(e_q[rows, at], sp).double().numpy())
+        out[lo + rows, at] = torch.from_numpy(sample).to(out.dtype)
+    return out, t
+
+
+def with_residual_contexts(ckpt, tokens, labels, sp, s: "DistillSettings"):
+    """(tokens, labels, weight [B', N] or None): the samples plus s.residual_contexts x as many copies with a
+    residual token (residual_context_tokens), the position after it weighted s.after_weight."""
+    if s.residual_contexts <= 0:
+        return tokens, labels, None
+    import numpy as np
+
+    m = min(len(tokens), max(1, round(s.residual_contexts * len(tokens))))
+    modified, replaced = residual_context_tokens(ckpt, tokens[:m], labels[:m], sp, np.random.default_rng(s.seed))
+    weight = torch.ones(len(tokens) + m, tokens.shape[1])
+    weight[len(tokens) + torch.arange(m), (replaced + 1).clamp(max=tokens.shape[1] - 1)] = s.after_weight
+    return torch.cat([tokens, modified]), torch.cat([labels, labels[:m]]), weight
 
 
 def acceptance_estimate(ckpt, tokens, labels, scale: float, temperature: float, seed: int) -> dict:
@@ -106,6 +156,8 @@ def equivalent_command(init, out: Path, s: DistillSettings) -> str:
     """The `fastardiff train` line that runs this stage with these settings (recorded in the checkpoint's meta)."""
     line = (f"fastardiff train --stage draft-onpolicy --init {init} --out {out.parent} --samples {s.samples} "
             f"--steps {s.steps} --lr {s.lr:g} --entropy-weight {s.entropy_weight:g} --seed {s.seed}")
+    if s.residual_contexts > 0:
+        line += f" --residual-contexts {s.residual_contexts:g}"
     return line + f" --threads {torch.get_num_threads()}"
 
 
@@ -113,6 +165,9 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     """Fine-tune the draft of checkpoint `init` on-policy and write the new checkpoint to `out`."""
     from tqdm import tqdm
 
+    if not 0.0 <= s.residual_contexts <= 1.0 or s.after_weight < 0:
+        raise FastardiffError(f"--residual-contexts must be in [0, 1] (got {s.residual_contexts:g}) and the weight "
+                              f"after a residual token >= 0 (got {s.after_weight:g})")
     if s.samples < 1 or s.steps < 0:
         raise FastardiffError("--samples must be >= 1 and --steps >= 0")
     out = Path(out)
@@ -134,6 +189,7 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     eval_labels = torch.arange(s.eval_samples) % cfg.num_classes
     eval_tokens = {scale: sample_target_only(ckpt, eval_labels, s.temperature, scale, eval_gen)[0]
                    for scale in s.cfg_scales}
+    tokens, labels, weight = with_residual_contexts(ckpt, tokens, labels, sp, s)
     sample_seconds = time.time() - start
     before = {f"cfg{sc:g}": acceptance_estimate(ckpt, eval_tokens[sc], eval_labels, sc, s.temperature, s.seed)
               for sc in s.cfg_scales}
@@ -148,7 +204,8 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
             g["lr"] = cosine_lr(step, s.steps, s.lr, warmup=min(s.warmup, max(1, s.steps // 10)))
         idx = torch.randint(0, len(tokens), (min(s.batch_size, len(tokens)),), generator=generator)
         cond = drop_classes(labels[idx], s.class_dropout, cfg.num_classes)
-        loss, stats = distill_loss(target, draft, tokens[idx], cond, sp, s.entropy_weight)
+        loss, stats = distill_loss(target, draft, tokens[idx], cond, sp, s.entropy_weight,
+                                   None if weight is None else weight[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(draft.parameters(), 1.0)

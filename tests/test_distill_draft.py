@@ -40,3 +40,40 @@ def test_draft_onpolicy_flags_need_the_stage(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--stage draft-onpolicy" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_residual_contexts_replace_one_token_per_copy(random_checkpoint):
+    """Each copy differs from its sequence in exactly one token, at t in [3, N - 2], drawn from the residual
+    max(0, p - q): on these random weights p and q differ, so a residual sample is never the draft's own mean."""
+    import numpy as np
+
+    from fastardiff.recipes.distill_draft import residual_context_tokens
+    from fastardiff.recipes.evaluate import sigma_params
+
+    cfg = random_checkpoint.config
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(24, cfg.num_tokens, cfg.token_dim, generator=g)
+    labels = torch.arange(24) % cfg.num_classes
+    out, t = residual_context_tokens(random_checkpoint, tokens, labels, sigma_params(random_checkpoint),
+                                     np.random.default_rng(0), batch=10)     # batches of 10: the split is exercised
+    changed = (out != tokens).any(-1)
+    assert changed.sum(1).tolist() == [1] * 24
+    assert torch.equal(changed.float().argmax(1), t) and int(t.min()) >= 3 and int(t.max()) <= cfg.num_tokens - 2
+    assert torch.isfinite(out).all()
+
+
+def test_draft_onpolicy_with_residual_contexts(random_checkpoint_path, tmp_path, capsys):
+    from fastardiff.recipes.checkpoint import load_checkpoint
+
+    args = ["train", "--stage", "draft-onpolicy", "--init", str(random_checkpoint_path), "--out",
+            str(tmp_path / "run"), "--samples", "6", "--steps", "3", "--calibration-images", "8", "--threads", "1",
+            "--no-progress"]
+    code, out, err = run_cli(args + ["--residual-contexts", "0.5"], capsys)
+    assert code == 0, err
+    meta = load_checkpoint(tmp_path / "run" / "tiny-mnist.pt").meta["draft_onpolicy"]
+    assert meta["settings"]["residual_contexts"] == 0.5 and "--residual-contexts 0.5" in meta["command"]
+    bad = [str(tmp_path / "bad") if a == str(tmp_path / "run") else a for a in args]
+    code, out, err = run_cli(bad + ["--residual-contexts", "1.5"], capsys)
+    assert code == 2 and "--residual-contexts" in err and not (tmp_path / "bad").exists()
+    code, out, err = run_cli(["train", "--out", str(tmp_path / "y"), "--residual-contexts", "0.5"], capsys)
+    assert code != 0 and "--stage draft-onpolicy" in err and not (tmp_path / "y").exists()
