@@ -140,10 +140,11 @@ def with_residual_contexts(ckpt, tokens, labels, sp, s: "DistillSettings"):
     import numpy as np
 
     m = min(len(tokens), max(1, round(s.residual_contexts * len(tokens))))
-    modified, replaced = residual_context_tokens(ckpt, tokens[:m], labels[:m], sp, np.random.default_rng(s.seed))
+    pick = torch.linspace(0, len(tokens) - 1, m).round().long()    # spread over classes and guidance scales
+    modified, replaced = residual_context_tokens(ckpt, tokens[pick], labels[pick], sp, np.random.default_rng(s.seed))
     weight = torch.ones(len(tokens) + m, tokens.shape[1])
     weight[len(tokens) + torch.arange(m), (replaced + 1).clamp(max=tokens.shape[1] - 1)] = s.after_weight
-    return torch.cat([tokens, modified]), torch.cat([labels, labels[:m]]), weight
+    return torch.cat([tokens, modified]), torch.cat([labels, labels[pick]]), weight
 
 
 def acceptance_estimate(ckpt, tokens, labels, scale: float, temperature: float, seed: int) -> dict:
