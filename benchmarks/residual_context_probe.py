@@ -23,9 +23,9 @@ from torch import nn
 
 from fastardiff.exporter.calibrate import measure_position_acceptance
 from fastardiff.recipes.checkpoint import default_checkpoint_path, load_checkpoint
-from fastardiff.recipes.distill_draft import residual_context_tokens
+from fastardiff.recipes.distill_draft import distill_loss, residual_context_tokens
 from fastardiff.recipes.evaluate import sample_target_only, sigma_params
-from fastardiff.runtime.distribution import sigma_from_entropy
+from fastardiff.recipes.target_cache import PrecomputedTarget
 
 
 def main() -> None:
@@ -57,12 +57,8 @@ def main() -> None:
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
     for step in range(args.steps):
         idx = torch.randint(0, len(inputs), (128,), generator=gen)
-        z_q, e_q, _ = draft.forward_sequence(inputs[idx], cond_all[idx])
-        s_p = sigma_from_entropy(e_p[idx], sp)
-        w = weight[idx]
-        reg = ((z_q - z_p[idx]).pow(2).mean(-1) / (s_p.pow(2) + 0.01) * w).sum() / w.sum()
-        ent = ((e_q - e_p[idx]).pow(2) * w).sum() / w.sum()
-        loss = reg + 10 * ent
+        loss, _ = distill_loss(PrecomputedTarget(z_p[idx], e_p[idx]), draft, inputs[idx], cond_all[idx], sp, 10.0,
+                               weight[idx])                  # the recipe's weighted loss on precomputed targets
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(draft.parameters(), 1.0)

@@ -201,7 +201,7 @@ def _load(engine_dir, ckpt, device, threads: int | None = None):
     if engine_dir is not None:
         from fastardiff.runtime.engine import load_engines
 
-        return load_engines(engine_dir) if threads is None else load_engines(engine_dir, threads=threads)
+        return load_engines(engine_dir, threads=threads)      # None: the backend's default
     if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", str(device)):
         raise FastardiffError(f"--device '{device}' is not a torch device this runs on; use cpu, cuda or cuda:N")
     require("torch", "export", "running a checkpoint with --ckpt")
