@@ -1,7 +1,8 @@
 """Where a Jacobi round's time goes (ONNX Runtime, CPU): target_jacobi against target_verify on the same feeds.
 
 Records the feeds of real `--draft jacobi` runs, then times each recorded target_jacobi feed through
-target_jacobi and through target_verify (its first five inputs: the same network, no in-graph sampling),
+target_jacobi and through target_verify (its leading AR inputs, as many as the manifest gives target_verify:
+the same network, no in-graph sampling),
 interleaved, so the difference is the in-graph sampling's cost at that (rows, K). Also prints the median
 per-call time by (engine, K, rows) seen in the runs and the raw ONNX node counts.
 
@@ -41,6 +42,7 @@ def main() -> None:
         return out
 
     engines._run = recording_run
+    verify_inputs = len(engines.manifest.engines["target_verify"].inputs)   # the AR inputs target_jacobi starts with
     for cfg_scale, classes in ((1.0, np.arange(5)), (2.0, np.arange(2))):
         for window in windows:
             generate(engines, classes, GenerationConfig(mode="speculative", draft="jacobi", gamma=window,
@@ -54,7 +56,7 @@ def main() -> None:
     for key in sorted(k for k in feeds if k[0] == "target_jacobi"):
         arrays, times = feeds[key], collections.defaultdict(list)
         for _ in range(args.repeats):
-            for name, feed in (("target_jacobi", arrays), ("target_verify", arrays[:5])):
+            for name, feed in (("target_jacobi", arrays), ("target_verify", arrays[:verify_inputs])):
                 started = time.perf_counter()
                 run_engine(name, feed)
                 times[name].append(time.perf_counter() - started)
