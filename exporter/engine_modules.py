@@ -13,8 +13,8 @@ graph, so a draft round is one engine call instead of g. Inputs:
   threshold [B]                   shallow-entropy early-stop threshold (-inf: never stop)
   max_drafts [B] int64            drafts allowed per sample (never past the image's end)
   temperature [1], cfg_scale [1]
-Step i feeds the window plus drafts 0..i-1 (positions lengths .. lengths + K0 - 1 + i) against the unchanged
-cache, guides z = z_u + s (z_c - z_u), sets sigma = T sigma(E_c) (drift-ar Eq. 6, calibration baked in)
+Step i feeds the window plus drafts 0..i-1 (positions lengths .. lengths + K0 - 1 + i) after the cache
+(exporter/rollout.py: how, and why two ways to unroll), guides z = z_u + s (z_c - z_u), sets sigma = T sigma(E_c) (drift-ar Eq. 6, calibration baked in)
 and draws draft i = z + sigma * noise[:, i]. A sample's drafts end at the first step whose conditional
 shallow-layer entropy is below its threshold (that draft is dropped) or at max_drafts. Outputs: drafts [B,g,D],
 draft_mean [B,g,D], draft_sigma [B,g], num_drafts [B], shallow_entropy [B,g], new_k / new_v [L,R,H,K0+g-1,Dh]
@@ -47,6 +47,8 @@ from torch import nn
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+
+from .rollout import DraftRollout
 
 AR_INPUTS = ["tokens", "lengths", "k_cache", "v_cache", "cond"]
 ROLLOUT_INPUTS = AR_INPUTS + ["noise", "threshold", "max_drafts", "temperature", "cfg_scale"]
@@ -94,44 +96,6 @@ class TargetVerify(nn.Module):
     def forward(self, tokens, lengths, k_cache, v_cache, cond):
         mean, entropy, _shallow, new_k, new_v = self.model(tokens, lengths, k_cache, v_cache, cond)
         return mean, entropy, new_k, new_v
-
-
-class DraftRollout(nn.Module):
-    """`gamma` draft steps in one graph: sampling, guidance and early stop in-graph (see the module docstring)."""
-
-    def __init__(self, draft: ARTransformer, gamma: int, sigma: SigmaParams):
-        super().__init__()
-        self.model = draft
-        self.gamma = gamma
-        self.sigma = sigma
-
-    def forward(self, tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
-        samples, rows = noise.shape[0], cond.shape[0]
-        row = torch.arange(rows, device=cond.device)
-        owner = row - samples * (row >= samples).long()                 # cache row -> its sample (R = B or 2B)
-        x = tokens
-        alive = torch.ones(samples, dtype=torch.bool, device=noise.device)
-        drafts, means, sigmas, shallows, kept = [], [], [], [], []
-        for i in range(self.gamma):
-            # step i re-feeds the window and the drafts so far against the untouched cache: no cache copy or
-            # scatter in-graph (on small graphs an engine's cost follows its node count, not its FLOPs)
-            mean, entropy, shallow, new_k, new_v = self.model(x, lengths, k_cache, v_cache, cond)
-            z = mean[:, -1]
-            z_cond, z_uncond = z[:samples], z[rows - samples:]          # the same rows without guidance
-            z = z_uncond + cfg_scale * (z_cond - z_uncond)
-            sigma = sigma_from_entropy(entropy[:samples, -1], self.sigma) * temperature
-            draft = z + sigma.unsqueeze(-1) * noise[:, i]
-            e_shallow = shallow[:samples, -1]
-            alive = alive & (e_shallow >= threshold) & (max_drafts > i)
-            drafts.append(draft)
-            means.append(z)
-            sigmas.append(sigma)
-            shallows.append(e_shallow)
-            kept.append(alive.long())
-            if i + 1 < self.gamma:
-                x = torch.cat([x, draft[owner].unsqueeze(1)], dim=1)
-        return (torch.stack(drafts, 1), torch.stack(means, 1), torch.stack(sigmas, 1),
-                torch.stack(kept, 1).sum(1), torch.stack(shallows, 1), new_k, new_v)
 
 
 class TargetJacobi(nn.Module):

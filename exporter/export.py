@@ -23,7 +23,7 @@ from fastardiff.errors import EngineError, FastardiffError
 from fastardiff.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, sha256_file,
                                          verify_engine_files, write_manifest)
 
-from fastardiff.runtime.atomic import replace_keeping_backup
+from fastardiff.runtime.atomic import created_dirs_removed_on_failure, replace_keeping_backup
 
 from .targets import TARGET_LIBRARIES, ExportOptions, get_target, library_versions
 
@@ -46,10 +46,10 @@ def engine_code_hash() -> str:
     from fastardiff.recipes import entropy_attention, models
     from fastardiff.runtime import distribution
 
-    from . import engine_modules, head_engines
+    from . import engine_modules, head_engines, rollout
 
     digest = hashlib.sha256()
-    for module in (engine_modules, head_engines, models, entropy_attention, distribution):
+    for module in (engine_modules, rollout, head_engines, models, entropy_attention, distribution):
         digest.update(Path(module.__file__).read_bytes())
     recipes = Path(models.__file__).parent
     for name in ("diffusion_head.py", "fast_ardiff.py"):   # the diffusion-head family's sampler and networks
@@ -59,29 +59,28 @@ def engine_code_hash() -> str:
 
 
 def _gpu_identity(device: str) -> dict:
+    """The GPU the engines are built for ({} on cpu); --device cuda without a CUDA device is a user error."""
     if device != "cuda":
         return {}
     import torch
 
+    if not torch.cuda.is_available():
+        raise FastardiffError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     props = torch.cuda.get_device_properties(0)
     return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
 def check_output_dir(out: Path) -> None:
-    """OUT must be creatable beside its parent, and if it exists be an engine dir (or empty) we may replace."""
+    """OUT must be creatable beside its parent, and if it exists be an engine dir (or empty) we may replace.
+    Writes nothing: the parent directories are created only when the build starts."""
+    from fastardiff.runtime.images import check_destination
+
     if out.exists() and not out.is_dir():
         raise FastardiffError(f"--out '{out}' exists and is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
         raise FastardiffError(f"--out '{out}' is a non-empty directory without {MANIFEST_NAME}; refusing to "
                               "replace it (choose a new directory or remove it)")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FastardiffError(f"cannot create output directory '{parent}' ({err.strerror}); "
-                              "choose a writable --out") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FastardiffError(f"output directory '{parent}' is not writable; choose a writable --out")
+    check_destination(out, "--out", is_dir=True)
 
 
 def cached_manifest(out: Path, key: str) -> Manifest | None:
@@ -119,6 +118,7 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
 
     out = Path(out)
     build = get_target(opts.target)          # unknown target / missing dependency fail before any work
+    gpu = _gpu_identity(opts.device)
     check_output_dir(out)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.config
@@ -126,7 +126,6 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
     versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
                 "numpy": library_versions(["numpy"])["numpy"], "engine_code": engine_code_hash(),
                 **library_versions(TARGET_LIBRARIES[opts.target])}
-    gpu = _gpu_identity(opts.device)
     key = cache_key(ckpt_sha, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
     if not opts.force:
         manifest = cached_manifest(out, key)
@@ -139,25 +138,27 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
              ckpt_path, cfg.name, cfg.config_hash(), out, opts.target, opts.precision, opts.device, opts.max_batch,
              opts.gamma)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        result = build(ckpt, tmp, opts)
-        manifest = Manifest(
-            backend=result.backend, family=cfg.family, config=cfg.to_dict(), calibration=ckpt.calibration.to_dict(),
-            engines=result.engines, precision=opts.precision, device=opts.device, gamma=opts.gamma,
-            max_batch=opts.max_batch, config_hash=cfg.config_hash(), library_versions={**versions,
-                                                                                     **result.library_versions},
-            gpu=result.gpu or gpu, plugin=result.plugin,
-            export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
-                    "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
-                    "seconds": round(time.perf_counter() - start, 2),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
-        write_manifest(tmp, manifest)
-        verify_engine_files(tmp, load_manifest(tmp))
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with created_dirs_removed_on_failure(out.parent):   # a failed export leaves no new directories
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            result = build(ckpt, tmp, opts)
+            manifest = Manifest(
+                backend=result.backend, family=cfg.family, config=cfg.to_dict(), calibration=ckpt.calibration.to_dict(),
+                engines=result.engines, precision=opts.precision, device=opts.device, gamma=opts.gamma,
+                max_batch=opts.max_batch, config_hash=cfg.config_hash(), library_versions={**versions,
+                                                                                         **result.library_versions},
+                gpu=result.gpu or gpu, plugin=result.plugin,
+                export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
+                        "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
+                        "seconds": round(time.perf_counter() - start, 2),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
+            write_manifest(tmp, manifest)
+            verify_engine_files(tmp, load_manifest(tmp))
+            os.chmod(tmp, 0o755)
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("wrote %s engines and %s to %s in %.1f s", opts.target, MANIFEST_NAME, out, time.perf_counter() - start)
     return manifest, False

@@ -46,3 +46,31 @@ def test_loop_without_rollouts_drafts_with_steps(random_checkpoint):
     engines = TorchEngines(random_checkpoint, max_gamma=2)
     _, stats = generate(engines, np.arange(2), GenerationConfig(gamma=3, early_stop="off", eta=0.0))
     assert stats.draft_calls > 2 * stats.target_calls  # gamma 3 has no rollout engine: one call per draft
+
+
+@pytest.mark.parametrize("rows", [3, 4])       # 4 rows: two samples with classifier-free guidance
+def test_lean_and_stepwise_unrolls_agree(random_checkpoint, rows):
+    """The lean unroll (one token per step, keys kept in-graph: the onnx / CPU aoti engines) and the stepwise one
+    (the whole window re-fed through the model: the fused-kernel engines) are the same function."""
+    import copy
+
+    import torch
+
+    from fastardiff.exporter import trt_graph  # noqa: F401  registers the "plugin" implementation (CPU: reference)
+    from fastardiff.exporter.engine_modules import rollout_capacity, rollout_example_inputs
+    from fastardiff.exporter.rollout import DraftRollout
+
+    cfg, gamma = random_checkpoint.config, 4
+    sigma = cfg.sigma_params(1.0)
+    lean = DraftRollout(random_checkpoint.draft, gamma, sigma).eval()
+    fused_draft = copy.deepcopy(random_checkpoint.draft)
+    fused_draft.attention_impl = "plugin"
+    stepwise = DraftRollout(fused_draft, gamma, sigma).eval()
+    inputs = rollout_example_inputs(cfg, gamma, cfg.draft_layers, rows, 2, rollout_capacity(cfg, gamma),
+                                    torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        a, b = lean(*inputs), stepwise(*inputs)
+    assert int(b[3].min()) < gamma, "the example thresholds were meant to stop a sample early"
+    for name, x, y in zip(("drafts", "draft_mean", "draft_sigma", "num_drafts", "shallow_entropy", "new_k",
+                           "new_v"), a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
