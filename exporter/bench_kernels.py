@@ -41,8 +41,15 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are FastardiffError: one `error: ...` line and exit status 2, as every CLI."""
+
+    def error(self, message):
+        raise FastardiffError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastardiff bench kernels", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastardiff bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int_list, default=[256, 1024, 4096], help="total keys N (cache + new), list")
     p.add_argument("--k", type=int_list, default=[1, 5, 256], help="new tokens (queries) K, list")
     p.add_argument("--batch", type=int_list, default=[1, 8, 64], help="batch sizes, list")

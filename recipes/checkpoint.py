@@ -95,8 +95,10 @@ def read_payload(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt / foreign files
+        first_line = (str(err).splitlines() or [""])[0][:120]
         raise CheckpointError(f"'{path}' is not a readable fastardiff checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:120]})") from None
+                              f"{first_line}); pass a .pt file written by `fastardiff train` (the shipped default "
+                              "is recipes/checkpoints/tiny-mnist.pt)") from None
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         raise CheckpointError(f"'{path}' is not a {expected_format} file (no '{expected_format}' header); "
                               "train one with `fastardiff train` or use the shipped default")

@@ -75,22 +75,29 @@ def _default_classifier() -> str:
               help="fast-ardiff recipes: weight of the consistency anchor in the DMD stage (0: pure DMD) [5].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="fast-ardiff recipes: where the frozen target's outputs are cached [--out].")
-def train_command(stage, init_ckpt, samples, lr, residual_contexts, recipe, out_dir, steps, target_fraction, classifier_steps, schedule,
-                  entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume, stop_after,
-                  calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, dmd_cd_anchor,
-                  cache_dir):
+def train_command(**options):
     """Train the target AR, the draft AR, the one-step decoder (and the digit classifier) into DIR.
     For a fast-ardiff recipe: the target AR + teacher head, the draft, and the head's CD -> DMD distillation
     (--init: a fast-ardiff checkpoint to start from instead of the teacher stage)."""
+    from fastardiff.runtime.atomic import created_dirs_removed_on_failure
     from fastardiff.runtime.images import check_destination
 
     from .config import CONFIGS
 
-    if recipe not in CONFIGS:
-        raise FastardiffError(f"unknown --recipe '{recipe}'; known: {', '.join(sorted(CONFIGS))}")
-    check_destination(out_dir, "--out", is_dir=True)
+    if options["recipe"] not in CONFIGS:
+        raise FastardiffError(f"unknown --recipe '{options['recipe']}'; known: {', '.join(sorted(CONFIGS))}")
+    check_destination(options["out_dir"], "--out", is_dir=True)
+    with created_dirs_removed_on_failure(options["out_dir"]):   # a refused run leaves no empty --out behind
+        _train(**options)
+
+
+def _train(stage, init_ckpt, samples, lr, residual_contexts, recipe, out_dir, steps, target_fraction, classifier_steps,
+           schedule, entropy_weight, init_decoder, grow_target_from, target_lr, seed, save_every, threads, resume,
+           stop_after, calibration_images, no_progress, stages, stage_steps, student_init, train_blocks, dmd_cd_anchor,
+           cache_dir):
     import torch
 
+    from .config import CONFIGS
     from .train import TrainSettings, train
 
     torch.set_num_threads(threads)

@@ -231,7 +231,11 @@ def save_state(path: Path, step: int, models: dict, opts: dict, sampler, calibra
 def load_state(path: Path) -> dict:
     if not path.exists():
         raise FastardiffError(f"--resume given but '{path}' does not exist; start without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt / foreign files
+        raise FastardiffError(f"'{path}' is not a readable training state ({type(err).__name__}); delete it or "
+                              "start without --resume") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise FastardiffError(f"'{path}' is not a fastardiff training state; delete it or start without --resume")
     return state

@@ -1,7 +1,9 @@
-"""One rename primitive for outputs that replace older ones (engine dirs, staged images and statistics)."""
+"""One rename primitive for outputs that replace older ones (engine dirs, staged images and statistics), and the
+clean-up of output directories a failed command created."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +21,29 @@ def replace_keeping_backup(src: Path, dst: Path, backup: Path) -> Path | None:
             os.replace(moved, dst)
         raise
     return moved
+
+
+def missing_dirs(path: str | Path) -> list[Path]:
+    """The directories of `path` (itself included) that do not exist yet, deepest first."""
+    missing = []
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+@contextmanager
+def created_dirs_removed_on_failure(path: str | Path):
+    """Directories of `path` that a command creates are removed again (while empty) when it fails, so a
+    refused input leaves no empty output directories behind; whatever was written into them is kept."""
+    created = missing_dirs(path)
+    try:
+        yield
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise

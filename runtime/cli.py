@@ -145,7 +145,8 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
     family = engines.manifest.family
     if head_options and family not in HEAD_FAMILIES:
         names = ", ".join("--" + k.replace("_", "-") for k in head_options)
-        raise FastardiffError(f"{names} apply to diffusion-head model families ({', '.join(HEAD_FAMILIES)}); these "
+        verb = "applies" if len(head_options) == 1 else "apply"
+        raise FastardiffError(f"{names} {verb} to diffusion-head model families ({', '.join(HEAD_FAMILIES)}); these "
                               f"engines are of family '{family}': drop {names}")
     if family in HEAD_FAMILIES and draft == "auto":
         draft = "model"

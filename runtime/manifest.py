@@ -309,6 +309,9 @@ def sha256_file(path: str | Path) -> str:
 
 def load_manifest(engine_dir: str | Path) -> Manifest:
     engine_dir = Path(engine_dir)
+    if engine_dir.exists() and not engine_dir.is_dir():
+        raise EngineError(f"'{engine_dir}' is a file, not an engine directory; pass the directory written by "
+                          "`fastardiff-export --out DIR`")
     if not engine_dir.is_dir():
         raise EngineError(f"engine directory '{engine_dir}' does not exist; create it with "
                           f"`fastardiff-export --ckpt MODEL.pt --target onnx --out {engine_dir}`")

@@ -507,3 +507,63 @@ def test_backends_verify_hashes_before_loading(backend, tmp_path, monkeypatch):
     (d / "decoder.onnx").write_bytes(b"tampered")
     with pytest.raises(EngineError, match="sha256"):
         load_engines(d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regressions found by benchmarks/bad_inputs.py (each one: one `error:` line, exit 2, nothing written)
+
+
+@pytest.mark.parametrize("target", ["onnx", "aoti"])
+def test_export_device_cuda_without_cuda_is_a_user_error(target, tmp_path, random_checkpoint_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(*call(export_main, ["--ckpt", str(random_checkpoint_path), "--target", target, "--out", "e",
+                                          "--device", "cuda"]), "--device cuda", "use --device cpu")
+    assert files_under(tmp_path) == []
+
+
+def test_refused_export_leaves_no_new_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(*call(export_main, ["--ckpt", "missing.pt", "--target", "onnx", "--out", "new/sub/e"]),
+                      "'missing.pt' does not exist")
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--recipe", "tiny-mnist-small", "--out", "new/t", "--resume"], "--resume given but"),
+    (["--recipe", "mar-b-like", "--out", "new/t"], "does not ship here"),
+    (["--recipe", "tiny-mnist-fast-ardiff-small", "--out", "new/t", "--stages", "teacher,nope"], "unknown stages"),
+], ids=["resume-without-state", "recipe-without-data", "fast-ardiff-bad-stage"])
+def test_refused_training_leaves_no_out_dir(args, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(*call(main, ["train", "--no-progress"] + args), fragment)
+    assert files_under(tmp_path) == []
+
+
+def test_corrupt_resume_state_is_a_user_error(tmp_path):
+    (tmp_path / "resume-state.pt").write_text("not a training state")
+    before = files_under(tmp_path)
+    assert_user_error(*call(main, ["train", "--recipe", "tiny-mnist-small", "--out", str(tmp_path), "--resume",
+                                   "--no-progress"]), "not a readable training state", "start without --resume")
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--n", "x"], "argument --n: expected comma-separated integers"),
+    (["--dtype", "int4"], "argument --dtype: invalid choice"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+], ids=["n-not-a-list", "unknown-dtype", "unknown-option"])
+def test_bench_kernels_usage_errors_are_one_error_line(args, fragment):
+    assert_user_error(*call(main, ["bench", "kernels"] + args), fragment, "see `fastardiff bench kernels --help`")
+
+
+def test_engine_dir_that_is_a_file_and_non_checkpoint_name_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("x")
+    assert_user_error(*call(run_main, ["--engine", "afile", "--prompt", "3"]), "'afile' is a file, not an engine "
+                      "directory", "fastardiff-export --out DIR")
+    assert_user_error(*call(run_main, ["--ckpt", "afile", "--prompt", "3"]), "not a readable fastardiff checkpoint",
+                      "pass a .pt file written by `fastardiff train`")
+    assert files_under(tmp_path) == [tmp_path / "afile"]

@@ -1,0 +1,381 @@
+"""Bad inputs against the real console commands: every one must fail with one `error: ...` line, exit status 2,
+no traceback, and nothing written.
+
+    python benchmarks/bad_inputs.py            # writes docs/bad-inputs.md and docs/bad-inputs.json
+
+In a fresh temporary directory it saves a small random checkpoint (the `tiny-mnist-small` preset, as the tests'
+`random_checkpoint` fixture), exports it once to ONNX with `fastardiff-export` (about a minute on 2 cores), derives
+broken copies of that engine directory (manifest edits, a tampered engine file), and then runs each case as a
+subprocess of `.venv/bin/fastardiff`, `fastardiff-run` or `fastardiff-export` with the temporary directory as the
+working directory (so the commands show relative paths). CUDA is hidden from the commands (CUDA_VISIBLE_DEVICES
+empty), so the `--device cuda` cases mean the same on every machine. For each case it records the exit status, the
+`error:` line, whether a traceback appeared and whether any file or directory under the temporary directory (the
+plan cache included) appeared, changed or vanished. The script exits 1 if any case fails those criteria.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+TRACEBACK = "Traceback (most recent call last)"
+CASE_TIMEOUT_S = 180
+
+
+@dataclass
+class Outcome:
+    number: int
+    area: str
+    what: str
+    command: str
+    exit: int
+    message: str
+    error_lines: int
+    traceback: bool
+    wrote: list
+    seconds: float
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.traceback:
+            found.append("traceback")
+        if self.exit != 2:
+            found.append(f"exit status {self.exit} (want 2)")
+        if self.error_lines != 1:
+            found.append(f"{self.error_lines} `error:` lines (want 1)")
+        if self.wrote:
+            found.append(f"wrote {', '.join(self.wrote[:4])}")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+def save_random_checkpoint(path: Path) -> None:
+    """A tiny-mnist-small checkpoint with seeded random weights (shapes only, not quality)."""
+    import torch
+
+    from fastardiff.recipes.checkpoint import DriftARCheckpoint, save_checkpoint
+    from fastardiff.recipes.config import Calibration, get_config
+    from fastardiff.recipes.models import build_models
+
+    config = get_config("tiny-mnist-small")
+    torch.manual_seed(0)
+    target, draft, decoder = build_models(config)
+    save_checkpoint(path, DriftARCheckpoint(config, Calibration(e_max=1.0), target, draft, decoder).eval())
+
+
+def edited_engine_copy(source: Path, dest: Path, edit) -> None:
+    """A copy of the engine dir `source` whose manifest dict went through `edit` (in place)."""
+    shutil.copytree(source, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def set_field(path: str, value=None, delete: bool = False):
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            manifest = manifest[key]
+        if delete:
+            del manifest[last]
+        else:
+            manifest[last] = value
+    return edit
+
+
+def make_fixtures(work: Path, env: dict) -> str:
+    """Checkpoints, engine dirs and blocked paths the cases name; returns the unwritable output directory."""
+    import torch
+
+    save_random_checkpoint(work / "random.pt")
+    (work / "notckpt.pt").write_text("this is a text file, not a checkpoint\n")
+    torch.save({"state_dict": {"weight": torch.zeros(3)}, "epoch": 7}, work / "foreign.pt")
+    started = time.time()
+    export = subprocess.run([str(BIN / "fastardiff-export"), "--ckpt", "random.pt", "--target", "onnx", "--out", "eng",
+                             "--no-draft", "--gamma", "1", "--batch", "2"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=900)
+    if export.returncode != 0:
+        sys.exit(f"exporting the fixture engines failed ({export.returncode}):\n{export.stderr[-3000:]}")
+    print(f"exported fixture engines in {time.time() - started:.0f} s", flush=True)
+    (work / "eng-nomanifest").mkdir()
+    (work / "eng-nomanifest" / "decoder.onnx").write_bytes((work / "eng" / "decoder.onnx").read_bytes())
+    edited_engine_copy(work / "eng", work / "eng-nowidth", set_field("config.width", delete=True))
+    edited_engine_copy(work / "eng", work / "eng-texthead", set_field("config.heads", "four"))
+    edited_engine_copy(work / "eng", work / "eng-batch0", set_field("max_batch", 0))
+    edited_engine_copy(work / "eng", work / "eng-v2", set_field("format_version", 2))
+    edited_engine_copy(work / "eng", work / "eng-heads5", set_field("config.heads", 5))
+    edited_engine_copy(work / "eng", work / "eng-nanemax", set_field("calibration.e_max", float("nan")))
+    edited_engine_copy(work / "eng", work / "eng-tflite", set_field("backend", "tflite"))
+    edited_engine_copy(work / "eng", work / "eng-badjson", lambda m: None)
+    (work / "eng-badjson" / "manifest.json").write_text('{"format_version": 1, "engines": ')
+    shutil.copytree(work / "eng", work / "eng-tampered")
+    blob = bytearray((work / "eng-tampered" / "decoder.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (work / "eng-tampered" / "decoder.onnx").write_bytes(bytes(blob))
+    (work / "afile").write_text("a regular file\n")
+    (work / "adir").mkdir()
+    (work / "notes").mkdir()
+    (work / "notes" / "keep.txt").write_text("not an engine dir\n")
+    (work / "badstate").mkdir()
+    (work / "badstate" / "resume-state.pt").write_text("not a training state\n")
+    if os.geteuid() == 0:          # root writes through permission bits: a path under a regular file is unwritable
+        return "afile/out"
+    (work / "ro").mkdir()
+    (work / "ro").chmod(0o555)
+    return "ro"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cases: (area, what, argv) with argv[0] a console script in .venv/bin
+
+
+def cases(ro: str) -> list[tuple[str, str, list[str]]]:
+    run = ["fastardiff-run"]
+    eng = run + ["--engine", "eng", "--prompt", "3"]
+    ck = run + ["--ckpt", "random.pt", "--prompt", "3"]
+    exp = ["fastardiff-export", "--ckpt", "random.pt", "--target", "onnx"]
+    fa = ["fastardiff"]
+    pipe = fa + ["bench", "pipeline", "--ckpt", "random.pt", "--no-export"]
+    serve = fa + ["serve", "--engine", "eng"]
+    return [
+        ("run", "missing checkpoint", run + ["--ckpt", "missing.pt", "--prompt", "3"]),
+        ("run", "text file as --ckpt", run + ["--ckpt", "notckpt.pt", "--prompt", "3"]),
+        ("run", "foreign torch file as --ckpt", run + ["--ckpt", "foreign.pt", "--prompt", "3"]),
+        ("run", "both --engine and --ckpt", eng + ["--ckpt", "random.pt"]),
+        ("run", "engine dir missing", run + ["--engine", "nodir", "--prompt", "3"]),
+        ("run", "engine dir without manifest", run + ["--engine", "eng-nomanifest", "--prompt", "3"]),
+        ("run", "--engine names a file", run + ["--engine", "afile", "--prompt", "3"]),
+        ("run", "manifest not valid JSON", run + ["--engine", "eng-badjson", "--prompt", "3"]),
+        ("run", "manifest field missing (config.width)", run + ["--engine", "eng-nowidth", "--prompt", "3"]),
+        ("run", "manifest field wrong type (heads 'four')", run + ["--engine", "eng-texthead", "--prompt", "3"]),
+        ("run", "manifest field out of range (max_batch 0)", run + ["--engine", "eng-batch0", "--prompt", "3"]),
+        ("run", "manifest e_max NaN", run + ["--engine", "eng-nanemax", "--prompt", "3"]),
+        ("run", "unknown manifest format version", run + ["--engine", "eng-v2", "--prompt", "3"]),
+        ("run", "heads not dividing width", run + ["--engine", "eng-heads5", "--prompt", "3"]),
+        ("run", "unknown backend in manifest", run + ["--engine", "eng-tflite", "--prompt", "3"]),
+        ("run", "tampered engine file", run + ["--engine", "eng-tampered", "--prompt", "3"]),
+        ("run", "unknown prompt class", run + ["--engine", "eng", "--prompt", "eleven"]),
+        ("run", "empty prompt", run + ["--engine", "eng", "--prompt", " , "]),
+        ("run", "temperature NaN", eng + ["--temperature", "nan"]),
+        ("run", "temperature inf", eng + ["--temperature", "inf"]),
+        ("run", "temperature negative", eng + ["--temperature", "-1"]),
+        ("run", "temperature zero", eng + ["--temperature", "0"]),
+        ("run", "guidance scale NaN", eng + ["--cfg", "nan"]),
+        ("run", "guidance scale too large", eng + ["--cfg-scale", "1e9"]),
+        ("run", "negative seed", eng + ["--seed", "-1"]),
+        ("run", "seed beyond 2^32-1", eng + ["--seed", "4294967296"]),
+        ("run", "num-images 0", eng + ["--num-images", "0"]),
+        ("run", "num-images huge", eng + ["--num-images", "1000000000"]),
+        ("run", "gamma 0", eng + ["--gamma", "0"]),
+        ("run", "gamma not a number", eng + ["--gamma", "lots"]),
+        ("run", "gamma longer than the image", eng + ["--gamma", "99"]),
+        ("run", "eta 100", eng + ["--eta", "100"]),
+        ("run", "eta negative", eng + ["--eta", "-1"]),
+        ("run", "threads negative", eng + ["--threads", "-2"]),
+        ("run", "unwritable --out", eng + ["--out", f"{ro}/x.png"]),
+        ("run", "unwritable --out-dir", eng + ["--out-dir", f"{ro}/imgs"]),
+        ("run", "unwritable --stats-json", eng + ["--stats-json", f"{ro}/s.json"]),
+        ("run", "--out is an existing directory", eng + ["--out", "adir"]),
+        ("run", "--out-dir is an existing file", eng + ["--out-dir", "afile"]),
+        ("run", "--out and --stats-json the same", eng + ["--out", "same", "--stats-json", "same"]),
+        ("run", "unknown --device", ck + ["--device", "tpu"]),
+        ("run", "--device cuda without CUDA", ck + ["--device", "cuda"]),
+        ("run", "directory as --ckpt", run + ["--ckpt", "eng", "--prompt", "3"]),
+        ("run", "--head on a drift-ar model", eng + ["--head", "student"]),
+        ("run", "--inner-temperature NaN", eng + ["--inner-temperature", "nan"]),
+        ("run", "unknown --backend option", eng + ["--backend", "tensorrt"]),
+        ("run", "unknown --mode", eng + ["--mode", "fast"]),
+        ("run", "via `fastardiff run`: missing engine dir", fa + ["run", "--engine", "nodir", "--prompt", "3"]),
+        ("export", "unknown --target", ["fastardiff-export", "--ckpt", "random.pt", "--target", "tflite", "--out", "e1"]),
+        ("export", "missing checkpoint", ["fastardiff-export", "--ckpt", "missing.pt", "--target", "onnx", "--out", "e1"]),
+        ("export", "missing checkpoint, --out in new dirs", ["fastardiff-export", "--ckpt", "missing.pt", "--target",
+                                                            "onnx", "--out", "new/sub/e1"]),
+        ("export", "text file as --ckpt", ["fastardiff-export", "--ckpt", "notckpt.pt", "--target", "onnx", "--out", "e1"]),
+        ("export", "foreign torch file as --ckpt", ["fastardiff-export", "--ckpt", "foreign.pt", "--target", "onnx",
+                                                    "--out", "e1"]),
+        ("export", "--out under a regular file", exp + ["--out", "afile/e1"]),
+        ("export", "--out in an unwritable directory", exp + ["--out", f"{ro}/e1"]),
+        ("export", "--out is a non-engine dir with files", exp + ["--out", "notes"]),
+        ("export", "--atol NaN", exp + ["--out", "e1", "--atol", "nan"]),
+        ("export", "--batch 0", exp + ["--out", "e1", "--batch", "0"]),
+        ("export", "--gamma 0", exp + ["--out", "e1", "--gamma", "0"]),
+        ("export", "unknown --precision", exp + ["--out", "e1", "--precision", "fp8"]),
+        ("export", "--device cuda without CUDA", exp + ["--out", "e1", "--device", "cuda"]),
+        ("export", "unknown --device", exp + ["--out", "e1", "--device", "tpu"]),
+        ("export", "aoti --device cuda without CUDA", ["fastardiff-export", "--ckpt", "random.pt", "--target", "aoti",
+                                                       "--out", "e1", "--device", "cuda"]),
+        ("export", "via `fastardiff export`: unknown --target", fa + ["export", "--target", "tflite", "--out", "e1"]),
+        ("info", "missing checkpoint", fa + ["info", "--ckpt", "missing.pt"]),
+        ("info", "text file as --ckpt", fa + ["info", "--ckpt", "notckpt.pt"]),
+        ("info", "foreign torch file as --ckpt", fa + ["info", "--ckpt", "foreign.pt"]),
+        ("info", "directory as --ckpt", fa + ["info", "--ckpt", "adir"]),
+        ("eval", "--n 0", fa + ["eval", "--ckpt", "random.pt", "--n", "0"]),
+        ("eval", "--temperature NaN", fa + ["eval", "--ckpt", "random.pt", "--temperature", "nan"]),
+        ("eval", "--cfg-scale negative", fa + ["eval", "--ckpt", "random.pt", "--cfg-scale", "-2"]),
+        ("eval", "unwritable --grid", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--grid", f"{ro}/g.png"]),
+        ("eval", "missing classifier", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--classifier", "nope.pt"]),
+        ("eval", "text file as --ckpt", fa + ["eval", "--ckpt", "notckpt.pt", "--n", "4"]),
+        ("eval", "foreign torch file as --ckpt", fa + ["eval", "--ckpt", "foreign.pt", "--n", "4"]),
+        ("bench", "pipeline --batch 0", pipe + ["--batch", "0"]),
+        ("bench", "pipeline --batch not a list", pipe + ["--batch", "1,x"]),
+        ("bench", "pipeline --gamma 0", pipe + ["--gamma", "0"]),
+        ("bench", "pipeline --jacobi -1", pipe + ["--jacobi", "-1"]),
+        ("bench", "pipeline --device cuda without CUDA", pipe + ["--device", "cuda"]),
+        ("bench", "pipeline unknown --config preset", fa + ["bench", "pipeline", "--config", "nope-like", "--no-torch"]),
+        ("bench", "pipeline missing --engine dir", pipe + ["--engine", "nodir", "--no-torch"]),
+        ("bench", "pipeline tampered --engine", pipe + ["--engine", "eng-tampered", "--no-torch"]),
+        ("bench", "pipeline --engine of another checkpoint", fa + ["bench", "pipeline", "--engine", "eng",
+                                                                   "--no-torch"]),
+        ("bench", "pipeline unwritable --json", pipe + ["--json", f"{ro}/b.json"]),
+        ("bench", "pipeline --repeats 0", pipe + ["--repeats", "0"]),
+        ("bench", "kernels without CUDA", fa + ["bench", "kernels"]),
+        ("bench", "kernels --n not a list", fa + ["bench", "kernels", "--n", "x"]),
+        ("bench", "kernels --dtype unknown", fa + ["bench", "kernels", "--dtype", "int4"]),
+        ("serve", "--replicas 0", serve + ["--replicas", "0"]),
+        ("serve", "--port 70000", serve + ["--port", "70000"]),
+        ("serve", "--timeout 0", serve + ["--timeout", "0"]),
+        ("serve", "--max-batch NaN", serve + ["--max-batch", "nan"]),
+        ("serve", "missing engine dir", fa + ["serve", "--engine", "nodir"]),
+        ("serve", "engine dir without manifest", fa + ["serve", "--engine", "eng-nomanifest"]),
+        ("serve", "tampered engine file", fa + ["serve", "--engine", "eng-tampered"]),
+        ("serve", "empty --host", serve + ["--host", " "]),
+        ("serve", "empty --address", serve + ["--address", " "]),
+        ("serve", "--num-gpus negative", serve + ["--num-gpus", "-1"]),
+        ("train", "unknown --recipe", fa + ["train", "--recipe", "nope", "--out", "t1"]),
+        ("train", "--out under a regular file", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "afile/t1"]),
+        ("train", "--steps 0", fa + ["train", "--out", "t1", "--steps", "0"]),
+        ("train", "--resume without a saved state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "t1",
+                                                          "--resume"]),
+        ("train", "--resume from a corrupt state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "badstate",
+                                                         "--resume"]),
+        ("train", "recipe without shipped data", fa + ["train", "--recipe", "mar-b-like", "--out", "t1"]),
+        ("train", "unknown fast-ardiff --stages", fa + ["train", "--recipe", "tiny-mnist-fast-ardiff-small", "--out",
+                                                        "t1", "--stages", "teacher,nope"]),
+        ("train", "draft-onpolicy --init not a checkpoint", fa + ["train", "--stage", "draft-onpolicy", "--init",
+                                                                  "notckpt.pt", "--out", "t1"]),
+        ("calibrate", "missing checkpoint", fa + ["calibrate", "--ckpt", "missing.pt"]),
+        ("calibrate", "text file as --ckpt", fa + ["calibrate", "--ckpt", "notckpt.pt"]),
+        ("calibrate", "--gamma 0", fa + ["calibrate", "--ckpt", "random.pt", "--gamma", "0"]),
+        ("calibrate", "--cfg-scales NaN", fa + ["calibrate", "--ckpt", "random.pt", "--cfg-scales", "nan"]),
+        ("calibrate", "foreign torch file as --ckpt", fa + ["calibrate", "--ckpt", "foreign.pt"]),
+        ("group", "unknown subcommand", fa + ["generate"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running and reporting
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file (size, mtime) and directory under root."""
+    seen = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            seen[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = ("dir",)
+        for f in filenames:
+            st = os.lstat(os.path.join(dirpath, f))
+            seen[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def run_case(number: int, area: str, what: str, argv: list[str], work: Path, env: dict) -> Outcome:
+    before = snapshot(work)
+    started = time.time()
+    try:
+        done = subprocess.run([str(BIN / argv[0])] + argv[1:], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=CASE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        code, output = done.returncode, done.stderr + "\n" + done.stdout
+    except subprocess.TimeoutExpired as err:
+        code, output = -1, f"timed out after {CASE_TIMEOUT_S} s\n{err.stderr or ''}"
+    after = snapshot(work)
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    message = errors[0] if errors else next((line for line in lines if "error" in line.lower()),
+                                            lines[0] if lines else "(no output)")
+    return Outcome(number, area, what, shlex.join(argv), code, message, len(errors), TRACEBACK in output, changed,
+                   round(time.time() - started, 1))
+
+
+def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    bad = [o for o in outcomes if o.problems]
+    head = [
+        "# Bad inputs: one `error:` line, exit status 2, no traceback, nothing written",
+        "",
+        f"Generated by `python benchmarks/bad_inputs.py` ({len(outcomes)} cases, {seconds:.0f} s, "
+        f"{'all pass' if not bad else f'{len(bad)} FAIL'}). Each command ran as a subprocess of the installed console "
+        "script in a fresh temporary directory holding a random `tiny-mnist-small` checkpoint (`random.pt`), its ONNX "
+        "export (`eng`, `--no-draft --gamma 1`), broken copies of that export (`eng-*`), a text file as a checkpoint "
+        "(`notckpt.pt`), a foreign torch file (`foreign.pt`), a regular file `afile` and a directory `adir`. "
+        f"The unwritable location is `{unwritable}` "
+        f"({'a path under a regular file: this ran as root, which writes through permission bits' if unwritable.startswith('afile') else 'a directory with mode 0555'}). "
+        "CUDA was hidden from the commands. *wrote files?* compares a listing of the whole temporary directory "
+        "(sizes and modification times, the plan cache included) before and after each command.",
+        "",
+        "| # | bad input | command | exit | message | traceback? | wrote files? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [f"| {o.number} | {o.area}: {cell(o.what)} | `{cell(o.command)}` | {o.exit} | {cell(o.message)} | "
+            f"{'yes' if o.traceback else 'no'} | {cell(', '.join(o.wrote)) if o.wrote else 'no'} |" for o in outcomes]
+    tail = ["", "Failures:", ""] + [f"- #{o.number} {o.what}: {'; '.join(o.problems)}" for o in bad] if bad else []
+    return "\n".join(head + rows + tail) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help="run only the cases whose area or description contains this")
+    parser.add_argument("--md", default=str(REPO / "docs" / "bad-inputs.md"))
+    parser.add_argument("--json", default=str(REPO / "docs" / "bad-inputs.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="fastardiff-bad-inputs-"))
+    env = dict(os.environ, FASTARDIFF_CACHE_DIR=str(work / "plan-cache"), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    outcomes = []
+    try:
+        unwritable = make_fixtures(work, env)
+        selected = [c for c in cases(unwritable) if not args.only or args.only in c[0] or args.only in c[1]]
+        for number, (area, what, argv) in enumerate(selected, 1):
+            outcome = run_case(number, area, what, argv, work, env)
+            outcomes.append(outcome)
+            status = "ok  " if not outcome.problems else "FAIL"
+            print(f"{status} {number:3d} {outcome.seconds:5.1f}s exit {outcome.exit} {outcome.command}\n"
+                  f"           {outcome.message}" + (f"\n           -> {'; '.join(outcome.problems)}"
+                                                     if outcome.problems else ""), flush=True)
+    finally:
+        if (work / "ro").exists():
+            (work / "ro").chmod(0o755)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+    seconds = time.time() - started
+    Path(args.md).write_text(markdown(outcomes, unwritable, seconds))
+    Path(args.json).write_text(json.dumps({"unwritable": unwritable, "seconds": round(seconds, 1),
+                                           "cases": [dict(asdict(o), problems=o.problems) for o in outcomes]},
+                                          indent=1) + "\n")
+    failed = [o for o in outcomes if o.problems]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} cases pass; {seconds:.0f} s; wrote {args.md}, {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
