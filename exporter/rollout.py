@@ -21,8 +21,8 @@ from torch import nn
 from fastardiff.recipes.models import ARTransformer
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 
-# added to the scores of keys a query may not see: exp() of it underflows to exactly 0 and, unlike -inf,
-# 0 * (score + MASKED) is 0, so the entropy's sum p * s needs no second mask
+# added (in float32) to the scores of keys a query may not see: exp() of it underflows to exactly 0 and, unlike
+# -inf, 0 * (score + MASKED) is 0, so the entropy's sum p * s needs no second mask
 MASKED = -1.0e30
 
 
@@ -58,7 +58,7 @@ class DraftRollout(nn.Module):
             sigmas.append(sigma)
             shallows.append(shallow[:samples])
             if not lean and i + 1 < self.gamma:
-                x = torch.cat([x, draft[owner].unsqueeze(1)], dim=1)
+                x = torch.cat([x, draft[owner].unsqueeze(1).to(x.dtype)], dim=1)
         if lean:
             new_k, new_v = step.fed_keys_values()
         shallow = torch.stack(shallows, 1)
@@ -86,8 +86,8 @@ class LeanSteps:
         self.values = [torch.cat([self.v_cache[i], new_v[i]], 2) for i in range(m.num_layers)]
         capacity = self.k_cache.shape[3]
         cached = torch.arange(capacity, device=self.lengths.device).view(1, capacity) < self.lengths.view(-1, 1)
-        seen = torch.zeros_like(new_k[0][:, 0, :, 0])                                         # [R, K0]
-        bias = torch.cat([torch.where(cached, 0.0, MASKED).to(seen.dtype), seen], 1)
+        seen = torch.zeros_like(new_k[0][:, 0, :, 0], dtype=torch.float32)                    # [R, K0]
+        bias = torch.cat([torch.where(cached, 0.0, MASKED).to(torch.float32), seen], 1)
         self.bias = bias.view(bias.shape[0], 1, 1, -1)                                        # [R, 1, 1, S+K0]
         self.zero = seen[:, :1].view(-1, 1, 1, 1)                                            # [R, 1, 1, 1]
         self.fed = 0
@@ -97,9 +97,9 @@ class LeanSteps:
         """Feed one draft token [R, 1, D] (position lengths + K0 + fed); returns (mean, entropy, shallow) [R, ...]."""
         m, cfg = self.model, self.model.cfg
         position = (self.lengths + (self.window + self.fed)).clamp(max=cfg.seq_len - 1)
-        visible = (self.lengths + (self.window + self.fed + 1)).to(token.dtype)             # keys it attends
+        visible = (self.lengths + (self.window + self.fed + 1)).to(torch.float32)           # keys it attends
         self.bias = torch.cat([self.bias, self.zero], 3)
-        x = m.token_in(token) + m.pos_emb[position].unsqueeze(1)
+        x = m.token_in(token.to(m.pos_emb.dtype)) + m.pos_emb[position].unsqueeze(1)
         entropy = shallow = None
         for i, block in enumerate(m.blocks):
             wants_entropy = i in (m.entropy_layer, m.shallow_layer)
@@ -120,15 +120,16 @@ class LeanSteps:
         q, k, v = attn.qkv(x).view(R, 3, attn.heads, 1, W // attn.heads).unbind(1)            # [R, H, 1, Dh]
         self.keys[layer] = keys = torch.cat([self.keys[layer], k], 2)
         self.values[layer] = values = torch.cat([self.values[layer], v], 2)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + self.bias   # [R, H, 1, T]
+        # in float32 whatever the engine's precision, as the reference entropy attention computes
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5) + self.bias
         if visible is None:
             probs, entropy = torch.softmax(scores, -1), None
         else:
             log_norm = torch.logsumexp(scores, -1, keepdim=True)
             probs = torch.exp(scores - log_norm)
             h = (log_norm - (probs * scores).sum(-1, keepdim=True))[:, :, 0, 0]              # [R, H]
-            entropy = h.mean(1) / torch.log(visible)
-        out = torch.matmul(probs, values).view(R, 1, W)       # [R, H, 1, Dh] -> [R, 1, H * Dh] (one query)
+            entropy = h.mean(1) / torch.log(visible)          # float32, as the model's entropy output
+        out = torch.matmul(probs, values.float()).to(x.dtype).view(R, 1, W)   # [R, H, 1, Dh] -> [R, 1, H * Dh]
         return attn.proj(out), entropy
 
     def fed_keys_values(self):
