@@ -7,6 +7,7 @@ Pass providers=[...] to choose explicitly.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,15 @@ class OnnxRuntimeEngines(EngineCalls):
             self._check_io(name)
         self.providers = self.sessions["target_verify"].get_providers()
         log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
+
+    @property
+    def cache_limit(self) -> float:
+        """The longest KV cache axis the target engines accept: any (inf) on the CPU and CUDA providers, which run
+        the graph's dynamic axes as they are; the exported shape profile's under the TensorRT provider."""
+        if "TensorrtExecutionProvider" not in self.providers:
+            return math.inf
+        cache = self.manifest.engines["target_verify"].profile.get("cache")
+        return int(cache[-1]) if cache else 0      # unknown: only the prefix a call reads
 
     def _check_io(self, name: str) -> None:
         session, entry = self.sessions[name], self.manifest.engines[name]

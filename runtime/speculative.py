@@ -84,12 +84,16 @@ class AREngine:
     needs no index arrays on the cache at all."""
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
-                 stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False):
+                 stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False,
+                 cache_limit: float | None = None):
         self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
         # cache_views: the backend takes strided cache views (torch does; ONNX Runtime would copy them), so a call
         # gets the cached prefix it needs, not the whole buffer: the engine's attention and concat then scale
         # with the tokens so far, not with the capacity
         self.cache_views = cache_views
+        # the longest cache axis the engine accepts (None: the sequence length, the exported profile's; inf: any,
+        # e.g. ONNX Runtime's CPU provider): a buffer is passed whole only up to it, else as the prefix a call reads
+        self.cache_limit = shape.seq_len if cache_limit is None else cache_limit
         self.n_cond = shape.n_cond
         self.batch = len(classes)
         self.guided = gen.cfg_scale != 1.0
@@ -148,7 +152,7 @@ class AREngine:
         start = np.minimum(lengths, cache.capacity - width)
         rows, tokens, starts, cond = self._feed(seq, samples, start, width)
         ends = np.concatenate([end, end]) if self.guided else end
-        if rows is None and cache.capacity == self.seq_len and not self.cache_views:
+        if rows is None and not self.cache_views and cache.capacity <= self.cache_limit:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
         else:
             k, v = cache.view(rows, int(start.max()))
@@ -269,9 +273,14 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     token_entropy = np.zeros((B, shape.num_tokens + G + 1))
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
     views = bool(getattr(engines, "cache_views", False))
-    target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
-                      target_rule, stats, "verify", cache_views=views)
     jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
+    # Jacobi feeds every row [last accepted token, guesses] from its own cache length, padded to the widest row:
+    # room for G + 1 positions past the sequence keeps a row near the end from capping every other row's window
+    # (the padding's keys land there, junk past the row's length; at batch 1 the row's own end is the cap anyway)
+    room = shape.seq_len + G + 1 if jacobi and B > 1 else None
+    target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
+                      target_rule, stats, "verify", capacity=room, cache_views=views,
+                      cache_limit=getattr(engines, "cache_limit", None))
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",

@@ -211,6 +211,39 @@ def test_jacobi_cache_is_exact_and_costs_one_verify_per_round(random_checkpoint,
         assert all((c[3][len(c[3]) // 2:] == random_checkpoint.config.num_classes).all() for c in rec.calls)
 
 
+def test_rows_near_the_end_do_not_narrow_the_others_windows(random_checkpoint, random_engines):
+    """A whole image at batch 4: after its first round every row is fed its full window, min(L, tokens left - 1)
+    guesses, even when another row is about to finish (the padding's keys go to the room past the sequence, not
+    into a cap on everyone's window), and the cache stays exact (the last calls recomputed without a cache)."""
+    window, classes = 6, np.array([0, 3, 5, 8])
+    rec = RecordingEngines(random_engines)
+    stats = RunStats(draft="jacobi")
+    gen = GenerationConfig(draft="jacobi", gamma=window, eta=0.0, seed=2, temperature=6.0)
+    tokens, _ = generate_tokens(rec, classes, gen, np.random.default_rng(0), stats)
+    cfg = random_checkpoint.config
+    nc, N = cfg.n_cond, cfg.num_tokens
+    seq = np.concatenate([np.zeros((len(classes), nc, tokens.shape[-1])), tokens], axis=1)
+    first, near_end = {}, 0
+    for c, (_, call_tokens, lengths, cond, mean) in enumerate(rec.calls):
+        samples = [int(np.flatnonzero(classes == y)[0]) for y in cond]     # finished rows leave the calls
+        for r, sample in enumerate(samples):
+            L, n = int(lengths[r]), int(lengths[r]) - nc + 1            # n: tokens accepted before this call
+            if first.setdefault(sample, c) != c and n < N:
+                assert call_tokens.shape[1] >= min(window, N - 1 - n) + 1, (c, sample, n)
+            near_end += int(lengths.max()) - nc + 1 >= N - window and n < N - window
+        if c >= len(rec.calls) - 3:                                     # the last calls: the cache held the prefix
+            for r, sample in enumerate(samples):
+                L = int(lengths[r])
+                prefix = np.concatenate([seq[sample, :L], call_tokens[r]])[None].astype(np.float32)
+                with torch.no_grad():
+                    k, v = random_checkpoint.target.empty_cache(1, 0)
+                    full = random_checkpoint.target(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
+                                                    torch.tensor([int(cond[r])]))[0][0, L:].numpy()
+                own = min(call_tokens.shape[1], nc + N - 1 - L)
+                np.testing.assert_allclose(mean[r, :own], full[:own], atol=2e-4, rtol=1e-3, err_msg=f"call {c}")
+    assert near_end > 0, "no call mixed a row near the end with rows far from it"
+
+
 def test_jacobi_needs_no_draft_engine(random_engines):
     """Engines with only target_verify and decoder run --draft jacobi (the draft is never touched)."""
     class TargetOnly:
