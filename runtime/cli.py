@@ -51,7 +51,7 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--temperature", type=TEMPERATURE, default=1.0, show_default=True, help="Scales sigma(E), in (0, 10].")
 @click.option("--cfg", "--cfg-scale", "cfg_scale", type=CFG_SCALE, default=1.0, show_default=True,
               help="Classifier-free guidance scale in [0, 20] (1 = none, as `fastardiff eval`; 2 sharpens the class).")
-@click.option("--eta", type=ETA, default=5.0, show_default=True, help="Percent of tokens the target prefills before the model draft starts, [0, 100) (Jacobi needs none).")
+@click.option("--eta", type=ETA, default=0.0, show_default=True, help="Percent of tokens the target prefills before the model draft starts (fast-ardiff's eta), [0, 100) (Jacobi needs none).")
 @click.option("--seed", type=Seed, default=0, show_default=True, help="Random seed, 0..2^32-1.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG grid [default: samples.png].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also write one PNG per image here.")

@@ -43,7 +43,7 @@ class GenerationConfig:
     early_stop: str = "static"
     temperature: float = 1.0
     cfg_scale: float = 1.0
-    eta: float = 5.0              # percent of the N tokens sampled by the target alone before speculating
+    eta: float = 0.0              # percent of the N tokens sampled by the target alone before speculating
     seed: int = 0
     num_tokens: int | None = None  # stop after the first tokens (tests); None = all N, then decode
     draft: str = "model"          # speculative proposals: "model" (the draft engine) or "jacobi" (runtime/jacobi.py)
@@ -276,11 +276,13 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
     # Jacobi feeds every row [last accepted token, guesses] from its own cache length, padded to the widest row:
     # room for G + 1 positions past the sequence keeps a row near the end from capping every other row's window
-    # (the padding's keys land there, junk past the row's length; at batch 1 the row's own end is the cap anyway)
-    room = shape.seq_len + G + 1 if jacobi and B > 1 else None
+    # (the padding's keys land there, junk past the row's length). At batch 1 the row's own end is the cap anyway,
+    # so the room is left out there unless the engines take the longer buffer whole (no copy either way)
+    limit = getattr(engines, "cache_limit", None)
+    room = shape.seq_len + G + 1
+    room = room if jacobi and (B > 1 or (limit is not None and room <= limit)) else None
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
-                      target_rule, stats, "verify", capacity=room, cache_views=views,
-                      cache_limit=getattr(engines, "cache_limit", None))
+                      target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit)
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
@@ -288,8 +290,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
-    # the eta prefill spares the model draft the first tokens, where it is poor; Jacobi has no draft calls to spare
-    # and its first round is a plain target step already, so a prefill would only cost it target calls
+    # the eta prefill (fast-ardiff Algorithm 1) spares the model draft the first tokens; off by default: on the
+    # shipped model the draft's acceptance is the same with and without it (measured), so it only costs target
+    # calls. Jacobi has no draft calls to spare and its first round is a plain target step already
     prefill = (total if gen.mode != "speculative" else 0 if jacobi
                else min(total, int(round(gen.eta / 100 * shape.num_tokens))))
     one_model = draft if gen.mode == "draft" else target

@@ -78,7 +78,9 @@ def thresholds_for(mode: str, reference_shallow: np.ndarray) -> np.ndarray:
     samples = reference_shallow.shape[0]
     if mode == "off":
         return np.full(samples, -np.inf, np.float32)
-    mid = np.sort(reference_shallow.ravel())[reference_shallow.size // 3]
+    ordered = np.sort(reference_shallow.ravel())
+    i = max(1, reference_shallow.size // 3)
+    mid = 0.5 * (ordered[i - 1] + ordered[i])      # between two observed values: no tie for rounding to flip
     if mode == "static":
         return np.full(samples, mid, np.float32)
     return (mid + np.array([-1.0, 0.5, 0.0][:samples]) * reference_shallow.std()).astype(np.float32)

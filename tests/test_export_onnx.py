@@ -307,7 +307,7 @@ def test_bench_pipeline_rows_and_table(onnx_engine_dir):
         assert r["per call ms"]["target step"] > 0
     assert rows[0]["speedup"] == 1.0 and rows[0]["draft %"] == 0.0 and rows[0]["tok/target call"] == 1.0
     for r in rows[1:3]:  # one rollout call per round: draft calls == rounds
-        assert r["summary"]["target_calls"] - r["summary"]["draft_calls"] == 3  # the eta prefill: 3 target steps
+        assert r["summary"]["target_calls"] == r["summary"]["draft_calls"]  # no eta prefill by default
         assert r["model speedup"] > 0
     for r in rows[3:]:   # Jacobi: no draft call, every target call a round, more than one token per call
         assert r["summary"]["draft_calls"] == 0 and r["summary"]["draft"] == "jacobi"

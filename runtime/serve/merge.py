@@ -212,6 +212,9 @@ class MergedEngines:
     def __init__(self, merger: EngineCallMerger):
         self._m = merger
         self.manifest = merger.manifest
+        # the longest cache axis the engines take (runtime/speculative.py AREngine): every request shapes its
+        # calls as the engines alone would, so requests of any batch size still merge
+        self.cache_limit = getattr(merger.engines, "cache_limit", None)
         self.calls = 0
         self.merged = 0
 
