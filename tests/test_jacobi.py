@@ -171,6 +171,18 @@ def random_engines(random_checkpoint):
     return TorchEngines(random_checkpoint)
 
 
+def assert_call_used_the_exact_prefix(target, final_seq, fed, length: int, cond: int, mean, seq_len: int, msg: str):
+    """A target call fed `fed` at cache length `length` gave the means a cache-free run of the final tokens' prefix
+    plus `fed` gives (over the positions inside the sequence): its cache held exactly the accepted prefix."""
+    prefix = np.concatenate([final_seq[:length], fed])[None].astype(np.float32)
+    with torch.no_grad():
+        k, v = target.empty_cache(1, 0)
+        full = target(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
+                      torch.tensor([cond]))[0][0, length:].numpy()
+    own = min(len(fed), seq_len - length)
+    np.testing.assert_allclose(mean[:own], full[:own], atol=2e-4, rtol=1e-3, err_msg=msg)
+
+
 @pytest.mark.parametrize("coupling,window,cfg_scale", [(True, 4, 1.0), (False, 3, 2.0)])
 def test_jacobi_cache_is_exact_and_costs_one_verify_per_round(random_checkpoint, random_engines, coupling, window,
                                                               cfg_scale):
@@ -197,13 +209,8 @@ def test_jacobi_cache_is_exact_and_costs_one_verify_per_round(random_checkpoint,
             n = L - nc + 1                     # tokens accepted before this call
             want = 1 if first.setdefault(sample, c) == c else min(window, T - 1 - n) + 1
             assert call_tokens.shape[1] >= want
-            prefix = np.concatenate([seq[sample, :L], call_tokens[r]])[None].astype(np.float32)
-            with torch.no_grad():
-                k, v = random_checkpoint.target.empty_cache(1, 0)
-                full = random_checkpoint.target(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
-                                                torch.tensor([int(cond[r])]))[0][0, L:].numpy()
-            own = min(call_tokens.shape[1], nc + T - 1 - L)
-            np.testing.assert_allclose(mean[r, :own], full[:own], atol=2e-4, rtol=1e-3, err_msg=f"call {c}")
+            assert_call_used_the_exact_prefix(random_checkpoint.target, seq[sample], call_tokens[r], L, int(cond[r]),
+                                              mean[r], nc + T - 1, f"call {c}")
             # the verify's first slot is the exact next-token distribution of the accepted prefix
             np.testing.assert_array_equal(call_tokens[r, 0], seq[sample, L].astype(np.float32))
     assert ragged                                # rows advanced by different amounts
@@ -234,13 +241,8 @@ def test_rows_near_the_end_do_not_narrow_the_others_windows(random_checkpoint, r
         if c >= len(rec.calls) - 3:                                     # the last calls: the cache held the prefix
             for r, sample in enumerate(samples):
                 L = int(lengths[r])
-                prefix = np.concatenate([seq[sample, :L], call_tokens[r]])[None].astype(np.float32)
-                with torch.no_grad():
-                    k, v = random_checkpoint.target.empty_cache(1, 0)
-                    full = random_checkpoint.target(torch.from_numpy(prefix), torch.zeros(1, dtype=torch.long), k, v,
-                                                    torch.tensor([int(cond[r])]))[0][0, L:].numpy()
-                own = min(call_tokens.shape[1], nc + N - 1 - L)
-                np.testing.assert_allclose(mean[r, :own], full[:own], atol=2e-4, rtol=1e-3, err_msg=f"call {c}")
+                assert_call_used_the_exact_prefix(random_checkpoint.target, seq[sample], call_tokens[r], L,
+                                                  int(cond[r]), mean[r], nc + N - 1, f"call {c}")
     assert near_end > 0, "no call mixed a row near the end with rows far from it"
 
 
