@@ -12,6 +12,7 @@ run at once; streaming them per engine batch would need a per-batch hook in runt
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 
@@ -75,7 +76,7 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
                 out, out_dir, stats_json, device, head, shared_noise, inner_temperature, threads, replan):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
-    from fastardiff.runtime.images import StagedOutputs, check_destination, save_images
+    from fastardiff.runtime.images import StagedOutputs, StreamedImages, check_destination
     from fastardiff.runtime.speculative import generate
 
     if (engine_dir is None) == (ckpt is None):
@@ -105,10 +106,14 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
              gen.mode, gen.draft, gen.gamma, early_stop)
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
-        images, stats = generate(engines, classes, gen)
         names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
-        save_images(images, out, out_dir, names, staged=staged)
-        del images
+        written = StreamedImages(staged, out, out_dir, names)    # single images staged as each chunk decodes
+        if "on_images" in inspect.signature(generate).parameters:
+            _, stats = generate(engines, classes, gen, on_images=written.add)
+        else:                        # a generate without the streaming hook (a stand-in): all images at once
+            images, stats = generate(engines, classes, gen)
+            written.add(images, 0)
+        written.finish()
         if stats_json:
             if choice is not None:
                 stats.gamma_choice = choice.to_dict()

@@ -108,6 +108,7 @@ class StagedOutputs:
     def __init__(self):
         self._stages: dict[Path, Path] = {}      # destination dir -> its staging dir
         self._files: list[tuple[Path, Path]] = []  # (staged, final)
+        self._finals: set[Path] = set()          # absolute destinations so far (a run may stage thousands)
         self._created: list[Path] = []           # directories made for the outputs, outermost first
         self.committed = False
 
@@ -138,11 +139,13 @@ class StagedOutputs:
 
     def path_for(self, final: str | Path) -> Path:
         final = Path(final)
-        if any(Path(os.path.abspath(f)) == Path(os.path.abspath(final)) for _, f in self._files):
+        absolute = Path(os.path.abspath(final))
+        if absolute in self._finals:
             raise OutputError(f"two outputs of this run would both be written to '{final}'; give them "
                               "different paths")
         staged = self._stage_dir(final.parent) / f"{len(self._files):06d}-{final.name}"
         self._files.append((staged, final))
+        self._finals.add(absolute)
         return staged
 
     def commit(self) -> list[Path]:
@@ -185,6 +188,30 @@ class StagedOutputs:
                 except OSError:
                     pass
             self._created.clear()
+
+
+class StreamedImages:
+    """A run's images written as generate() decodes them (its `on_images`): each single image goes into `staged`
+    at once; of the grid only the 8-bit pixels are kept until `finish()` writes it. A run of thousands of images
+    never holds them all as float arrays."""
+
+    def __init__(self, staged: StagedOutputs, out: str | Path | None, out_dir: str | Path | None, names: list[str]):
+        self.staged, self.out, self.out_dir = staged, out, out_dir
+        self.names = [safe_name(n) for n in names]
+        self._grid: list[np.ndarray] | None = [] if out is not None else None
+
+    def add(self, images: np.ndarray, first: int) -> None:
+        pixels = to_uint8(images)
+        if self.out_dir is not None:
+            for i, img in enumerate(pixels):
+                _pil(img).save(self.staged.path_for(Path(self.out_dir) / f"{self.names[first + i]}.png"),
+                               format="PNG")
+        if self._grid is not None:
+            self._grid.append(pixels)
+
+    def finish(self) -> None:
+        if self._grid is not None:
+            _pil(make_grid(np.concatenate(self._grid))).save(self.staged.path_for(self.out), format="PNG")
 
 
 def save_images(images: np.ndarray, out: str | Path | None = None, out_dir: str | Path | None = None,

@@ -388,9 +388,11 @@ def rollout_capacity(manifest, gamma: int) -> int:
 
 
 def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = None,
-             max_batch: int | None = None) -> tuple[np.ndarray, RunStats]:
+             max_batch: int | None = None, on_images=None) -> tuple[np.ndarray | None, RunStats]:
     """Tokens for every class id (in engine-sized chunks), then the decoder when all N tokens were asked for.
-    Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats)."""
+    Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats).
+    on_images(images, first): called with each decoded chunk and the index of its first image instead of keeping
+    it (a large run streams its images to disk); the returned images are then None. Same images either way."""
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
@@ -418,11 +420,14 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
         stats.decode_calls += 1
         if not np.isfinite(images).all():
             raise EngineError("engine 'decoder' returned NaN or inf; re-export the engines")
-        outputs.append(images)
+        if on_images is not None:
+            on_images(images, lo)
+        else:
+            outputs.append(images)
     stats.images += len(classes)
     stats.total_seconds += time.perf_counter() - started
     stats.seconds["host"] = max(0.0, stats.total_seconds - sum(v for s, v in stats.seconds.items() if s != "host"))
-    return np.concatenate(outputs), stats
+    return (np.concatenate(outputs) if outputs else None), stats
 
 
 def verify_limit(engines) -> int | None:

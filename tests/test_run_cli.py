@@ -111,3 +111,63 @@ def test_prompt_parsing():
     for bad in ("", "ten", "10", "-1"):
         with pytest.raises(PromptError):
             parse_prompts(bad, names)
+
+
+def test_runs_stream_their_images_chunk_by_chunk(random_checkpoint_path, tmp_path, capsys, monkeypatch):
+    """Single images are staged as each engine-sized chunk decodes (generate's on_images: the run never holds all
+    its images), and they, and the grid, are the images a run keeping them all returns for the same settings."""
+    import numpy as np
+    from PIL import Image
+
+    from fastardiff.runtime import speculative
+    from fastardiff.runtime.images import make_grid, to_uint8
+
+    real_generate, seen = speculative.generate, {}
+
+    def in_chunks_of_four(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+        seen.update(engines=engines, classes=classes, gen=gen, chunks=[])
+
+        def record(images, first):
+            seen["chunks"].append((first, len(images)))
+            on_images(images, first)
+
+        images, stats = real_generate(engines, classes, gen, stats, 4, record)
+        assert images is None                              # nothing kept: every chunk went to the writer
+        return images, stats
+
+    monkeypatch.setattr(speculative, "generate", in_chunks_of_four)
+    code, _, err = run_in_process(["--ckpt", str(random_checkpoint_path), "--prompt", "0,1,2", "--num-images", "6",
+                                   "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "singles"),
+                                   "--gamma", "2", "--seed", "5"], capsys)
+    assert code == 0, err
+    assert seen["chunks"] == [(0, 4), (4, 2)]
+    kept, _ = real_generate(seen["engines"], seen["classes"], seen["gen"], max_batch=4)
+    pixels = to_uint8(kept)
+    names = seen["engines"].manifest.config["class_names"]
+    for i, c in enumerate(seen["classes"]):
+        single = np.asarray(Image.open(tmp_path / "singles" / f"{i:04d}-{names[c]}.png"))
+        np.testing.assert_array_equal(single, pixels[i, ..., 0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), make_grid(pixels)[..., 0])
+
+
+def test_a_run_failing_after_its_first_chunk_leaves_nothing(random_checkpoint_path, tmp_path, capsys, monkeypatch):
+    """Streaming keeps all-or-nothing: images of chunks already decoded stay in the staging area and are removed
+    when a later chunk fails."""
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime import speculative
+
+    real_generate = speculative.generate
+
+    def fails_after_one_chunk(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+        def then_fail(images, first):
+            on_images(images, first)
+            raise EngineError("engine 'decoder' returned NaN or inf; re-export the engines")
+
+        return real_generate(engines, classes, gen, stats, 2, then_fail)
+
+    monkeypatch.setattr(speculative, "generate", fails_after_one_chunk)
+    code, _, err = run_in_process(["--ckpt", str(random_checkpoint_path), "--prompt", "0,1,2", "--num-images", "4",
+                                   "--out-dir", str(tmp_path / "new" / "singles"), "--out", str(tmp_path / "g.png"),
+                                   "--gamma", "2"], capsys)
+    assert code == 2 and "NaN" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # no image, no staging dir, no created dir
