@@ -107,7 +107,7 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     ("jacobi", L): a target_jacobi round of window L (when the engines have one: the call Jacobi rounds make)}.
     A call over more tokens of the same network is never cheaper than the step: timings that say so are noise
     and are raised to the step's."""
-    from .speculative import ModelShape, rollout_capacity
+    from .speculative import ModelShape, jacobi_cache_capacity, rollout_capacity
 
     cfg = engines.manifest.config
     shape = ModelShape.from_config(cfg)
@@ -117,11 +117,17 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
         cond[batch:] = shape.num_classes
     mid = shape.seq_len // 2
     lengths = np.full(rows, mid, np.int64)
-    t_cache = np.zeros((shape.target_layers, rows, shape.heads, mid, shape.head_dim), np.float32)
+    # inputs shaped as the loop feeds them: the whole cache buffer (half of it valid), token-like values
+    rng = np.random.default_rng(0)
 
-    def verify(k):
-        tokens = np.zeros((rows, k, shape.token_dim), np.float32)
-        return lambda: engines.target_verify(tokens, lengths, t_cache, t_cache, cond)
+    def cache(layers, capacity):
+        return rng.standard_normal((layers, rows, shape.heads, capacity, shape.head_dim), dtype=np.float32)
+
+    t_cache = cache(shape.target_layers, shape.seq_len)
+
+    def verify(k, kv=t_cache):
+        tokens = rng.standard_normal((rows, k, shape.token_dim), dtype=np.float32)
+        return lambda: engines.target_verify(tokens, lengths, kv, kv, cond)
 
     calls = {"step": verify(1)}
     for k in sorted({g + 1 for g in gammas} | set(verify_widths)):
@@ -130,10 +136,9 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     scalars = (np.ones(1, np.float32), np.full(1, cfg_scale, np.float32))
 
     def rollout(fn, g):
-        cap = rollout_capacity(engines.manifest, g)
-        d_cache = np.zeros((shape.draft_layers, rows, shape.heads, cap, shape.head_dim), np.float32)
-        tokens = np.zeros((rows, 1, shape.token_dim), np.float32)
-        noise = np.zeros((batch, g, shape.token_dim), np.float32)
+        d_cache = cache(shape.draft_layers, rollout_capacity(engines.manifest, g))
+        tokens = rng.standard_normal((rows, 1, shape.token_dim), dtype=np.float32)
+        noise = rng.standard_normal((batch, g, shape.token_dim), dtype=np.float32)
         threshold = np.full(batch, -np.inf, np.float32)
         max_drafts = np.full(batch, g, np.int64)
         return lambda: fn(tokens, lengths, d_cache, d_cache, cond, noise, threshold, max_drafts, *scalars)
@@ -151,8 +156,10 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
             sampling = (np.zeros((batch, w, d), np.float32), np.ones((batch, w), np.float32), np.full(batch, w),
                         np.full((batch, w), 0.5, np.float32), np.zeros((batch, w + 1, d), np.float32),
                         np.zeros((batch, w + 1, c, d), np.float32), np.full((batch, w + 1, c), 0.5, np.float32))
-            tokens = np.zeros((rows, w + 1, shape.token_dim), np.float32)
-            return lambda: jacobi(tokens, lengths, t_cache, t_cache, cond, *sampling, *scalars, flag)
+            tokens = rng.standard_normal((rows, w + 1, shape.token_dim), dtype=np.float32)
+            room = jacobi_cache_capacity(shape, w, batch, getattr(engines, "cache_limit", None))
+            kv = t_cache if room is None else cache(shape.target_layers, room)
+            return lambda: jacobi(tokens, lengths, kv, kv, cond, *sampling, *scalars, flag)
 
         for w in jacobi_windows:
             calls[("jacobi", w)] = jacobi_round(w)

@@ -226,6 +226,14 @@ class AREngine:
             lengths[:, samples] = np.minimum(lengths[:, samples], length)
 
 
+def jacobi_cache_capacity(shape: ModelShape, window: int, batch: int, cache_limit) -> int | None:
+    """The target cache of a Jacobi run: G + 1 positions of room past the sequence for batch > 1 (rows near the
+    end would otherwise cap every row's window), or at batch 1 when the engines take the longer buffer whole
+    (cache_limit inf); None: the sequence length."""
+    room = shape.seq_len + window + 1
+    return room if batch > 1 or (cache_limit is not None and room <= cache_limit) else None
+
+
 def check_finite(name: str, a: np.ndarray, b: np.ndarray) -> None:
     """float64 sums of float32 outputs cannot overflow: finite iff every element is finite."""
     if not math.isfinite(np.add.reduce(a, None, np.float64) + np.add.reduce(b, None, np.float64)):
@@ -279,8 +287,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     # (the padding's keys land there, junk past the row's length). At batch 1 the row's own end is the cap anyway,
     # so the room is left out there unless the engines take the longer buffer whole (no copy either way)
     limit = getattr(engines, "cache_limit", None)
-    room = shape.seq_len + G + 1
-    room = room if jacobi and (B > 1 or (limit is not None and room <= limit)) else None
+    room = jacobi_cache_capacity(shape, G, B, limit) if jacobi else None
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
                       target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit)
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
