@@ -122,3 +122,24 @@ def test_engine_timings_are_interleaved_and_a_wider_call_is_never_cheaper(random
     assert costs[("verify", 3)] == costs[("verify", 5)] == costs["step"]
     timed = widths[3 * WARMUP_CALLS:]
     assert timed == [1, 3, 5] * TIMED_CALLS
+
+
+def test_target_only_is_costed_warm_as_it_runs(random_checkpoint, monkeypatch):
+    """The target step is costed as target-only runs it (back to back, warm), never above the interleaved, cold
+    per-call timing: a cold 1 s step (stubbed) must not credit speculation with 1 s per token saved."""
+    from fastardiff.runtime import gamma_auto
+
+    def cold(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
+        out = {"step": 1000.0, **{("rollout", g): 1.0 for g in gammas}}
+        out.update({("verify", k): 1000.0 for k in {g + 1 for g in gammas} | set(verify_widths)})
+        return out
+
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", cold)
+    monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
+                        {key: 0.0 for key in runs})
+    engines = _engines_with_curve(random_checkpoint, [0.9] * 8)
+    warm = gamma_auto.warm_step_ms(engines, 1, 1.0)
+    choice = choose_gamma(engines, batch=1, cfg_scale=1.0)
+    assert 0.0 < warm < 1000.0 and choice.target_step_ms < 1000.0
+    # verifies still cost 1000 ms, the step only what it runs at: no draft length can pay
+    assert choice.gamma is None and all(c["speedup"] < 1.0 for c in choice.candidates), choice.table()
