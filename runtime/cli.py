@@ -7,8 +7,8 @@ Bad input fails before any work: numbers are checked by their option types (fini
 destinations are probed for writability before the engines load, and the request is checked against the model.
 The grid, the single images and the statistics JSON are written all-or-nothing: staged in hidden directories
 beside their destinations and renamed into place together at the end (runtime/images.py StagedOutputs).
-Single images are encoded into the staging dir one at a time once `generate` returns (it returns the images of a
-run at once; streaming them per engine batch would need a per-batch hook in runtime/speculative.py).
+Single images are staged as `generate` decodes each engine-sized chunk (its `on_images` hook,
+runtime/images.py StreamedImages); of the grid only the 8-bit pixels are held until the end.
 """
 from __future__ import annotations
 

@@ -125,9 +125,9 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
 
     t_cache = cache(shape.target_layers, shape.seq_len)
 
-    def verify(k, kv=t_cache):
+    def verify(k):
         tokens = rng.standard_normal((rows, k, shape.token_dim), dtype=np.float32)
-        return lambda: engines.target_verify(tokens, lengths, kv, kv, cond)
+        return lambda: engines.target_verify(tokens, lengths, t_cache, t_cache, cond)
 
     calls = {"step": verify(1)}
     for k in sorted({g + 1 for g in gammas} | set(verify_widths)):
@@ -173,6 +173,20 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
 def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16) -> dict:
     """Host ms per target call of each run {key: (mode, draft, gamma)}: the median over HOST_RUNS short real
     generations after a warm-up."""
+    return _per_call_ms(engines, batch, cfg_scale, runs, tokens, "host")
+
+
+def warm_step_ms(engines, batch: int, cfg_scale: float, tokens: int = 16) -> float:
+    """Engine milliseconds per target step of real target-only generations, the median of HOST_RUNS after a
+    warm-up: the loop runs its steps back to back on one warm session, while time_engine_calls times every call
+    interleaved with the other engines, cold (measured here: 1.27 ms against 0.53 ms at batch 1)."""
+    return _per_call_ms(engines, batch, cfg_scale, {"step": ("target", "model", 1)}, tokens, "verify")["step"]
+
+
+def _per_call_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int, stage: str) -> dict:
+    """Milliseconds of `stage` (RunStats.seconds) per target call of each run {key: (mode, draft, gamma)}: the
+    median over HOST_RUNS short real generations of `tokens` tokens after a warm-up, interleaved so that one stall
+    does not decide."""
     from .speculative import GenerationConfig, ModelShape, generate
     from .stats import RunStats
 
@@ -184,31 +198,12 @@ def host_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int = 16)
     for gen in gens.values():
         generate(engines, classes, gen)                       # warm-up
     per_call = {key: [] for key in gens}
-    for _ in range(HOST_RUNS):          # interleaved, then the median: one stall must not decide the mode
+    for _ in range(HOST_RUNS):
         for key, gen in gens.items():
             stats = RunStats()
             generate(engines, classes, gen, stats)
-            per_call[key].append(1000 * stats.seconds.get("host", 0.0) / max(stats.target_calls, 1))
+            per_call[key].append(1000 * stats.seconds.get(stage, 0.0) / max(stats.target_calls, 1))
     return {key: float(np.median(v)) for key, v in per_call.items()}
-
-
-def warm_step_ms(engines, batch: int, cfg_scale: float, tokens: int = 16) -> float:
-    """Engine milliseconds per target step of real target-only generations, the median of HOST_RUNS after a
-    warm-up: the loop runs its steps back to back on one warm session, while time_engine_calls times every call
-    interleaved with the other engines, cold (measured here: 1.27 ms against 0.53 ms at batch 1)."""
-    from .speculative import GenerationConfig, ModelShape, generate
-    from .stats import RunStats
-
-    shape = ModelShape.from_config(engines.manifest.config)
-    gen = GenerationConfig(mode="target", cfg_scale=cfg_scale, eta=0.0, num_tokens=min(tokens, shape.num_tokens))
-    classes = np.zeros(batch, np.int64)
-    generate(engines, classes, gen)                            # warm-up
-    times = []
-    for _ in range(HOST_RUNS):
-        stats = RunStats()
-        generate(engines, classes, gen, stats)
-        times.append(1000 * stats.seconds.get("verify", 0.0) / max(stats.target_calls, 1))
-    return float(np.median(times))
 
 
 def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options: dict,

@@ -19,7 +19,7 @@ import numpy as np
 
 from fastardiff.errors import OutputError
 
-from .atomic import replace_keeping_backup
+from .atomic import missing_dirs, replace_keeping_backup
 
 STAGE_PREFIX = ".fastardiff-stage-"
 
@@ -122,13 +122,8 @@ class StagedOutputs:
     def _stage_dir(self, directory: Path) -> Path:
         key = Path(os.path.abspath(directory))
         if key not in self._stages:
-            missing = []
-            p = key
-            while not p.exists():
-                missing.append(p)
-                p = p.parent
             try:
-                for d in reversed(missing):
+                for d in reversed(missing_dirs(key)):
                     d.mkdir()
                     self._created.append(d)
                 self._stages[key] = Path(tempfile.mkdtemp(dir=key, prefix=STAGE_PREFIX))
@@ -195,23 +190,28 @@ class StreamedImages:
     at once; of the grid only the 8-bit pixels are kept until `finish()` writes it. A run of thousands of images
     never holds them all as float arrays."""
 
-    def __init__(self, staged: StagedOutputs, out: str | Path | None, out_dir: str | Path | None, names: list[str]):
+    def __init__(self, staged: StagedOutputs, out: str | Path | None, out_dir: str | Path | None,
+                 names: list[str] | None = None):
         self.staged, self.out, self.out_dir = staged, out, out_dir
-        self.names = [safe_name(n) for n in names]
+        self.names = [safe_name(n) for n in names] if names else None     # None: 0000, 0001, ...
         self._grid: list[np.ndarray] | None = [] if out is not None else None
+        self.paths: list[Path] = []                                        # destinations: grid first, then singles
 
     def add(self, images: np.ndarray, first: int) -> None:
         pixels = to_uint8(images)
         if self.out_dir is not None:
-            for i, img in enumerate(pixels):
-                _pil(img).save(self.staged.path_for(Path(self.out_dir) / f"{self.names[first + i]}.png"),
-                               format="PNG")
+            for i, img in enumerate(pixels, first):
+                name = self.names[i] if self.names else f"{i:04d}"
+                path = Path(self.out_dir) / f"{name}.png"
+                _pil(img).save(self.staged.path_for(path), format="PNG")
+                self.paths.append(path)
         if self._grid is not None:
             self._grid.append(pixels)
 
     def finish(self) -> None:
         if self._grid is not None:
             _pil(make_grid(np.concatenate(self._grid))).save(self.staged.path_for(self.out), format="PNG")
+            self.paths.insert(0, Path(self.out))
 
 
 def save_images(images: np.ndarray, out: str | Path | None = None, out_dir: str | Path | None = None,
@@ -221,6 +221,11 @@ def save_images(images: np.ndarray, out: str | Path | None = None, out_dir: str 
     With `staged`, every file is encoded into its staging path (renamed into place by `staged.commit()`,
     together with the run's other outputs). Without it, all files are encoded to temporary names first and
     renamed only when every one succeeded, so a failure leaves no partial image behind."""
+    if staged is not None:
+        written = StreamedImages(staged, out, out_dir, names)
+        written.add(images, 0)
+        written.finish()
+        return written.paths
     pixels = to_uint8(images)
     names = [safe_name(n) for n in names] if names else [f"{i:04d}" for i in range(len(pixels))]
     jobs = []
@@ -228,10 +233,6 @@ def save_images(images: np.ndarray, out: str | Path | None = None, out_dir: str 
         jobs.append((lambda: make_grid(pixels), Path(out)))
     if out_dir is not None:
         jobs += [((lambda img=img: img), Path(out_dir) / f"{name}.png") for img, name in zip(pixels, names)]
-    if staged is not None:
-        for array, path in jobs:
-            _pil(array()).save(staged.path_for(path), format="PNG")
-        return [path for _, path in jobs]
     temps = []
     try:
         for array, path in jobs:
