@@ -26,7 +26,7 @@ from .gamma_auto import GammaChoice
 
 log = logging.getLogger("fastardiff.runtime")
 
-FORMAT = "fastardiff-gamma-auto-plan-1"
+FORMAT = "fastardiff-gamma-auto-plan-2"   # 2: choices confirmed by whole-image runs
 MAX_AGE_S = 7 * 24 * 3600
 RUNTIME_LIBRARIES = {"onnxruntime": "onnxruntime", "aoti": "torch", "tensorrt": "tensorrt"}
 

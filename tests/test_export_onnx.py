@@ -369,10 +369,10 @@ def test_onnx_rollout_equals_gamma_step_calls(onnx_engine_dir, guided, mode):
 
 
 def test_gamma_auto_on_the_shipped_model_is_never_slower(onnx_engine_dir):
-    """The shipped model's calibrated acceptance (model draft and Jacobi) and its engines' measured costs (engine
-    calls + host work): at either batch a mode is chosen only where its predicted speedup clears the margin, and
-    then it is the best candidate. (Which mode wins is a measured figure, timed here on a possibly busy machine:
-    `fastardiff bench pipeline` reports it; this test checks the decision, not the timings.)"""
+    """The shipped model's calibrated acceptance (model draft and Jacobi) and its engines' measured costs rank the
+    candidates; whole-image runs against target-only decide: at either batch a mode runs only where it measured at
+    least the margin faster, and then it is the fastest measured finalist. (Which mode wins is a measured figure,
+    timed here on a possibly busy machine: `fastardiff bench pipeline` reports it; this test checks the decision.)"""
     from fastardiff.runtime.gamma_auto import choose_gamma
 
     engines = load_engines(onnx_engine_dir, threads=1)
@@ -380,12 +380,18 @@ def test_gamma_auto_on_the_shipped_model_is_never_slower(onnx_engine_dir):
     for choice in (wide, choose_gamma(engines, batch=1, cfg_scale=1.0)):
         drafts = [c["draft"] for c in choice.candidates]
         assert drafts.count("model") == ONNX_GAMMA and drafts.count("jacobi") >= 3, choice.table()
-        best = max(choice.candidates, key=lambda c: c["speedup"])
+        finalists = [c for c in choice.candidates if "measured_speedup" in c]
+        # one finalist per proposal kind: its best predicted candidate, if that one predicts to pay at all
+        for draft in ("model", "jacobi"):
+            mine = [c for c in choice.candidates if c["draft"] == draft]
+            best = max(mine, key=lambda c: c["speedup"])
+            assert [c for c in finalists if c["draft"] == draft] == ([best] if best["speedup"] >= 1.0 else [])
         if choice.gamma is None:
-            assert best["speedup"] < 1.10, choice.table()
+            assert all(c["measured_speedup"] < 1.10 for c in finalists), choice.table()
         else:
-            assert (choice.draft, choice.gamma) == (best["draft"], best["gamma"]), choice.table()
-            assert best["speedup"] >= 1.10, choice.table()
+            chosen = max(finalists, key=lambda c: c["measured_speedup"])
+            assert (choice.draft, choice.gamma) == (chosen["draft"], chosen["gamma"]), choice.table()
+            assert chosen["measured_speedup"] >= 1.10, choice.table()
 
 
 def test_execution_provider_choice(onnx_engine_dir):

@@ -24,12 +24,20 @@ def test_acceptance_curve_picks_the_nearest_guidance_scale():
     assert acceptance_curve({"extra": {}}, 1.0) is None
 
 
-def _engines_with_curve(checkpoint, curve):
+def _engines_with_extra(checkpoint, extra: dict, max_gamma: int):
+    """Torch engines of `checkpoint` whose calibration's extra figures are `extra`."""
     from fastardiff.exporter.torch_backend import TorchEngines
 
-    ckpt = dataclasses.replace(checkpoint, calibration=dataclasses.replace(
-        checkpoint.calibration, extra={"acceptance_by_position": {"1": curve}}))
-    return TorchEngines(ckpt, max_gamma=4)
+    ckpt = dataclasses.replace(checkpoint, calibration=dataclasses.replace(checkpoint.calibration, extra=extra))
+    return TorchEngines(ckpt, max_gamma=max_gamma)
+
+
+def _engines_with_curve(checkpoint, curve):
+    return _engines_with_extra(checkpoint, {"acceptance_by_position": {"1": curve}}, 4)
+
+
+def _with_jacobi_table(checkpoint, table):
+    return _engines_with_extra(checkpoint, {"jacobi_tokens_per_call": {"1": table}}, 2)
 
 
 def test_draft_as_deep_as_target_runs_target_only(monkeypatch):
@@ -143,3 +151,55 @@ def test_target_only_is_costed_warm_as_it_runs(random_checkpoint, monkeypatch):
     assert 0.0 < warm < 1000.0 and choice.target_step_ms < 1000.0
     # verifies still cost 1000 ms, the step only what it runs at: no draft length can pay
     assert choice.gamma is None and all(c["speedup"] < 1.0 for c in choice.candidates), choice.table()
+
+
+def test_whole_image_runs_overrule_the_prediction(random_checkpoint, monkeypatch):
+    """A calibration that promises 4.9 tokens per call predicts Jacobi far ahead; whole-image runs decide: measured
+    slower than the margin -> target-only, measured faster -> the finalist runs. One finalist per proposal kind
+    (its best predicted candidate) runs against target-only."""
+    from fastardiff.runtime import gamma_auto
+
+    engines = _with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9})
+    asked, measured = [], {"jacobi": 1.25}
+
+    def runs(engines, batch, cfg_scale, runs, tokens=None, repeats=gamma_auto.CONFIRM_RUNS, options=None):
+        asked.append(dict(runs))
+        return {key: (1.0 if key is None else measured[key[0]], {}) for key in runs}
+
+    monkeypatch.setattr(gamma_auto, "measure_runs", runs)
+    slow = choose_gamma(engines, batch=1, cfg_scale=1.0)
+    predicted = max(slow.candidates, key=lambda c: c["speedup"])
+    assert predicted["speedup"] >= 1.10                                  # the prediction alone would speculate
+    assert asked == [{None: ("target", "model", 1), ("jacobi", predicted["gamma"]):
+                      ("speculative", "jacobi", predicted["gamma"])}]
+    assert slow.gamma is None and slow.mode == "target" and "did not pay" in slow.reason, slow.table()
+    assert predicted["measured_speedup"] == pytest.approx(0.8)
+    measured["jacobi"] = 0.5
+    fast = choose_gamma(engines, batch=1, cfg_scale=1.0)
+    assert (fast.draft, fast.gamma) == ("jacobi", predicted["gamma"]) and "measured 2.00x" in fast.reason
+    assert "measured" in fast.table()
+
+
+def test_measure_runs_interleaves_whole_images(random_checkpoint, monkeypatch):
+    """Each run gets one warm-up, then the timed repeats go round-robin (A B A B ...) with the classes and the seed
+    moving each repeat; a whole image's tokens, not decoded."""
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime import gamma_auto, speculative
+
+    calls, real = [], speculative.generate
+
+    def recording(engines, classes, gen, stats=None, **kw):
+        calls.append((gen.mode, gen.gamma, gen.seed, tuple(classes), gen.num_tokens))
+        return real(engines, classes, gen, stats, **kw)
+
+    monkeypatch.setattr(speculative, "generate", recording)
+    engines = TorchEngines(random_checkpoint, max_gamma=2)
+    out = gamma_auto.measure_runs(engines, 2, 1.0, {None: ("target", "model", 1), "j": ("speculative", "jacobi", 2)},
+                                  repeats=3)
+    tokens = random_checkpoint.config.num_tokens
+    assert [c[:2] for c in calls] == [("target", 1), ("speculative", 2)] * 4
+    assert all(c[4] == tokens for c in calls)
+    timed = calls[2:]
+    assert [c[2] for c in timed] == [1, 1, 2, 2, 3, 3] and timed[0][3] != timed[2][3]
+    assert set(out) == {None, "j"} and all(ms > 0 for ms, _ in out.values())
+    assert out["j"][1]["target_calls"] < out[None][1]["target_calls"]    # its own summary: fewer target calls

@@ -279,22 +279,18 @@ def test_seeded_jacobi_is_reproducible_and_coupling_changes_it(random_engines):
     assert not np.allclose(a, c)
 
 
-def _with_jacobi_table(checkpoint, table):
-    from fastardiff.exporter.torch_backend import TorchEngines
-
-    ckpt = dataclasses.replace(checkpoint, calibration=dataclasses.replace(
-        checkpoint.calibration, extra={"jacobi_tokens_per_call": {"1": table}}))
-    return TorchEngines(ckpt, max_gamma=2)
-
-
 def test_gamma_auto_chooses_jacobi_where_it_pays_and_target_only_where_not(random_checkpoint):
     from fastardiff.runtime.gamma_auto import choose_gamma
+    from test_gamma_auto import _with_jacobi_table
 
-    fast = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9}), batch=1, cfg_scale=1.0)
+    # the cost model's decision (confirm=False); whole-image confirmation: tests/test_gamma_auto.py
+    fast = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9}), batch=1, cfg_scale=1.0,
+                        confirm=False)
     assert [c["draft"] for c in fast.candidates] == ["jacobi", "jacobi"]       # no model acceptance calibrated
     best = max(fast.candidates, key=lambda c: c["speedup"])
     assert fast.draft == "jacobi" and fast.gamma == best["gamma"] and best["speedup"] >= 1.10, fast.table()
-    slow = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 1.0, "4": 1.0}), batch=1, cfg_scale=1.0)
+    slow = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 1.0, "4": 1.0}), batch=1, cfg_scale=1.0,
+                        confirm=False)
     assert slow.gamma is None and slow.mode == "target" and "cannot pay" in slow.reason, slow.table()
     only_model = choose_gamma(_with_jacobi_table(random_checkpoint, {"4": 4.9}), 1, 1.0, drafts=("model",))
     assert only_model.gamma is None and "acceptance" in only_model.reason
