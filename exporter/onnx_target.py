@@ -19,7 +19,6 @@ from torch import nn
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
 from .engine_modules import ENGINE_IO, ShapeProfile
-from .onnx_passes import read_cache_prefix
 from .parity import check_engine_parity
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
@@ -108,8 +107,6 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         log.debug("%s: exporting with example shapes %s", name, [tuple(x.shape) for x in example])
         export_onnx_file(module, example, work_dir / file, inputs, outputs,
                          dynamic_shapes(name, profile, derived_dims=False), optimize=name not in HEAD_ENGINES)
-        if read_cache_prefix(work_dir / file):
-            log.debug("%s: reads only the cached prefix (in-graph slice to the longest length)", name)
         run = ort_runner(work_dir / file, name, opts.device)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))

@@ -213,46 +213,6 @@ def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, exp
                                atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["draft_step", "target_verify", "target_jacobi"])
-def test_ar_engines_read_only_the_cached_prefix(onnx_engine_dir, export_ckpt_path, shipped_checkpoint, name):
-    """exporter/onnx_passes.py: the AR engines slice the cache to the longest length in-graph. Positions past every
-    row's length hold NaN: a graph that still read them (attention's 0 * NaN) would return NaN; the outputs equal
-    the reference fed only the prefix."""
-    import onnx
-
-    from fastardiff.exporter.engine_modules import jacobi_example_inputs
-    from fastardiff.exporter.onnx_passes import PREFIX
-    from fastardiff.recipes.checkpoint import load_checkpoint
-    from fastardiff.runtime.distribution import SigmaParams
-
-    manifest = load_manifest(onnx_engine_dir)
-    graph = onnx.load(str(Path(onnx_engine_dir) / manifest.engines[name].file)).graph
-    assert [n.op_type for n in graph.node if n.name.startswith(PREFIX)].count("Slice") == 2
-    cfg = shipped_checkpoint.config
-    layers = cfg.draft_layers if name == "draft_step" else cfg.target_layers
-    if name == "target_jacobi":
-        inputs = [x.numpy() for x in jacobi_example_inputs(cfg, layers, 4, 5, 40, torch.Generator().manual_seed(3))]
-    else:
-        inputs = [x.numpy() for x in example_inputs(cfg, name, layers, 4, 3, 40, seed=3)]
-    lengths = inputs[1]
-    lengths[:] = np.minimum(lengths, 17)
-    lengths[0] = 17                                     # the prefix a call reads: positions 0..16
-    padded = [np.full(kv.shape[:3] + (cfg.seq_len, kv.shape[4]), np.nan, np.float32) for kv in inputs[2:4]]
-    for buffer, kv in zip(padded, inputs[2:4]):
-        buffer[:, :, :, :17] = kv[:, :, :, :17]
-    engines = load_engines(onnx_engine_dir)
-    got = engines._run(name, (inputs[0], lengths, *padded, *inputs[4:]))
-    ckpt = load_checkpoint(export_ckpt_path)
-    sigma = SigmaParams.from_config(manifest.config, manifest.calibration) if name == "target_jacobi" else None
-    modules = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder, rollout_sigma=sigma)
-    prefix = [np.ascontiguousarray(kv[:, :, :, :17]) for kv in inputs[2:4]]
-    with torch.no_grad():
-        want = modules[name](*[torch.from_numpy(np.asarray(x)) for x in (inputs[0], lengths, *prefix, *inputs[4:])])
-    for g, w in zip(got, want):
-        assert np.isfinite(g).all()
-        np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-3)
-
-
 def test_onnx_engines_run_without_torch(onnx_engine_dir):
     """Loading ONNX engines and decoding with them must not import torch (checked in a fresh interpreter)."""
     code = (
