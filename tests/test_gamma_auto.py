@@ -176,6 +176,7 @@ def test_whole_image_runs_overrule_the_prediction(random_checkpoint, monkeypatch
     assert predicted["measured_speedup"] == pytest.approx(0.8)
     measured["jacobi"] = 0.5
     fast = choose_gamma(engines, batch=1, cfg_scale=1.0)
+    predicted = max(fast.candidates, key=lambda c: c["speedup"])        # timed again: the ranking may move
     assert (fast.draft, fast.gamma) == ("jacobi", predicted["gamma"]) and "measured 2.00x" in fast.reason
     assert "measured" in fast.table()
 
