@@ -36,6 +36,10 @@ Outputs: accepted [B] int64, tokens_out [B,W,D] (the emitted token, then the nex
 slot_mean [B,W,D] / slot_sigma [B,W] (p at those slots: the guesses' recorded q), slot_entropy [B,G+1],
 residual_miss [B,W] int64 (a residual slot none of its C proposals served: the runtime continues the same
 rejection sampler there), new_k / new_v as target_verify.
+
+In-place cache update (`onnx` target, exporter/onnx_passes.py): draft_step, target_verify and target_jacobi end
+with two more outputs, k_cache_out / v_cache_out [L*R, H, S, Dh]: the input cache with new_k / new_v written at
+each row's `lengths`. The runtime binds them to the input buffers, so the engine updates the cache in place.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from torch import nn
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+from fastardiff.runtime.engine import CACHE_OUTPUTS  # noqa: F401  (re-exported: the exporter's name for them)
 
 from .rollout import DraftRollout
 

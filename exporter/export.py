@@ -46,10 +46,10 @@ def engine_code_hash() -> str:
     from fastardiff.recipes import entropy_attention, models
     from fastardiff.runtime import distribution
 
-    from . import engine_modules, head_engines, rollout
+    from . import engine_modules, head_engines, onnx_passes, rollout
 
     digest = hashlib.sha256()
-    for module in (engine_modules, rollout, head_engines, models, entropy_attention, distribution):
+    for module in (engine_modules, rollout, head_engines, onnx_passes, models, entropy_attention, distribution):
         digest.update(Path(module.__file__).read_bytes())
     recipes = Path(models.__file__).parent
     for name in ("diffusion_head.py", "fast_ardiff.py"):   # the diffusion-head family's sampler and networks

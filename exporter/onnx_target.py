@@ -18,8 +18,9 @@ from torch import nn
 
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
-from .engine_modules import ENGINE_IO, ShapeProfile
-from .parity import check_engine_parity
+from .engine_modules import CACHE_OUTPUTS, ENGINE_IO, ShapeProfile
+from .onnx_passes import update_cache_in_place
+from .parity import ParityError, check_engine_parity
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
@@ -83,17 +84,42 @@ def ort_providers(device: str) -> list[str]:
 
 
 def ort_runner(path: Path, name: str, device: str) -> Callable[[tuple], list[np.ndarray]]:
+    """The engine's contract outputs for torch inputs. An engine with the in-place cache outputs
+    (exporter/onnx_passes.py) is also checked for them on every call: each must equal its input cache with the
+    call's new keys/values written at each row's length, bit for bit (ParityError otherwise)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
-    input_names = ENGINE_IO[name][0]
+    input_names, output_names = ENGINE_IO[name]
+    in_place = [o.name for o in session.get_outputs()][len(output_names):] == CACHE_OUTPUTS
 
     def run(inputs: tuple) -> list[np.ndarray]:
-        return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
+        if in_place:   # room for the K fed positions (as the runtime gives them); positions past lengths are masked
+            for cache in ("k_cache", "v_cache"):
+                a = feed[cache]
+                feed[cache] = np.concatenate([a, np.zeros(a.shape[:3] + (feed["tokens"].shape[1], a.shape[4]),
+                                                          a.dtype)], axis=3)
+        outputs = session.run(None, feed)
+        if in_place:
+            check_cache_update(name, feed, dict(zip(output_names, outputs)), outputs[len(output_names):])
+        return outputs[:len(output_names)]
 
     return run
+
+
+def check_cache_update(name: str, feed: dict, outputs: dict, updated: list) -> None:
+    for cache, new, got in zip(("k_cache", "v_cache"), ("new_k", "new_v"), updated):
+        want = feed[cache].copy()
+        k = outputs[new].shape[3]
+        for r, start in enumerate(feed["lengths"]):
+            want[:, r, :, start:start + k] = outputs[new][:, r]
+        if got.shape != (want.shape[0] * want.shape[1],) + want.shape[2:] or not np.array_equal(
+                got.reshape(want.shape), want):
+            raise ParityError(f"engine '{name}': its in-place cache output for {cache} is not the input cache with "
+                              f"{new} written at each row's length; re-export")
 
 
 def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
@@ -107,12 +133,15 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         log.debug("%s: exporting with example shapes %s", name, [tuple(x.shape) for x in example])
         export_onnx_file(module, example, work_dir / file, inputs, outputs,
                          dynamic_shapes(name, profile, derived_dims=False), optimize=name not in HEAD_ENGINES)
+        in_place = opts.kv_update == "in-place" and update_cache_in_place(work_dir / file)
         run = ort_runner(work_dir / file, name, opts.device)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))
-        return file, parity
+        return file, parity, CACHE_OUTPUTS if in_place else []
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
     return TargetResult(backend="onnxruntime", engines=engines,
                         library_versions=library_versions(TARGET_LIBRARIES["onnx"]),
-                        extra={"opset": OPSET, "exporter": "torch.onnx dynamo"})
+                        extra={"opset": OPSET, "exporter": "torch.onnx dynamo",
+                               "kv_update": ("in place in the AR engines (TensorScatter, opset 24)"
+                                             if opts.kv_update == "in-place" else "host")})

@@ -65,6 +65,7 @@ class ExportOptions:
     force: bool = False
     onnx_only: bool = False       # trt: stop after the ONNX graph (with plugin nodes) is written
     draft: bool = True            # False: no draft_step / draft_rollout engines (the engines serve --draft jacobi)
+    kv_update: str = "host"       # "in-place": the onnx target's AR engines write the KV cache (exporter/onnx_passes.py)
 
 
 @dataclass
@@ -118,6 +119,9 @@ def library_versions(names) -> dict:
     return out
 
 
+KV_UPDATES = ("host", "in-place")
+
+
 def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
     if opts.precision not in PRECISIONS:
         raise FastardiffError(f"unknown precision '{opts.precision}'; choose one of {', '.join(PRECISIONS)}")
@@ -131,6 +135,11 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
         raise FastardiffError(f"--gamma {opts.gamma} is out of range; choose 1..{cfg.seq_len - 1}")
     if opts.atol < 0 or opts.rtol < 0:
         raise FastardiffError("--atol and --rtol must be >= 0")
+    if opts.kv_update not in KV_UPDATES:
+        raise FastardiffError(f"unknown --kv-update '{opts.kv_update}'; choose one of {', '.join(KV_UPDATES)}")
+    if opts.kv_update == "in-place" and opts.target != "onnx":
+        raise FastardiffError(f"--kv-update in-place is built for --target onnx only (TensorScatter + ONNX Runtime "
+                              f"IOBinding); --target {opts.target} keeps --kv-update host")
 
 
 def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
@@ -293,10 +302,11 @@ def profile_dict(profile: ShapeProfile) -> dict:
 
 
 def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions,
-                      build_one: Callable[[str, nn.Module, nn.Module, ShapeProfile], tuple[str, dict]],
+                      build_one: Callable[[str, nn.Module, nn.Module, ShapeProfile], tuple],
                       ) -> dict[str, EngineEntry]:
     """Loop the engines with one progress line each: build_one(name, module, reference, profile) writes the
-    engine file into work_dir and returns (file name relative to work_dir, parity report)."""
+    engine file into work_dir and returns (file name relative to work_dir, parity report[, outputs the file has
+    beyond the contract's, e.g. CACHE_OUTPUTS])."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -312,7 +322,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
             bar.set_postfix_str(name)
             start = time.perf_counter()
             try:
-                file, parity = build_one(name, modules[name], references[name], profiles[name])
+                file, parity, *more = build_one(name, modules[name], references[name], profiles[name])
             except FastardiffError:
                 raise
             except Exception as err:  # exporter/compiler internals: one clear line, the trace under --verbose
@@ -326,7 +336,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
                                   "for the full trace)") from None
             inputs, outputs = ENGINE_IO[name]
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
-                                        outputs=list(outputs), profile=profile_dict(profiles[name]), parity=parity,
+                                        outputs=list(outputs) + list(more[0] if more else ()), profile=profile_dict(profiles[name]), parity=parity,
                                         kind="draft_rollout" if name in ROLLOUT_GAMMA
                                         else "head" if name in HEAD_ENGINES else name,
                                         gamma=ROLLOUT_GAMMA.get(name, 0),

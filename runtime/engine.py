@@ -17,6 +17,11 @@ from fastardiff.errors import EngineError
 from .manifest import Manifest, load_manifest
 
 
+# the onnx target's AR engines also return the cache they were given with their new keys/values written at each
+# row's length, [L*R, H, S, Dh] (exporter/onnx_passes.py): bound to the input buffers, the update is in place
+CACHE_OUTPUTS = ["k_cache_out", "v_cache_out"]
+
+
 class DraftOutput(NamedTuple):
     mean: np.ndarray
     entropy: np.ndarray

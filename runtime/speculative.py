@@ -85,8 +85,14 @@ class AREngine:
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
                  stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False,
-                 cache_limit: float | None = None):
+                 cache_limit: float | None = None, in_place=frozenset(), needs_room: bool = False):
         self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
+        # engines that write their new keys/values into the cache buffers they are passed (ONNX Runtime with the
+        # onnx target's in-place engines): a call given the whole buffer needs no host write after it
+        self.in_place = in_place
+        # needs_room: the engines' caches must hold the fed positions too (the in-place engines scatter them there;
+        # backend_onnxruntime checks it): never a prefix view, the whole buffer or its rows at full capacity
+        self.needs_room = needs_room
         # cache_views: the backend takes strided cache views (torch does; ONNX Runtime would copy them), so a call
         # gets the cached prefix it needs, not the whole buffer: the engine's attention and concat then scale
         # with the tokens so far, not with the capacity
@@ -109,7 +115,7 @@ class AREngine:
     def predict(self, seq: np.ndarray, samples: np.ndarray, first: np.ndarray, end: np.ndarray, slots: int):
         """Feed positions up to end[r] (exclusive) of `samples`; return the token distributions output at
         positions first[r] .. first[r]+slots-1 (slots past a row's own end are junk) and the shallow entropy."""
-        out, start, width = self._fed_call(self.fn, seq, samples, end, lambda start: (),
+        out, start, width = self._fed_call(self.fn, self.name, seq, samples, end, lambda start: (),
                                            lambda o: (o.mean, o.entropy))
         mean, entropy = guide(out.mean, out.entropy, self.gen.cfg_scale)
         shallow = getattr(out, "shallow_entropy", None)
@@ -135,14 +141,15 @@ class AREngine:
         """One target_jacobi call over [last accepted token, guesses]: positions end[r] - kmax - 1 .. end[r] - 1
         (every row's feed starts at its cache length: runtime/jacobi.py keeps the window inside the cache), with
         the round's sampling inputs (guess_mean .. residual_coins)."""
-        out, _, _ = self._fed_call(fn, seq, samples, end, lambda start: sampling + self.scalars + (coupling,),
+        out, _, _ = self._fed_call(fn, "target_jacobi", seq, samples, end,
+                                   lambda start: sampling + self.scalars + (coupling,),
                                    lambda o: (o.tokens_out, o.slot_sigma))
         return out
 
-    def _fed_call(self, fn, seq, samples, end, extra, finite):
-        """Feed positions up to end[r] (exclusive) of `samples` through `fn` (with the inputs extra(start) after
-        the AR ones), check the outputs finite(out), write the new keys/values and the lengths; returns
-        (out, start, width)."""
+    def _fed_call(self, fn, engine: str, seq, samples, end, extra, finite):
+        """Feed positions up to end[r] (exclusive) of `samples` through `fn` (engine `engine`, with the inputs
+        extra(start) after the AR ones), check the outputs finite(out), write the new keys/values (unless the
+        engine wrote them into the buffer itself) and the lengths; returns (out, start, width)."""
         cache, batch = self.cache, self.batch
         full = len(samples) == batch                  # every sample in order
         lengths = cache.lengths[:batch] if full else cache.lengths[samples]
@@ -152,8 +159,11 @@ class AREngine:
         start = np.minimum(lengths, cache.capacity - width)
         rows, tokens, starts, cond = self._feed(seq, samples, start, width)
         ends = np.concatenate([end, end]) if self.guided else end
-        if rows is None and not self.cache_views and cache.capacity <= self.cache_limit:
+        whole = rows is None and not self.cache_views and (cache.capacity <= self.cache_limit or self.needs_room)
+        if whole:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
+        elif self.needs_room:
+            k, v = (cache.k[:, rows], cache.v[:, rows]) if rows is not None else (cache.k, cache.v)
         else:
             k, v = cache.view(rows, int(start.max()))
         out = self._timed(fn, tokens, starts, k, v, cond, *extra(start))
@@ -163,7 +173,8 @@ class AREngine:
             self.stats.target_calls += 1
             self.stats.target_rows += len(samples)
         check_finite(self.name, *finite(out))
-        cache.write(rows, starts, out.new_k, out.new_v)
+        if not (whole and engine in self.in_place):
+            cache.write(rows, starts, out.new_k, out.new_v)
         if full:
             cache.lengths[:] = ends
         else:
@@ -288,12 +299,16 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     # so the room is left out there unless the engines take the longer buffer whole (no copy either way)
     limit = getattr(engines, "cache_limit", None)
     room = jacobi_cache_capacity(shape, G, B, limit) if jacobi else None
+    in_place = getattr(engines, "kv_in_place", frozenset())
+    needs_room = bool(getattr(engines, "needs_cache_room", False))
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
-                      target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit)
+                      target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit,
+                      in_place=in_place, needs_room=needs_room)
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
-        rollout_capacity(m, G) if rollout is not None else None, cache_views=views)
+        rollout_capacity(m, G) if rollout is not None else None, cache_views=views, in_place=in_place,
+        needs_room=needs_room)
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)

@@ -47,8 +47,7 @@ def reference_rollout(engines, inputs, threshold, temperature: float, cfg_scale:
     drafts, means, sigmas, shallows, kept = [], [], [], [], []
     fed_k, fed_v = [], []
     for i in range(gamma):
-        upto = int(start.max())
-        out = engines.draft_step(x, start, k[:, :, :, :upto], v[:, :, :, :upto], cond)
+        out = engines.draft_step(x, start, k, v, cond)     # the whole buffer: room for the fed positions
         for r in range(rows):  # the loop's KV write: the new keys at each row's own offset
             k[:, r, :, start[r]:start[r] + x.shape[1]] = out.new_k[:, r]
             v[:, r, :, start[r]:start[r] + x.shape[1]] = out.new_v[:, r]

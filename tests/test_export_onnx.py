@@ -439,3 +439,98 @@ def test_a_real_parity_failure_fails_the_export_and_leaves_nothing(random_checkp
     with pytest.raises(ParityError, match="draft_step.*differs from the PyTorch reference"):
         export_engines(random_checkpoint_path, out, ExportOptions(target="onnx", gamma=1, max_batch=2))
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="session")
+def in_place_engine_dir(random_checkpoint_path, tmp_path_factory):
+    """`--kv-update in-place` engines of a small random-weight checkpoint (exporter/onnx_passes.py)."""
+    out = tmp_path_factory.mktemp("in-place") / "engines"
+    export_engines(random_checkpoint_path, out, ExportOptions(target="onnx", gamma=2, max_batch=4,
+                                                              kv_update="in-place"))
+    return out
+
+
+def test_ar_engines_update_the_cache_in_place(in_place_engine_dir, random_checkpoint):
+    """draft_step / target_verify / target_jacobi write their new keys/values into the cache buffer they are given
+    (IOBinding onto the caller's memory), each row at its own length, nothing else touched; their contract outputs
+    still equal the PyTorch reference. The rest of the engines are as `--kv-update host` exports them."""
+    from fastardiff.exporter.engine_modules import CACHE_OUTPUTS, jacobi_example_inputs
+    from fastardiff.runtime.distribution import SigmaParams
+
+    engines = load_engines(in_place_engine_dir)
+    manifest = engines.manifest
+    assert engines.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and engines.needs_cache_room
+    assert all(manifest.engines[n].outputs == ENGINE_IO[n][1] for n in manifest.engines if n not in engines.kv_in_place)
+    ckpt = random_checkpoint
+    modules = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder,
+                                  SigmaParams.from_config(manifest.config, manifest.calibration))
+    cfg = ckpt.config
+    for name in sorted(engines.kv_in_place):
+        assert manifest.engines[name].outputs == ENGINE_IO[name][1] + CACHE_OUTPUTS
+        layers = cfg.draft_layers if name == "draft_step" else cfg.target_layers
+        if name == "target_jacobi":
+            inputs = [x.numpy() for x in jacobi_example_inputs(cfg, layers, 4, 4, 30, torch.Generator().manual_seed(5))]
+        else:
+            inputs = [x.numpy() for x in example_inputs(cfg, name, layers, 4, 3, 30, seed=5)]
+        inputs[1][:] = [7, 0, 19, 7]                                      # ragged, one row at 0
+        k, v = (np.ascontiguousarray(a) for a in inputs[2:4])
+        k_before, v_before = k.copy(), v.copy()
+        with torch.no_grad():
+            want = modules[name](*[torch.from_numpy(np.array(x)) for x in (inputs[0], inputs[1], k, v, *inputs[4:])])
+        got = engines._run(name, (inputs[0], inputs[1], k, v, *inputs[4:]))
+        assert len(got) == len(ENGINE_IO[name][1])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-3)
+        new_k, new_v = got[-2:]
+        width = new_k.shape[3]
+        for before, after, new in ((k_before, k, new_k), (v_before, v, new_v)):
+            expected = before.copy()
+            for r, start in enumerate(inputs[1]):
+                expected[:, r, :, start:start + width] = new[:, r]
+            np.testing.assert_array_equal(after, expected)
+            assert not np.array_equal(after, before)
+    short = np.zeros(k.shape[:3] + (8, k.shape[4]), np.float32)   # no room for 4 tokens at length 7
+    with pytest.raises(EngineError, match="no room"):
+        engines.target_verify(np.zeros((4, 4, cfg.token_dim), np.float32), np.array([7, 0, 1, 2]), short, short,
+                              np.arange(4))
+
+
+def test_in_place_runs_leave_out_the_host_write_and_equal_host_written_runs(in_place_engine_dir, monkeypatch):
+    """With in-place engines a whole-buffer call needs no host write: target-only and Jacobi runs make none (batch
+    1: every call passes the whole buffer), model-draft runs only the draft_rollout's (not in place), and the tokens
+    equal the same engines with the host writing every call (if an engine's write were lost, its cache would stay
+    empty and the tokens differ). At batch 3 rows finish apart: those calls pass rows and the host writes them."""
+    from fastardiff.runtime import kv_cache
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    engines = load_engines(in_place_engine_dir)
+    plain = load_engines(in_place_engine_dir, in_place=False)
+    assert plain.kv_in_place == frozenset() and plain.needs_cache_room
+    writes = []
+    real_write = kv_cache.KVCache.write
+    monkeypatch.setattr(kv_cache.KVCache, "write", lambda self, *a: (writes.append(1), real_write(self, *a)))
+    for classes, settings in ((np.array([4]), {"mode": "target"}),
+                              (np.array([4]), {"mode": "speculative", "draft": "jacobi", "gamma": 2}),
+                              (np.array([4]), {"mode": "speculative", "draft": "model", "gamma": 2, "cfg_scale": 2.0}),
+                              (np.array([1, 5, 9]), {"mode": "speculative", "draft": "model", "gamma": 2})):
+        gen = GenerationConfig(seed=3, **settings)
+        writes.clear()
+        in_place, stats = generate(engines, classes, gen)
+        host_writes = len(writes)
+        writes.clear()
+        host, _ = generate(plain, classes, gen)
+        assert len(writes) >= stats.target_calls
+        np.testing.assert_array_equal(in_place, host)
+        if len(classes) == 1:   # the draft_rollout engines (static cache, not in place) still write: one per round
+            assert host_writes == (stats.draft_calls if settings.get("draft") == "model" else 0), settings
+        else:
+            assert host_writes < len(writes)
+
+
+def test_kv_update_in_place_is_refused_for_other_targets(random_checkpoint_path, tmp_path, capsys):
+    from cli_runner import run_cli
+
+    code, _, err = run_cli(["export", "--ckpt", str(random_checkpoint_path), "--target", "aoti", "--kv-update",
+                            "in-place", "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and "--kv-update in-place is built for --target onnx only" in err
+    assert not (tmp_path / "e").exists()

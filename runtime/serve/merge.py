@@ -215,6 +215,9 @@ class MergedEngines:
         # the longest cache axis the engines take (runtime/speculative.py AREngine): every request shapes its
         # calls as the engines alone would, so requests of any batch size still merge
         self.cache_limit = getattr(merger.engines, "cache_limit", None)
+        # engines that scatter the fed positions into the cache need caches with room for them (never a prefix);
+        # the write itself stays the requests' (a merged call's cache is a concatenated copy)
+        self.needs_cache_room = getattr(merger.engines, "needs_cache_room", False)
         self.calls = 0
         self.merged = 0
 
