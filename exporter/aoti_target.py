@@ -12,8 +12,8 @@ from torch import nn
 
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
-from .engine_modules import ENGINE_IO, ShapeProfile
-from .parity import check_engine_parity
+from .engine_modules import ENGINE_IO, IN_PLACE_ENGINES, ShapeProfile, cache_update_in_place
+from .parity import check_cache_update, check_engine_parity, with_room
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, set_attention_impl, trace_inputs)
 
@@ -33,14 +33,24 @@ def compile_package(program: torch.export.ExportedProgram, path: Path) -> Path:
         return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
 
-def aoti_runner(path: Path, device: str):
+def aoti_runner(path: Path, device: str, name: str = "", in_place: bool = False):
+    """The engine's outputs for torch inputs; an in-place engine (CacheUpdateInPlace) runs on caches with room for
+    the fed positions and its update of them is checked bit for bit (ParityError otherwise)."""
     runner = torch._inductor.aoti_load_package(str(path))
 
     def run(inputs: tuple) -> list[np.ndarray]:
+        inputs = [x.to(device) for x in inputs]
+        if in_place:
+            before = with_room(inputs[2].cpu().numpy(), inputs[3].cpu().numpy(), inputs[0].shape[1])
+            inputs[2:4] = [torch.from_numpy(a.copy()).to(device) for a in before]
         with torch.no_grad():
-            out = runner(*[x.to(device) for x in inputs])
+            out = runner(*inputs)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.detach().float().cpu().numpy() for o in out]
+        out = [o.detach().float().cpu().numpy() for o in out]
+        if in_place:
+            check_cache_update(name, inputs[1].cpu().numpy(), before, [x.cpu().numpy() for x in inputs[2:4]],
+                               out[-2:])
+        return out
 
     return run
 
@@ -56,15 +66,18 @@ def build_aoti(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         file = f"{name}.pt2"
         example = trace_inputs(cfg, name, layers, profile, opts.device)
         set_attention_impl(module, attention)
+        in_place = opts.kv_update == "in-place" and name in IN_PLACE_ENGINES
+        if in_place:
+            module = cache_update_in_place(name, module)
         log.debug("%s: torch.export with example shapes %s", name, [tuple(x.shape) for x in example])
         program = export_program(module, example, dynamic_shapes(name, profile), ENGINE_IO[name][0])
         log.debug("%s: AOTInductor compile", name)
         compile_package(program, work_dir / file)
-        run = aoti_runner(work_dir / file, opts.device)
+        run = aoti_runner(work_dir / file, opts.device, name, in_place)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = f"aoti {opts.device}, entropy attention '{attention}'"
         return file, parity
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
     return TargetResult(backend="aoti", engines=engines, library_versions=library_versions(TARGET_LIBRARIES["aoti"]),
-                        extra={"entropy_attention": attention})
+                        extra={"entropy_attention": attention, "kv_update": opts.kv_update})

@@ -34,9 +34,10 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
               help="Export the draft model (draft_step, draft_rollout_*); --no-draft: only target_verify and the "
                    "decoder, for `fastardiff-run --draft jacobi` (smaller, faster export).")
 @click.option("--kv-update", type=click.Choice(["host", "in-place"]), default="host", show_default=True,
-              help="onnx: 'in-place' makes the AR engines write their new keys/values into the KV cache buffer "
-                   "(TensorScatter, ONNX Runtime IOBinding) instead of the runtime writing them; on this project's "
-                   "CPU it measured ~0.13 ms per call slower, so 'host' is the default.")
+              help="onnx / aoti: 'in-place' makes the AR engines write their new keys/values into the KV cache "
+                   "buffer (onnx: TensorScatter bound by IOBinding; aoti: an in-place scatter_) instead of the "
+                   "runtime writing them; on this project's CPU the onnx form measured ~0.13 ms per call slower, "
+                   "so 'host' is the default.")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
 def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,

@@ -51,7 +51,7 @@ from torch import nn
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
-from fastardiff.runtime.engine import CACHE_OUTPUTS  # noqa: F401  (re-exported: the exporter's name for them)
+from fastardiff.runtime.engine import CACHE_OUTPUTS, IN_PLACE_ENGINES  # noqa: F401  (re-exported for the exporter)
 
 from .rollout import DraftRollout
 
@@ -157,6 +157,44 @@ class TargetJacobi(nn.Module):
                                              out_mean + out_sigma.unsqueeze(-1) * noise))
         miss = residual & ~kept.any(2)
         return accepted, tokens_out, out_mean, out_sigma, e, miss.long(), new_k, new_v
+
+
+class CacheUpdateInPlace(nn.Module):
+    """`--kv-update in-place` for the aoti target: the wrapped AR engine also writes its new keys/values into the
+    k_cache / v_cache it was given (scatter_ at each row's lengths, in place: AOTInductor keeps the mutation of a
+    user input, so on the CPU the runtime's numpy buffer itself is updated). Outputs unchanged; the caches need
+    room for the fed positions (the runtime's whole buffer has it). Named inputs (subclasses): torch.export maps
+    the Dims by name."""
+
+    def __init__(self, engine: nn.Module):
+        super().__init__()
+        self.engine = engine
+
+    def run(self, *inputs):
+        outputs = self.engine(*inputs)
+        lengths, k_cache, v_cache = inputs[1:4]
+        for cache, new in zip((k_cache, v_cache), outputs[-2:]):
+            layers, rows, heads, fed, dim = new.shape
+            index = (lengths.view(1, rows, 1, 1, 1) + torch.arange(fed, device=lengths.device).view(1, 1, 1, fed, 1))
+            cache.scatter_(3, index.expand(layers, rows, heads, fed, dim), new.to(cache.dtype))
+        return outputs
+
+
+class ARCacheUpdateInPlace(CacheUpdateInPlace):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond):
+        return self.run(tokens, lengths, k_cache, v_cache, cond)
+
+
+class JacobiCacheUpdateInPlace(CacheUpdateInPlace):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
+                residual_noise, residual_coins, temperature, cfg_scale, coupling):
+        return self.run(tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
+                        residual_noise, residual_coins, temperature, cfg_scale, coupling)
+
+
+def cache_update_in_place(name: str, engine: nn.Module) -> nn.Module:
+    """The in-place wrapper of AR engine `name` (one of IN_PLACE_ENGINES)."""
+    return (JacobiCacheUpdateInPlace if name == "target_jacobi" else ARCacheUpdateInPlace)(engine)
 
 
 class Decoder(nn.Module):

@@ -20,7 +20,7 @@ from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
 from .engine_modules import CACHE_OUTPUTS, ENGINE_IO, ShapeProfile
 from .onnx_passes import update_cache_in_place
-from .parity import ParityError, check_engine_parity
+from .parity import check_cache_update, check_engine_parity, with_room
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
@@ -97,29 +97,18 @@ def ort_runner(path: Path, name: str, device: str) -> Callable[[tuple], list[np.
 
     def run(inputs: tuple) -> list[np.ndarray]:
         feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
-        if in_place:   # room for the K fed positions (as the runtime gives them); positions past lengths are masked
-            for cache in ("k_cache", "v_cache"):
-                a = feed[cache]
-                feed[cache] = np.concatenate([a, np.zeros(a.shape[:3] + (feed["tokens"].shape[1], a.shape[4]),
-                                                          a.dtype)], axis=3)
+        if in_place:
+            feed["k_cache"], feed["v_cache"] = with_room(feed["k_cache"], feed["v_cache"], feed["tokens"].shape[1])
         outputs = session.run(None, feed)
         if in_place:
-            check_cache_update(name, feed, dict(zip(output_names, outputs)), outputs[len(output_names):])
+            named = dict(zip(output_names, outputs))
+            updated = [u.reshape(c.shape) if u.size == c.size else u
+                       for u, c in zip(outputs[len(output_names):], (feed["k_cache"], feed["v_cache"]))]
+            check_cache_update(name, feed["lengths"], (feed["k_cache"], feed["v_cache"]), updated,
+                               (named["new_k"], named["new_v"]))
         return outputs[:len(output_names)]
 
     return run
-
-
-def check_cache_update(name: str, feed: dict, outputs: dict, updated: list) -> None:
-    for cache, new, got in zip(("k_cache", "v_cache"), ("new_k", "new_v"), updated):
-        want = feed[cache].copy()
-        k = outputs[new].shape[3]
-        for r, start in enumerate(feed["lengths"]):
-            want[:, r, :, start:start + k] = outputs[new][:, r]
-        if got.shape != (want.shape[0] * want.shape[1],) + want.shape[2:] or not np.array_equal(
-                got.reshape(want.shape), want):
-            raise ParityError(f"engine '{name}': its in-place cache output for {cache} is not the input cache with "
-                              f"{new} written at each row's length; re-export")
 
 
 def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:

@@ -133,3 +133,24 @@ def check_engine_parity(name: str, run: Callable[[tuple], Sequence[np.ndarray]],
                 "fp16/bf16, or report the export bug)")
         per_output[out_name] = stats
     return {"atol": atol, "rtol": rtol, "seed": seed, "shapes": [list(s) for s in shapes], "outputs": per_output}
+
+
+def with_room(k_cache: np.ndarray, v_cache: np.ndarray, fed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The caches with `fed` more zero positions: room for the positions an in-place engine writes (the runtime
+    always passes caches with room; positions past each row's length are masked, so the outputs are the same)."""
+    pad = lambda a: np.concatenate([a, np.zeros(a.shape[:3] + (fed, a.shape[4]), a.dtype)], axis=3)  # noqa: E731
+    return pad(k_cache), pad(v_cache)
+
+
+def check_cache_update(name: str, lengths, before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+                       new: Sequence[np.ndarray]) -> None:
+    """An in-place engine's caches after the call must be the caches before it with new_k / new_v written at each
+    row's length, bit for bit; ParityError otherwise."""
+    for cache, old, got, written in zip(("k_cache", "v_cache"), before, after, new):
+        want = np.array(old, copy=True)
+        k = written.shape[3]
+        for r, start in enumerate(np.asarray(lengths).tolist()):
+            want[:, r, :, start:start + k] = written[:, r]
+        if np.shape(got) != want.shape or not np.array_equal(got, want):
+            raise ParityError(f"engine '{name}': its in-place update of {cache} is not the input cache with the "
+                              "call's new keys/values written at each row's length; re-export")

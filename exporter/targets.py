@@ -137,9 +137,10 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
         raise FastardiffError("--atol and --rtol must be >= 0")
     if opts.kv_update not in KV_UPDATES:
         raise FastardiffError(f"unknown --kv-update '{opts.kv_update}'; choose one of {', '.join(KV_UPDATES)}")
-    if opts.kv_update == "in-place" and opts.target != "onnx":
-        raise FastardiffError(f"--kv-update in-place is built for --target onnx only (TensorScatter + ONNX Runtime "
-                              f"IOBinding); --target {opts.target} keeps --kv-update host")
+    if opts.kv_update == "in-place" and opts.target not in ("onnx", "aoti"):
+        raise FastardiffError(f"--kv-update in-place is built for --target onnx and aoti (TensorScatter + ONNX "
+                              f"Runtime IOBinding; an in-place scatter_ AOTInductor keeps); --target {opts.target} "
+                              "keeps --kv-update host")
 
 
 def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import EngineCalls
+from .engine import IN_PLACE_ENGINES, EngineCalls, check_cache_room
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -19,7 +19,7 @@ class AotiEngines(EngineCalls):
     """The Engines interface over three AOTInductor packages (numpy in, numpy out)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
-                 **other):
+                 in_place: bool = True, **other):
         try:
             import torch
             import torch._inductor
@@ -35,6 +35,13 @@ class AotiEngines(EngineCalls):
             raise EngineError(f"engines in '{engine_dir}' were compiled for CUDA and torch sees no CUDA device")
         if verify:
             verify_engine_files(self.engine_dir, manifest)
+        # `--kv-update in-place` engines write the fed positions into the caches they are given (on the CPU, the
+        # caller's numpy buffer itself: torch.from_numpy shares it); on CUDA the update lands in the device copy
+        # (in_place=False: the caller writes the cache after every call all the same)
+        scatters = manifest.export.get("kv_update") == "in-place"
+        self.needs_cache_room = scatters
+        self.kv_in_place = frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines) \
+            if scatters and in_place and self.device == "cpu" else frozenset()
         self.runners = {}
         for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file
@@ -50,6 +57,8 @@ class AotiEngines(EngineCalls):
         return self.torch.from_numpy(a).to(self.device)
 
     def _run(self, name: str, arrays) -> list[np.ndarray]:
+        if self.needs_cache_room and name in IN_PLACE_ENGINES:
+            check_cache_room(name, arrays[0], arrays[1], arrays[2])
         with self.torch.no_grad():
             out = self.runners[name](*[self._tensor(a) for a in arrays])
         out = out if isinstance(out, (list, tuple)) else (out,)

@@ -14,7 +14,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import CACHE_OUTPUTS, EngineCalls
+from .engine import CACHE_OUTPUTS, EngineCalls, check_cache_room
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -141,11 +141,7 @@ class OnnxRuntimeEngines(EngineCalls):
                 a = np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32)
             feed[n] = a
         if self._contract_outputs[name] is not None:
-            room, need = feed["k_cache"].shape[3], int(feed["lengths"].max(initial=0)) + feed["tokens"].shape[1]
-            if room < need:
-                raise EngineError(f"engine '{name}' writes its new keys/values into the cache it is given: a cache "
-                                  f"of {room} positions has no room for {feed['tokens'].shape[1]} tokens fed at "
-                                  f"length {need - feed['tokens'].shape[1]}; pass the whole cache buffer")
+            check_cache_room(name, feed["tokens"], feed["lengths"], feed["k_cache"])
         if name in self.kv_in_place:
             return self._run_in_place(name, feed)
         return self.sessions[name].run(self._contract_outputs[name], feed)

@@ -22,6 +22,19 @@ from .manifest import Manifest, load_manifest
 CACHE_OUTPUTS = ["k_cache_out", "v_cache_out"]
 
 
+IN_PLACE_ENGINES = ("draft_step", "target_verify", "target_jacobi")
+
+
+def check_cache_room(name: str, tokens, lengths, k_cache) -> None:
+    """An engine that writes its fed positions into the cache it is given needs room for them (EngineError)."""
+    fed = tokens.shape[1]
+    need = int(np.max(lengths, initial=0)) + fed
+    if k_cache.shape[3] < need:
+        raise EngineError(f"engine '{name}' writes its new keys/values into the cache it is given: a cache of "
+                          f"{k_cache.shape[3]} positions has no room for {fed} tokens fed at length {need - fed}; "
+                          "pass the whole cache buffer")
+
+
 class DraftOutput(NamedTuple):
     mean: np.ndarray
     entropy: np.ndarray

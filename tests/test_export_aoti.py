@@ -8,6 +8,7 @@ import torch
 
 from fastardiff.exporter.engine_modules import ENGINE_IO, example_inputs, make_engine_modules
 from fastardiff.exporter.export import export_engines
+from fastardiff.exporter.parity import with_room
 from fastardiff.exporter.targets import ExportOptions, library_versions
 from fastardiff.runtime.engine import load_engines
 from fastardiff.runtime.manifest import ENGINE_NAMES, sha256_file
@@ -23,7 +24,9 @@ def aoti_export(random_checkpoint_path, tmp_path_factory):
     graph, and every check here compares the packages with the torch reference of the same weights."""
     ckpt_path = random_checkpoint_path
     out = tmp_path_factory.mktemp("engines") / "aoti"
-    manifest, hit = export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA))
+    # --kv-update in-place: the AR engines also scatter their new keys/values into the caches they are given (the
+    # suite's only AOTI compile; every run below, on these packages, is compared with the torch backend's)
+    manifest, hit = export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA, kv_update="in-place"))
     return ckpt_path, out, manifest, hit
 
 
@@ -60,11 +63,15 @@ def test_aoti_backend_matches_torch_and_is_cached(aoti_export):
         with torch.no_grad():
             want = modules[name](*inputs)
         want = want if isinstance(want, tuple) else (want,)
-        got = getattr(engines, name)(*(x.numpy() for x in inputs))
+        arrays = [x.numpy() for x in inputs]
+        if name != "decoder":   # in-place engines: caches with room for the fed positions (past lengths: masked)
+            arrays[2:4] = with_room(arrays[2], arrays[3], k)
+        got = getattr(engines, name)(*arrays)
         got = got if isinstance(got, tuple) else (got,)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-3)
-    assert export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA))[1] is True  # cache hit
+    assert export_engines(ckpt_path, out, ExportOptions(target="aoti", gamma=AOTI_GAMMA,
+                                                        kv_update="in-place"))[1] is True  # cache hit
 
 
 def test_speculative_run_on_aoti_matches_torch_backend(aoti_export):
@@ -102,3 +109,50 @@ def test_aoti_tampered_engine_is_refused_at_load(aoti_export, tmp_path):
     from tamper import assert_every_engine_tamper_refused
 
     assert_every_engine_tamper_refused(aoti_export[1], tmp_path, load_engines)
+
+
+@pytest.fixture(scope="module")
+def aoti_in_place_dir(aoti_export):
+    return aoti_export[1]
+
+
+def test_aoti_in_place_engines_update_the_callers_buffer(aoti_in_place_dir, random_checkpoint):
+    """The package writes new_k / new_v into the numpy buffer it was given (torch.from_numpy shares it), each row at
+    its length, nothing else touched; outputs equal the PyTorch reference; a cache without room is refused."""
+    from fastardiff.errors import EngineError
+
+    engines = load_engines(aoti_in_place_dir)
+    assert engines.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and engines.needs_cache_room
+    assert engines.manifest.export["kv_update"] == "in-place"
+    cfg = random_checkpoint.config
+    tokens, lengths, k, v, cond = (x.numpy() for x in example_inputs(cfg, "target_verify", cfg.target_layers, 3, 4,
+                                                                     40, seed=2))
+    lengths[:] = [9, 0, 30]
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    before = k.copy(), v.copy()
+    modules = make_engine_modules(random_checkpoint.target, random_checkpoint.draft, random_checkpoint.decoder)
+    with torch.no_grad():
+        want = modules["target_verify"](*[torch.from_numpy(np.array(x)) for x in (tokens, lengths, k, v, cond)])
+    got = engines.target_verify(tokens, lengths, k, v, cond)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-3)
+    for old, new, written in zip(before, (k, v), (got.new_k, got.new_v)):
+        expected = old.copy()
+        for r, start in enumerate(lengths):
+            expected[:, r, :, start:start + 4] = written[:, r]
+        np.testing.assert_array_equal(new, expected)
+    with pytest.raises(EngineError, match="no room"):
+        engines.target_verify(tokens, lengths, k[:, :, :, :32].copy(), v[:, :, :, :32].copy(), cond)
+
+
+def test_aoti_in_place_runs_equal_host_written_runs(aoti_in_place_dir):
+    """Target-only, Jacobi and model-draft runs on the in-place packages (no host write for their calls at batch 1)
+    give the tokens of the same packages with the host writing the cache after every call."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    engines, plain = load_engines(aoti_in_place_dir), load_engines(aoti_in_place_dir, in_place=False)
+    assert plain.kv_in_place == frozenset()
+    for gen in (GenerationConfig(mode="target", seed=1), GenerationConfig(draft="jacobi", gamma=2, seed=1,
+                                                                          cfg_scale=1.5),
+                GenerationConfig(draft="model", gamma=1, seed=1, early_stop="off")):
+        np.testing.assert_array_equal(generate(engines, np.array([6]), gen)[0], generate(plain, np.array([6]), gen)[0])
