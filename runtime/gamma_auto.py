@@ -32,6 +32,7 @@ WARMUP_CALLS = 2
 TIMED_CALLS = 7
 HOST_RUNS = 3       # short generations timed for the host work per call (median)
 CONFIRM_RUNS = 5    # whole-image generations per finalist and target-only when confirming (median)
+FINALIST_FLOOR = 0.8  # a kind whose best prediction is below this is not run (no cold-timing error is that large)
 
 
 @dataclass
@@ -264,12 +265,13 @@ def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options
 def confirm_by_runs(engines, batch: int, cfg_scale: float, margin: float, candidates: list, step_ms: float,
                     repeats: int = CONFIRM_RUNS) -> GammaChoice:
     """The cost model ranks; whole-image generations decide. The best predicted candidate of each proposal kind
-    that the model expects to pay at all (predicted >= 1) runs against target-only, interleaved (measure_runs);
-    each gets its `measured_speedup`, and the fastest measured one runs if it clears `margin`, else target-only.
-    (At batch 8 the model predicted Jacobi L = 8 at 1.12-1.23x where whole images measured 0.92-1.17x.)"""
+    runs against target-only, interleaved (measure_runs), unless even its prediction is hopeless (< FINALIST_FLOOR:
+    the warm-up times calls cold, which has under-predicted by up to ~25 % here, and over-predicted at batch 8:
+    Jacobi L = 8 1.12-1.23x predicted, 0.92-1.17x measured); each gets its `measured_speedup`, and the fastest
+    measured one runs if it clears `margin`, else target-only."""
     finalists = []
     for draft in ("model", "jacobi"):
-        mine = [c for c in candidates if c["draft"] == draft and c["speedup"] >= 1.0]
+        mine = [c for c in candidates if c["draft"] == draft and c["speedup"] >= FINALIST_FLOOR]
         if mine:
             finalists.append(max(mine, key=lambda c: c["speedup"]))
     if not finalists:
@@ -284,12 +286,13 @@ def confirm_by_runs(engines, batch: int, cfg_scale: float, margin: float, candid
         c["measured_speedup"] = target_ms / measured[(c["draft"], c["gamma"])][0]
     best = max(finalists, key=lambda c: c["measured_speedup"])
     if best["measured_speedup"] < margin:
-        return GammaChoice(None, f"speculation did not pay in whole-image runs (best measured {best['measured_speedup']:.2f}x "
-                                 f"with {best['draft']} gamma {best['gamma']}, predicted {best['speedup']:.2f}x; "
-                                 f"< {margin:.2f}x); running target-only", step_ms, candidates)
-    return GammaChoice(best["gamma"], f"{best['draft']} gamma {best['gamma']} (measured {best['measured_speedup']:.2f}x "
-                                      f"over target-only in whole-image runs at batch {batch}, predicted "
-                                      f"{best['speedup']:.2f}x)", step_ms, candidates, best["draft"])
+        return GammaChoice(None, f"speculation cannot pay here: it did not in whole-image runs (best measured "
+                                 f"{best['measured_speedup']:.2f}x with {best['draft']} gamma {best['gamma']}, "
+                                 f"predicted {best['speedup']:.2f}x; < {margin:.2f}x); running target-only",
+                           step_ms, candidates)
+    return GammaChoice(best["gamma"], f"{best['draft']} gamma {best['gamma']} (measured "
+                                      f"{best['measured_speedup']:.2f}x over target-only in whole-image runs at batch "
+                                      f"{batch}, predicted {best['speedup']:.2f}x)", step_ms, candidates, best["draft"])
 
 
 def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
