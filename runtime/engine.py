@@ -5,6 +5,9 @@ All arrays are numpy (the runtime owns host buffers; a GPU backend may keep devi
       -> mean[B,K,D], entropy[B,K], shallow_entropy[B,K], new_k[L,B,H,K,Dh], new_v
   target_verify(same inputs with the target's cache) -> mean[B,K,D], entropy[B,K], new_k, new_v
   decoder(tokens[B,N,D], entropy[B,N], cond[B]) -> image[B,C,H,W] in [-1, 1]
+Engines exported with `--kv-update in-place` also write new_k / new_v into the k_cache / v_cache they are given
+(at each row's length); such a backend lists them in `kv_in_place` and sets `needs_cache_room` (caches passed to
+them must hold the fed positions: the loop passes its whole buffer and then skips its own write).
 """
 from __future__ import annotations
 

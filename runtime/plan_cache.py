@@ -1,7 +1,7 @@
 """A cache of `--gamma auto` choices, so that a short run does not spend longer planning than generating.
 
-`choose_gamma` times the engines and the host loop (about 0.7 s for the shipped model on a 2-core CPU, against
-~40 ms for one image). Like TensorRT's timing cache, its result is kept per machine and per engine build: a JSON
+`choose_gamma` times the engines and the host loop and confirms its best candidates with whole images (about 1 s
+at batch 1 and 4-5 s at batch 8 for the shipped model on a 2-core CPU, against ~40 ms for one image). Like TensorRT's timing cache, its result is kept per machine and per engine build: a JSON
 file under the user's cache directory (`$FASTARDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/fastardiff`, else
 `~/.cache/fastardiff`; the engine directory itself is never written), named by a hash of everything the choice
 depends on: the engine files' sha256, the calibration, the backend and its execution providers and threads,
