@@ -14,67 +14,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from fastardiff.errors import EngineError, FastardiffError
+from fastardiff.errors import EngineError
 
 from .early_stop import EarlyStop
+from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
+                         check_request, verify_limit)
 from .jacobi import jacobi_rounds
 from .kv_cache import KVCache, windows
 from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian
 from .stats import RunStats
 from .token_rules import token_rules
-
-MODES = ("speculative", "target", "draft")
-DRAFTS = ("model", "jacobi")
-
-
-class GenerationError(FastardiffError):
-    """A generation request the model or its engines cannot serve (gamma, token count, batch)."""
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    mode: str = "speculative"
-    gamma: int = 4
-    early_stop: str = "static"
-    temperature: float = 1.0
-    cfg_scale: float = 1.0
-    eta: float = 0.0              # percent of the N tokens sampled by the target alone before speculating
-    seed: int = 0
-    num_tokens: int | None = None  # stop after the first tokens (tests); None = all N, then decode
-    draft: str = "model"          # speculative proposals: "model" (the draft engine) or "jacobi" (runtime/jacobi.py)
-    coupling: bool = True         # jacobi: maximal coupling of new guesses with the old ones (False: independent)
-    head: str = "student"         # diffusion-head families: which head engine samples tokens (student / teacher)
-    shared_noise: bool = True     # diffusion-head families: draft and target share each token's noise trajectory
-    inner_temperature: float = 1.0  # diffusion-head families: CSpD's inner temperature of the ratio (1: as stated)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the loop needs to know about the model, read from the manifest's config dict."""
-
-    n_cond: int
-    num_tokens: int
-    token_dim: int
-    heads: int
-    head_dim: int
-    target_layers: int
-    draft_layers: int
-    num_classes: int
-
-    @classmethod
-    def from_config(cls, c: dict) -> "ModelShape":
-        grid = c["image_size"] // c["patch"]
-        return cls(c["n_cond"], grid * grid, c["token_dim"], c["heads"], c["width"] // c["heads"],
-                   c["target_layers"], c["draft_layers"], c["num_classes"])
-
-    @property
-    def seq_len(self) -> int:
-        return self.n_cond + self.num_tokens - 1
 
 
 class AREngine:
@@ -252,29 +205,6 @@ def check_finite(name: str, a: np.ndarray, b: np.ndarray) -> None:
                           "(re-export it, or try a lower --cfg / --temperature)")
 
 
-def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: int | None = None) -> int:
-    """Validate the request; returns the number of tokens to generate."""
-    if gen.mode not in MODES:
-        raise GenerationError(f"unknown mode '{gen.mode}'; choose one of {', '.join(MODES)}")
-    if gen.draft not in DRAFTS:
-        raise GenerationError(f"unknown draft '{gen.draft}'; choose one of {', '.join(DRAFTS)}")
-    if gen.gamma < 1:
-        raise GenerationError(f"--gamma must be at least 1 (got {gen.gamma}): it is the number of draft tokens "
-                              "per target call")
-    n = shape.num_tokens if gen.num_tokens is None else gen.num_tokens
-    if not 1 <= n <= shape.num_tokens:
-        raise GenerationError(f"asked for {n} tokens but the model generates N = {shape.num_tokens} per image")
-    if gen.gamma + 1 > shape.num_tokens or (max_verify_tokens and gen.gamma + 1 > max_verify_tokens):
-        limit = min(shape.num_tokens, max_verify_tokens or shape.num_tokens) - 1
-        raise GenerationError(f"--gamma {gen.gamma} needs {gen.gamma + 1} tokens per target call, more than this "
-                              f"model/engine allows (N = {shape.num_tokens}); use --gamma {limit} or less")
-    if not 0 <= gen.eta < 100:
-        raise GenerationError(f"--eta is a percentage of tokens in [0, 100) (got {gen.eta})")
-    if gen.temperature <= 0:
-        raise GenerationError(f"--temperature must be positive (got {gen.temperature})")
-    return n
-
-
 def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.random.Generator,
                     stats: RunStats) -> tuple[np.ndarray, np.ndarray]:
     """Sample tokens [B, n, D] and the target entropy of each token [B, n] for class ids `classes`."""
@@ -450,10 +380,3 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     stats.total_seconds += time.perf_counter() - started
     stats.seconds["host"] = max(0.0, stats.total_seconds - sum(v for s, v in stats.seconds.items() if s != "host"))
     return (np.concatenate(outputs) if outputs else None), stats
-
-
-def verify_limit(engines) -> int | None:
-    entry = engines.manifest.engines.get("target_verify")
-    profile = getattr(entry, "profile", None) or {}
-    k = profile.get("K") or profile.get("new_tokens")
-    return int(k[-1]) if k else None
