@@ -194,6 +194,8 @@ def cases(ro: str) -> list[tuple[str, str, list[str]]]:
         ("run", "--out and --stats-json the same", eng + ["--out", "same", "--stats-json", "same"]),
         ("run", "unknown --device", ck + ["--device", "tpu"]),
         ("run", "--device cuda without CUDA", ck + ["--device", "cuda"]),
+        ("run", "--device cuda with ONNX engines, no CUDA provider", eng + ["--device", "cuda"]),
+        ("run", "unknown --device with --engine", eng + ["--device", "tpu"]),
         ("run", "directory as --ckpt", run + ["--ckpt", "eng", "--prompt", "3"]),
         ("run", "--head on a drift-ar model", eng + ["--head", "student"]),
         ("run", "--inner-temperature NaN", eng + ["--inner-temperature", "nan"]),

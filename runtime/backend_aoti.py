@@ -31,8 +31,13 @@ class AotiEngines(EngineCalls):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.device = device or manifest.device
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise EngineError(f"engines in '{engine_dir}' were compiled for CUDA and torch sees no CUDA device")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"--device {self.device}: torch sees no CUDA device here (engines in '{engine_dir}' "
+                              f"were compiled for {manifest.device}); use --device cpu with CPU engines")
+        if self.device.split(":")[0] != manifest.device.split(":")[0]:
+            raise EngineError(f"--device {self.device}: the AOTInductor engines in '{engine_dir}' were compiled for "
+                              f"{manifest.device}; re-export with `fastardiff-export --target aoti --device "
+                              f"{self.device.split(':')[0]}` or run with --device {manifest.device}")
         if verify:
             verify_engine_files(self.engine_dir, manifest)
         # `--kv-update in-place` engines write the fed positions into the caches they are given (on the CPU, the

@@ -39,7 +39,26 @@ def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
     return ",".join(f"{n}:{'x'.join(str(d) for d in dims)}" for n, dims in shapes.items())
 
 
-def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list:
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def device_providers(ort, device: str | None) -> list | None:
+    """The execution providers `--device` asks for (None: no request, the preferred ones): cpu -> the CPU provider
+    only; cuda[:N] -> the GPU providers this onnxruntime has (on device N), or a clear error when it has none."""
+    if device is None:
+        return None
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    gpu = [p for p in GPU_PROVIDERS if p in available]
+    if not gpu:
+        raise EngineError(f"--device {device}: this onnxruntime has no CUDA execution provider (available: "
+                          f"{', '.join(available)}); install onnxruntime-gpu on a machine with CUDA, or run with "
+                          "--device cpu")
+    return gpu + ["CPUExecutionProvider"]
+
+
+def choose_providers(ort, manifest: Manifest, name: str, providers=None, device_id: int = 0) -> list:
     available = ort.get_available_providers()
     if providers:
         missing = [p for p in providers if p not in available]
@@ -52,10 +71,12 @@ def choose_providers(ort, manifest: Manifest, name: str, providers=None) -> list
     chosen = []
     for p in wanted:
         if p == "TensorrtExecutionProvider":
-            chosen.append((p, {"trt_profile_min_shapes": _profile_shapes(manifest, name, 0),
+            chosen.append((p, {"device_id": device_id, "trt_profile_min_shapes": _profile_shapes(manifest, name, 0),
                                "trt_profile_opt_shapes": _profile_shapes(manifest, name, 1),
                                "trt_profile_max_shapes": _profile_shapes(manifest, name, 2),
                                "trt_fp16_enable": manifest.precision == "fp16"}))
+        elif p == "CUDAExecutionProvider":
+            chosen.append((p, {"device_id": device_id}))
         else:
             chosen.append(p)
     return chosen or ["CPUExecutionProvider"]
@@ -72,13 +93,16 @@ class OnnxRuntimeEngines(EngineCalls):
     (None: DEFAULT_THREADS; 0: the library's default, one per core)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
-                 spinning: bool = False, verify: bool = True, in_place: bool = True, **other):
+                 spinning: bool = False, verify: bool = True, in_place: bool = True, device: str | None = None,
+                 **other):
         if other:
             log.debug("onnxruntime backend ignores options %s", sorted(other))
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime", "onnx", "running ONNX engines") from None
+        providers = providers or device_providers(ort, device)
+        device_id = int(device.split(":")[1]) if device and ":" in device else 0
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.threads = DEFAULT_THREADS if threads is None else threads
@@ -95,9 +119,10 @@ class OnnxRuntimeEngines(EngineCalls):
         self.sessions = {}
         for name in manifest.engines:
             entry = manifest.engines[name]
+            chosen = choose_providers(ort, manifest, name, providers, device_id)
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.engine_dir / entry.file), options,
-                                                           providers=choose_providers(ort, manifest, name, providers))
+                                                           providers=chosen)
             except Exception as err:  # onnxruntime raises its own exception types for bad models
                 raise EngineError(f"onnxruntime cannot load engine '{self.engine_dir / entry.file}' "
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); re-export it") from None

@@ -259,7 +259,10 @@ class TensorRTEngines(EngineCalls):
     """The Engines interface over three TensorRT engines sharing one CUDA stream."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, plugin_path: str | Path | None = None,
-                 verify: bool = True, **other):
+                 verify: bool = True, device: str | None = None, **other):
+        if device is not None and not device.startswith("cuda"):
+            raise EngineError(f"--device {device}: TensorRT engines run on a CUDA GPU only; use --device cuda, or "
+                              "export `--target onnx` to run on the CPU")
         trt = import_tensorrt("running TensorRT engines")
         if other:
             log.debug("tensorrt backend ignores options %s", sorted(other))

@@ -57,7 +57,10 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG grid [default: samples.png].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also write one PNG per image here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for --ckpt (cpu, cuda, cuda:N).")
+@click.option("--device", default=None,
+              help="cpu, cuda or cuda:N: the torch device for --ckpt [default: cpu]; with --engine, where the engines "
+                   "must run (checked against their backend: a clear error, never a silent fallback) [default: "
+                   "the backend's choice].")
 @click.option("--head", type=click.Choice(["student", "teacher"]), default=None,
               help="Diffusion-head families (fast-ardiff): the distilled few-step head or the many-step teacher "
                    "[student].")
@@ -204,10 +207,14 @@ def parse_gamma(value) -> int | str:
 
 
 def _load(engine_dir, ckpt, device, threads: int | None = None):
+    if device is not None and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", str(device)):
+        raise FastardiffError(f"--device '{device}' is not a device this runs on; use cpu, cuda or cuda:N")
     if engine_dir is not None:
         from fastardiff.runtime.engine import load_engines
 
-        return load_engines(engine_dir, threads=threads)      # None: the backend's default
+        options = {} if device is None else {"device": device}
+        return load_engines(engine_dir, threads=threads, **options)      # None: the backend's default
+    device = device or "cpu"
     if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", str(device)):
         raise FastardiffError(f"--device '{device}' is not a torch device this runs on; use cpu, cuda or cuda:N")
     require("torch", "export", "running a checkpoint with --ckpt")

@@ -171,3 +171,40 @@ def test_a_run_failing_after_its_first_chunk_leaves_nothing(random_checkpoint_pa
                                    "--gamma", "2"], capsys)
     assert code == 2 and "NaN" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []      # no image, no staging dir, no created dir
+
+
+def test_device_is_checked_against_the_engines_backend(tmp_path):
+    """`--device` with `--engine` is a request the backend must honour, never a silent CPU fallback: ONNX Runtime
+    without a CUDA provider, AOTInductor packages compiled for another device, TensorRT on the CPU are clear errors;
+    --device cpu keeps ONNX Runtime on its CPU provider."""
+    import types
+
+    import onnxruntime as ort
+
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.backend_aoti import AotiEngines
+    from fastardiff.runtime.backend_onnxruntime import device_providers
+    from fastardiff.runtime.backend_tensorrt import TensorRTEngines
+
+    assert device_providers(ort, None) is None and device_providers(ort, "cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(EngineError, match="no CUDA execution provider"):
+            device_providers(ort, "cuda:0")
+    gpu_build = types.SimpleNamespace(device="cuda", engines={})
+    with pytest.raises(EngineError, match="compiled for cuda; re-export"):
+        AotiEngines(tmp_path, gpu_build, device="cpu", verify=False)
+    with pytest.raises(EngineError, match="CUDA GPU only"):
+        TensorRTEngines(tmp_path, types.SimpleNamespace(), device="cpu")
+
+
+def test_run_cli_device_cuda_on_onnx_engines_without_cuda_is_an_error(shared_onnx_export, tmp_path, capsys):
+    import onnxruntime as ort
+
+    from cli_runner import run_cli
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    code, _, err = run_cli(["run", "--engine", str(shared_onnx_export[0]), "--prompt", "3", "--device", "cuda",
+                            "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "no CUDA execution provider" in err and "--device cpu" in err
+    assert not (tmp_path / "x.png").exists()
