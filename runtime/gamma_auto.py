@@ -32,6 +32,7 @@ WARMUP_CALLS = 2
 TIMED_CALLS = 7
 HOST_RUNS = 3       # short generations timed for the host work per call (median)
 CONFIRM_RUNS = 5    # whole-image generations per finalist and target-only when confirming (median)
+CONFIRM_BUDGET_S = 3.0  # fewer of them (>= 2) where CONFIRM_RUNS rounds would take longer than this
 FINALIST_FLOOR = 0.8  # a kind whose best prediction is below this is not run (no cold-timing error is that large)
 
 
@@ -211,11 +212,12 @@ def _per_call_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int,
 
 
 def measure_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int | None = None,
-                 repeats: int = CONFIRM_RUNS, options: dict | None = None) -> dict:
+                 repeats: int = CONFIRM_RUNS, options: dict | None = None, budget_s: float = CONFIRM_BUDGET_S) -> dict:
     """{key: (ms per token, the last run's stats summary)} of real generations of `tokens` tokens (default: a whole
     image's, not decoded) for each run {key: (mode, draft, gamma)}: one warm-up each, then `repeats` timed runs
-    interleaved (A B C A B C ..., classes and seed moving each repeat), the median of each. `options`: the
-    diffusion-head families' request options."""
+    interleaved (A B C A B C ..., classes and seed moving each repeat), the median of each; fewer repeats (never
+    below 2) where the warm-ups say `repeats` would take longer than `budget_s` (a large batch on a slow backend
+    must not plan for longer than it generates). `options`: the diffusion-head families' request options."""
     from .speculative import GenerationConfig, ModelShape, generate
     from .stats import RunStats
 
@@ -223,8 +225,11 @@ def measure_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int 
     tokens = min(tokens or shape.num_tokens, shape.num_tokens)
     gens = {key: dict(mode=mode, draft=draft, gamma=gamma, cfg_scale=cfg_scale, num_tokens=tokens, **(options or {}))
             for key, (mode, draft, gamma) in runs.items()}
+    started = time.perf_counter()
     for gen in gens.values():                                       # warm-up
         generate(engines, np.arange(batch) % shape.num_classes, GenerationConfig(**gen))
+    per_repeat = time.perf_counter() - started
+    repeats = max(min(repeats, 2), min(repeats, int(budget_s / max(per_repeat, 1e-9))))
     times, summaries = {key: [] for key in gens}, {}
     for r in range(repeats):
         classes = (np.arange(batch) + r) % shape.num_classes

@@ -162,7 +162,8 @@ def test_whole_image_runs_overrule_the_prediction(random_checkpoint, monkeypatch
     engines = _with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9})
     asked, measured = [], {"jacobi": 1.25}
 
-    def runs(engines, batch, cfg_scale, runs, tokens=None, repeats=gamma_auto.CONFIRM_RUNS, options=None):
+    def runs(engines, batch, cfg_scale, runs, tokens=None, repeats=gamma_auto.CONFIRM_RUNS, options=None,
+             budget_s=None):
         asked.append(dict(runs))
         return {key: (1.0 if key is None else measured[key[0]], {}) for key in runs}
 
@@ -204,3 +205,19 @@ def test_measure_runs_interleaves_whole_images(random_checkpoint, monkeypatch):
     assert [c[2] for c in timed] == [1, 1, 2, 2, 3, 3] and timed[0][3] != timed[2][3]
     assert set(out) == {None, "j"} and all(ms > 0 for ms, _ in out.values())
     assert out["j"][1]["target_calls"] < out[None][1]["target_calls"]    # its own summary: fewer target calls
+
+
+def test_measure_runs_keeps_to_its_time_budget(random_checkpoint, monkeypatch):
+    """Where the warm-ups say the repeats would take longer than the budget, fewer run (never below 2)."""
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime import gamma_auto, speculative
+
+    calls, real = [], speculative.generate
+    monkeypatch.setattr(speculative, "generate", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    engines = TorchEngines(random_checkpoint, max_gamma=2)
+    runs = {None: ("target", "model", 1), "j": ("speculative", "jacobi", 2)}
+    gamma_auto.measure_runs(engines, 1, 1.0, runs, tokens=8, repeats=5, budget_s=0.0)
+    assert len(calls) == 2 + 2 * 2                   # warm-ups, then 2 repeats of both
+    calls.clear()
+    gamma_auto.measure_runs(engines, 1, 1.0, runs, tokens=8, repeats=5, budget_s=1e6)
+    assert len(calls) == 2 + 5 * 2
