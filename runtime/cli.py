@@ -12,7 +12,6 @@ runtime/images.py StreamedImages); of the grid only the 8-bit pixels are held un
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 
@@ -111,11 +110,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
         names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
         written = StreamedImages(staged, out, out_dir, names)    # single images staged as each chunk decodes
-        if "on_images" in inspect.signature(generate).parameters:
-            _, stats = generate(engines, classes, gen, on_images=written.add)
-        else:                        # a generate without the streaming hook (a stand-in): all images at once
-            images, stats = generate(engines, classes, gen)
-            written.add(images, 0)
+        _, stats = generate(engines, classes, gen, on_images=written.add)
         written.finish()
         if stats_json:
             if choice is not None:

@@ -101,14 +101,18 @@ class FakeEngines:
         self.rollouts = {}
 
 
-def fake_generate(engines, classes, gen, stats=None, max_batch=None):
-    """Images in [-1, 1] shaped like the model's, without running any engine."""
+def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+    """Images in [-1, 1] shaped like the model's, without running any engine; like `generate`, handed to
+    on_images (one chunk) instead of returned when it is given."""
     c = engines.manifest.config
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma)
     stats.images += len(classes)
     rng = np.random.default_rng(gen.seed)
-    images = rng.uniform(-1, 1, (len(classes), c["channels"], c["image_size"], c["image_size"]))
-    return images.astype(np.float32), stats
+    images = rng.uniform(-1, 1, (len(classes), c["channels"], c["image_size"], c["image_size"])).astype(np.float32)
+    if on_images is not None:
+        on_images(images, 0)
+        return None, stats
+    return images, stats
 
 
 @pytest.fixture
