@@ -21,6 +21,7 @@ alone had over-predicted Jacobi at batch 8 on this CPU: 1.12-1.23x predicted, 0.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -192,23 +193,13 @@ def _per_call_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int,
     """Milliseconds of `stage` (RunStats.seconds) per target call of each run {key: (mode, draft, gamma)}: the
     median over HOST_RUNS short real generations of `tokens` tokens after a warm-up, interleaved so that one stall
     does not decide."""
-    from .speculative import GenerationConfig, ModelShape, generate
-    from .stats import RunStats
+    from .generation import ModelShape
 
-    shape = ModelShape.from_config(engines.manifest.config)
-    tokens = min(tokens, shape.num_tokens)
-    classes = np.zeros(batch, np.int64)
-    gens = {key: GenerationConfig(mode=mode, draft=draft, gamma=gamma, early_stop="off", cfg_scale=cfg_scale,
-                                  eta=0.0, num_tokens=tokens) for key, (mode, draft, gamma) in runs.items()}
-    for gen in gens.values():
-        generate(engines, classes, gen)                       # warm-up
-    per_call = {key: [] for key in gens}
-    for _ in range(HOST_RUNS):
-        for key, gen in gens.items():
-            stats = RunStats()
-            generate(engines, classes, gen, stats)
-            per_call[key].append(1000 * stats.seconds.get(stage, 0.0) / max(stats.target_calls, 1))
-    return {key: float(np.median(v)) for key, v in per_call.items()}
+    tokens = min(tokens, ModelShape.from_config(engines.manifest.config).num_tokens)
+    timed = _timed_runs(engines, batch, cfg_scale, runs, tokens, HOST_RUNS, {"early_stop": "off", "eta": 0.0},
+                        vary=False)
+    return {key: float(np.median([1000 * s.seconds.get(stage, 0.0) / max(s.target_calls, 1) for s in runs_stats]))
+            for key, runs_stats in timed.items()}
 
 
 def measure_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int | None = None,
@@ -218,27 +209,43 @@ def measure_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int 
     interleaved (A B C A B C ..., classes and seed moving each repeat), the median of each; fewer repeats (never
     below 2) where the warm-ups say `repeats` would take longer than `budget_s` (a large batch on a slow backend
     must not plan for longer than it generates). `options`: the diffusion-head families' request options."""
-    from .speculative import GenerationConfig, ModelShape, generate
-    from .stats import RunStats
+    from .generation import ModelShape
 
     shape = ModelShape.from_config(engines.manifest.config)
     tokens = min(tokens or shape.num_tokens, shape.num_tokens)
-    gens = {key: dict(mode=mode, draft=draft, gamma=gamma, cfg_scale=cfg_scale, num_tokens=tokens, **(options or {}))
+    timed = _timed_runs(engines, batch, cfg_scale, runs, tokens, repeats, options, vary=True, budget_s=budget_s)
+    return {key: (float(np.median([1000 * s.total_seconds / (batch * tokens) for s in runs_stats])),
+                  runs_stats[-1].summary()) for key, runs_stats in timed.items()}
+
+
+def _timed_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int, repeats: int,
+                settings: dict | None, vary: bool, budget_s: float = math.inf) -> dict:
+    """{key: [RunStats of each timed run]}: generations of `tokens` tokens for each run {key: (mode, draft, gamma)}
+    with the extra GenerationConfig `settings`: one warm-up each, then `repeats` timed runs interleaved
+    (A B C A B C ...; vary: the classes and the seed move each repeat, else class 0 and seed 0 throughout), fewer
+    (never below 2) where the warm-ups say `repeats` would take longer than `budget_s`."""
+    from .generation import GenerationConfig, ModelShape
+    from .speculative import generate
+    from .stats import RunStats
+
+    num_classes = ModelShape.from_config(engines.manifest.config).num_classes
+    gens = {key: dict(mode=mode, draft=draft, gamma=gamma, cfg_scale=cfg_scale, num_tokens=tokens, **(settings or {}))
             for key, (mode, draft, gamma) in runs.items()}
+    base = np.arange(batch) % num_classes if vary else np.zeros(batch, np.int64)
     started = time.perf_counter()
     for gen in gens.values():                                       # warm-up
-        generate(engines, np.arange(batch) % shape.num_classes, GenerationConfig(**gen))
-    per_repeat = time.perf_counter() - started
-    repeats = max(min(repeats, 2), min(repeats, int(budget_s / max(per_repeat, 1e-9))))
-    times, summaries = {key: [] for key in gens}, {}
+        generate(engines, base, GenerationConfig(**gen))
+    if math.isfinite(budget_s):
+        per_repeat = time.perf_counter() - started
+        repeats = max(min(repeats, 2), min(repeats, int(budget_s / max(per_repeat, 1e-9))))
+    timed = {key: [] for key in gens}
     for r in range(repeats):
-        classes = (np.arange(batch) + r) % shape.num_classes
+        classes = (base + r) % num_classes if vary else base
         for key, gen in gens.items():
             stats = RunStats()
-            generate(engines, classes, GenerationConfig(seed=r + 1, **gen), stats)
-            times[key].append(1000 * stats.total_seconds / (batch * tokens))
-            summaries[key] = stats.summary()
-    return {key: (float(np.median(t)), summaries[key]) for key, t in times.items()}
+            generate(engines, classes, GenerationConfig(**({"seed": r + 1} if vary else {}), **gen), stats)
+            timed[key].append(stats)
+    return timed
 
 
 def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options: dict,
