@@ -37,9 +37,10 @@ slot_mean [B,W,D] / slot_sigma [B,W] (p at those slots: the guesses' recorded q)
 residual_miss [B,W] int64 (a residual slot none of its C proposals served: the runtime continues the same
 rejection sampler there), new_k / new_v as target_verify.
 
-In-place cache update (`onnx` target, exporter/onnx_passes.py): draft_step, target_verify and target_jacobi end
-with two more outputs, k_cache_out / v_cache_out [L*R, H, S, Dh]: the input cache with new_k / new_v written at
-each row's `lengths`. The runtime binds them to the input buffers, so the engine updates the cache in place.
+In-place cache update (`--kv-update in-place`): draft_step, target_verify and target_jacobi also write new_k /
+new_v into the input cache at each row's `lengths`. `onnx` (exporter/onnx_passes.py): two more outputs,
+k_cache_out / v_cache_out [L*R, H, S, Dh], which the runtime binds to the input buffers; `aoti`
+(CacheUpdateInPlace below): a scatter_ into the cache inputs themselves.
 """
 from __future__ import annotations
 

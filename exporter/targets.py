@@ -65,7 +65,8 @@ class ExportOptions:
     force: bool = False
     onnx_only: bool = False       # trt: stop after the ONNX graph (with plugin nodes) is written
     draft: bool = True            # False: no draft_step / draft_rollout engines (the engines serve --draft jacobi)
-    kv_update: str = "host"       # "in-place": the onnx target's AR engines write the KV cache (exporter/onnx_passes.py)
+    kv_update: str = "host"       # "in-place": the onnx / aoti AR engines write the KV cache (exporter/onnx_passes.py,
+                                  # engine_modules.CacheUpdateInPlace)
 
 
 @dataclass
@@ -337,7 +338,8 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
                                   "for the full trace)") from None
             inputs, outputs = ENGINE_IO[name]
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file), inputs=list(inputs),
-                                        outputs=list(outputs) + list(more[0] if more else ()), profile=profile_dict(profiles[name]), parity=parity,
+                                        outputs=list(outputs) + list(more[0] if more else ()),
+                                        profile=profile_dict(profiles[name]), parity=parity,
                                         kind="draft_rollout" if name in ROLLOUT_GAMMA
                                         else "head" if name in HEAD_ENGINES else name,
                                         gamma=ROLLOUT_GAMMA.get(name, 0),
