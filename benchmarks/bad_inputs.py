@@ -199,6 +199,8 @@ def cases(ro: str) -> list[tuple[str, str, list[str]]]:
         ("run", "directory as --ckpt", run + ["--ckpt", "eng", "--prompt", "3"]),
         ("run", "--head on a drift-ar model", eng + ["--head", "student"]),
         ("run", "--inner-temperature NaN", eng + ["--inner-temperature", "nan"]),
+        ("run", "--acceptance on a drift-ar model", eng + ["--acceptance", "conditional"]),
+        ("run", "unknown --acceptance", eng + ["--acceptance", "exact"]),
         ("run", "unknown --backend option", eng + ["--backend", "tensorrt"]),
         ("run", "unknown --mode", eng + ["--mode", "fast"]),
         ("run", "via `fastardiff run`: missing engine dir", fa + ["run", "--engine", "nodir", "--prompt", "3"]),

@@ -1,5 +1,6 @@
 """Speculative vs target-only samples, the two-sample test of the losslessness checks, for both families: the
-drift-ar family's exact rule and the fast-ardiff family's CSpD rule (an approximation), reported side by side.
+drift-ar family's exact rule and the fast-ardiff family's CSpD rule (an approximation) and its exact conditional
+rule (`--acceptance conditional`), reported side by side.
 
     .venv/bin/python benchmarks/two_sample_report.py --json docs/two-sample.json [--n 1000] [--tokens 16]
 
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
         "CSpD, student head, inner temperature 42": {"common": {"head": "student"},
                                                      "speculative": {"inner_temperature": 42.0}},
         "CSpD, teacher head": {"common": {"head": "teacher"}},
+        "conditional (exact), student head": {"common": {"head": "student"},
+                                              "speculative": {"acceptance": "conditional"}},
     })
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,8 @@ Rows (same JSON keys as the drift-ar rows, plus class accuracy and Fréchet dist
   target               the distilled student head only
   speculative          both (the shipped configuration)
 and the ablations measured in the same run: `speculative-independent-noise` (no trajectory alignment: draft and
-target draw their own noise) and `speculative-no-early-stop`. Speed rows are timed interleaved (A B C D A B C D),
+target draw their own noise), `speculative-conditional` (the exact final-step ratio, runtime/token_rules.py) and
+`speculative-no-early-stop`. Speed rows are timed interleaved (A B C D A B C D),
 quality comes from a separate untimed generation of `quality_images` images per row at the engines' batch.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ def head_modes(gamma: int, early_stop: str, seed: int, ablations: bool = True) -
              "target": cfg("target", "student"), "speculative": cfg("speculative", "student")}
     if ablations:
         modes["speculative-independent-noise"] = cfg("speculative", "student", shared_noise=False)
+        modes["speculative-conditional"] = cfg("speculative", "student", acceptance="conditional")
         if early_stop != "off":
             modes["speculative-no-early-stop"] = cfg("speculative", "student", early_stop="off")
     return modes

@@ -68,6 +68,10 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--inner-temperature", type=Number(float, 0.0, 1000.0, low_open=True), default=None,
               help="Diffusion-head families: CSpD's inner temperature of the acceptance ratio (its official code: "
                    "42; not exact) [1].")
+@click.option("--acceptance", type=click.Choice(["cspd", "conditional"]), default=None,
+              help="Diffusion-head families: the acceptance ratio. cspd: the paper's (final-step density ratio times "
+                   "the earlier steps' sigma ratios); conditional: the final-step density ratio alone, exact given "
+                   "the shared trajectory noise (needs --shared-noise on) [cspd].")
 @click.option("--threads", type=Number(int, 0, 1024), default=None,
               help="Intra-op threads of ONNX Runtime CPU engines, 0..1024 (0: the library's one per core) [1: these "
                    "small graphs ran ~1.8x faster per image on one thread than on two cores here].")
@@ -76,7 +80,7 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
                    "machine and this request (plans are cached per user, see runtime/plan_cache.py).")
 @verbose_option()
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
-                out, out_dir, stats_json, device, head, shared_noise, inner_temperature, threads, replan):
+                out, out_dir, stats_json, device, head, shared_noise, inner_temperature, acceptance, threads, replan):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, StreamedImages, check_destination
     from fastardiff.runtime.speculative import generate
@@ -102,7 +106,8 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
 
     head_options = {k: v for k, v in (("head", head), ("shared_noise", None if shared_noise is None
                                                                   else shared_noise == "on"),
-                                       ("inner_temperature", inner_temperature)) if v is not None}
+                                       ("inner_temperature", inner_temperature), ("acceptance", acceptance))
+                    if v is not None}
     gen, choice = plan_generation(engines, len(classes), gamma, draft, coupling == "on", early_stop, mode,
                                   temperature, cfg_scale, eta, seed, choose, head_options)
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
@@ -140,7 +145,7 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
     `fastardiff run` and `fastardiff serve`. gamma 'auto' in speculative mode is `choose(batch, cfg_scale,
     drafts, head_options)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
     model draft where the engines have one (Jacobi otherwise; only the model draft for diffusion-head families).
-    head_options (head, shared_noise, inner_temperature) apply to diffusion-head families only."""
+    head_options (head, shared_noise, inner_temperature, acceptance) apply to diffusion-head families only."""
     from fastardiff.runtime.manifest import HEAD_FAMILIES
     from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
 

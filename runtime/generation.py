@@ -9,6 +9,10 @@ from fastardiff.errors import FastardiffError
 
 MODES = ("speculative", "target", "draft")
 DRAFTS = ("model", "jacobi")
+# diffusion-head families' acceptance ratio (runtime/token_rules.py): "cspd" the paper's (final-step density ratio
+# times the earlier steps' sigma ratios), "conditional" the final-step density ratio alone, exact given the
+# trajectory noise draft and target share
+ACCEPTANCE_RULES = ("cspd", "conditional")
 
 
 class GenerationError(FastardiffError):
@@ -30,6 +34,7 @@ class GenerationConfig:
     head: str = "student"         # diffusion-head families: which head engine samples tokens (student / teacher)
     shared_noise: bool = True     # diffusion-head families: draft and target share each token's noise trajectory
     inner_temperature: float = 1.0  # diffusion-head families: CSpD's inner temperature of the ratio (1: as stated)
+    acceptance: str = "cspd"      # diffusion-head families: the acceptance ratio (ACCEPTANCE_RULES)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,12 @@ def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: i
         raise GenerationError(f"--eta is a percentage of tokens in [0, 100) (got {gen.eta})")
     if gen.temperature <= 0:
         raise GenerationError(f"--temperature must be positive (got {gen.temperature})")
+    if gen.acceptance not in ACCEPTANCE_RULES:
+        raise GenerationError(f"unknown --acceptance '{gen.acceptance}'; choose one of {', '.join(ACCEPTANCE_RULES)}")
+    if gen.acceptance == "conditional" and (not gen.shared_noise or gen.inner_temperature != 1.0):
+        raise GenerationError("--acceptance conditional is exact only with the trajectory noise shared by draft and "
+                              "target and the plain ratio: drop --shared-noise off / --inner-temperature, or use "
+                              "--acceptance cspd")
     return n
 
 

@@ -11,6 +11,11 @@ runtime side of the family registry; `TOKEN_RULES` maps a manifest's family to i
   (CSpD's trajectory alignment: row b, token j always uses trajectory[b, j]), and the acceptance ratio is CSpD's
   final-step density ratio times prod_t sqrt(|Sigma_q,t| / |Sigma_p,t|) (TokenDistribution.log_offset): an
   approximation of p/q, not the exact ratio (the intermediate steps' densities are not scored).
+  `--acceptance conditional` scores the final-step densities alone, which is exact: given the trajectory noise eps
+  of a token (shared, drawn before and apart from every acceptance decision), the draft's and the target's tokens
+  are the Gaussians q(x | eps) and p(x | eps), so the accept / residual rule returns a sample of p(x | eps), and
+  eps is distributed as target-only sampling draws it; hence the token is distributed as target-only's p(x). It
+  needs the shared noise (with independent trajectories the two conditionals condition on different noise).
 """
 from __future__ import annotations
 
@@ -40,9 +45,12 @@ class GaussianTokens:
 class DiffusionHeadTokens:
     exact = False
 
-    def __init__(self, head: Callable, trajectory: np.ndarray, temperature: float, stats):
-        """trajectory [B, columns, S, D] float32: the noise of token j of sample b is trajectory[b, j]."""
+    def __init__(self, head: Callable, trajectory: np.ndarray, temperature: float, stats, score_offset: bool = True):
+        """trajectory [B, columns, S, D] float32: the noise of token j of sample b is trajectory[b, j].
+        score_offset: CSpD's earlier-step sigma factor enters the ratio (False: the exact conditional rule)."""
         self.head, self.trajectory, self.stats = head, trajectory, stats
+        self.score_offset = score_offset
+        self.exact = not score_offset
         self.temperature = np.array([temperature], np.float32)
 
     def distribution(self, z, entropy, samples, first_token) -> TokenDistribution:
@@ -62,7 +70,7 @@ class DiffusionHeadTokens:
             raise EngineError("the diffusion head engine returned NaN, inf or a non-positive sigma; re-export it")
         return TokenDistribution(mean.reshape(rows, slots, -1).astype(np.float64),
                                  sigma.reshape(rows, slots).astype(np.float64), entropy,
-                                 log_offset.reshape(rows, slots).astype(np.float64))
+                                 log_offset.reshape(rows, slots).astype(np.float64) if self.score_offset else None)
 
 
 def gaussian_rules(engines, gen, rng, batch: int, columns: int, stats):
@@ -85,8 +93,9 @@ def diffusion_head_rules(engines, gen, rng, batch: int, columns: int, stats):
     head = engines.head(name)
     target_noise = rng.standard_normal(shape, dtype=np.float32)
     draft_noise = target_noise if gen.shared_noise else rng.standard_normal(shape, dtype=np.float32)
-    return (DiffusionHeadTokens(head, draft_noise, gen.temperature, stats),
-            DiffusionHeadTokens(head, target_noise, gen.temperature, stats))
+    cspd = gen.acceptance == "cspd"
+    return (DiffusionHeadTokens(head, draft_noise, gen.temperature, stats, cspd),
+            DiffusionHeadTokens(head, target_noise, gen.temperature, stats, cspd))
 
 
 # family (manifest.family) -> factory(engines, gen, rng, batch, token columns, stats) -> (draft rule, target rule)

@@ -214,3 +214,65 @@ def test_serving_merger_runs_head_calls_of_concurrent_requests_together(fast_eng
     for got, args in zip(results, inputs):
         for g, want in zip(got, fast_engines.head("head_student")(*args)):
             np.testing.assert_allclose(g, want, atol=1e-4)   # another batch size: float reassociation
+
+
+def shared_trajectory_tokens(rng, rows: int, acceptance: str):
+    """A two-jump 1-D head with trajectory noise eps shared by draft and target: the first jump h = a + s eps, the
+    final Gaussian N(0.8 h, 0.5^2). Draft (a, s) = (0.4, 0.5), target (0, 1.5), so CSpD's sigma factor
+    log_offset = -log s differs by log 3. One speculative token per row (a draft, then accept / residual) under
+    `acceptance`; returns those tokens and target-only tokens drawn with fresh noise."""
+    eps = rng.standard_normal(rows)
+
+    def final(a, s, noise):
+        return 0.8 * (a + s * noise)[:, None, None], np.full((rows, 1), 0.5), np.full((rows, 1), -np.log(s))
+
+    q_mean, q_sigma, q_off = final(0.4, 0.5, eps)
+    p_mean, p_sigma, p_off = final(0.0, 1.5, eps)
+    scored = acceptance == "cspd"
+    p = TokenDistribution(np.concatenate([p_mean, p_mean], 1), np.concatenate([p_sigma, p_sigma], 1), None,
+                          np.concatenate([p_off, p_off], 1) if scored else None)
+    q = TokenDistribution(q_mean, q_sigma, None, q_off if scored else None)
+    drafts = q_mean + q_sigma[..., None] * rng.standard_normal((rows, 1, 1))
+    accepted, residual = accept_drafts(rng, drafts, np.ones(rows, np.int64), p, q)
+    spec = np.where(accepted == 1, drafts[:, 0, 0], residual[:, 0])
+    target_mean, target_sigma, _ = final(0.0, 1.5, rng.standard_normal(rows))
+    reference = target_mean[:, 0, 0] + 0.5 * rng.standard_normal(rows)
+    return spec, reference
+
+
+def test_conditional_rule_is_exact_given_shared_trajectories_and_cspd_is_not():
+    """Conditioned on the shared trajectory noise both tokens are Gaussians, so scoring the final-step densities
+    alone returns target-only's distribution (two-sample KS passes); CSpD's sigma factor, where the draft's and
+    the target's earlier jumps differ, shifts it (the same test fails)."""
+    rng = np.random.default_rng(3)
+    spec, reference = shared_trajectory_tokens(rng, 40000, "conditional")
+    assert sps.ks_2samp(spec, reference).pvalue > 1e-3
+    spec, reference = shared_trajectory_tokens(rng, 40000, "cspd")
+    assert sps.ks_2samp(spec, reference).pvalue < 1e-6
+
+
+def test_conditional_acceptance_ignores_the_heads_sigma_factor(fast_engines):
+    """--acceptance conditional never reads log_offset: engines whose head returns a different log_offset give the
+    same run token for token; under cspd they do not. It needs the shared noise and the plain ratio."""
+    class OtherOffsets(RecordingHeads):
+        def head(self, name):
+            fn = self.engines.head(name)
+
+            def run(z, traj_noise, temperature):
+                mean, sigma, log_offset = fn(z, traj_noise, temperature)
+                return mean, sigma, log_offset + 3.0 * np.sin(1000.0 * z[:, 0]).astype(np.float32)
+
+            return run
+
+    other = OtherOffsets(fast_engines)
+    gen = GenerationConfig(gamma=3, early_stop="off", num_tokens=20, seed=4, acceptance="conditional")
+    a, sa = generate(fast_engines, np.arange(4), gen)
+    b, sb = generate(other, np.arange(4), gen)
+    np.testing.assert_array_equal(a, b)
+    assert sa.summary()["drafts_accepted"] == sb.summary()["drafts_accepted"] > 0
+    cspd = dataclasses.replace(gen, acceptance="cspd")
+    assert not np.array_equal(generate(fast_engines, np.arange(4), cspd)[0], generate(other, np.arange(4), cspd)[0])
+    for wrong, match in (({"shared_noise": False}, "--shared-noise"), ({"inner_temperature": 42.0}, "inner"),
+                         ({"acceptance": "exactish"}, "unknown --acceptance")):
+        with pytest.raises(GenerationError, match=match):
+            generate(fast_engines, [0], dataclasses.replace(gen, **wrong))
