@@ -43,12 +43,17 @@ def checkpoint_manifest(ckpt, modules: dict, device: str, max_batch: int, gamma:
 
 class TorchEngines:
     """Engines backed by the reference torch modules on `device` (float32). On CPU the numpy inputs are wrapped,
-    not copied (torch takes strided arrays), so the loop passes cache prefixes as views (`cache_views`)."""
+    not copied (torch takes strided arrays), so the loop passes cache prefixes as views (`cache_views`).
+    device_cache (None: on for CUDA): the loop keeps its KV caches on `device` (`cache_device`,
+    runtime/kv_cache.py) and the AR engines return their new keys/values there, so no call copies a cache."""
 
-    def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA):
+    def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA,
+                 device_cache: bool | None = None):
         from .targets import FAMILY_ADAPTERS
 
         self.device = torch.device(device)
+        self.cache_device = self.device if (self.device.type != "cpu" if device_cache is None else device_cache) \
+            else None
         modules = FAMILY_ADAPTERS[ckpt.config.family](ckpt, range(1, max_gamma + 1))
         self.modules = {k: m.to(self.device) for k, m in modules.items()}
         self.manifest = checkpoint_manifest(ckpt, modules, str(self.device), max_batch, max_gamma)
@@ -73,7 +78,7 @@ class TorchEngines:
             out = module(*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond), self._tensor(noise),
                          self._tensor(threshold), self._tensor(max_drafts, torch.long), self._tensor(temperature),
                          self._tensor(cfg_scale))
-            return RolloutOutput(*(t.cpu().numpy() for t in out))
+            return RolloutOutput(*self._ar_outputs(out))
 
         return run
 
@@ -86,10 +91,20 @@ class TorchEngines:
         longs = {1, 4, 7}                          # lengths, cond, num_guesses
         out = self.modules["target_jacobi"](*(self._tensor(a, torch.long if i in longs else torch.float32)
                                               for i, a in enumerate(arrays)))
-        return JacobiOutput(*(t.cpu().numpy() for t in out))
+        return JacobiOutput(*self._ar_outputs(out))
+
+    def _ar_outputs(self, out) -> list:
+        """An AR engine's outputs as numpy, but its new keys/values (the last two) as device tensors when the
+        loop's caches live on the device."""
+        keep = 2 if self.cache_device is not None else 0
+        host = [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out[:len(out) - keep]]
+        return host + [t.float() for t in out[len(out) - keep:]]
 
     def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-        """A torch view of `a` (strided numpy arrays too; negative strides and unaligned arrays are copied)."""
+        """A torch view of `a` (strided numpy arrays too; negative strides and unaligned arrays are copied);
+        a tensor (a device cache) is used as it is."""
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device, dtype)
         try:
             t = torch.from_numpy(a)
         except (ValueError, TypeError):
@@ -103,12 +118,12 @@ class TorchEngines:
     @torch.inference_mode()
     def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
         out = self.modules["draft_step"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
-        return DraftOutput(*(t.float().cpu().numpy() for t in out))
+        return DraftOutput(*self._ar_outputs(out))
 
     @torch.inference_mode()
     def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
         out = self.modules["target_verify"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
-        return VerifyOutput(*(t.float().cpu().numpy() for t in out))
+        return VerifyOutput(*self._ar_outputs(out))
 
     @torch.inference_mode()
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
@@ -117,7 +132,7 @@ class TorchEngines:
 
 
 def load_torch_engines(source, device: str = "cpu", max_batch: int = 256,
-                       attention_impl: str = "reference") -> TorchEngines:
+                       attention_impl: str = "reference", device_cache: bool | None = None) -> TorchEngines:
     """source: a loaded checkpoint (either family) or the path of one."""
     ckpt = load_checkpoint(source, attention_impl) if isinstance(source, (str, Path)) else source
-    return TorchEngines(ckpt, device, max_batch)
+    return TorchEngines(ckpt, device, max_batch, device_cache=device_cache)

@@ -19,7 +19,7 @@ class AotiEngines(EngineCalls):
     """The Engines interface over three AOTInductor packages (numpy in, numpy out)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
-                 in_place: bool = True, **other):
+                 in_place: bool = True, device_cache: bool | None = None, **other):
         try:
             import torch
             import torch._inductor
@@ -40,13 +40,19 @@ class AotiEngines(EngineCalls):
                               f"{self.device.split(':')[0]}` or run with --device {manifest.device}")
         if verify:
             verify_engine_files(self.engine_dir, manifest)
-        # `--kv-update in-place` engines write the fed positions into the caches they are given (on the CPU, the
-        # caller's numpy buffer itself: torch.from_numpy shares it); on CUDA the update lands in the device copy
-        # (in_place=False: the caller writes the cache after every call all the same)
+        # device_cache (None: on for CUDA): the loop keeps its KV caches on this device as torch tensors
+        # (runtime/kv_cache.py), passed here as they are, and the AR engines' new keys/values stay there: a call
+        # moves its tokens and small outputs, never a cache
+        on_device = self.device != "cpu" if device_cache is None else bool(device_cache)
+        self.cache_device = torch.device(self.device) if on_device else None
+        # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
+        # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
+        # without the device cache updates a transient device copy, so the caller writes the cache all the same
+        # (as with in_place=False)
         scatters = manifest.export.get("kv_update") == "in-place"
         self.needs_cache_room = scatters
         self.kv_in_place = frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines) \
-            if scatters and in_place and self.device == "cpu" else frozenset()
+            if scatters and in_place and (self.device == "cpu" or on_device) else frozenset()
         self.runners = {}
         for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file
@@ -57,6 +63,8 @@ class AotiEngines(EngineCalls):
                                   f"{str(err).splitlines()[0][:160] if str(err) else ''}); re-export it") from None
 
     def _tensor(self, a):
+        if isinstance(a, self.torch.Tensor):      # a device cache: used where it lies (in-place engines update it)
+            return a.to(self.device).contiguous()
         a = np.asarray(a)
         a = np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32)
         return self.torch.from_numpy(a).to(self.device)
@@ -67,7 +75,9 @@ class AotiEngines(EngineCalls):
         with self.torch.no_grad():
             out = self.runners[name](*[self._tensor(a) for a in arrays])
         out = out if isinstance(out, (list, tuple)) else (out,)
-        return [o.detach().cpu().numpy() for o in out]
+        # an AR engine's new keys/values (its last two outputs) stay on the device with a device cache
+        keep = 2 if self.cache_device is not None and self.manifest.engines[name].outputs[-1] == "new_v" else 0
+        return [o.detach().cpu().numpy() for o in out[:len(out) - keep]] + [o.detach() for o in out[len(out) - keep:]]
 
 
 def load_aoti_engines(engine_dir, manifest: Manifest, **options) -> AotiEngines:

@@ -126,8 +126,15 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     # inputs shaped as the loop feeds them: the whole cache buffer (half of it valid), token-like values
     rng = np.random.default_rng(0)
 
+    device = getattr(engines, "cache_device", None)    # caches where the loop keeps them (runtime/kv_cache.py)
+
     def cache(layers, capacity):
-        return rng.standard_normal((layers, rows, shape.heads, capacity, shape.head_dim), dtype=np.float32)
+        a = rng.standard_normal((layers, rows, shape.heads, capacity, shape.head_dim), dtype=np.float32)
+        if device is None:
+            return a
+        import torch
+
+        return torch.from_numpy(a).to(device)
 
     t_cache = cache(shape.target_layers, shape.seq_len)
 

@@ -8,6 +8,11 @@ engines and overwritten later, nothing is copied back.
 Hot path (one view and one write per engine call): `rows=None` means every row in order, which needs no index
 array at all; a write whose rows all start at the same offset is a single slice assignment, and a ragged one a
 single assignment through strided windows of the buffers (one window per row).
+
+On a device (`device`: a torch device, from a backend's `cache_device`) the buffers are torch tensors there and
+stay there: engines get views of them and return their new keys/values as device tensors (or write them in
+place), so a call moves only its tokens and small outputs across the bus, never the cache. The lengths stay on
+the host (the loop's bookkeeping); the same methods serve both.
 """
 from __future__ import annotations
 
@@ -17,10 +22,19 @@ from fastardiff.errors import EngineError
 
 
 class KVCache:
-    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype=np.float32):
+    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype=np.float32,
+                 device=None):
         shape = (layers, batch, heads, capacity, head_dim)
-        self.k = np.zeros(shape, dtype)
-        self.v = np.zeros(shape, dtype)
+        self.device = device
+        if device is None:
+            self.k = np.zeros(shape, dtype)
+            self.v = np.zeros(shape, dtype)
+        else:
+            import torch
+
+            self.torch = torch
+            self.k = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.v = torch.zeros(shape, dtype=torch.float32, device=device)
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.batch = batch
@@ -32,7 +46,21 @@ class KVCache:
         copy."""
         if rows is None or (rows.size == self.batch and np.array_equal(rows, self.all_rows)):
             return self.k[:, :, :, :upto], self.v[:, :, :, :upto]
+        rows = self._index(rows)
         return self.k[:, rows, :, :upto], self.v[:, rows, :, :upto]
+
+    def rows(self, rows: np.ndarray):
+        """The whole buffers of `rows` (a gathered copy)."""
+        rows = self._index(rows)
+        return self.k[:, rows], self.v[:, rows]
+
+    def _index(self, idx: np.ndarray):
+        return idx if self.device is None else self.torch.as_tensor(idx, device=self.device)
+
+    def _on_device(self, a):
+        """An engine's output as a tensor on the cache's device (device engines return them there already)."""
+        torch = self.torch
+        return a if isinstance(a, torch.Tensor) and a.device == self.k.device else torch.as_tensor(a, device=self.k.device)
 
     def write(self, rows: np.ndarray | None, starts: np.ndarray, new_k: np.ndarray, new_v: np.ndarray) -> None:
         """Store new_k/new_v [L, R, H, K, Dh] at positions starts[r] .. starts[r]+K-1 of row rows[r]
@@ -42,8 +70,12 @@ class KVCache:
         if lo < 0 or hi + num_new > self.capacity:
             raise EngineError(f"KV cache overflow: writing {num_new} positions at offsets {starts.tolist()} into a "
                               f"cache of {self.capacity} positions (the token count N is exceeded)")
+        if self.device is not None:
+            new_k, new_v = self._on_device(new_k), self._on_device(new_v)
         if lo == hi:  # every row at the same offset: one slice (rows on their own axis keep their place)
             span = slice(lo, lo + num_new)
+            if rows is not None:
+                rows = self._index(rows)
             if rows is None:
                 self.k[:, :, :, span] = new_k
                 self.v[:, :, :, span] = new_v
@@ -53,6 +85,13 @@ class KVCache:
             return
         if rows is None:
             rows = self.all_rows
+        if self.device is not None:   # ragged on a device: one indexed assignment (torch has no overlapping windows)
+            torch = self.torch
+            at = torch.as_tensor(starts[:, None] + np.arange(num_new)[None, :], device=self.k.device)   # [R, K]
+            r = torch.as_tensor(rows, device=self.k.device)[:, None]
+            self.k[:, r, :, at] = new_k.permute(1, 3, 0, 2, 4)       # advanced axes first: [R, K, L, H, Dh]
+            self.v[:, r, :, at] = new_v.permute(1, 3, 0, 2, 4)
+            return
         # ragged offsets: index windows of num_new positions, (row, offset) -> k[:, row, :, offset:offset+num_new]
         # (advanced indices on axes 1 and 3 move to the front: the target is [R, L, H, K, Dh])
         k_windows, v_windows = self._windows(num_new)

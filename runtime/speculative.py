@@ -38,7 +38,7 @@ class AREngine:
 
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
                  stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False,
-                 cache_limit: float | None = None, in_place=frozenset(), needs_room: bool = False):
+                 cache_limit: float | None = None, in_place=frozenset(), needs_room: bool = False, device=None):
         self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
         # engines that write their new keys/values into the cache buffers they are passed (ONNX Runtime with the
         # onnx target's in-place engines): a call given the whole buffer needs no host write after it
@@ -57,7 +57,9 @@ class AREngine:
         self.batch = len(classes)
         self.guided = gen.cfg_scale != 1.0
         self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
-        self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim)
+        # device: the backend's `cache_device` (a torch device: the cache lives there, kv_cache.py), or None
+        self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim,
+                             device=device)
         self.scalars = (np.array([gen.temperature], np.float32), np.array([gen.cfg_scale], np.float32))
         self.seq_len = shape.seq_len
         self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows
@@ -116,7 +118,7 @@ class AREngine:
         if whole:
             k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
         elif self.needs_room:
-            k, v = (cache.k[:, rows], cache.v[:, rows]) if rows is not None else (cache.k, cache.v)
+            k, v = cache.rows(rows) if rows is not None else (cache.k, cache.v)
         else:
             k, v = cache.view(rows, int(start.max()))
         out = self._timed(fn, tokens, starts, k, v, cond, *extra(start))
@@ -148,7 +150,7 @@ class AREngine:
         if self.cache_views:                             # the cached prefix it needs (a view for every row)
             k, v = cache.view(rows, int(starts.max()))
         else:                                            # static cache shape: the whole buffer of those rows
-            k, v = (cache.k, cache.v) if rows is None else (cache.k[:, rows], cache.v[:, rows])
+            k, v = (cache.k, cache.v) if rows is None else cache.rows(rows)
         out = self._timed(fn, tokens, starts, k, v, cond, noise, threshold, max_drafts, *self.scalars)
         self.stats.draft_calls += 1
         check_finite(f"draft_rollout_{gamma}", out.draft_mean, out.draft_sigma)
@@ -231,14 +233,15 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     room = jacobi_cache_capacity(shape, G, B, limit) if jacobi else None
     in_place = getattr(engines, "kv_in_place", frozenset())
     needs_room = bool(getattr(engines, "needs_cache_room", False))
+    device = getattr(engines, "cache_device", None)     # the KV caches live on the engines' device (kv_cache.py)
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
                       target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit,
-                      in_place=in_place, needs_room=needs_room)
+                      in_place=in_place, needs_room=needs_room, device=device)
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
         rollout_capacity(m, G) if rollout is not None else None, cache_views=views, in_place=in_place,
-        needs_room=needs_room)
+        needs_room=needs_room, device=device)
     seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)

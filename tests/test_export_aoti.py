@@ -156,3 +156,18 @@ def test_aoti_in_place_runs_equal_host_written_runs(aoti_in_place_dir):
                                                                           cfg_scale=1.5),
                 GenerationConfig(draft="model", gamma=1, seed=1, early_stop="off")):
         np.testing.assert_array_equal(generate(engines, np.array([6]), gen)[0], generate(plain, np.array([6]), gen)[0])
+
+
+def test_aoti_device_cache_runs_equal_host_cache_runs(aoti_in_place_dir):
+    """The caches kept as torch tensors where the engines run (`device_cache`, what a CUDA run does; here on the
+    CPU, a storage apart from numpy) and updated there by the in-place packages: the same tokens as numpy host
+    caches, at batch 3 (rows finish apart: gathered rows and ragged writes) and with guidance."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    device, host = load_engines(aoti_in_place_dir, device_cache=True), load_engines(aoti_in_place_dir)
+    assert device.cache_device is not None and host.cache_device is None and device.kv_in_place
+    for gen in (GenerationConfig(mode="target", seed=2), GenerationConfig(draft="jacobi", gamma=2, seed=2,
+                                                                          cfg_scale=1.5),
+                GenerationConfig(draft="model", gamma=1, seed=2, early_stop="off")):
+        np.testing.assert_array_equal(generate(device, np.array([1, 6, 9]), gen)[0],
+                                      generate(host, np.array([1, 6, 9]), gen)[0])

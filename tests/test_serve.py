@@ -402,6 +402,11 @@ def _session_processes(sid: int) -> list[int]:
 def test_sigterm_stops_the_server_cleanly(server):
     proc = server["proc"]
     assert len(_session_processes(proc.pid)) > 3                 # the driver, Ray's processes, the replicas
+    # started, not only healthy: /health answers before serve.run returns, and a signal before that aborts the
+    # start (exit 130, run_until_signalled); run alone (or first on a worker) this test could land there
+    deadline = time.monotonic() + 60
+    while "serving " not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, server["log"].read_text()[-2000:]
     assert "stopped" in server["log"].read_text().splitlines()[-3:]

@@ -50,7 +50,8 @@ class Generator:
         from .merge import EngineCallMerger
 
         started = time.perf_counter()
-        self.engines = load_engines(engine_dir, threads=threads)
+        # host caches: the merger concatenates the requests' caches into one call (no device-resident cache)
+        self.engines = load_engines(engine_dir, threads=threads, device_cache=False)
         manifest = self.engines.manifest
         # ONNX Runtime takes any batch size; other backends keep to the batch their engines were built for
         max_rows = manifest.max_batch if manifest.backend != "onnxruntime" else max(manifest.max_batch, 64)

@@ -1,0 +1,68 @@
+"""Whole-image time with the KV caches on the engines' device (`device_cache`, runtime/kv_cache.py) against host
+(numpy) caches copied to the device every call, interleaved, same engines and seeds; torch reference backend on
+the shipped checkpoint (`--engine DIR`: AOTInductor engines instead).
+
+    .venv/bin/python benchmarks/device_cache_bench.py --device cuda --batch 1,8 --json OUT/device-cache.json
+
+On the CPU both storages are host memory (the comparison then measures the bookkeeping only); on CUDA the host
+caches cross the bus twice per call. benchmarks/gpu_check.sh runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", default=None, help="an AOTInductor engine dir (default: torch on --ckpt)")
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.engine:
+        from fastardiff.runtime.engine import load_engines
+
+        load = lambda on: load_engines(args.engine, device=args.device, device_cache=on)  # noqa: E731
+    else:
+        from fastardiff.exporter.torch_backend import load_torch_engines
+        from fastardiff.recipes.checkpoint import default_checkpoint_path
+
+        ckpt = args.ckpt or str(default_checkpoint_path())
+        load = lambda on: load_torch_engines(ckpt, device=args.device, device_cache=on)  # noqa: E731
+    engines = {"device cache": load(True), "host cache": load(False)}
+    modes = {"target": GenerationConfig(mode="target"), "model gamma 4": GenerationConfig(gamma=4),
+             "jacobi 8": GenerationConfig(draft="jacobi", gamma=8)}
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        classes = np.arange(batch) % 10
+        times = {}
+        for repeat in range(args.repeats + 1):          # the first round warms up, untimed
+            for mode, gen in modes.items():
+                for where, eng in engines.items():
+                    began = time.perf_counter()
+                    generate(eng, classes, gen)
+                    if repeat:
+                        times.setdefault((mode, where), []).append(time.perf_counter() - began)
+        for mode in modes:
+            host, device = (float(np.median(times[(mode, w)])) for w in ("host cache", "device cache"))
+            rows.append({"batch": batch, "mode": mode, "host cache ms/image": 1000 * host / batch,
+                         "device cache ms/image": 1000 * device / batch, "speedup": host / device})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "backend": "aoti" if args.engine else "torch", "rows": rows}, f,
+                      indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
