@@ -26,19 +26,22 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=3)
     parser.add_argument("--head", default="student", choices=["student", "teacher"])
     parser.add_argument("--ckpt", default=str(shipped.with_name("tiny-mnist-fast-ardiff.pt")))
+    parser.add_argument("--rows", default="target,speculative-cspd,speculative-conditional",
+                        help="which rows (baseline = target-only with the teacher head)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     engines = load_torch_engines(args.ckpt, max_batch=500)
     scorer = QualityScorer(shipped.with_name("digit-classifier.pt"))
     classes = np.arange(args.n) % engines.manifest.config["num_classes"]
-    rows_def = {"target": {"mode": "target"},
-                "speculative, cspd": {"mode": "speculative", "gamma": args.gamma},
-                "speculative, conditional": {"mode": "speculative", "gamma": args.gamma, "acceptance": "conditional"}}
+    every = {"baseline": {"mode": "target", "head": "teacher"}, "target": {"mode": "target"},
+             "speculative-cspd": {"mode": "speculative", "gamma": args.gamma},
+             "speculative-conditional": {"mode": "speculative", "gamma": args.gamma, "acceptance": "conditional"}}
+    rows_def = {name: every[name] for name in args.rows.split(",")}
     rows = []
     for name, options in rows_def.items():
         for seed in (int(s) for s in args.seeds.split(",")):
             began = time.perf_counter()
-            images, stats = generate(engines, classes, GenerationConfig(seed=seed, head=args.head, **options))
+            images, stats = generate(engines, classes, GenerationConfig(seed=seed, **{"head": args.head, **options}))
             rows.append({"row": name, "seed": seed, **scorer.score(images, classes),
                          "acceptance_rate": stats.summary()["acceptance_rate"],
                          "seconds": round(time.perf_counter() - began, 1)})

@@ -61,3 +61,24 @@ def _verify_inputs(engines):
     cache = torch.zeros(L, 2, H, 8, Dh)
     return (np.zeros((2, 1, c["token_dim"]), np.float32), np.zeros(2, np.int64), cache, cache.clone(),
             np.zeros(2, np.int64))
+
+
+def test_device_cache_bench_runs_and_writes_its_rows(random_checkpoint_path, tmp_path):
+    """benchmarks/device_cache_bench.py (a gpu_check.sh step) end to end on the CPU: every mode timed with both
+    storages, rows written (the figures themselves mean nothing on the CPU, where both storages are host memory)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_cache_bench.py"
+    spec = importlib.util.spec_from_file_location("device_cache_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "device-cache.json"
+    assert bench.main(["--ckpt", str(random_checkpoint_path), "--batch", "2", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "torch" and data["device"] == "cpu"
+    assert [r["mode"] for r in data["rows"]] == ["target", "model gamma 4", "jacobi 8"]
+    assert all(r["batch"] == 2 and r["host cache ms/image"] > 0 and r["device cache ms/image"] > 0
+               for r in data["rows"])

@@ -94,6 +94,19 @@ def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_on
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)[:, :16]) > 1e-3
 
 
+@pytest.mark.parametrize("draft", ["model", "jacobi"])
+def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkpoint, target_only_tokens, draft):
+    """The KV caches kept on the engines' device (torch storage, runtime/kv_cache.py; the path a CUDA run takes)
+    under the statistical test, with guidance and early stop (model draft) or coupling (Jacobi)."""
+    from fastardiff.exporter.torch_backend import TorchEngines
+
+    engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_cache=True)
+    spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft=draft,
+                               gamma=4, num_tokens=16)
+    assert stats.drafts_accepted > 0
+    assert two_sample_pvalue(spec, target_only_tokens(2.0)) > 1e-3
+
+
 def test_runtime_target_only_matches_an_independent_reference_sampler(shipped_engines, shipped_checkpoint):
     """The runtime's target-only sampling against recipes' separately written torch sampler, at a temperature
     and a guidance scale != 1, so that an error both runtime paths share (sigma, temperature, guidance rows)
