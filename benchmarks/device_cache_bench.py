@@ -1,6 +1,7 @@
 """Whole-image time with the KV caches on the engines' device (`device_cache`, runtime/kv_cache.py) against host
 (numpy) caches copied to the device every call, interleaved, same engines and seeds; torch reference backend on
-the shipped checkpoint (`--engine DIR`: AOTInductor engines instead).
+the shipped checkpoint (`--engine DIR`: AOTInductor engines instead); `--cuda-graphs` adds the torch engines
+replaying captured CUDA graphs (exporter/cuda_graphs.py; the warm-up round captures, the timed rounds replay).
 
     .venv/bin/python benchmarks/device_cache_bench.py --device cuda --batch 1,8 --json OUT/device-cache.json
 
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the torch engines replaying CUDA graphs (exporter/cuda_graphs.py; CUDA only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.engine:
@@ -36,8 +39,11 @@ def main(argv=None) -> int:
         from fastardiff.recipes.checkpoint import default_checkpoint_path
 
         ckpt = args.ckpt or str(default_checkpoint_path())
-        load = lambda on: load_torch_engines(ckpt, device=args.device, device_cache=on)  # noqa: E731
+        load = lambda on, graphs=False: load_torch_engines(ckpt, device=args.device, device_cache=on,  # noqa: E731
+                                                           cuda_graphs=graphs)
     engines = {"device cache": load(True), "host cache": load(False)}
+    if args.cuda_graphs:
+        engines["CUDA graphs"] = load(True, True)
     modes = {"target": GenerationConfig(mode="target"), "model gamma 4": GenerationConfig(gamma=4),
              "jacobi 8": GenerationConfig(draft="jacobi", gamma=8)}
     rows = []
@@ -55,6 +61,9 @@ def main(argv=None) -> int:
             host, device = (float(np.median(times[(mode, w)])) for w in ("host cache", "device cache"))
             rows.append({"batch": batch, "mode": mode, "host cache ms/image": 1000 * host / batch,
                          "device cache ms/image": 1000 * device / batch, "speedup": host / device})
+            if "CUDA graphs" in engines:     # after the warm-up round: captures done, replays timed
+                graphs = float(np.median(times[(mode, "CUDA graphs")]))
+                rows[-1].update({"CUDA graphs ms/image": 1000 * graphs / batch, "graphs speedup": host / graphs})
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

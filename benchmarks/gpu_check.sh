@@ -9,8 +9,8 @@
 #                          vs the unfused reference
 #   pipeline-tiny-mnist    bench pipeline --device cuda: AOTInductor engines + torch,   pipeline-tiny-mnist.json/.png
 #                          batch 1/8/64 (exported engines stop at batch 8, see its "skipped")
-#   device-cache           KV caches kept on the GPU vs host caches copied every call    device-cache.json
-#                          (torch on CUDA, shipped model, batch 1/8, interleaved)
+#   device-cache           KV caches kept on the GPU vs host caches copied every call,   device-cache.json
+#                          and CUDA graph replays (torch on CUDA, shipped model, batch 1/8, interleaved)
 #   pipeline-mar-*-torch   random-weight mar-b-like / mar-l-like on torch (CUDA),        pipeline-mar-*-torch.json
 #                          batch 1/8/64
 #   pipeline-mar-*-aoti    the same on AOTInductor engines (CUDA), batch 1/8, in the     pipeline-mar-*-aoti.json
@@ -311,8 +311,8 @@ BENCH=("$PYTHON" "$WORK/bench.py" pipeline --gamma 2 --jacobi none --repeats 2 -
 if [[ "$DEVICE" == cuda ]]; then
   run_step pipeline-tiny-mnist 120 "shipped checkpoint, AOTInductor (CUDA) + torch (CUDA)" \
     "${BENCH[@]}" --device cuda --batch 1,8,64 --json "$OUT/pipeline-tiny-mnist.json"
-  run_step device-cache 60 "KV caches on the GPU vs host caches copied per call, torch on CUDA, interleaved" \
-    "$PYTHON" "$ROOT/benchmarks/device_cache_bench.py" --device cuda --batch 1,8 --repeats 2 \
+  run_step device-cache 75 "KV caches on the GPU vs host caches copied per call, and CUDA graphs; torch on CUDA" \
+    "$PYTHON" "$ROOT/benchmarks/device_cache_bench.py" --device cuda --batch 1,8 --repeats 2 --cuda-graphs \
     --json "$OUT/device-cache.json"
   for model in mar-b-like mar-l-like; do
     run_step "pipeline-$model-torch" 75 "random weights, torch on CUDA" \

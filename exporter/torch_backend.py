@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 from fastardiff.runtime.manifest import EngineEntry, Manifest
@@ -48,17 +49,33 @@ class TorchEngines:
     runtime/kv_cache.py) and the AR engines return their new keys/values there, so no call copies a cache."""
 
     def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA,
-                 device_cache: bool | None = None):
+                 device_cache: bool | None = None, cuda_graphs: bool = False, graph_capture=None):
         from .targets import FAMILY_ADAPTERS
 
         self.device = torch.device(device)
         self.cache_device = self.device if (self.device.type != "cpu" if device_cache is None else device_cache) \
             else None
+        # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (exporter/cuda_graphs.py);
+        # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
+        # capture function (the tests' stand-in; CUDA's by default)
+        self.graphs = None
+        if cuda_graphs:
+            if graph_capture is None and self.device.type != "cuda":
+                raise FastardiffError(f"CUDA graphs need a CUDA device (the torch engines run on {self.device}); "
+                                      "drop cuda_graphs or run on cuda")
+            from .cuda_graphs import GraphedCalls, cuda_capture
+
+            self.cache_device = self.device
+            self.graphs = GraphedCalls(lambda name, *a: self.modules[name](*a), graph_capture or cuda_capture)
         modules = FAMILY_ADAPTERS[ckpt.config.family](ckpt, range(1, max_gamma + 1))
         self.modules = {k: m.to(self.device) for k, m in modules.items()}
         self.manifest = checkpoint_manifest(ckpt, modules, str(self.device), max_batch, max_gamma)
         self.rollouts = {ROLLOUT_GAMMA[n]: self._rollout_caller(n) for n in modules if n in ROLLOUT_GAMMA}
-        self.cache_views = True
+        self.cache_views = self.graphs is None
+
+    def _ar_call(self, name: str, *inputs: torch.Tensor):
+        """An AR engine module's call, through its CUDA graph bucket when graphs are on."""
+        return self.modules[name](*inputs) if self.graphs is None else self.graphs(name, *inputs)
 
     def head(self, name: str):
         module = self.modules[name]
@@ -71,13 +88,11 @@ class TorchEngines:
         return run
 
     def _rollout_caller(self, name: str):
-        module = self.modules[name]
-
         @torch.inference_mode()
         def run(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts, temperature, cfg_scale):
-            out = module(*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond), self._tensor(noise),
-                         self._tensor(threshold), self._tensor(max_drafts, torch.long), self._tensor(temperature),
-                         self._tensor(cfg_scale))
+            out = self._ar_call(name, *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond), self._tensor(noise),
+                                self._tensor(threshold), self._tensor(max_drafts, torch.long),
+                                self._tensor(temperature), self._tensor(cfg_scale))
             return RolloutOutput(*self._ar_outputs(out))
 
         return run
@@ -89,8 +104,8 @@ class TorchEngines:
     @torch.inference_mode()
     def _target_jacobi(self, *arrays) -> JacobiOutput:
         longs = {1, 4, 7}                          # lengths, cond, num_guesses
-        out = self.modules["target_jacobi"](*(self._tensor(a, torch.long if i in longs else torch.float32)
-                                              for i, a in enumerate(arrays)))
+        out = self._ar_call("target_jacobi", *(self._tensor(a, torch.long if i in longs else torch.float32)
+                                               for i, a in enumerate(arrays)))
         return JacobiOutput(*self._ar_outputs(out))
 
     def _ar_outputs(self, out) -> list:
@@ -117,12 +132,12 @@ class TorchEngines:
 
     @torch.inference_mode()
     def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
-        out = self.modules["draft_step"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
+        out = self._ar_call("draft_step", *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
         return DraftOutput(*self._ar_outputs(out))
 
     @torch.inference_mode()
     def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
-        out = self.modules["target_verify"](*self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
+        out = self._ar_call("target_verify", *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
         return VerifyOutput(*self._ar_outputs(out))
 
     @torch.inference_mode()
@@ -131,8 +146,8 @@ class TorchEngines:
         return image.float().cpu().numpy()
 
 
-def load_torch_engines(source, device: str = "cpu", max_batch: int = 256,
-                       attention_impl: str = "reference", device_cache: bool | None = None) -> TorchEngines:
+def load_torch_engines(source, device: str = "cpu", max_batch: int = 256, attention_impl: str = "reference",
+                       device_cache: bool | None = None, cuda_graphs: bool = False) -> TorchEngines:
     """source: a loaded checkpoint (either family) or the path of one."""
     ckpt = load_checkpoint(source, attention_impl) if isinstance(source, (str, Path)) else source
-    return TorchEngines(ckpt, device, max_batch, device_cache=device_cache)
+    return TorchEngines(ckpt, device, max_batch, device_cache=device_cache, cuda_graphs=cuda_graphs)

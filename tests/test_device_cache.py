@@ -82,3 +82,59 @@ def test_device_cache_bench_runs_and_writes_its_rows(random_checkpoint_path, tmp
     assert [r["mode"] for r in data["rows"]] == ["target", "model gamma 4", "jacobi 8"]
     assert all(r["batch"] == 2 and r["host cache ms/image"] > 0 and r["device cache ms/image"] > 0
                for r in data["rows"])
+
+
+class EagerCapture:
+    """A stand-in for CUDA graph capture: records fn and its static inputs; replay runs fn eagerly on those same
+    buffers (what a replay computes), counting replays."""
+
+    def __init__(self):
+        self.replays = 0
+
+    def __call__(self, fn, static_inputs):
+        def replay():
+            self.replays += 1
+            return fn(*static_inputs)
+
+        return replay
+
+
+def test_cuda_graph_buckets_copy_inputs_and_clone_outputs():
+    from fastardiff.exporter.cuda_graphs import GraphedCalls
+
+    capture = EagerCapture()
+    graphed = GraphedCalls(lambda name, a, b: (a * 2 + b, a.sum(-1)), capture)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    first = graphed("e", x, y)
+    second = graphed("e", y, x)                       # same bucket: new values copied into the static buffers
+    third = graphed("e", torch.ones(4, 3), torch.ones(4, 3))   # another shape: another capture
+    torch.testing.assert_close(first[0], x * 2 + y)
+    torch.testing.assert_close(second[0], y * 2 + x)   # and `first` was cloned out, not overwritten by it:
+    torch.testing.assert_close(first[1], x.sum(-1))
+    torch.testing.assert_close(third[0], torch.full((4, 3), 3.0))
+    assert graphed.captures == 2 and capture.replays == 3
+
+
+def test_torch_backend_with_cuda_graphs_runs_equal_eager_runs(random_checkpoint):
+    """TorchEngines(cuda_graphs=True) with the stand-in capture: whole static caches, one bucket per shape, and
+    the same tokens as the eager engines (target-only, model draft, Jacobi; batch 3 with guidance). The real
+    capture needs CUDA: without it, a clear error."""
+    from fastardiff.errors import FastardiffError
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    graphed = TorchEngines(random_checkpoint, max_gamma=3, cuda_graphs=True, graph_capture=EagerCapture())
+    eager = TorchEngines(random_checkpoint, max_gamma=3)
+    assert graphed.cache_device is not None and not graphed.cache_views
+    for gen in (GenerationConfig(mode="target", seed=5), GenerationConfig(gamma=3, seed=5, early_stop="off"),
+                GenerationConfig(draft="jacobi", gamma=3, seed=5)):
+        config = GenerationConfig(**{**gen.__dict__, "cfg_scale": 1.5})
+        np.testing.assert_allclose(generate(graphed, np.array([1, 4, 8]), config)[0],
+                                   generate(eager, np.array([1, 4, 8]), config)[0], atol=1e-5)
+    captures = graphed.graphs.captures
+    assert captures == len(graphed.graphs.buckets) > 0
+    again = GenerationConfig(draft="jacobi", gamma=3, seed=5, cfg_scale=1.5)
+    generate(graphed, np.array([1, 4, 8]), again)          # the same run again: replays only, no new capture
+    assert graphed.graphs.captures == captures
+    with pytest.raises(FastardiffError, match="CUDA graphs need a CUDA device"):
+        TorchEngines(random_checkpoint, cuda_graphs=True)
