@@ -14,6 +14,7 @@ import torch
 from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
+from fastardiff.runtime.kv_cache import cache_device_for
 from fastardiff.runtime.manifest import EngineEntry, Manifest
 
 from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, rollout_capacity
@@ -53,8 +54,7 @@ class TorchEngines:
         from .targets import FAMILY_ADAPTERS
 
         self.device = torch.device(device)
-        self.cache_device = self.device if (self.device.type != "cpu" if device_cache is None else device_cache) \
-            else None
+        self.cache_device = cache_device_for(self.device, device_cache)
         # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (exporter/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)

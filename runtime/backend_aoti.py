@@ -10,6 +10,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import IN_PLACE_ENGINES, EngineCalls, check_cache_room
+from .kv_cache import cache_device_for
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -43,8 +44,7 @@ class AotiEngines(EngineCalls):
         # device_cache (None: on for CUDA): the loop keeps its KV caches on this device as torch tensors
         # (runtime/kv_cache.py), passed here as they are, and the AR engines' new keys/values stay there: a call
         # moves its tokens and small outputs, never a cache
-        on_device = self.device != "cpu" if device_cache is None else bool(device_cache)
-        self.cache_device = torch.device(self.device) if on_device else None
+        self.cache_device = cache_device_for(self.device, device_cache)
         # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
         # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
         # without the device cache updates a transient device copy, so the caller writes the cache all the same
@@ -52,7 +52,7 @@ class AotiEngines(EngineCalls):
         scatters = manifest.export.get("kv_update") == "in-place"
         self.needs_cache_room = scatters
         self.kv_in_place = frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines) \
-            if scatters and in_place and (self.device == "cpu" or on_device) else frozenset()
+            if scatters and in_place and (self.device == "cpu" or self.cache_device is not None) else frozenset()
         self.runners = {}
         for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file

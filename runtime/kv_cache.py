@@ -58,9 +58,8 @@ class KVCache:
         return idx if self.device is None else self.torch.as_tensor(idx, device=self.device)
 
     def _on_device(self, a):
-        """An engine's output as a tensor on the cache's device (device engines return them there already)."""
-        torch = self.torch
-        return a if isinstance(a, torch.Tensor) and a.device == self.k.device else torch.as_tensor(a, device=self.k.device)
+        """An engine's output as a tensor on the cache's device (a no-op for the tensors device engines return)."""
+        return self.torch.as_tensor(a, device=self.device)
 
     def write(self, rows: np.ndarray | None, starts: np.ndarray, new_k: np.ndarray, new_v: np.ndarray) -> None:
         """Store new_k/new_v [L, R, H, K, Dh] at positions starts[r] .. starts[r]+K-1 of row rows[r]
@@ -74,21 +73,19 @@ class KVCache:
             new_k, new_v = self._on_device(new_k), self._on_device(new_v)
         if lo == hi:  # every row at the same offset: one slice (rows on their own axis keep their place)
             span = slice(lo, lo + num_new)
-            if rows is not None:
-                rows = self._index(rows)
             if rows is None:
                 self.k[:, :, :, span] = new_k
                 self.v[:, :, :, span] = new_v
             else:
+                rows = self._index(rows)
                 self.k[:, rows, :, span] = new_k
                 self.v[:, rows, :, span] = new_v
             return
         if rows is None:
             rows = self.all_rows
         if self.device is not None:   # ragged on a device: one indexed assignment (torch has no overlapping windows)
-            torch = self.torch
-            at = torch.as_tensor(starts[:, None] + np.arange(num_new)[None, :], device=self.k.device)   # [R, K]
-            r = torch.as_tensor(rows, device=self.k.device)[:, None]
+            at = self._index(starts[:, None] + np.arange(num_new)[None, :])   # [R, K]
+            r = self._index(rows)[:, None]
             self.k[:, r, :, at] = new_k.permute(1, 3, 0, 2, 4)       # advanced axes first: [R, K, L, H, Dh]
             self.v[:, r, :, at] = new_v.permute(1, 3, 0, 2, 4)
             return
@@ -104,6 +101,15 @@ class KVCache:
         if size not in self._window_views:
             self._window_views[size] = windows(self.k, size, axis=3), windows(self.v, size, axis=3)
         return self._window_views[size]
+
+
+def cache_device_for(device, device_cache: bool | None):
+    """A backend's `cache_device`: its torch `device` when the loop should keep the KV caches there (device_cache;
+    None: on for every device but the CPU), else None (host caches)."""
+    import torch
+
+    device = torch.device(device)
+    return device if (device.type != "cpu" if device_cache is None else device_cache) else None
 
 
 def windows(buffer: np.ndarray, size: int, axis: int = 1) -> np.ndarray:

@@ -43,13 +43,10 @@ class GaussianTokens:
 
 
 class DiffusionHeadTokens:
-    exact = False
-
     def __init__(self, head: Callable, trajectory: np.ndarray, temperature: float, stats, score_offset: bool = True):
         """trajectory [B, columns, S, D] float32: the noise of token j of sample b is trajectory[b, j].
         score_offset: CSpD's earlier-step sigma factor enters the ratio (False: the exact conditional rule)."""
         self.head, self.trajectory, self.stats = head, trajectory, stats
-        self.score_offset = score_offset
         self.exact = not score_offset
         self.temperature = np.array([temperature], np.float32)
 
@@ -70,7 +67,7 @@ class DiffusionHeadTokens:
             raise EngineError("the diffusion head engine returned NaN, inf or a non-positive sigma; re-export it")
         return TokenDistribution(mean.reshape(rows, slots, -1).astype(np.float64),
                                  sigma.reshape(rows, slots).astype(np.float64), entropy,
-                                 log_offset.reshape(rows, slots).astype(np.float64) if self.score_offset else None)
+                                 None if self.exact else log_offset.reshape(rows, slots).astype(np.float64))
 
 
 def gaussian_rules(engines, gen, rng, batch: int, columns: int, stats):
