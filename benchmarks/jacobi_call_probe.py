@@ -20,6 +20,7 @@ import numpy as np
 def main() -> None:
     import onnx
 
+    from fastardiff.exporter.engine_modules import AR_INPUTS
     from fastardiff.runtime.engine import load_engines
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
@@ -42,7 +43,7 @@ def main() -> None:
         return out
 
     engines._run = recording_run
-    verify_inputs = len(engines.manifest.engines["target_verify"].inputs)   # the AR inputs target_jacobi starts with
+    verify_inputs = len(AR_INPUTS)       # the AR inputs (the contract's) target_jacobi starts with
     for cfg_scale, classes in ((1.0, np.arange(5)), (2.0, np.arange(2))):
         for window in windows:
             generate(engines, classes, GenerationConfig(mode="speculative", draft="jacobi", gamma=window,

@@ -38,9 +38,10 @@ residual_miss [B,W] int64 (a residual slot none of its C proposals served: the r
 rejection sampler there), new_k / new_v as target_verify.
 
 In-place cache update (`--kv-update in-place`): draft_step, target_verify and target_jacobi also write new_k /
-new_v into the input cache at each row's `lengths`. `onnx` (exporter/onnx_passes.py): two more outputs,
-k_cache_out / v_cache_out [L*R, H, S, Dh], which the runtime binds to the input buffers; `aoti`
-(CacheUpdateInPlace below): a scatter_ into the cache inputs themselves.
+new_v into the input cache at each row's `lengths`. `onnx` (InBufferModel below, exporter/onnx_passes.py): one
+cache buffer per layer in and out (runtime/engine.py per_layer_io), each layer scattering its new keys/values
+into its buffer and attending over it, the outputs bound by the runtime to the input buffers (no copy of the
+cache anywhere in the call); `aoti` (CacheUpdateInPlace below): a scatter_ into the cache inputs themselves.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from torch import nn
 from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
-from fastardiff.runtime.engine import CACHE_OUTPUTS, IN_PLACE_ENGINES  # noqa: F401  (re-exported for the exporter)
+from fastardiff.runtime.engine import IN_PLACE_ENGINES  # noqa: F401  (re-exported for the exporter)
 
 from .rollout import DraftRollout
 
@@ -90,8 +91,7 @@ class DraftStep(nn.Module):
         self.model = draft
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond):
-        mean, entropy, shallow, new_k, new_v = self.model(tokens, lengths, k_cache, v_cache, cond)
-        return mean, entropy, shallow, new_k, new_v
+        return self.model(tokens, lengths, k_cache, v_cache, cond)   # (+ the updated buffers: InBufferModel)
 
 
 class TargetVerify(nn.Module):
@@ -100,8 +100,8 @@ class TargetVerify(nn.Module):
         self.model = target
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond):
-        mean, entropy, _shallow, new_k, new_v = self.model(tokens, lengths, k_cache, v_cache, cond)
-        return mean, entropy, new_k, new_v
+        mean, entropy, _shallow, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond)
+        return (mean, entropy, new_k, new_v, *buffers)
 
 
 class TargetJacobi(nn.Module):
@@ -117,7 +117,7 @@ class TargetJacobi(nn.Module):
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
                 residual_noise, residual_coins, temperature, cfg_scale, coupling):
-        mean, entropy, _shallow, new_k, new_v = self.model(tokens, lengths, k_cache, v_cache, cond)
+        mean, entropy, _shallow, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond)
         samples, guesses, dim = guess_mean.shape
         rows, slots = tokens.shape[0], noise.shape[1]
         z = mean[rows - samples:] + cfg_scale * (mean[:samples] - mean[rows - samples:])   # guided [B, G + 1, D]
@@ -157,7 +157,7 @@ class TargetJacobi(nn.Module):
                                  torch.where(residual.unsqueeze(-1), from_residual,
                                              out_mean + out_sigma.unsqueeze(-1) * noise))
         miss = residual & ~kept.any(2)
-        return accepted, tokens_out, out_mean, out_sigma, e, miss.long(), new_k, new_v
+        return (accepted, tokens_out, out_mean, out_sigma, e, miss.long(), new_k, new_v, *buffers)
 
 
 class CacheUpdateInPlace(nn.Module):
@@ -191,6 +191,35 @@ class JacobiCacheUpdateInPlace(CacheUpdateInPlace):
                 residual_noise, residual_coins, temperature, cfg_scale, coupling):
         return self.run(tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
                         residual_noise, residual_coins, temperature, cfg_scale, coupling)
+
+
+class InBufferModel(nn.Module):
+    """An ARTransformer run with in_buffer=True (recipes/models.py): k_cache / v_cache are tuples of per-layer
+    buffers [R, H, S, Dh] with room for the fed positions; returns its outputs and then the updated buffers."""
+
+    def __init__(self, model: ARTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, lengths, k_cache, v_cache, cond):
+        return self.model(tokens, lengths, k_cache, v_cache, cond, in_buffer=True)
+
+
+def in_buffer_engine(name: str, engine: nn.Module) -> nn.Module:
+    """AR engine `name` (one of IN_PLACE_ENGINES) over per-layer cache buffers it updates: the same module class
+    around InBufferModel; its outputs are the contract's, then k_cache_out_0 .., v_cache_out_0 ..."""
+    model = InBufferModel(engine.model)
+    if name == "target_jacobi":
+        return TargetJacobi(model, engine.sigma).eval()
+    return {"draft_step": DraftStep, "target_verify": TargetVerify}[name](model).eval()
+
+
+def per_layer_inputs(inputs: tuple) -> tuple:
+    """Contract inputs (tokens, lengths, k_cache, v_cache, cond, ...) as an in_buffer engine takes them: the
+    caches as tuples of per-layer buffers, every row's lengths leaving room for the K fed positions."""
+    tokens, lengths, k_cache, v_cache, *rest = inputs
+    lengths = torch.clamp(lengths, max=k_cache.shape[3] - tokens.shape[1])
+    return (tokens, lengths, tuple(k_cache.unbind(0)), tuple(v_cache.unbind(0)), *rest)
 
 
 def cache_update_in_place(name: str, engine: nn.Module) -> nn.Module:

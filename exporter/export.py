@@ -25,7 +25,7 @@ from fastardiff.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, Manifest
 
 from fastardiff.runtime.atomic import created_dirs_removed_on_failure, replace_keeping_backup
 
-from .targets import TARGET_LIBRARIES, ExportOptions, get_target, library_versions
+from .targets import TARGET_LIBRARIES, ExportOptions, get_target, library_versions, resolve_options
 
 log = logging.getLogger("fastardiff.export")
 
@@ -118,6 +118,7 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
 
     out = Path(out)
     build = get_target(opts.target)          # unknown target / missing dependency fail before any work
+    opts = resolve_options(opts)
     gpu = _gpu_identity(opts.device)
     check_output_dir(out)
     ckpt = load_checkpoint(ckpt_path)

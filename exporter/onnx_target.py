@@ -18,8 +18,10 @@ from torch import nn
 
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 
-from .engine_modules import CACHE_OUTPUTS, ENGINE_IO, ShapeProfile
-from .onnx_passes import update_cache_in_place
+from fastardiff.runtime.engine import per_layer_io
+
+from .engine_modules import ENGINE_IO, IN_PLACE_ENGINES, ShapeProfile, in_buffer_engine, per_layer_inputs
+from .onnx_passes import scatter_in_place
 from .parity import check_cache_update, check_engine_parity, with_room
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
@@ -83,32 +85,42 @@ def ort_providers(device: str) -> list[str]:
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
 
 
-def ort_runner(path: Path, name: str, device: str) -> Callable[[tuple], list[np.ndarray]]:
-    """The engine's contract outputs for torch inputs. An engine with the in-place cache outputs
-    (exporter/onnx_passes.py) is also checked for them on every call: each must equal its input cache with the
-    call's new keys/values written at each row's length, bit for bit (ParityError otherwise)."""
+def ort_runner(path: Path, name: str, device: str, cache_layers: int = 0) -> Callable[[tuple], list[np.ndarray]]:
+    """The engine's contract outputs for contract torch inputs. An in-place engine (cache_layers > 0: per-layer
+    cache buffers, exporter/onnx_passes.py) is fed the caches with room for the fed positions, one buffer per
+    layer, and also checked on every call: its updated buffers must equal the input caches with the call's new
+    keys/values written at each row's length, bit for bit (ParityError otherwise)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
     input_names, output_names = ENGINE_IO[name]
-    in_place = [o.name for o in session.get_outputs()][len(output_names):] == CACHE_OUTPUTS
 
     def run(inputs: tuple) -> list[np.ndarray]:
         feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
-        if in_place:
-            feed["k_cache"], feed["v_cache"] = with_room(feed["k_cache"], feed["v_cache"], feed["tokens"].shape[1])
+        if not cache_layers:
+            return session.run(None, feed)
+        k, v = with_room(feed.pop("k_cache"), feed.pop("v_cache"), feed["tokens"].shape[1])
+        feed.update({f"k_cache_{layer}": k[layer] for layer in range(cache_layers)})
+        feed.update({f"v_cache_{layer}": v[layer] for layer in range(cache_layers)})
         outputs = session.run(None, feed)
-        if in_place:
-            named = dict(zip(output_names, outputs))
-            updated = [u.reshape(c.shape) if u.size == c.size else u
-                       for u, c in zip(outputs[len(output_names):], (feed["k_cache"], feed["v_cache"]))]
-            check_cache_update(name, feed["lengths"], (feed["k_cache"], feed["v_cache"]), updated,
-                               (named["new_k"], named["new_v"]))
+        named = dict(zip(output_names, outputs))
+        updated = outputs[len(output_names):]
+        check_cache_update(name, feed["lengths"], (k, v),
+                           (np.stack(updated[:cache_layers]), np.stack(updated[cache_layers:])),
+                           (named["new_k"], named["new_v"]))
         return outputs[:len(output_names)]
 
     return run
+
+
+def per_layer_shapes(shapes: dict, names, layers: int) -> tuple:
+    """dynamic_shapes of the contract inputs `names` for an in_buffer engine's inputs (per-layer cache tuples)."""
+    def layer_dims(cache_dims):
+        return tuple({0: cache_dims[1], 2: cache_dims[3]} for _ in range(layers))
+
+    return tuple(layer_dims(shapes[n]) if n in ("k_cache", "v_cache") else shapes[n] for n in names)
 
 
 def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
@@ -120,17 +132,25 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         file = f"{name}.onnx"
         example = trace_inputs(cfg, name, layers, profile, opts.device)
         log.debug("%s: exporting with example shapes %s", name, [tuple(x.shape) for x in example])
-        export_onnx_file(module, example, work_dir / file, inputs, outputs,
-                         dynamic_shapes(name, profile, derived_dims=False), optimize=name not in HEAD_ENGINES)
-        in_place = opts.kv_update == "in-place" and update_cache_in_place(work_dir / file)
-        run = ort_runner(work_dir / file, name, opts.device)
+        shapes = dynamic_shapes(name, profile, derived_dims=False)
+        io = {}
+        if opts.kv_update == "in-place" and name in IN_PLACE_ENGINES:   # per-layer buffers, updated in place
+            module, example = in_buffer_engine(name, module), per_layer_inputs(example)
+            shapes = per_layer_shapes(shapes, inputs, layers)
+            inputs, outputs = per_layer_io(inputs, outputs, layers)
+            io = {"inputs": inputs, "outputs": outputs, "cache_layers": layers}
+        export_onnx_file(module, example, work_dir / file, inputs, outputs, shapes,
+                         optimize=name not in HEAD_ENGINES)
+        if io:
+            scatter_in_place(work_dir / file, layers)
+        run = ort_runner(work_dir / file, name, opts.device, io.get("cache_layers", 0))
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))
-        return file, parity, CACHE_OUTPUTS if in_place else []
+        return file, parity, io
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
     return TargetResult(backend="onnxruntime", engines=engines,
                         library_versions=library_versions(TARGET_LIBRARIES["onnx"]),
                         extra={"opset": OPSET, "exporter": "torch.onnx dynamo",
-                               "kv_update": ("in place in the AR engines (TensorScatter, opset 24)"
+                               "kv_update": ("in place in the AR engines (per-layer buffers, TensorScatter, opset 24)"
                                              if opts.kv_update == "in-place" else "host")})

@@ -7,7 +7,9 @@ One op, one definition of its semantics (this reference; kernels are tested agai
 q holds the K new tokens of each sample, at positions lengths[b] .. lengths[b]+K-1. k/v hold T keys: the
 first `causal_offset` are the KV cache (only the first lengths[b] of them are valid for sample b), the last K
 are the new tokens themselves. Query i sees cache keys j < lengths[b] and new keys causal_offset..causal_offset+i,
-i.e. n_i = lengths[b] + i + 1 keys. With normalize=True the entropy is divided by log(n_i) (0 when n_i = 1):
+i.e. n_i = lengths[b] + i + 1 keys. causal_offset=None: k/v are a cache buffer that already holds the new tokens at
+positions lengths[b] .. lengths[b]+K-1 (the in-place engines, models.py `in_buffer`), so query i sees keys
+j <= lengths[b] + i: the same keys in buffer order. With normalize=True the entropy is divided by log(n_i) (0 when n_i = 1):
 the causal-normalised entropy of drift-ar Eq. 4, in [0, 1].
 """
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Callable
 import torch
 
 
-def visible_keys_mask(lengths: torch.Tensor, num_queries: int, num_keys: int, causal_offset: int) -> torch.Tensor:
-    """Bool mask [B, 1, K, T]: True where query i of sample b may attend key j."""
+def visible_keys_mask(lengths: torch.Tensor, num_queries: int, num_keys: int, causal_offset: int | None) -> torch.Tensor:
+    """Bool mask [B, 1, K, T]: True where query i of sample b may attend key j (causal_offset None: keys are
+    the buffer's positions, j <= lengths[b] + i)."""
     j = torch.arange(num_keys, device=lengths.device).view(1, 1, 1, num_keys)
     i = torch.arange(num_queries, device=lengths.device).view(1, 1, num_queries, 1)
+    if causal_offset is None:
+        return j <= lengths.view(-1, 1, 1, 1) + i
     cached = j < lengths.view(-1, 1, 1, 1)
     new = (j >= causal_offset) & (j - causal_offset <= i)
     return cached & (j < causal_offset) | new

@@ -9,6 +9,12 @@ ARTransformer.forward(tokens, lengths, k_cache, v_cache, cond) is the engine con
 returns mean [B,K,D], entropy [B,K] (penultimate layer, normalised, head-averaged),
         shallow_entropy [B,K] (layer cfg.shallow_layer), new_k / new_v [L, B, H, K, Dh].
 The training forward is the same call with an empty cache (S = 0) and lengths = 0.
+
+in_buffer=True (the in-place engines of the onnx target, exporter/engine_modules.py): k_cache / v_cache are
+sequences of L per-layer buffers [B, H, S, Dh] with room for the fed positions; each layer writes its new keys /
+values into its buffer at each row's length (a functional scatter: the export binds its output to the input's
+memory) and attends over that buffer with keys j <= lengths[b] + i, which are the same keys as the cache + new
+concat in another order. The updated buffers are returned after the outputs above (all k, then all v).
 """
 from __future__ import annotations
 
@@ -26,12 +32,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None):
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False):
+        """Returns (out, entropy, k, v); in_buffer: k, v are the pairs (new keys, updated buffer)."""
         B, K, W = x.shape
         q, k, v = self.qkv(x).view(B, K, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        keys = torch.cat([k_cache, k], dim=2)
-        values = torch.cat([v_cache, v], dim=2)
-        offset = k_cache.shape[2]
+        if in_buffer:      # write the new keys/values at each row's length, attend over the whole buffer
+            at = (lengths.view(B, 1, 1, 1) + torch.arange(K, device=x.device).view(1, 1, K, 1)).expand_as(k)
+            keys, values = k_cache.scatter(2, at, k), v_cache.scatter(2, at, v)
+            offset = None
+        else:
+            keys = torch.cat([k_cache, k], dim=2)
+            values = torch.cat([v_cache, v], dim=2)
+            offset = k_cache.shape[2]
         scale = q.shape[-1] ** -0.5
         if entropy_impl is None:
             out, entropy = native_attention(q, keys, values, lengths, offset, scale), None
@@ -39,6 +51,8 @@ class CausalSelfAttention(nn.Module):
             out, entropy = entropy_impl(q, keys, values, lengths, offset, scale, True)
             entropy = entropy.float().mean(dim=1)  # head-averaged [B, K]
         out = out.transpose(1, 2).reshape(B, K, W)
+        if in_buffer:
+            return self.proj(out), entropy, (k, keys), (v, values)
         return self.proj(out), entropy, k, v
 
 
@@ -50,8 +64,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None):
-        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl)
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False):
+        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl, in_buffer)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, entropy, k, v
@@ -86,14 +100,21 @@ class ARTransformer(nn.Module):
         x = torch.where(is_cond, self.class_emb(cond).unsqueeze(1), self.token_in(tokens))
         return x + self.pos_emb[positions.clamp(max=self.cfg.seq_len - 1)]
 
-    def forward(self, tokens, lengths, k_cache, v_cache, cond, return_hidden: bool = False):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, return_hidden: bool = False, in_buffer: bool = False):
         entropy_impl = get_entropy_attention(self.attention_impl)
+        if in_buffer and self.attention_impl != "reference":
+            raise ValueError("in_buffer attention is the reference implementation's (the onnx target's in-place "
+                             f"engines); this model uses '{self.attention_impl}'")
         x = self.embed(tokens, lengths, cond)
         entropy = shallow = None
-        new_k, new_v, hidden = [], [], []
+        new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []
         for i, block in enumerate(self.blocks):
             wants_entropy = i in (self.entropy_layer, self.shallow_layer)
-            x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None)
+            x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None, in_buffer)
+            if in_buffer:
+                (k, k_buffer), (v, v_buffer) = k, v
+                k_buffers.append(k_buffer)
+                v_buffers.append(v_buffer)
             if i == self.entropy_layer:
                 entropy = e
             if i == self.shallow_layer:
@@ -103,6 +124,8 @@ class ARTransformer(nn.Module):
             hidden.append(x)
         mean = self.head(self.norm(x))
         outputs = (mean, entropy, shallow, torch.stack(new_k), torch.stack(new_v))
+        if in_buffer:
+            outputs = outputs + tuple(k_buffers) + tuple(v_buffers)
         return outputs + (hidden,) if return_hidden else outputs
 
     def forward_sequence(self, tokens, cond, return_hidden: bool = False):

@@ -20,12 +20,25 @@ from fastardiff.errors import EngineError
 from .manifest import Manifest, load_manifest
 
 
-# the onnx target's AR engines also return the cache they were given with their new keys/values written at each
-# row's length, [L*R, H, S, Dh] (exporter/onnx_passes.py): bound to the input buffers, the update is in place
-CACHE_OUTPUTS = ["k_cache_out", "v_cache_out"]
 
 
 IN_PLACE_ENGINES = ("draft_step", "target_verify", "target_jacobi")
+
+
+def per_layer_cache_inputs(layers: int) -> list[str]:
+    return [f"{c}_{layer}" for c in ("k_cache", "v_cache") for layer in range(layers)]
+
+
+def per_layer_io(inputs, outputs, layers: int) -> tuple[list[str], list[str]]:
+    """The I/O names of an engine whose caches are one buffer per layer (the onnx target's in-place engines,
+    manifest `cache_layers`): k_cache / v_cache become k_cache_0 .. k_cache_{L-1}, v_cache_0 .. (where k_cache
+    was), and the updated buffers k_cache_out_0 .., v_cache_out_0 .. follow the contract outputs. Each
+    [R, H, S, Dh] buffer is a layer of the runtime's contiguous [L, R, H, S, Dh] cache, bound in place."""
+    per_layer = per_layer_cache_inputs(layers)
+    at = list(inputs).index("k_cache")
+    ins = list(inputs[:at]) + per_layer + [n for n in inputs[at:] if n not in ("k_cache", "v_cache")]
+    outs = list(outputs) + [f"{c}_out_{layer}" for c in ("k_cache", "v_cache") for layer in range(layers)]
+    return ins, outs
 
 
 def check_cache_room(name: str, tokens, lengths, k_cache) -> None:

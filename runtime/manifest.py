@@ -35,6 +35,8 @@ class EngineEntry:
     kind: str = ""                 # what the engine computes: its name, or "draft_rollout" for the rollouts
     gamma: int = 0                 # draft_rollout: the number of draft steps unrolled in the graph
     steps: int = 0                 # head (diffusion-head families): denoising steps unrolled in the graph
+    cache_layers: int = 0          # in-place engines with one cache buffer per layer (runtime/engine.py
+                                   # per_layer_io): their layer count; 0: the contract's stacked [L,...] caches
 
 
 @dataclass
@@ -181,9 +183,13 @@ def _schema():
         kind: str = ""
         gamma: NonNegInt = 0
         steps: NonNegInt = 0
+        cache_layers: NonNegInt = 0
 
         @model_validator(mode="after")
         def consistent(self):
+            if self.cache_layers and ("k_cache_0" not in self.inputs or len(self.inputs) < 2 * self.cache_layers):
+                raise _bad("cache_layers", f"an engine with {self.cache_layers} per-layer caches lists them in "
+                                           f"its inputs (got {self.inputs})")
             if self.kind == "draft_rollout" and self.gamma < 1:
                 raise _bad("gamma", f"a draft_rollout engine needs gamma >= 1 (got {self.gamma})")
             if self.kind == "head" and self.steps < 1:

@@ -21,7 +21,7 @@ from fastardiff.exporter.engine_modules import ENGINE_IO, example_inputs, make_e
 from fastardiff.exporter.export import export_engines
 from fastardiff.exporter.parity import ParityError, compare_arrays
 from fastardiff.exporter.targets import ExportOptions, TargetResult, library_versions
-from fastardiff.runtime.engine import load_engines
+from fastardiff.runtime.engine import IN_PLACE_ENGINES, load_engines, per_layer_io
 from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, load_manifest, sha256_file
 from same_run import assert_same_run, generate_on_both
 
@@ -92,7 +92,12 @@ def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_
     for name in list(ENGINE_NAMES) + [f"draft_rollout_{g}" for g in range(1, ONNX_GAMMA + 1)]:
         entry = data["engines"][name]
         assert entry["sha256"] == sha256_file(out / entry["file"])
-        assert (entry["inputs"], entry["outputs"]) == tuple(map(list, ENGINE_IO[name]))
+        # the default (--kv-update auto) onnx AR engines update per-layer cache buffers in place
+        layers = entry["cache_layers"]
+        assert layers == (0 if name not in IN_PLACE_ENGINES else tiny_config.draft_layers if name == "draft_step"
+                          else tiny_config.target_layers)
+        want_io = per_layer_io(*ENGINE_IO[name], layers) if layers else tuple(map(list, ENGINE_IO[name]))
+        assert (entry["inputs"], entry["outputs"]) == want_io
         assert entry["profile"]["batch"] == [1, 4, 8]
         assert entry["kind"] == ("draft_rollout" if "rollout" in name else name)
         parity = entry["parity"]
@@ -192,16 +197,18 @@ def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, exp
     ckpt = load_checkpoint(export_ckpt_path)
     engines = load_engines(onnx_engine_dir)
     assert isinstance(engines, OnnxRuntimeEngines) and "CPUExecutionProvider" in engines.providers
+    assert engines.needs_cache_room       # the default onnx export: in place (host-write engines: below)
     cap = tiny_config.seq_len
     for name, layers, (b, k, s) in [("draft_step", tiny_config.draft_layers, (5, 1, 37)),
                                     ("target_verify", tiny_config.target_layers, (7, 5, 50)),
                                     ("target_verify", tiny_config.target_layers, (3, 2, 0))]:
         tokens, lengths, kc, vc, cond = (x.numpy() for x in example_inputs(tiny_config, name, layers, b, k, s, seed=7))
         lengths[1:] = np.arange(1, b) * 3 % (min(s, cap - k) + 1)  # ragged lengths, including 0
-        # the runtime passes views of its full-capacity cache buffers (non-contiguous)
-        full = np.zeros(kc.shape[:3] + (cap, kc.shape[4]), np.float32)
-        full[:, :, :, :s] = kc
-        got = getattr(engines, name)(tokens, lengths, full[:, :, :, :s], vc, cond)
+        # the runtime passes its full-capacity cache buffers (garbage past each row's length is masked)
+        full_k, full_v = (np.random.default_rng(1).standard_normal(kc.shape[:3] + (cap, kc.shape[4]), np.float32)
+                          for _ in range(2))
+        full_k[:, :, :, :s], full_v[:, :, :, :s] = kc, vc
+        got = getattr(engines, name)(tokens, lengths, full_k, full_v, cond)
         want = _reference_outputs(ckpt, name, (tokens, lengths, kc, vc, cond))
         assert len(got) == len(want)
         for g, w in zip(got, want):
@@ -370,10 +377,11 @@ def test_execution_provider_choice(onnx_engine_dir):
     trt = chosen[0][1]
     c = manifest.config
     d, layers, heads, head_dim = c["token_dim"], c["target_layers"], c["heads"], c["width"] // c["heads"]
-    assert trt["trt_profile_min_shapes"] == (f"tokens:1x1x{d},lengths:1,k_cache:{layers}x1x{heads}x0x{head_dim},"
-                                             f"v_cache:{layers}x1x{heads}x0x{head_dim},cond:1")
+    assert manifest.engines["target_verify"].cache_layers == layers      # per-layer cache inputs (in place)
+    caches = ",".join(f"{n}:1x{heads}x0x{head_dim}" for n in per_layer_io(["k_cache", "v_cache"], [], layers)[0])
+    assert trt["trt_profile_min_shapes"] == f"tokens:1x1x{d},lengths:1,{caches},cond:1"
     cap = c["n_cond"] + (c["image_size"] // c["patch"]) ** 2 - 1
-    assert trt["trt_profile_max_shapes"].startswith(f"tokens:8x{cap}x{d},lengths:8,k_cache:{layers}x8x{heads}x{cap}x")
+    assert trt["trt_profile_max_shapes"].startswith(f"tokens:8x{cap}x{d},lengths:8,k_cache_0:8x{heads}x{cap}x")
     jacobi = choose_providers(gpu_ort, manifest, "target_jacobi")[0][1]
     for corner in ("min", "opt", "max"):   # every input of the engine has a shape at every corner
         names = [part.split(":")[0] for part in jacobi[f"trt_profile_{corner}_shapes"].split(",")]
@@ -455,7 +463,7 @@ def test_ar_engines_update_the_cache_in_place(in_place_engine_dir, random_checkp
     """draft_step / target_verify / target_jacobi write their new keys/values into the cache buffer they are given
     (IOBinding onto the caller's memory), each row at its own length, nothing else touched; their contract outputs
     still equal the PyTorch reference. The rest of the engines are as `--kv-update host` exports them."""
-    from fastardiff.exporter.engine_modules import CACHE_OUTPUTS, jacobi_example_inputs
+    from fastardiff.exporter.engine_modules import jacobi_example_inputs
     from fastardiff.runtime.distribution import SigmaParams
 
     engines = load_engines(in_place_engine_dir)
@@ -467,8 +475,9 @@ def test_ar_engines_update_the_cache_in_place(in_place_engine_dir, random_checkp
                                   SigmaParams.from_config(manifest.config, manifest.calibration))
     cfg = ckpt.config
     for name in sorted(engines.kv_in_place):
-        assert manifest.engines[name].outputs == ENGINE_IO[name][1] + CACHE_OUTPUTS
         layers = cfg.draft_layers if name == "draft_step" else cfg.target_layers
+        entry = manifest.engines[name]
+        assert (entry.inputs, entry.outputs) == per_layer_io(*ENGINE_IO[name], layers) and entry.cache_layers == layers
         if name == "target_jacobi":
             inputs = [x.numpy() for x in jacobi_example_inputs(cfg, layers, 4, 4, 30, torch.Generator().manual_seed(5))]
         else:
@@ -494,6 +503,64 @@ def test_ar_engines_update_the_cache_in_place(in_place_engine_dir, random_checkp
     with pytest.raises(EngineError, match="no room"):
         engines.target_verify(np.zeros((4, 4, cfg.token_dim), np.float32), np.array([7, 0, 1, 2]), short, short,
                               np.arange(4))
+
+
+@pytest.fixture(scope="session")
+def host_engine_dir(random_checkpoint_path, tmp_path_factory):
+    """`--kv-update host` engines of the same random checkpoint: the runtime writes the cache."""
+    out = tmp_path_factory.mktemp("host") / "engines"
+    export_engines(random_checkpoint_path, out, ExportOptions(target="onnx", gamma=1, max_batch=4, kv_update="host"))
+    return out
+
+
+def test_host_write_engines_take_prefix_views_and_equal_in_place_engines(host_engine_dir, in_place_engine_dir,
+                                                                          random_checkpoint):
+    """`--kv-update host` ONNX engines take the contract's stacked caches, also as the non-contiguous prefix views
+    the runtime passes them (no room needed), and match the PyTorch reference; target-only images equal the
+    in-place engines' (same network, keys attended in another order: float-close)."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    host = load_engines(host_engine_dir)
+    assert host.kv_in_place == frozenset() and not host.needs_cache_room
+    assert all(e.cache_layers == 0 and (e.inputs, e.outputs) == tuple(map(list, ENGINE_IO[n]))
+               for n, e in host.manifest.engines.items())
+    cfg = random_checkpoint.config
+    cap = cfg.seq_len
+    for name, layers, (b, k, s) in [("draft_step", cfg.draft_layers, (5, 1, 37)),
+                                    ("target_verify", cfg.target_layers, (4, 5, 50)),
+                                    ("target_verify", cfg.target_layers, (3, 2, 0))]:
+        tokens, lengths, kc, vc, cond = (x.numpy() for x in example_inputs(cfg, name, layers, b, k, s, seed=7))
+        lengths[1:] = np.arange(1, b) * 3 % (min(s, cap - k) + 1)  # ragged lengths, including 0
+        full = np.zeros(kc.shape[:3] + (cap, kc.shape[4]), np.float32)
+        full[:, :, :, :s] = kc
+        got = getattr(host, name)(tokens, lengths, full[:, :, :, :s], vc, cond)     # a prefix view, no room
+        for g, w in zip(got, _reference_outputs(random_checkpoint, name, (tokens, lengths, kc, vc, cond))):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-3)
+    gen = GenerationConfig(mode="target", seed=4, cfg_scale=2.0)
+    images = [generate(e, np.array([1, 6, 8]), gen)[0] for e in (host, load_engines(in_place_engine_dir))]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-3)
+
+
+def test_in_place_bindings_follow_the_buffers_passed(in_place_engine_dir):
+    """The per-layer cache bindings are kept between calls that pass the same buffer (same address and shape) and
+    redone for another one: a second buffer gets the write and the first is left alone; a call's outputs are its
+    own (an earlier call's arrays are not overwritten by the next call)."""
+    engines = load_engines(in_place_engine_dir)
+    cfg = engines.manifest.config
+    shape = (cfg["target_layers"], 2, cfg["heads"], 20, cfg["width"] // cfg["heads"])
+    first, second = (np.zeros(shape, np.float32) for _ in range(2))
+    rng = np.random.default_rng(0)
+    tokens = lambda: rng.standard_normal((2, 3, cfg["token_dim"]), dtype=np.float32)  # noqa: E731
+    out_a = engines.target_verify(tokens(), np.array([0, 4]), first, first.copy(), np.array([1, 2]))
+    kept = [a.copy() for a in out_a]
+    out_b = engines.target_verify(tokens(), np.array([3, 0]), first, first.copy(), np.array([1, 2]))
+    assert all(np.array_equal(a, b) for a, b in zip(out_a, kept)) and not np.array_equal(out_a[0], out_b[0])
+    np.testing.assert_array_equal(first[:, 0, :, 3:6], out_b[2][:, 0])         # the second call's write, row 0
+    before = first.copy()
+    out_c = engines.target_verify(tokens(), np.array([1, 1]), second, second.copy(), np.array([3, 4]))
+    np.testing.assert_array_equal(first, before)
+    np.testing.assert_array_equal(second[:, :, :, 1:4], out_c[2])
+    assert not second[:, :, :, 4:].any() and not second[:, :, :, :1].any()
 
 
 def test_in_place_runs_leave_out_the_host_write_and_equal_host_written_runs(in_place_engine_dir, monkeypatch):

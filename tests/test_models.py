@@ -50,6 +50,18 @@ def test_cached_forward_equals_full_forward_ragged(random_checkpoint, which):
         torch.testing.assert_close(s2[b], shallow[b, p], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(nk[:, b], full_k[:, b, :, p], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(nv[:, b], full_v[:, b, :, p], atol=1e-5, rtol=1e-4)
+    # in_buffer (the onnx target's in-place engines): per-layer buffers, the new keys written at each row's length
+    # and attention over the whole buffer (garbage past lengths + i masked): the same outputs, and the buffers
+    # are the inputs with exactly the new keys/values written
+    m3, e3, s3, nk3, nv3, *buffers = model(new_tokens, lengths, k_cache.unbind(0), v_cache.unbind(0), cond,
+                                           in_buffer=True)
+    for got, want in zip((m3, e3, s3, nk3, nv3), (m2, e2, s2, nk, nv)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for buffer, cache, new in zip(buffers, (*k_cache, *v_cache), (*nk3, *nv3)):
+        want = cache.clone()
+        for b, n in enumerate(lengths.tolist()):
+            want[b, :, n:n + K] = new[b]
+        assert torch.equal(buffer, want)
 
 
 @pytest.mark.parametrize("splits", [[1] * 64, [5, 1, 20, 38], [2, 62], [64]])
