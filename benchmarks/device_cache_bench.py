@@ -44,7 +44,10 @@ def main(argv=None) -> int:
     engines = {"device cache": load(True), "host cache": load(False)}
     if args.cuda_graphs:
         engines["CUDA graphs"] = load(True, True)
+    # "model gamma 4": with device caches each round is accepted in the target_jacobi engine (the default there);
+    # "... host acceptance": target_verify + the host's numpy acceptance, as on host caches
     modes = {"target": GenerationConfig(mode="target"), "model gamma 4": GenerationConfig(gamma=4),
+             "model gamma 4 host acceptance": GenerationConfig(gamma=4, engine_acceptance=False),
              "jacobi 8": GenerationConfig(draft="jacobi", gamma=8)}
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):

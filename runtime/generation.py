@@ -35,6 +35,8 @@ class GenerationConfig:
     shared_noise: bool = True     # diffusion-head families: draft and target share each token's noise trajectory
     inner_temperature: float = 1.0  # diffusion-head families: CSpD's inner temperature of the ratio (1: as stated)
     acceptance: str = "cspd"      # diffusion-head families: the acceptance ratio (ACCEPTANCE_RULES)
+    engine_acceptance: bool | None = None   # model draft: accept in the target_jacobi engine (None: on device
+                                            # backends only; speculative.in_engine_acceptance)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,32 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
         stats.record_round(k, accepted)
 
 
+def accept_drafts_in_engine(target, engine, seq: np.ndarray, act: np.ndarray, base: np.ndarray, k: np.ndarray,
+                            q_mean: np.ndarray, q_sigma: np.ndarray, rng: np.random.Generator):
+    """The model-draft round's verify and acceptance in one target_jacobi call: the drafts at seq[act, base ..
+    base + k - 1] are its guesses, their draft Gaussians q their recorded q, coupling off (only the rejected slot
+    draws a residual). Same rule as sampling.accept_drafts: left to right with min(1, p/q), the residual
+    max(0, p - q) at the first rejection (finished here when none of the in-graph proposals served it), the bonus
+    from p when all pass. Needs every row's target cache valid up to base - 1 and room for kmax + 1 fed positions
+    past it (the feed is never shifted back). Returns (accepted [R], next token [R, D], target entropy at the
+    verified slots [R, kmax + 1])."""
+    R, kmax, D = len(act), int(k.max()), seq.shape[-1]
+    C = residual_proposals(R)
+    q_mean = np.ascontiguousarray(q_mean[:, :kmax], np.float32)
+    q_sigma = np.ascontiguousarray(q_sigma[:, :kmax], np.float32)
+    sampling = (q_mean, q_sigma, k, rng.random((R, kmax), np.float32), rng.standard_normal((R, 2, D), np.float32),
+                rng.standard_normal((R, 2, C, D), np.float32), rng.random((R, 2, C), np.float32))
+    res = target.jacobi(engine, seq, act, base + k, sampling, NO_COUPLING)
+    accepted = res.accepted.astype(np.int64)
+    out = res.tokens_out
+    if res.residual_miss[:, 0].any():
+        finish_residuals(rng, out, res, accepted, q_mean, q_sigma)
+    return accepted, out[:, 0], res.slot_entropy
+
+
+NO_COUPLING = np.zeros(1, np.float32)
+
+
 def finish_residuals(rng: np.random.Generator, out: np.ndarray, res, accepted: np.ndarray, q_mean, q_sigma) -> None:
     """Residual slots whose in-graph proposals were all rejected: continue the rejection sampler on the host
     (a fresh run of the same sampler: the first kept proposal of an i.i.d. sequence, wherever counting starts)."""

@@ -32,7 +32,9 @@ def test_device_cache_writes_and_views_equal_numpy():
 
 
 @pytest.mark.parametrize("gen", [dict(mode="target"), dict(draft="model", gamma=3, early_stop="off"),
-                                 dict(draft="jacobi", gamma=4)], ids=["target", "model", "jacobi"])
+                                 dict(draft="model", gamma=3, early_stop="off", engine_acceptance=False),
+                                 dict(draft="jacobi", gamma=4)],
+                         ids=["target", "model-engine-acceptance", "model-host-acceptance", "jacobi"])
 def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint, gen):
     from fastardiff.exporter.torch_backend import TorchEngines
     from fastardiff.runtime.speculative import GenerationConfig, generate
@@ -48,7 +50,9 @@ def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint
         timed = time_engine_calls(device, 2, 1.5, [3], jacobi_windows=[4])
         assert {"step", ("verify", 4), ("rollout", 3), ("jacobi", 4)} <= set(timed)
         assert all(ms > 0 for ms in timed.values())
-    config = GenerationConfig(seed=3, cfg_scale=1.5, **gen)
+    # model draft on device caches accepts in the target_jacobi engine by default: the host-cache run is asked
+    # for the same (the two acceptance paths draw different random numbers)
+    config = GenerationConfig(seed=3, cfg_scale=1.5, **{"engine_acceptance": True, **gen})
     a, sa = generate(device, np.array([2, 5, 7]), config)
     b, sb = generate(host, np.array([2, 5, 7]), config)
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -79,7 +83,7 @@ def test_device_cache_bench_runs_and_writes_its_rows(random_checkpoint_path, tmp
                        "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["backend"] == "torch" and data["device"] == "cpu"
-    assert [r["mode"] for r in data["rows"]] == ["target", "model gamma 4", "jacobi 8"]
+    assert [r["mode"] for r in data["rows"]] == ["target", "model gamma 4", "model gamma 4 host acceptance", "jacobi 8"]
     assert all(r["batch"] == 2 and r["host cache ms/image"] > 0 and r["device cache ms/image"] > 0
                for r in data["rows"])
 
@@ -126,7 +130,8 @@ def test_torch_backend_with_cuda_graphs_runs_equal_eager_runs(random_checkpoint)
     graphed = TorchEngines(random_checkpoint, max_gamma=3, cuda_graphs=True, graph_capture=EagerCapture())
     eager = TorchEngines(random_checkpoint, max_gamma=3)
     assert graphed.cache_device is not None and not graphed.cache_views
-    for gen in (GenerationConfig(mode="target", seed=5), GenerationConfig(gamma=3, seed=5, early_stop="off"),
+    for gen in (GenerationConfig(mode="target", seed=5),
+                GenerationConfig(gamma=3, seed=5, early_stop="off", engine_acceptance=True),
                 GenerationConfig(draft="jacobi", gamma=3, seed=5)):
         config = GenerationConfig(**{**gen.__dict__, "cfg_scale": 1.5})
         np.testing.assert_allclose(generate(graphed, np.array([1, 4, 8]), config)[0],

@@ -168,6 +168,6 @@ def test_aoti_device_cache_runs_equal_host_cache_runs(aoti_in_place_dir):
     assert device.cache_device is not None and host.cache_device is None and device.kv_in_place
     for gen in (GenerationConfig(mode="target", seed=2), GenerationConfig(draft="jacobi", gamma=2, seed=2,
                                                                           cfg_scale=1.5),
-                GenerationConfig(draft="model", gamma=1, seed=2, early_stop="off")):
+                GenerationConfig(draft="model", gamma=1, seed=2, early_stop="off", engine_acceptance=True)):
         np.testing.assert_array_equal(generate(device, np.array([1, 6, 9]), gen)[0],
                                       generate(host, np.array([1, 6, 9]), gen)[0])

@@ -63,15 +63,20 @@ def target_only_tokens(shipped_engines):
     return get
 
 
-@pytest.mark.parametrize("early_stop,cfg_scale", [("off", 1.0), ("context", 2.0), ("static-forced", 1.0)])
+@pytest.mark.parametrize("early_stop,cfg_scale,engine_acceptance", [("off", 1.0, None), ("context", 2.0, None),
+                                                                     ("static-forced", 1.0, None),
+                                                                     ("context", 2.0, True)])
 def test_speculative_is_indistinguishable_from_target_only(shipped_engines, target_only_tokens, early_stop,
-                                                          cfg_scale):
+                                                          cfg_scale, engine_acceptance):
+    """Model-draft speculation (rollouts, guidance, early stop) gives target-only samples; engine_acceptance:
+    each round verified and accepted in one target_jacobi call (runtime/jacobi.py accept_drafts_in_engine, the
+    path device backends take), else target_verify + the host's accept_drafts (the CPU default)."""
     engines = shipped_engines
     if early_stop == "static-forced":  # threshold at the draft's mean shallow entropy: many rounds stop early
         tau = shipped_engines.manifest.calibration["draft_shallow_mean"]
         engines, early_stop = RecordingEngines(shipped_engines, calibration={"tau_static": tau}), "static"
     spec, stats = first_tokens(engines, "speculative", seed=2, early_stop=early_stop, cfg_scale=cfg_scale,
-                               num_tokens=tokens_for(cfg_scale))
+                               num_tokens=tokens_for(cfg_scale), engine_acceptance=engine_acceptance)
     assert stats.drafts_accepted > 0
     if engines is not shipped_engines:
         assert stats.early_stops > STAT_BATCH
@@ -101,7 +106,10 @@ def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkp
     (tests/test_device_cache.py)."""
     from fastardiff.exporter.torch_backend import TorchEngines
 
+    from fastardiff.runtime.speculative import in_engine_acceptance
+
     engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_cache=True)
+    assert in_engine_acceptance(engines, GenerationConfig(draft="model"))     # device caches: accepted in-engine
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
     assert stats.drafts_accepted > 0
@@ -404,3 +412,26 @@ def test_rollout_loop_never_claims_an_unfed_cache_position(random_engines):
     assert len(rec.calls) > 5 and stats.bonus_tokens > 0          # some rounds accepted every draft
     for (length, width, gamma), (next_length, _, _) in zip(rec.calls, rec.calls[1:]):
         assert int(next_length[0]) <= int(length[0]) + width + gamma - 1
+
+
+def test_engine_acceptance_choice_and_its_errors(shipped_engines):
+    """Engine acceptance is off on host-cache engines unless asked for, never for Jacobi or target-only, and a
+    clear error where it cannot run (a diffusion-head family, an inner temperature, no target_jacobi engine)."""
+    from types import SimpleNamespace
+
+    from fastardiff.runtime.speculative import GenerationError, in_engine_acceptance
+
+    assert not in_engine_acceptance(shipped_engines, GenerationConfig(draft="model"))
+    assert in_engine_acceptance(shipped_engines, GenerationConfig(draft="model", engine_acceptance=True))
+    assert not in_engine_acceptance(shipped_engines, GenerationConfig(draft="jacobi", engine_acceptance=True))
+    assert not in_engine_acceptance(shipped_engines, GenerationConfig(mode="target", engine_acceptance=True))
+    manifest = shipped_engines.manifest
+    no_jacobi = SimpleNamespace(manifest=SimpleNamespace(family="drift-ar", engines={"target_verify": None}),
+                                cache_device="cuda")
+    heads = SimpleNamespace(manifest=SimpleNamespace(family="fast-ardiff", engines=manifest.engines))
+    for engines, gen in ((no_jacobi, GenerationConfig(engine_acceptance=True)),
+                         (heads, GenerationConfig(engine_acceptance=True)),
+                         (shipped_engines, GenerationConfig(engine_acceptance=True, inner_temperature=2.0))):
+        with pytest.raises(GenerationError, match="engine acceptance needs a drift-ar model"):
+            in_engine_acceptance(engines, gen)
+    assert not in_engine_acceptance(no_jacobi, GenerationConfig())         # auto: quietly off where it cannot run
