@@ -322,7 +322,7 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
     confirm: the cost model's best candidates are run as whole images against target-only and the measured
     speedup decides (confirm_by_runs); False: the prediction alone decides."""
     from .manifest import HEAD_FAMILIES
-    from .speculative import ModelShape, verify_limit
+    from .speculative import GenerationConfig, ModelShape, in_engine_acceptance, verify_limit
 
     manifest = engines.manifest
     if manifest.family in HEAD_FAMILIES:
@@ -346,7 +346,11 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
             why.append("no calibrated Jacobi tokens per call (calibration.extra.jacobi_tokens_per_call; "
                        "run fastardiff calibrate)")
         return GammaChoice(None, f"{'; '.join(why)}; target-only")
-    costs = time_engine_calls(engines, batch, cfg_scale, gammas, [w + 1 for w in windows], list(windows))
+    # model-draft rounds on a device backend verify and accept in one target_jacobi call (in_engine_acceptance):
+    # that call is what they cost there
+    accepts_in_engine = bool(gammas) and in_engine_acceptance(engines, GenerationConfig(cfg_scale=cfg_scale))
+    costs = time_engine_calls(engines, batch, cfg_scale, gammas, [w + 1 for w in windows],
+                              sorted(set(windows) | (set(gammas) if accepts_in_engine else set())))
     runs = {"step": ("target", "model", 1)}
     if gammas:
         runs["model"] = ("speculative", "model", max(gammas))
@@ -359,7 +363,8 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
     candidates = []
     for g in gammas:
         tau = expected_tokens(curve, g)
-        rollout, verify = costs[("rollout", g)], costs[("verify", g + 1)]
+        rollout = costs[("rollout", g)]
+        verify = costs.get(("jacobi", g), costs[("verify", g + 1)]) if accepts_in_engine else costs[("verify", g + 1)]
         candidates.append({"draft": "model", "gamma": g, "tokens_per_round": tau, "rollout_ms": rollout,
                            "verify_ms": verify, "host_ms": host["model"],
                            "speedup": tau * step / (rollout + verify + host["model"])})

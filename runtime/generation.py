@@ -97,3 +97,22 @@ def verify_limit(engines) -> int | None:
     profile = getattr(entry, "profile", None) or {}
     k = profile.get("K") or profile.get("new_tokens")
     return int(k[-1]) if k else None
+
+
+def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
+    """Whether model-draft rounds verify and accept in one target_jacobi call (jacobi.accept_drafts_in_engine)
+    instead of target_verify + the host's accept_drafts. gen.engine_acceptance None: where the engines keep their
+    caches on a device (a CUDA backend: the acceptance runs there and only the accepted counts, the next tokens
+    and their entropies come back); on the CPU the host's numpy acceptance measured faster (the sampling nodes
+    cost more than the numpy they replace: 0.86x at batch 1, 0.87x at batch 8). Needs plain Gaussian tokens
+    (drift-ar), the plain ratio and the engine (GenerationError when forced without them)."""
+    if gen.engine_acceptance is False or gen.mode != "speculative" or gen.draft != "model":
+        return False
+    able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
+            and "target_jacobi" in engines.manifest.engines)
+    if gen.engine_acceptance is None:
+        return able and getattr(engines, "cache_device", None) is not None
+    if not able:
+        raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
+                              "target_jacobi (re-export them); leave it to the default or turn it off")
+    return True

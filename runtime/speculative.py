@@ -22,7 +22,7 @@ from fastardiff.errors import EngineError
 
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
-                         check_request, verify_limit)
+                         check_request, in_engine_acceptance, verify_limit)
 from .jacobi import accept_drafts_in_engine, jacobi_rounds
 from .kv_cache import KVCache, windows
 from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian
@@ -305,25 +305,6 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stats.record_round(k, accepted)
     stats.tokens += B * total
     return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
-
-
-def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
-    """Whether model-draft rounds verify and accept in one target_jacobi call (jacobi.accept_drafts_in_engine)
-    instead of target_verify + the host's accept_drafts. gen.engine_acceptance None: where the engines keep their
-    caches on a device (a CUDA backend: the acceptance runs there and only the accepted counts, the next tokens
-    and their entropies come back); on the CPU the host's numpy acceptance measured faster (the sampling nodes
-    cost more than the numpy they replace: 0.86x at batch 1, 0.87x at batch 8). Needs plain Gaussian tokens
-    (drift-ar), the plain ratio and the engine (GenerationError when forced without them)."""
-    if gen.engine_acceptance is False or gen.mode != "speculative" or gen.draft != "model":
-        return False
-    able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
-            and "target_jacobi" in engines.manifest.engines)
-    if gen.engine_acceptance is None:
-        return able and getattr(engines, "cache_device", None) is not None
-    if not able:
-        raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
-                              "target_jacobi (re-export them); leave it to the default or turn it off")
-    return True
 
 
 def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_drafts, G: int, rng, stats):
