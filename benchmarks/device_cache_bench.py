@@ -1,7 +1,8 @@
 """Whole-image time with the KV caches on the engines' device (`device_cache`, runtime/kv_cache.py) against host
 (numpy) caches copied to the device every call, interleaved, same engines and seeds; torch reference backend on
 the shipped checkpoint (`--engine DIR`: AOTInductor engines instead); `--cuda-graphs` adds the torch engines
-replaying captured CUDA graphs (exporter/cuda_graphs.py; the warm-up round captures, the timed rounds replay).
+replaying captured CUDA graphs (exporter/cuda_graphs.py; the warm-up round captures, the timed rounds replay);
+"device loop" keeps the loop's token buffer, noise and engine outputs on the device as well (runtime/arrays.py).
 
     .venv/bin/python benchmarks/device_cache_bench.py --device cuda --batch 1,8 --json OUT/device-cache.json
 
@@ -33,15 +34,18 @@ def main(argv=None) -> int:
     if args.engine:
         from fastardiff.runtime.engine import load_engines
 
-        load = lambda on: load_engines(args.engine, device=args.device, device_cache=on)  # noqa: E731
+        load = lambda on, graphs=False, loop=False: load_engines(args.engine, device=args.device,  # noqa: E731
+                                                                 device_cache=on, device_loop=loop)
     else:
         from fastardiff.exporter.torch_backend import load_torch_engines
         from fastardiff.recipes.checkpoint import default_checkpoint_path
 
         ckpt = args.ckpt or str(default_checkpoint_path())
-        load = lambda on, graphs=False: load_torch_engines(ckpt, device=args.device, device_cache=on,  # noqa: E731
-                                                           cuda_graphs=graphs)
-    engines = {"device cache": load(True), "host cache": load(False)}
+        load = lambda on, graphs=False, loop=False: load_torch_engines(  # noqa: E731
+            ckpt, device=args.device, device_cache=on, cuda_graphs=graphs, device_loop=loop)
+    # "device cache": the KV caches on the device, the loop's buffers on the host; "device loop": those too
+    # (runtime/arrays.py, one readback per round)
+    engines = {"device cache": load(True, loop=False), "host cache": load(False), "device loop": load(True, loop=True)}
     if args.cuda_graphs:
         engines["CUDA graphs"] = load(True, True)
     # "model gamma 4": with device caches each round is accepted in the target_jacobi engine (the default there);
@@ -62,8 +66,10 @@ def main(argv=None) -> int:
                         times.setdefault((mode, where), []).append(time.perf_counter() - began)
         for mode in modes:
             host, device = (float(np.median(times[(mode, w)])) for w in ("host cache", "device cache"))
+            loop = float(np.median(times[(mode, "device loop")]))
             rows.append({"batch": batch, "mode": mode, "host cache ms/image": 1000 * host / batch,
-                         "device cache ms/image": 1000 * device / batch, "speedup": host / device})
+                         "device cache ms/image": 1000 * device / batch, "speedup": host / device,
+                         "device loop ms/image": 1000 * loop / batch, "loop speedup": host / loop})
             if "CUDA graphs" in engines:     # after the warm-up round: captures done, replays timed
                 graphs = float(np.median(times[(mode, "CUDA graphs")]))
                 rows[-1].update({"CUDA graphs ms/image": 1000 * graphs / batch, "graphs speedup": host / graphs})

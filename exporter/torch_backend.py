@@ -14,7 +14,7 @@ import torch
 from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
-from fastardiff.runtime.kv_cache import cache_device_for
+from fastardiff.runtime.kv_cache import cache_device_for, loop_device_for
 from fastardiff.runtime.manifest import EngineEntry, Manifest
 
 from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, rollout_capacity
@@ -50,11 +50,15 @@ class TorchEngines:
     runtime/kv_cache.py) and the AR engines return their new keys/values there, so no call copies a cache."""
 
     def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA,
-                 device_cache: bool | None = None, cuda_graphs: bool = False, graph_capture=None):
+                 device_cache: bool | None = None, cuda_graphs: bool = False, graph_capture=None,
+                 device_loop: bool | None = None):
         from .targets import FAMILY_ADAPTERS
 
         self.device = torch.device(device)
-        self.cache_device = cache_device_for(self.device, device_cache)
+        # device_loop (None: on for CUDA; True needs the device caches and turns them on): the loop keeps its token
+        # buffer on the device too and every engine output stays there (runtime/arrays.py)
+        self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
+        self.loop_device = loop_device_for(self.cache_device, device_loop)
         # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (exporter/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)
@@ -93,7 +97,7 @@ class TorchEngines:
             out = self._ar_call(name, *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond), self._tensor(noise),
                                 self._tensor(threshold), self._tensor(max_drafts, torch.long),
                                 self._tensor(temperature), self._tensor(cfg_scale))
-            return RolloutOutput(*self._ar_outputs(out))
+            return RolloutOutput(*self._ar_outputs(out, tokens))
 
         return run
 
@@ -106,11 +110,13 @@ class TorchEngines:
         longs = {1, 4, 7}                          # lengths, cond, num_guesses
         out = self._ar_call("target_jacobi", *(self._tensor(a, torch.long if i in longs else torch.float32)
                                                for i, a in enumerate(arrays)))
-        return JacobiOutput(*self._ar_outputs(out))
+        return JacobiOutput(*self._ar_outputs(out, arrays[0]))
 
-    def _ar_outputs(self, out) -> list:
+    def _ar_outputs(self, out, tokens=None) -> list:
         """An AR engine's outputs as numpy, but its new keys/values (the last two) as device tensors when the
-        loop's caches live on the device."""
+        loop's caches live on the device, and every output when the loop does (its tokens come as tensors)."""
+        if isinstance(tokens, torch.Tensor):
+            return [t.float() if t.is_floating_point() else t for t in out]
         keep = 2 if self.cache_device is not None else 0
         host = [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out[:len(out) - keep]]
         return host + [t.float() for t in out[len(out) - keep:]]
@@ -133,12 +139,12 @@ class TorchEngines:
     @torch.inference_mode()
     def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput:
         out = self._ar_call("draft_step", *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
-        return DraftOutput(*self._ar_outputs(out))
+        return DraftOutput(*self._ar_outputs(out, tokens))
 
     @torch.inference_mode()
     def target_verify(self, tokens, lengths, k_cache, v_cache, cond) -> VerifyOutput:
         out = self._ar_call("target_verify", *self._ar_inputs(tokens, lengths, k_cache, v_cache, cond))
-        return VerifyOutput(*self._ar_outputs(out))
+        return VerifyOutput(*self._ar_outputs(out, tokens))
 
     @torch.inference_mode()
     def decoder(self, tokens, entropy, cond) -> np.ndarray:
@@ -147,7 +153,9 @@ class TorchEngines:
 
 
 def load_torch_engines(source, device: str = "cpu", max_batch: int = 256, attention_impl: str = "reference",
-                       device_cache: bool | None = None, cuda_graphs: bool = False) -> TorchEngines:
+                       device_cache: bool | None = None, cuda_graphs: bool = False,
+                       device_loop: bool | None = None) -> TorchEngines:
     """source: a loaded checkpoint (either family) or the path of one."""
     ckpt = load_checkpoint(source, attention_impl) if isinstance(source, (str, Path)) else source
-    return TorchEngines(ckpt, device, max_batch, device_cache=device_cache, cuda_graphs=cuda_graphs)
+    return TorchEngines(ckpt, device, max_batch, device_cache=device_cache, cuda_graphs=cuda_graphs,
+                        device_loop=device_loop)

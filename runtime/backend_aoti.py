@@ -10,7 +10,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import IN_PLACE_ENGINES, EngineCalls, check_cache_room
-from .kv_cache import cache_device_for
+from .kv_cache import cache_device_for, loop_device_for
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -20,7 +20,8 @@ class AotiEngines(EngineCalls):
     """The Engines interface over three AOTInductor packages (numpy in, numpy out)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
-                 in_place: bool = True, device_cache: bool | None = None, **other):
+                 in_place: bool = True, device_cache: bool | None = None, device_loop: bool | None = None,
+                 **other):
         try:
             import torch
             import torch._inductor
@@ -44,7 +45,10 @@ class AotiEngines(EngineCalls):
         # device_cache (None: on for CUDA): the loop keeps its KV caches on this device as torch tensors
         # (runtime/kv_cache.py), passed here as they are, and the AR engines' new keys/values stay there: a call
         # moves its tokens and small outputs, never a cache
-        self.cache_device = cache_device_for(self.device, device_cache)
+        self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
+        # device_loop (None: on for CUDA): the loop's token buffer and every engine output stay on the device too
+        # (runtime/arrays.py); a round reads back only its bookkeeping
+        self.loop_device = loop_device_for(self.cache_device, device_loop)
         # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
         # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
         # without the device cache updates a transient device copy, so the caller writes the cache all the same
@@ -76,6 +80,8 @@ class AotiEngines(EngineCalls):
             out = self.runners[name](*[self._tensor(a) for a in arrays])
         out = out if isinstance(out, (list, tuple)) else (out,)
         # an AR engine's new keys/values (its last two outputs) stay on the device with a device cache
+        if isinstance(arrays[0], self.torch.Tensor) and name != "decoder":   # the device loop's call: all stay
+            return [o.detach() for o in out]
         keep = 2 if self.cache_device is not None and self.manifest.engines[name].outputs[-1] == "new_v" else 0
         return [o.detach().cpu().numpy() for o in out[:len(out) - keep]] + [o.detach() for o in out[len(out) - keep:]]
 

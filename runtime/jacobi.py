@@ -83,7 +83,7 @@ def resolve_slots(rng: np.random.Generator, guesses: np.ndarray, k: np.ndarray, 
     return accepted, out, mean[:, 1:], sigma[:, 1:]
 
 
-def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndarray, total: int, n_cond: int,
+def jacobi_rounds(target, seq, token_entropy: np.ndarray, n: np.ndarray, total: int, n_cond: int,
                   window: int, coupling: bool, rng: np.random.Generator, stats, engine=None) -> None:
     """Run Jacobi rounds until every sample has `total` tokens; fills seq / token_entropy in place like the
     model-draft loop (seq needs window + 1 spare positions per row, token_entropy window + 1 spare columns).
@@ -91,13 +91,19 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
     With `engine` (the target_jacobi engine) a round with guesses is one engine call that also samples: the
     rule above in-graph, fed the round's uniforms and normals from `rng`; only a residual slot none of its
     in-graph proposals served is finished here (the same rejection sampler, continued). Without it
-    (or in a round without guesses) the round is a target_verify call and `resolve_slots`."""
+    (or in a round without guesses) the round is a target_verify call and `resolve_slots` (on the host).
+    seq and the guesses live where target.arrays keeps them (runtime/arrays.py); a round reads back its accepted
+    counts, residual misses and entropies in one transfer."""
+    from .ar_engine import round_results
+
+    arrays = target.arrays
     B, D, L = seq.shape[0], seq.shape[-1], window
-    guess_mean = np.zeros((B, total + L + 1, D), np.float32)   # q of the guess at token index j, column j
-    guess_sigma = np.ones((B, total + L + 1), np.float32)
+    guess_mean = arrays.zeros((B, total + L + 1, D))      # q of the guess at token index j, column j
+    guess_sigma = arrays.ones((B, total + L + 1))
     have = np.zeros(B, np.int64)                        # guesses in each window (none before the first round)
-    seq_windows, out_windows, entropy_windows = windows(seq, L), windows(seq, L + 1), windows(token_entropy, L + 1)
-    mean_windows, sigma_windows = windows(guess_mean, L), windows(guess_sigma, L)
+    seq_windows, out_windows = arrays.windows(seq, L), arrays.windows(seq, L + 1)
+    entropy_windows = windows(token_entropy, L + 1)
+    mean_windows, sigma_windows = arrays.windows(guess_mean, L), arrays.windows(guess_sigma, L)
     coupling_flag = np.array([1.0 if coupling else 0.0], np.float32)
     while (act := np.flatnonzero(n < total)).size:
         na = n[act]
@@ -109,21 +115,30 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
         q_mean, q_sigma = mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax]
         if engine is not None and kmax:
             R, C = len(act), residual_proposals(len(act))
-            sampling = (q_mean, q_sigma, k, rng.random((R, kmax), np.float32),
-                        rng.standard_normal((R, L + 1, D), np.float32),
-                        rng.standard_normal((R, L + 1, C, D), np.float32), rng.random((R, L + 1, C), np.float32))
+            sampling = (q_mean, q_sigma, k, arrays.uniform(rng, (R, kmax)), arrays.normal(rng, (R, L + 1, D)),
+                        arrays.normal(rng, (R, L + 1, C, D)), arrays.uniform(rng, (R, L + 1, C)))
             res = target.jacobi(engine, seq, act, base + k, sampling, coupling_flag)
-            accepted, out, entropy = res.accepted.astype(np.int64), res.tokens_out, res.slot_entropy
+            accepted, miss, entropy = round_results(arrays, (target,), res.accepted, res.residual_miss,
+                                                    res.slot_entropy)
+            accepted, out = accepted.astype(np.int64), res.tokens_out
             next_mean, next_sigma = res.slot_mean[:, 1:], res.slot_sigma[:, 1:]
-            if res.residual_miss.any():
-                finish_residuals(rng, out, res, accepted, q_mean, q_sigma)
+            if miss.any():
+                r, c = np.nonzero(miss)
+                out = finish_residuals(rng, arrays, out, res, r, c, accepted, q_mean, q_sigma)
         else:
             p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
             guesses = seq_windows[act, base][:, :kmax]    # copies (fancy index): the window is rewritten below
+            if arrays.on_device:                          # a round without in-graph sampling runs on the host
+                *p_host, guesses, q_mean, q_sigma = round_results(arrays, (target,), p.mean, p.sigma, p.entropy,
+                                                                  guesses, q_mean, q_sigma)
+                p = TokenDistribution(*p_host)
             accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, k, p,
                                                                  TokenDistribution(q_mean, q_sigma, None), L,
                                                                  coupling)
             entropy = p.entropy
+            if arrays.on_device:
+                out, next_mean, next_sigma = (arrays.to_device(np.asarray(a, np.float32))
+                                              for a in (out, next_mean, next_sigma))
         out_windows[act, base + accepted] = out          # the emitted token, then the next window's guesses
         entropy_windows[act, na, :kmax + 1] = entropy    # slots past `accepted` are rewritten later
         first = na + accepted + 1
@@ -134,36 +149,50 @@ def jacobi_rounds(target, seq: np.ndarray, token_entropy: np.ndarray, n: np.ndar
         stats.record_round(k, accepted)
 
 
-def accept_drafts_in_engine(target, engine, seq: np.ndarray, act: np.ndarray, base: np.ndarray, k: np.ndarray,
-                            q_mean: np.ndarray, q_sigma: np.ndarray, rng: np.random.Generator):
+def accept_drafts_in_engine(target, engine, seq, act: np.ndarray, base: np.ndarray, k, width: int, q_mean, q_sigma,
+                            rng: np.random.Generator, others=()):
     """The model-draft round's verify and acceptance in one target_jacobi call: the drafts at seq[act, base ..
-    base + k - 1] are its guesses, their draft Gaussians q their recorded q, coupling off (only the rejected slot
-    draws a residual). Same rule as sampling.accept_drafts: left to right with min(1, p/q), the residual
-    max(0, p - q) at the first rejection (finished here when none of the in-graph proposals served it), the bonus
-    from p when all pass. Needs every row's target cache valid up to base - 1 and room for kmax + 1 fed positions
-    past it (the feed is never shifted back). Returns (accepted [R], next token [R, D], target entropy at the
-    verified slots [R, kmax + 1])."""
-    R, kmax, D = len(act), int(k.max()), seq.shape[-1]
+    base + k - 1] are its guesses (every row fed `width` slots, k[r] <= width of them real), their draft
+    Gaussians q their recorded q, coupling off (only the rejected slot draws a residual). Same rule as
+    sampling.accept_drafts: left to right with min(1, p/q), the residual max(0, p - q) at the first rejection
+    (finished here when none of the in-graph proposals served it), the bonus from p when all pass. Needs every
+    row's target cache valid up to base - 1 and room for width + 1 fed positions past it (the feed is never
+    shifted back). Returns (accepted [R], k [R] on the host, next token [R, D], target entropy at the verified
+    slots [R, width + 1] on the host): with the finiteness checks of `others` (the draft engine), the round's one
+    readback."""
+    from .ar_engine import round_results
+
+    arrays = target.arrays
+    R, D = len(act), seq.shape[-1]
     C = residual_proposals(R)
-    q_mean = np.ascontiguousarray(q_mean[:, :kmax], np.float32)
-    q_sigma = np.ascontiguousarray(q_sigma[:, :kmax], np.float32)
-    sampling = (q_mean, q_sigma, k, rng.random((R, kmax), np.float32), rng.standard_normal((R, 2, D), np.float32),
-                rng.standard_normal((R, 2, C, D), np.float32), rng.random((R, 2, C), np.float32))
-    res = target.jacobi(engine, seq, act, base + k, sampling, NO_COUPLING)
-    accepted = res.accepted.astype(np.int64)
-    out = res.tokens_out
-    if res.residual_miss[:, 0].any():
-        finish_residuals(rng, out, res, accepted, q_mean, q_sigma)
-    return accepted, out[:, 0], res.slot_entropy
+    q_mean, q_sigma = q_mean[:, :width], q_sigma[:, :width]
+    sampling = (q_mean, q_sigma, k, arrays.uniform(rng, (R, width)), arrays.normal(rng, (R, 2, D)),
+                arrays.normal(rng, (R, 2, C, D)), arrays.uniform(rng, (R, 2, C)))
+    res = target.jacobi(engine, seq, act, base + width, sampling, NO_COUPLING)
+    accepted, k, miss, entropy = round_results(arrays, (target, *others), res.accepted, k, res.residual_miss[:, 0],
+                                               res.slot_entropy)
+    accepted, out = accepted.astype(np.int64), res.tokens_out
+    if miss.any():
+        r = np.flatnonzero(miss)
+        out = finish_residuals(rng, arrays, out, res, r, np.zeros_like(r), accepted, q_mean, q_sigma)
+    return accepted, k.astype(np.int64), out[:, 0], entropy
 
 
 NO_COUPLING = np.zeros(1, np.float32)
 
 
-def finish_residuals(rng: np.random.Generator, out: np.ndarray, res, accepted: np.ndarray, q_mean, q_sigma) -> None:
-    """Residual slots whose in-graph proposals were all rejected: continue the rejection sampler on the host
-    (a fresh run of the same sampler: the first kept proposal of an i.i.d. sequence, wherever counting starts)."""
-    r, c = np.nonzero(res.residual_miss)
+def finish_residuals(rng: np.random.Generator, arrays, out, res, r: np.ndarray, c: np.ndarray, accepted: np.ndarray,
+                     q_mean, q_sigma):
+    """Residual slots (rows r, slots c) whose in-graph proposals were all rejected: continue the rejection
+    sampler on the host (a fresh run of the same sampler: the first kept proposal of an i.i.d. sequence, wherever
+    counting starts). Returns out with those samples written (on a device: a copy, the engine's output being
+    read-only there)."""
     j = accepted[r] + c                                   # the slot's guess index (it has a guess: j < k)
-    out[r, c] = sample_residual(rng, res.slot_mean[r, c].astype(np.float64), res.slot_sigma[r, c].astype(np.float64),
-                                q_mean[r, j].astype(np.float64), q_sigma[r, j].astype(np.float64))
+    p_mean, p_sigma, g_mean, g_sigma = arrays.readback(res.slot_mean[r, c], res.slot_sigma[r, c], q_mean[r, j],
+                                                       q_sigma[r, j])
+    wide = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    sample = sample_residual(rng, wide(p_mean), wide(p_sigma), wide(g_mean), wide(g_sigma))
+    if arrays.on_device:
+        out = out.clone()
+    out[r, c] = arrays.to_device(sample.astype(np.float32))
+    return out

@@ -112,6 +112,15 @@ def cache_device_for(device, device_cache: bool | None):
     return device if (device.type != "cpu" if device_cache is None else device_cache) else None
 
 
+def loop_device_for(cache_device, device_loop: bool | None):
+    """A backend's `loop_device` (runtime/arrays.py: the loop's token buffer and the engines' outputs stay there):
+    its cache device where device_loop asks for it (None: on for every device but the CPU), else None. The device
+    loop needs the device caches (EngineError-free: the caller passes device_cache=True with device_loop=True)."""
+    if cache_device is None:
+        return None
+    return cache_device if (cache_device.type != "cpu" if device_loop is None else device_loop) else None
+
+
 def windows(buffer: np.ndarray, size: int, axis: int = 1) -> np.ndarray:
     """Writable strided view of `buffer` with its axis `axis` (P positions) replaced by (P - size + 1, size):
     window s holds positions s .. s+size-1, so one fancy index per row reads or writes a window per row

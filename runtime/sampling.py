@@ -62,10 +62,15 @@ def guide(mean: np.ndarray, entropy: np.ndarray, cfg_scale: float) -> tuple[np.n
 
 
 def token_distribution(mean, entropy, sigma_params: SigmaParams, temperature: float) -> TokenDistribution:
-    sigma = sigma_from_entropy(entropy.astype(np.float64), sigma_params)
+    """numpy arrays, or torch tensors on the device loop (runtime/arrays.py): the same float64 formula."""
+    if isinstance(mean, np.ndarray):
+        mean, wide = mean.astype(np.float64), entropy.astype(np.float64)
+    else:
+        mean, wide = mean.double(), entropy.double()
+    sigma = sigma_from_entropy(wide, sigma_params)
     if temperature != 1.0:  # x * 1.0 == x: skipped, not approximated
         sigma = sigma * temperature
-    return TokenDistribution(mean.astype(np.float64), sigma, entropy)
+    return TokenDistribution(mean, sigma, entropy)
 
 
 def sample_gaussian(rng: np.random.Generator, mean: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ token from `target_verify` alone (the baseline); `mode="draft"` from `draft_step
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -20,176 +19,16 @@ from tqdm import tqdm
 
 from fastardiff.errors import EngineError
 
+from .ar_engine import AREngine, check_finite, round_results  # noqa: F401  (re-exported)
+from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
                          check_request, in_engine_acceptance, verify_limit)
 from .jacobi import accept_drafts_in_engine, jacobi_rounds
-from .kv_cache import KVCache, windows
-from .sampling import TokenDistribution, accept_drafts, guide, sample_gaussian
+from .kv_cache import windows
+from .sampling import TokenDistribution, accept_drafts, sample_gaussian
 from .stats import RunStats
 from .token_rules import token_rules
-
-
-class AREngine:
-    """One AR engine (draft_step or target_verify) with its KV cache and guidance, fed from a token buffer.
-
-    `samples` passed to predict/rollback are strictly increasing sample indices; all B of them (the common case)
-    needs no index arrays on the cache at all."""
-
-    def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
-                 stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False,
-                 cache_limit: float | None = None, in_place=frozenset(), needs_room: bool = False, device=None):
-        self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
-        # engines that write their new keys/values into the cache buffers they are passed (ONNX Runtime with the
-        # onnx target's in-place engines): a call given the whole buffer needs no host write after it
-        self.in_place = in_place
-        # needs_room: the engines' caches must hold the fed positions too (the in-place engines scatter them there;
-        # backend_onnxruntime checks it): never a prefix view, the whole buffer or its rows at full capacity
-        self.needs_room = needs_room
-        # cache_views: the backend takes strided cache views (torch does; ONNX Runtime would copy them), so a call
-        # gets the cached prefix it needs, not the whole buffer: the engine's attention and concat then scale
-        # with the tokens so far, not with the capacity
-        self.cache_views = cache_views
-        # the longest cache axis the engine accepts (None: the sequence length, the exported profile's; inf: any,
-        # e.g. ONNX Runtime's CPU provider): a buffer is passed whole only up to it, else as the prefix a call reads
-        self.cache_limit = shape.seq_len if cache_limit is None else cache_limit
-        self.n_cond = shape.n_cond
-        self.batch = len(classes)
-        self.guided = gen.cfg_scale != 1.0
-        self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
-        # device: the backend's `cache_device` (a torch device: the cache lives there, kv_cache.py), or None
-        self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim,
-                             device=device)
-        self.scalars = (np.array([gen.temperature], np.float32), np.array([gen.cfg_scale], np.float32))
-        self.seq_len = shape.seq_len
-        self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows
-
-    def rows(self, samples: np.ndarray) -> np.ndarray:
-        return np.concatenate([samples, samples + self.batch]) if self.guided else samples
-
-    def predict(self, seq: np.ndarray, samples: np.ndarray, first: np.ndarray, end: np.ndarray, slots: int):
-        """Feed positions up to end[r] (exclusive) of `samples`; return the token distributions output at
-        positions first[r] .. first[r]+slots-1 (slots past a row's own end are junk) and the shallow entropy."""
-        out, start, width = self._fed_call(self.fn, self.name, seq, samples, end, lambda start: (),
-                                           lambda o: (o.mean, o.entropy))
-        mean, entropy = guide(out.mean, out.entropy, self.gen.cfg_scale)
-        shallow = getattr(out, "shallow_entropy", None)
-        if shallow is not None:
-            shallow = shallow[: len(samples)]
-        if width == 1 and slots == 1:               # the only output of every row
-            span = slice(0, 1)
-        else:
-            offset = first - start
-            lo = int(offset.min())
-            span = slice(lo, lo + slots) if 0 <= lo == int(offset.max()) and lo + slots <= width else None
-        if span is not None:                          # the same slots of every row: a slice, no gather
-            take = lambda a: a[:, span]  # noqa: E731
-        else:                                         # ragged: gather slot idx[r, j] of row r
-            idx = np.minimum(np.maximum((first - start)[:, None] + np.arange(slots)[None, :], 0), width - 1)
-            row = np.arange(len(samples))[:, None]
-            take = lambda a: a[row, idx]  # noqa: E731
-        dist = self.rule.distribution(take(mean), take(entropy), samples, first - (self.n_cond - 1))
-        return dist, (take(shallow) if shallow is not None else None)
-
-    def jacobi(self, fn, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, sampling: tuple,
-               coupling: np.ndarray):
-        """One target_jacobi call over [last accepted token, guesses]: positions end[r] - kmax - 1 .. end[r] - 1
-        (every row's feed starts at its cache length: runtime/jacobi.py keeps the window inside the cache), with
-        the round's sampling inputs (guess_mean .. residual_coins)."""
-        out, _, _ = self._fed_call(fn, "target_jacobi", seq, samples, end,
-                                   lambda start: sampling + self.scalars + (coupling,),
-                                   lambda o: (o.tokens_out, o.slot_sigma))
-        return out
-
-    def _fed_call(self, fn, engine: str, seq, samples, end, extra, finite):
-        """Feed positions up to end[r] (exclusive) of `samples` through `fn` (engine `engine`, with the inputs
-        extra(start) after the AR ones), check the outputs finite(out), write the new keys/values (unless the
-        engine wrote them into the buffer itself) and the lengths; returns (out, start, width)."""
-        cache, batch = self.cache, self.batch
-        full = len(samples) == batch                  # every sample in order
-        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
-        width = int((end - lengths).max())
-        # rows needing fewer than `width` positions recompute cached ones (same inputs, same keys) or feed junk
-        # past their end (ignored: the length marks it invalid); no feed may pass the cache capacity
-        start = np.minimum(lengths, cache.capacity - width)
-        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
-        ends = np.concatenate([end, end]) if self.guided else end
-        whole = rows is None and not self.cache_views and (cache.capacity <= self.cache_limit or self.needs_room)
-        if whole:
-            k, v = cache.k, cache.v                   # the whole buffer: no copy (positions >= lengths are masked)
-        elif self.needs_room:
-            k, v = cache.rows(rows) if rows is not None else (cache.k, cache.v)
-        else:
-            k, v = cache.view(rows, int(start.max()))
-        out = self._timed(fn, tokens, starts, k, v, cond, *extra(start))
-        if self.stage == "draft":
-            self.stats.draft_calls += 1
-        else:
-            self.stats.target_calls += 1
-            self.stats.target_rows += len(samples)
-        check_finite(self.name, *finite(out))
-        if not (whole and engine in self.in_place):
-            cache.write(rows, starts, out.new_k, out.new_v)
-        if full:
-            cache.lengths[:] = ends
-        else:
-            cache.lengths[rows] = ends
-        return out, start, width
-
-    def rollout(self, fn, gamma: int, seq: np.ndarray, samples: np.ndarray, end: np.ndarray, noise: np.ndarray,
-                threshold: np.ndarray, max_drafts: np.ndarray):
-        """One draft_rollout call: feed positions up to end[r] (exclusive; the last one holds the last accepted
-        token), then `gamma` drafts in-graph. The whole cache buffer is passed (static shape, no copy), or with
-        cache_views the prefix the call reads."""
-        cache, batch = self.cache, self.batch
-        full = len(samples) == batch
-        lengths = cache.lengths[:batch] if full else cache.lengths[samples]
-        width = int((end - lengths).max())
-        start = end - width                              # rows with a valid cache recompute cached positions
-        rows, tokens, starts, cond = self._feed(seq, samples, start, width)
-        if self.cache_views:                             # the cached prefix it needs (a view for every row)
-            k, v = cache.view(rows, int(starts.max()))
-        else:                                            # static cache shape: the whole buffer of those rows
-            k, v = (cache.k, cache.v) if rows is None else cache.rows(rows)
-        out = self._timed(fn, tokens, starts, k, v, cond, noise, threshold, max_drafts, *self.scalars)
-        self.stats.draft_calls += 1
-        check_finite(f"draft_rollout_{gamma}", out.draft_mean, out.draft_sigma)
-        cache.write(rows, starts, out.new_k, out.new_v)
-        fed = starts + (width + gamma - 1)
-        if full:
-            cache.lengths[:] = fed
-        else:
-            cache.lengths[rows] = fed
-        return out
-
-    def _feed(self, seq: np.ndarray, samples: np.ndarray, start: np.ndarray, width: int):
-        """The engine rows of `samples` (None: every row in order), their input window seq[start : start+width]
-        ([cond; uncond] copies with guidance), per-row start positions and class ids."""
-        full = len(samples) == self.batch
-        if width == 1:
-            tokens = seq[samples, start][:, None]
-        else:
-            tokens = seq[samples[:, None], start[:, None] + np.arange(width)[None, :]]
-        if self.guided:
-            rows = None if full else np.concatenate([samples, samples + self.batch])
-            tokens, start = np.concatenate([tokens, tokens]), np.concatenate([start, start])
-        else:
-            rows = None if full else samples
-        return rows, tokens, start, (self.cond if full else self.cond[rows])
-
-    def _timed(self, fn, *arrays):
-        began = time.perf_counter()
-        out = fn(*arrays)
-        seconds = self.stats.seconds
-        seconds[self.stage] = seconds.get(self.stage, 0.0) + time.perf_counter() - began
-        return out
-
-    def rollback(self, samples: np.ndarray, length: np.ndarray) -> None:
-        lengths = self.cache.lengths.reshape(self.reps, self.batch)      # a view: [cond; uncond] rows
-        if len(samples) == self.batch:
-            np.minimum(lengths, length, out=lengths)
-        else:
-            lengths[:, samples] = np.minimum(lengths[:, samples], length)
 
 
 def jacobi_cache_capacity(shape: ModelShape, window: int, batch: int, cache_limit) -> int | None:
@@ -198,13 +37,6 @@ def jacobi_cache_capacity(shape: ModelShape, window: int, batch: int, cache_limi
     (cache_limit inf); None: the sequence length."""
     room = shape.seq_len + window + 1
     return room if batch > 1 or (cache_limit is not None and room <= cache_limit) else None
-
-
-def check_finite(name: str, a: np.ndarray, b: np.ndarray) -> None:
-    """float64 sums of float32 outputs cannot overflow: finite iff every element is finite."""
-    if not math.isfinite(np.add.reduce(a, None, np.float64) + np.add.reduce(b, None, np.float64)):
-        raise EngineError(f"engine '{name}' returned NaN or inf; the engine or its inputs are broken "
-                          "(re-export it, or try a lower --cfg / --temperature)")
 
 
 def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.random.Generator,
@@ -216,35 +48,36 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     classes = np.asarray(classes, np.int64)
     B, nc, G = len(classes), shape.n_cond, gen.gamma
     draft_rule, target_rule = token_rules(engines, gen, rng, B, shape.num_tokens + G + 1, stats)
+    jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
+    # model-draft rounds verify and accept in one target_jacobi call where the engines have one (in_engine_acceptance)
+    accept_engine = engines.target_jacobi if in_engine_acceptance(engines, gen) else None
+    rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
+    arrays = loop_arrays(engines, gen, rng, jacobi, rollout is not None and accept_engine is not None)
     # position p holds the input of p, in float32: what the engines are fed (no conversion per call) and exactly
-    # the values the acceptance test scores
-    seq = np.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim), np.float32)
+    # the values the acceptance test scores (on the engines' device with the device loop, runtime/arrays.py)
+    seq = arrays.zeros((B, nc + shape.num_tokens + G + 1, shape.token_dim))
     # entropy of token j at column j; columns past a sample's accepted tokens may hold a verify's junk slots,
     # overwritten when those tokens are emitted (G + 1 spare columns so a verify never writes out of bounds)
     token_entropy = np.zeros((B, shape.num_tokens + G + 1))
     n = np.zeros(B, np.int64)                                             # accepted tokens per sample
     views = bool(getattr(engines, "cache_views", False))
-    jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
     # Jacobi feeds every row [last accepted token, guesses] from its own cache length, padded to the widest row:
     # room for G + 1 positions past the sequence keeps a row near the end from capping every other row's window
     # (the padding's keys land there, junk past the row's length). At batch 1 the row's own end is the cap anyway,
     # so the room is left out there unless the engines take the longer buffer whole (no copy either way)
     limit = getattr(engines, "cache_limit", None)
-    # model-draft rounds verify and accept in one target_jacobi call where the engines have one (in_engine_acceptance)
-    accept_engine = engines.target_jacobi if in_engine_acceptance(engines, gen) else None
     room = jacobi_cache_capacity(shape, G, B, limit) if jacobi or accept_engine is not None else None
     in_place = getattr(engines, "kv_in_place", frozenset())
     needs_room = bool(getattr(engines, "needs_cache_room", False))
     device = getattr(engines, "cache_device", None)     # the KV caches live on the engines' device (kv_cache.py)
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
                       target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit,
-                      in_place=in_place, needs_room=needs_room, device=device)
-    rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
+                      in_place=in_place, needs_room=needs_room, device=device, arrays=arrays)
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
         rollout_capacity(m, G) if rollout is not None else None, cache_views=views, in_place=in_place,
-        needs_room=needs_room, device=device)
-    seq_windows = windows(seq, G)                    # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
+        needs_room=needs_room, device=device, arrays=arrays)
+    seq_windows = arrays.windows(seq, G)             # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
     # the eta prefill (fast-ardiff Algorithm 1) spares the model draft the first tokens; off by default: on the
@@ -259,9 +92,10 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     for j in range(prefill):  # one token per call from a single model (target-only / draft-only / eta prefill);
         end = np.full(B, nc + j)  # every sample has exactly j tokens here
         p, _ = one_model.predict(seq, everyone, end - 1, end, 1)
-        seq[:, nc + j] = sample_gaussian(rng, p.mean[:, 0], p.sigma[:, 0])
-        token_entropy[:, j] = p.entropy[:, 0]
-        stopper.observe_target(everyone, p.entropy, ones)
+        seq[:, nc + j] = p.mean[:, 0] + p.sigma[:, 0, None] * arrays.normal(rng, tuple(p.mean[:, 0].shape), np.float64)
+        entropy, = round_results(arrays, (one_model,), p.entropy)
+        token_entropy[:, j] = entropy[:, 0]
+        stopper.observe_target(everyone, entropy, ones)
     n += prefill
     if jacobi:
         jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats,
@@ -274,28 +108,36 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         # 1. draft up to gamma tokens (never past the end), stop early on low shallow entropy
         max_drafts = np.minimum(G, total - 1 - na)
         if rollout is not None:                        # one engine call drafts every token of the round
-            noise = rng.standard_normal((R, G, shape.token_dim), dtype=np.float32)
+            noise = arrays.normal(rng, (R, G, shape.token_dim))
             out = draft.rollout(rollout, G, seq, act, base, noise, stopper.threshold32(act), max_drafts)
-            k = out.num_drafts.astype(np.int64)
+            k = out.num_drafts                             # on the device loop: read back with the round's results
             seq_windows[act, base] = out.drafts            # drafts past k[r] are junk, overwritten later
             drafts, q_mean, q_sigma, q_offset = out.drafts, out.draft_mean, out.draft_sigma, None
-            stats.early_stops += int(np.count_nonzero(k < max_drafts))
         else:
             k, q_mean, q_sigma, q_offset = draft_with_steps(draft, stopper, seq, act, base, max_drafts, G, rng,
                                                             stats)
             drafts = seq_windows[act, base]
         # 2. one target call over [last accepted token, drafts]: p for tokens n .. n+k (slot k = bonus)
-        # 3. accept a prefix, then the residual sample or the bonus token (in the same call with accept_engine)
-        kmax = int(k.max())
-        if accept_engine is not None and kmax:
-            accepted, next_token, entropy = accept_drafts_in_engine(target, accept_engine, seq, act, base, k,
-                                                                    q_mean, q_sigma, rng)
+        # 3. accept a prefix, then the residual sample or the bonus token (in the same call with accept_engine,
+        # fed every row's max_drafts slots: no draft count needed on the host before it)
+        if accept_engine is not None and (kmax := int(max_drafts.max())):
+            accepted, k, next_token, entropy = accept_drafts_in_engine(target, accept_engine, seq, act, base, k,
+                                                                       kmax, q_mean, q_sigma, rng, (draft,))
+        elif arrays.on_device:            # the last token of every row: no drafts, a plain target step (the draws
+            k, accepted = np.zeros(R, np.int64), np.zeros(R, np.int64)   # accept_drafts makes for no drafts)
+            p, _ = target.predict(seq, act, base - 1, base, 1)
+            next_token = p.mean[:, 0] + p.sigma[:, 0, None] * arrays.normal(rng, tuple(p.mean[:, 0].shape), np.float64)
+            next_token, (entropy,) = next_token.float(), round_results(arrays, (target, draft), p.entropy)
         else:
+            k = np.asarray(k).astype(np.int64) if rollout is not None else k
+            kmax = int(k.max())
             p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
             q = TokenDistribution(q_mean[:, :kmax].astype(np.float64), q_sigma[:, :kmax].astype(np.float64), None,
                                   None if q_offset is None else q_offset[:, :kmax])
             accepted, next_token = accept_drafts(rng, drafts[:, :kmax], k, p, q, gen.inner_temperature)
             entropy = p.entropy
+        if rollout is not None:
+            stats.early_stops += int(np.count_nonzero(k < max_drafts))
         seq[act, base + accepted] = next_token
         entropy_windows[act, na, :kmax + 1] = entropy  # slots past `accepted` are rewritten later
         stopper.observe_target(act, entropy, accepted + 1)
@@ -304,7 +146,21 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         draft.rollback(act, base + accepted)
         stats.record_round(k, accepted)
     stats.tokens += B * total
-    return seq[:, nc: nc + total].copy(), token_entropy[:, :total]
+    return np.array(arrays.readback(seq[:, nc: nc + total])[0]), token_entropy[:, :total]
+
+
+def loop_arrays(engines, gen: GenerationConfig, rng: np.random.Generator, jacobi: bool, model_on_device: bool):
+    """Where the loop keeps its token buffer and engine outputs (runtime/arrays.py): on the engines' device when
+    the backend offers one (`loop_device`) and every step of the run can stay there: plain Gaussian tokens, and
+    target-only, Jacobi with its target_jacobi engine, or the model draft with draft_rollout engines and engine
+    acceptance. Else the host."""
+    device = getattr(engines, "loop_device", None)
+    if device is None or engines.manifest.family != "drift-ar" or gen.mode == "draft":
+        return HostArrays()
+    if gen.mode == "speculative" and not (model_on_device if not jacobi else
+                                          "target_jacobi" in engines.manifest.engines):
+        return HostArrays()
+    return DeviceArrays(device, rng, getattr(engines, "loop_noise", "host"))
 
 
 def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_drafts, G: int, rng, stats):

@@ -59,6 +59,41 @@ def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint
     assert sa.summary()["target_calls"] == sb.summary()["target_calls"]
 
 
+@pytest.mark.parametrize("gen", [dict(mode="target", cfg_scale=1.5), dict(gamma=3, early_stop="context", cfg_scale=1.5),
+                                 dict(gamma=2, seed=6), dict(draft="jacobi", gamma=4, cfg_scale=1.5),
+                                 dict(draft="jacobi", gamma=3, coupling=False)],
+                         ids=["target", "model-guided", "model", "jacobi", "jacobi-independent"])
+def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpoint, gen, monkeypatch):
+    """The loop with its token buffer, noise and engine outputs kept as torch tensors (runtime/arrays.py, the
+    path a CUDA run takes; here torch on the CPU) gives the numpy loop's tokens bit for bit for the same seed
+    (both with the caches on the device and the model draft accepted in-engine, so the same random numbers are
+    drawn), and reads back once per round: the round's counts and entropies, plus the final tokens and the rare
+    residual finished on the host."""
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime import arrays, jacobi
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    host = TorchEngines(random_checkpoint, max_gamma=4, device_cache=True, device_loop=False)
+    device = TorchEngines(random_checkpoint, max_gamma=4, device_loop=True)
+    assert host.loop_device is None and device.loop_device is not None and device.cache_device is not None
+    readbacks, finishes = [], []
+    real_readback, real_finish = arrays.DeviceArrays.readback, jacobi.finish_residuals
+    monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
+                                                                          real_readback(self, *a))[1])
+    monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
+    config = GenerationConfig(**{"seed": 3, **gen})
+    classes = np.array([2, 5, 7])
+    a, sa = generate(host, classes, config)
+    assert not readbacks                      # the host loop reads nothing back from a device
+    finishes.clear()
+    b, sb = generate(device, classes, config)
+    np.testing.assert_array_equal(a, b)
+    timing = ("seconds", "total_seconds")
+    assert {k: v for k, v in sa.summary().items() if k not in timing} == \
+        {k: v for k, v in sb.summary().items() if k not in timing}
+    assert len(readbacks) == sb.target_calls + 1 + len(finishes)
+
+
 def _verify_inputs(engines):
     c = engines.manifest.config
     L, H, Dh = c["target_layers"], c["heads"], c["width"] // c["heads"]

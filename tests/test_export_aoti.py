@@ -160,14 +160,18 @@ def test_aoti_in_place_runs_equal_host_written_runs(aoti_in_place_dir):
 
 def test_aoti_device_cache_runs_equal_host_cache_runs(aoti_in_place_dir):
     """The caches kept as torch tensors where the engines run (`device_cache`, what a CUDA run does; here on the
-    CPU, a storage apart from numpy) and updated there by the in-place packages: the same tokens as numpy host
-    caches, at batch 3 (rows finish apart: gathered rows and ragged writes) and with guidance."""
+    CPU, a storage apart from numpy) and updated there by the in-place packages, and with `device_loop` the
+    loop's token buffer and every engine output too (runtime/arrays.py): the same tokens as numpy host caches
+    and the numpy loop, at batch 3 (rows finish apart: gathered rows and ragged writes) and with guidance."""
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     device, host = load_engines(aoti_in_place_dir, device_cache=True), load_engines(aoti_in_place_dir)
+    loop = load_engines(aoti_in_place_dir, device_loop=True)     # the loop's buffers and outputs there too
     assert device.cache_device is not None and host.cache_device is None and device.kv_in_place
+    assert device.loop_device is None and loop.loop_device is not None and loop.cache_device is not None
     for gen in (GenerationConfig(mode="target", seed=2), GenerationConfig(draft="jacobi", gamma=2, seed=2,
                                                                           cfg_scale=1.5),
                 GenerationConfig(draft="model", gamma=1, seed=2, early_stop="off", engine_acceptance=True)):
-        np.testing.assert_array_equal(generate(device, np.array([1, 6, 9]), gen)[0],
-                                      generate(host, np.array([1, 6, 9]), gen)[0])
+        want = generate(host, np.array([1, 6, 9]), gen)[0]
+        np.testing.assert_array_equal(generate(device, np.array([1, 6, 9]), gen)[0], want)
+        np.testing.assert_array_equal(generate(loop, np.array([1, 6, 9]), gen)[0], want)

@@ -14,6 +14,7 @@ from test_sampling import matches_p
 from test_speculative import HostResolved, RecordingEngines
 
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+from fastardiff.runtime.arrays import HostArrays
 from fastardiff.runtime.jacobi import couple_guesses, finish_residuals, resolve_slots
 from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, log_density_ratio, sample_gaussian,
                                          sample_residual)
@@ -126,7 +127,8 @@ def resolve_slots_in_graph(rng, guesses, k, p, q, window, coupling):
     res = JacobiOutput(*(t.numpy() for t in out))
     accepted, tokens_out = res.accepted.astype(np.int64), res.tokens_out.astype(np.float64)
     if res.residual_miss.any():
-        finish_residuals(rng, tokens_out, res, accepted, q.mean, q.sigma)
+        r, c = np.nonzero(res.residual_miss)
+        tokens_out = finish_residuals(rng, HostArrays(), tokens_out, res, r, c, accepted, q.mean, q.sigma)
     return accepted, tokens_out, res.slot_mean[:, 1:].astype(np.float64), res.slot_sigma[:, 1:].astype(np.float64)
 
 
@@ -384,10 +386,12 @@ def test_residual_slots_the_graph_could_not_serve_are_finished_on_the_host(rando
     flagged, finished = [], []
     real = jacobi.finish_residuals
 
-    def recording(rng, out, res, accepted, q_mean, q_sigma):
-        flagged.append(int(res.residual_miss.sum()))
-        real(rng, out, res, accepted, q_mean, q_sigma)
-        finished.append(out[res.residual_miss.astype(bool)].copy())
+    def recording(rng, arrays, out, res, r, c, accepted, q_mean, q_sigma):
+        assert np.array_equal(np.stack([r, c]), np.stack(np.nonzero(res.residual_miss)))
+        flagged.append(len(r))
+        out = real(rng, arrays, out, res, r, c, accepted, q_mean, q_sigma)
+        finished.append(out[r, c].copy())
+        return out
 
     monkeypatch.setattr(jacobi, "finish_residuals", recording)
     rounds = []

@@ -108,8 +108,9 @@ def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkp
 
     from fastardiff.runtime.speculative import in_engine_acceptance
 
-    engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_cache=True)
+    engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True)
     assert in_engine_acceptance(engines, GenerationConfig(draft="model"))     # device caches: accepted in-engine
+    assert engines.loop_device is not None            # and the loop's buffers and outputs on the device too
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
     assert stats.drafts_accepted > 0
