@@ -1,7 +1,7 @@
 """Whole-image time with the KV caches on the engines' device (`device_cache`, runtime/kv_cache.py) against host
 (numpy) caches copied to the device every call, interleaved, same engines and seeds; torch reference backend on
 the shipped checkpoint (`--engine DIR`: AOTInductor engines instead); `--cuda-graphs` adds the torch engines
-replaying captured CUDA graphs (exporter/cuda_graphs.py; the warm-up round captures, the timed rounds replay);
+replaying captured CUDA graphs (runtime/cuda_graphs.py; the warm-up round captures, the timed rounds replay);
 "device loop" keeps the loop's token buffer, noise and engine outputs on the device as well (runtime/arrays.py).
 
     .venv/bin/python benchmarks/device_cache_bench.py --device cuda --batch 1,8 --json OUT/device-cache.json
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time the torch engines replaying CUDA graphs (exporter/cuda_graphs.py; CUDA only)")
+                        help="also time the torch engines replaying CUDA graphs (runtime/cuda_graphs.py; CUDA only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.engine:

@@ -59,7 +59,7 @@ class TorchEngines:
         # buffer on the device too and every engine output stays there (runtime/arrays.py)
         self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
-        # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (exporter/cuda_graphs.py);
+        # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (runtime/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)
         self.graphs = None
@@ -67,7 +67,7 @@ class TorchEngines:
             if graph_capture is None and self.device.type != "cuda":
                 raise FastardiffError(f"CUDA graphs need a CUDA device (the torch engines run on {self.device}); "
                                       "drop cuda_graphs or run on cuda")
-            from .cuda_graphs import GraphedCalls, cuda_capture
+            from fastardiff.runtime.cuda_graphs import GraphedCalls, cuda_capture
 
             self.cache_device = self.device
             self.graphs = GraphedCalls(lambda name, *a: self.modules[name](*a), graph_capture or cuda_capture)

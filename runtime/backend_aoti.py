@@ -21,7 +21,7 @@ class AotiEngines(EngineCalls):
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
                  in_place: bool = True, device_cache: bool | None = None, device_loop: bool | None = None,
-                 **other):
+                 cuda_graphs: bool = False, graph_capture=None, **other):
         try:
             import torch
             import torch._inductor
@@ -45,6 +45,19 @@ class AotiEngines(EngineCalls):
         # device_cache (None: on for CUDA): the loop keeps its KV caches on this device as torch tensors
         # (runtime/kv_cache.py), passed here as they are, and the AR engines' new keys/values stay there: a call
         # moves its tokens and small outputs, never a cache
+        # cuda_graphs: every call replays one captured CUDA graph per (engine, input shapes) bucket
+        # (runtime/cuda_graphs.py) on static buffers: the caches live on the device and are passed whole, and the
+        # loop writes the new keys/values itself (a replay's in-place scatter lands in the bucket's copy).
+        # graph_capture: the capture function (the tests' stand-in; CUDA's by default)
+        self.graphs = None
+        if cuda_graphs:
+            if graph_capture is None and not self.device.startswith("cuda"):
+                raise EngineError(f"CUDA graphs need a CUDA device (these AOTInductor engines run on {self.device}); "
+                                  "drop cuda_graphs or run on cuda")
+            from .cuda_graphs import GraphedCalls, cuda_capture
+
+            self.graphs = GraphedCalls(lambda name, *a: self.runners[name](*a), graph_capture or cuda_capture)
+            device_cache = True
         self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         # device_loop (None: on for CUDA): the loop's token buffer and every engine output stay on the device too
         # (runtime/arrays.py); a round reads back only its bookkeeping
@@ -55,8 +68,9 @@ class AotiEngines(EngineCalls):
         # (as with in_place=False)
         scatters = manifest.export.get("kv_update") == "in-place"
         self.needs_cache_room = scatters
+        writes_shared = self.graphs is None and (self.device == "cpu" or self.cache_device is not None)
         self.kv_in_place = frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines) \
-            if scatters and in_place and (self.device == "cpu" or self.cache_device is not None) else frozenset()
+            if scatters and in_place and writes_shared else frozenset()
         self.runners = {}
         for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file
@@ -77,7 +91,8 @@ class AotiEngines(EngineCalls):
         if self.needs_cache_room and name in IN_PLACE_ENGINES:
             check_cache_room(name, arrays[0], arrays[1], arrays[2])
         with self.torch.no_grad():
-            out = self.runners[name](*[self._tensor(a) for a in arrays])
+            inputs = [self._tensor(a) for a in arrays]
+            out = self.runners[name](*inputs) if self.graphs is None else self.graphs(name, *inputs)
         out = out if isinstance(out, (list, tuple)) else (out,)
         # an AR engine's new keys/values (its last two outputs) stay on the device with a device cache
         if isinstance(arrays[0], self.torch.Tensor) and name != "decoder":   # the device loop's call: all stay

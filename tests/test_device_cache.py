@@ -139,7 +139,7 @@ class EagerCapture:
 
 
 def test_cuda_graph_buckets_copy_inputs_and_clone_outputs():
-    from fastardiff.exporter.cuda_graphs import GraphedCalls
+    from fastardiff.runtime.cuda_graphs import GraphedCalls
 
     capture = EagerCapture()
     graphed = GraphedCalls(lambda name, a, b: (a * 2 + b, a.sum(-1)), capture)

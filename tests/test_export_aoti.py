@@ -175,3 +175,29 @@ def test_aoti_device_cache_runs_equal_host_cache_runs(aoti_in_place_dir):
         want = generate(host, np.array([1, 6, 9]), gen)[0]
         np.testing.assert_array_equal(generate(device, np.array([1, 6, 9]), gen)[0], want)
         np.testing.assert_array_equal(generate(loop, np.array([1, 6, 9]), gen)[0], want)
+
+
+def test_aoti_cuda_graph_runs_equal_plain_runs(aoti_in_place_dir):
+    """AotiEngines(cuda_graphs=True) with the stand-in capture (tests/test_device_cache.py EagerCapture: replays
+    eagerly on the bucket's static buffers): caches on the device, the loop writing the new keys/values (a
+    replay's own scatter lands in the bucket's copy), and the same tokens as the plain engines; a repeated run
+    captures nothing new. Without CUDA or a stand-in: a clear error."""
+    from test_device_cache import EagerCapture
+
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    graphed = load_engines(aoti_in_place_dir, cuda_graphs=True, graph_capture=EagerCapture())
+    plain = load_engines(aoti_in_place_dir)
+    assert graphed.cache_device is not None and graphed.kv_in_place == frozenset()
+    for gen in (GenerationConfig(mode="target", seed=4), GenerationConfig(draft="jacobi", gamma=2, seed=4,
+                                                                          cfg_scale=1.5),
+                GenerationConfig(draft="model", gamma=1, seed=4, early_stop="off", engine_acceptance=False)):
+        np.testing.assert_allclose(generate(graphed, np.array([2, 3, 8]), gen)[0],
+                                   generate(plain, np.array([2, 3, 8]), gen)[0], atol=1e-5)
+    captures = graphed.graphs.captures
+    assert captures == len(graphed.graphs.buckets) > 0
+    generate(graphed, np.array([2, 3, 8]), GenerationConfig(mode="target", seed=4))
+    assert graphed.graphs.captures == captures
+    with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):
+        load_engines(aoti_in_place_dir, cuda_graphs=True)

@@ -1,4 +1,4 @@
-"""CUDA graphs for the torch backend's engine calls: one graph per (engine, input shapes) bucket, captured once
+"""CUDA graphs for the torch and aoti backends' engine calls: one graph per (engine, input shapes) bucket, captured once
 and replayed every later call of that bucket (the loop's calls have few buckets: batch rows x fed width, with the
 whole cache buffer passed, so its shape is fixed for a run).
 
@@ -54,4 +54,5 @@ class GraphedCalls:
         static, replay = bucket
         for buffer, value in zip(static, inputs):
             buffer.copy_(value)
-        return tuple(t.clone() for t in replay())
+        outputs = replay()
+        return tuple(t.clone() for t in ((outputs,) if isinstance(outputs, torch.Tensor) else outputs))
