@@ -28,14 +28,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time the torch engines replaying CUDA graphs (runtime/cuda_graphs.py; CUDA only)")
+                        help="also time the engines replaying CUDA graphs (runtime/cuda_graphs.py; CUDA only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.engine:
         from fastardiff.runtime.engine import load_engines
 
         load = lambda on, graphs=False, loop=False: load_engines(args.engine, device=args.device,  # noqa: E731
-                                                                 device_cache=on, device_loop=loop)
+                                                                 device_cache=on, device_loop=loop,
+                                                                 cuda_graphs=graphs)
     else:
         from fastardiff.exporter.torch_backend import load_torch_engines
         from fastardiff.recipes.checkpoint import default_checkpoint_path
