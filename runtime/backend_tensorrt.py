@@ -28,6 +28,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls
+from .kv_cache import cache_device_for, loop_device_for
 from .manifest import Manifest, sha256_file, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -247,6 +248,19 @@ class TensorRTRunner:
         return [a.copy() for a in host] if self.device == "cpu" else host
 
 
+def run_for_loop(runner: TensorRTRunner, arrays, keep: int) -> list:
+    """An engine call as the loop needs it: tokens given as a torch tensor (the device loop, runtime/arrays.py)
+    -> every output stays a device tensor; else the outputs come to the host except the last `keep` (an AR
+    engine's new keys/values when the KV caches live on the device), which stay there."""
+    if isinstance(arrays[0], runner.torch.Tensor):
+        return runner.run_device(arrays)
+    if not keep:
+        return runner(arrays)
+    outs = runner.run_device(arrays)
+    host = [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in outs[:len(outs) - keep]]
+    return host + outs[len(outs) - keep:]
+
+
 def deserialize_engine(trt, runtime, path: Path):
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
@@ -259,7 +273,8 @@ class TensorRTEngines(EngineCalls):
     """The Engines interface over three TensorRT engines sharing one CUDA stream."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, plugin_path: str | Path | None = None,
-                 verify: bool = True, device: str | None = None, **other):
+                 verify: bool = True, device: str | None = None, device_cache: bool | None = None,
+                 device_loop: bool | None = None, **other):
         if device is not None and not device.startswith("cuda"):
             raise EngineError(f"--device {device}: TensorRT engines run on a CUDA GPU only; use --device cuda, or "
                               "export `--target onnx` to run on the CPU")
@@ -281,6 +296,10 @@ class TensorRTEngines(EngineCalls):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream()
+        # the KV caches (device_cache) and the loop's buffers and outputs (device_loop) on the GPU, by default:
+        # bound by address where they lie, so a call moves no cache (runtime/kv_cache.py, runtime/arrays.py)
+        self.cache_device = cache_device_for("cuda", True if device_loop else device_cache)
+        self.loop_device = loop_device_for(self.cache_device, device_loop)
         self.runners = {}
         for name in manifest.engines:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
@@ -288,7 +307,8 @@ class TensorRTEngines(EngineCalls):
             self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs)
 
     def _run(self, name: str, arrays: tuple) -> list:
-        return self.runners[name](arrays)
+        keep = 2 if self.cache_device is not None and self.manifest.engines[name].outputs[-1:] == ["new_v"] else 0
+        return run_for_loop(self.runners[name], arrays, keep)
 
 
 def load_tensorrt_engines(engine_dir, manifest: Manifest, **options) -> TensorRTEngines:

@@ -202,3 +202,23 @@ def test_runner_host_calls_allocate_nothing_at_a_shape_seen_before(monkeypatch):
     kept = runner.run_device([tokens, np.array([5, 7])])
     again = runner.run_device([tokens, np.array([5, 7])])
     assert kept[0].data_ptr() != again[0].data_ptr()
+
+
+def test_runner_keeps_outputs_where_the_loop_wants_them():
+    """run_for_loop (the tensorrt backend's engine call): numpy tokens -> host outputs, except the last `keep`
+    (new keys/values of device caches) left as device tensors; torch tokens (the device loop) -> every output a
+    device tensor; the values are the same either way."""
+    from fastardiff.runtime.backend_tensorrt import run_for_loop
+
+    runner, _, _ = make_runner()
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    lengths = np.array([5, 7])
+    host = run_for_loop(runner, [tokens, lengths], keep=0)
+    assert all(isinstance(o, np.ndarray) for o in host)
+    mixed = run_for_loop(runner, [tokens, lengths], keep=1)
+    assert isinstance(mixed[0], np.ndarray) and isinstance(mixed[1], torch.Tensor)
+    device = run_for_loop(runner, [torch.from_numpy(tokens), torch.from_numpy(lengths)], keep=1)
+    assert all(isinstance(o, torch.Tensor) for o in device)
+    for a, b, c in zip(host, mixed, device):
+        np.testing.assert_array_equal(a, np.asarray(b))
+        np.testing.assert_array_equal(a, c.numpy())
