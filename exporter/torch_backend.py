@@ -51,7 +51,7 @@ class TorchEngines:
 
     def __init__(self, ckpt, device: str = "cpu", max_batch: int = 256, max_gamma: int = DEFAULT_MAX_GAMMA,
                  device_cache: bool | None = None, cuda_graphs: bool = False, graph_capture=None,
-                 device_loop: bool | None = None):
+                 device_loop: bool | None = None, loop_noise: str | None = None):
         from .targets import FAMILY_ADAPTERS
 
         self.device = torch.device(device)
@@ -59,6 +59,10 @@ class TorchEngines:
         # buffer on the device too and every engine output stays there (runtime/arrays.py)
         self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
+        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
+        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
+        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
+                                         else "host")
         # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (runtime/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)

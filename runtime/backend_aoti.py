@@ -21,7 +21,7 @@ class AotiEngines(EngineCalls):
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, device: str | None = None, verify: bool = True,
                  in_place: bool = True, device_cache: bool | None = None, device_loop: bool | None = None,
-                 cuda_graphs: bool = False, graph_capture=None, **other):
+                 cuda_graphs: bool = False, graph_capture=None, loop_noise: str | None = None, **other):
         try:
             import torch
             import torch._inductor
@@ -62,6 +62,10 @@ class AotiEngines(EngineCalls):
         # device_loop (None: on for CUDA): the loop's token buffer and every engine output stay on the device too
         # (runtime/arrays.py); a round reads back only its bookkeeping
         self.loop_device = loop_device_for(self.cache_device, device_loop)
+        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
+        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
+        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
+                                         else "host")
         # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
         # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
         # without the device cache updates a transient device copy, so the caller writes the cache all the same

@@ -274,7 +274,7 @@ class TensorRTEngines(EngineCalls):
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, plugin_path: str | Path | None = None,
                  verify: bool = True, device: str | None = None, device_cache: bool | None = None,
-                 device_loop: bool | None = None, **other):
+                 device_loop: bool | None = None, loop_noise: str | None = None, **other):
         if device is not None and not device.startswith("cuda"):
             raise EngineError(f"--device {device}: TensorRT engines run on a CUDA GPU only; use --device cuda, or "
                               "export `--target onnx` to run on the CPU")
@@ -300,6 +300,10 @@ class TensorRTEngines(EngineCalls):
         # bound by address where they lie, so a call moves no cache (runtime/kv_cache.py, runtime/arrays.py)
         self.cache_device = cache_device_for("cuda", True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
+        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
+        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
+        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
+                                         else "host")
         self.runners = {}
         for name in manifest.engines:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)

@@ -99,20 +99,30 @@ def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_on
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)[:, :16]) > 1e-3
 
 
-def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkpoint, target_only_tokens):
-    """The KV caches kept on the engines' device (torch storage, runtime/kv_cache.py; the path a CUDA run takes)
-    under the statistical test: model draft with rollouts, guidance and early stop (ragged rows, gathered rows,
-    ragged writes). Jacobi and target-only on this path equal their host-cache runs token for token
-    (tests/test_device_cache.py)."""
+@pytest.mark.parametrize("noise", ["host", "device"])
+def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkpoint, target_only_tokens, noise):
+    """The KV caches, the loop's buffers and every engine output kept on the engines' device (torch storage,
+    runtime/kv_cache.py, runtime/arrays.py; the path a CUDA run takes) under the statistical test: model draft with
+    rollouts, engine acceptance, guidance and early stop (ragged rows, gathered rows, ragged writes), with the
+    noise copied from the run's Generator (a device run then equals the host run token for token,
+    tests/test_device_cache.py) or drawn on the device (a GPU's default)."""
     from fastardiff.exporter.torch_backend import TorchEngines
 
     from fastardiff.runtime.speculative import in_engine_acceptance
 
-    engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True)
+    engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True, loop_noise=noise)
     assert in_engine_acceptance(engines, GenerationConfig(draft="model"))     # device caches: accepted in-engine
     assert engines.loop_device is not None            # and the loop's buffers and outputs on the device too
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
+    if noise == "device":           # reproducible from the seed, and not the host-noise run's numbers
+        again, _ = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
+                                gamma=4, num_tokens=16)
+        np.testing.assert_array_equal(spec, again)
+        host_noise = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True, loop_noise="host")
+        other, _ = first_tokens(host_noise, "speculative", seed=9, early_stop="context", cfg_scale=2.0,
+                                draft="model", gamma=4, num_tokens=2)
+        assert not np.allclose(spec[:, :2], other)
     assert stats.drafts_accepted > 0
     assert two_sample_pvalue(spec, target_only_tokens(2.0)) > 1e-3
 
