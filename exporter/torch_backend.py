@@ -14,7 +14,7 @@ import torch
 from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
-from fastardiff.runtime.kv_cache import cache_device_for, loop_device_for
+from fastardiff.runtime.kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from fastardiff.runtime.manifest import EngineEntry, Manifest
 
 from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, rollout_capacity
@@ -59,10 +59,7 @@ class TorchEngines:
         # buffer on the device too and every engine output stays there (runtime/arrays.py)
         self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
-        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
-        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
-        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
-                                         else "host")
+        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
         # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (runtime/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)

@@ -10,7 +10,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import IN_PLACE_ENGINES, EngineCalls, check_cache_room
-from .kv_cache import cache_device_for, loop_device_for
+from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -62,10 +62,7 @@ class AotiEngines(EngineCalls):
         # device_loop (None: on for CUDA): the loop's token buffer and every engine output stay on the device too
         # (runtime/arrays.py); a round reads back only its bookkeeping
         self.loop_device = loop_device_for(self.cache_device, device_loop)
-        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
-        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
-        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
-                                         else "host")
+        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
         # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
         # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
         # without the device cache updates a transient device copy, so the caller writes the cache all the same

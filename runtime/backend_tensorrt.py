@@ -28,7 +28,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls
-from .kv_cache import cache_device_for, loop_device_for
+from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -300,10 +300,7 @@ class TensorRTEngines(EngineCalls):
         # bound by address where they lie, so a call moves no cache (runtime/kv_cache.py, runtime/arrays.py)
         self.cache_device = cache_device_for("cuda", True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
-        # the device loop's noise (runtime/arrays.py): drawn on the device on a GPU (no copy per round), from the
-        # run's numpy Generator and copied elsewhere (a CPU device loop then equals the host loop for the seed)
-        self.loop_noise = loop_noise or ("device" if self.loop_device is not None and self.loop_device.type == "cuda"
-                                         else "host")
+        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
         self.runners = {}
         for name in manifest.engines:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)

@@ -121,6 +121,12 @@ def loop_device_for(cache_device, device_loop: bool | None):
     return cache_device if (cache_device.type != "cpu" if device_loop is None else device_loop) else None
 
 
+
+def loop_noise_for(loop_device, loop_noise: str | None) -> str:
+    """Where the device loop draws its noise (runtime/arrays.py): loop_noise, else on the device on a GPU (no copy
+    per round) and from the run's numpy Generator elsewhere (a CPU device loop then equals the host loop)."""
+    return loop_noise or ("device" if loop_device is not None and loop_device.type == "cuda" else "host")
+
 def windows(buffer: np.ndarray, size: int, axis: int = 1) -> np.ndarray:
     """Writable strided view of `buffer` with its axis `axis` (P positions) replaced by (P - size + 1, size):
     window s holds positions s .. s+size-1, so one fancy index per row reads or writes a window per row
