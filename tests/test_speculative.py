@@ -116,13 +116,11 @@ def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkp
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
     if noise == "device":           # reproducible from the seed, and not the host-noise run's numbers
-        again, _ = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
-                                gamma=4, num_tokens=16)
-        np.testing.assert_array_equal(spec, again)
+        short = dict(early_stop="context", cfg_scale=2.0, draft="model", gamma=4, num_tokens=2)
+        once, _ = first_tokens(engines, "speculative", seed=9, **short)
+        np.testing.assert_array_equal(once, first_tokens(engines, "speculative", seed=9, **short)[0])
         host_noise = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True, loop_noise="host")
-        other, _ = first_tokens(host_noise, "speculative", seed=9, early_stop="context", cfg_scale=2.0,
-                                draft="model", gamma=4, num_tokens=2)
-        assert not np.allclose(spec[:, :2], other)
+        assert not np.allclose(once, first_tokens(host_noise, "speculative", seed=9, **short)[0])
     assert stats.drafts_accepted > 0
     assert two_sample_pvalue(spec, target_only_tokens(2.0)) > 1e-3
 
