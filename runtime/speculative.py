@@ -124,7 +124,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
             accepted, k, next_token, entropy = accept_drafts_in_engine(target, accept_engine, seq, act, base, k,
                                                                        kmax, q_mean, q_sigma, rng, (draft,))
         elif arrays.on_device:            # the last token of every row: no drafts, a plain target step (the draws
-            k, accepted = np.zeros(R, np.int64), np.zeros(R, np.int64)   # accept_drafts makes for no drafts)
+            kmax, k, accepted = 0, np.zeros(R, np.int64), np.zeros(R, np.int64)   # accept_drafts makes for none)
             p, _ = target.predict(seq, act, base - 1, base, 1)
             next_token = p.mean[:, 0] + p.sigma[:, 0, None] * arrays.normal(rng, tuple(p.mean[:, 0].shape), np.float64)
             next_token, (entropy,) = next_token.float(), round_results(arrays, (target, draft), p.entropy)
