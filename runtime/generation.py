@@ -101,17 +101,20 @@ def verify_limit(engines) -> int | None:
 
 def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
     """Whether model-draft rounds verify and accept in one target_jacobi call (jacobi.accept_drafts_in_engine)
-    instead of target_verify + the host's accept_drafts. gen.engine_acceptance None: where the engines keep their
-    caches on a device (a CUDA backend: the acceptance runs there and only the accepted counts, the next tokens
-    and their entropies come back); on the CPU the host's numpy acceptance measured faster (the sampling nodes
-    cost more than the numpy they replace: 0.86x at batch 1, 0.87x at batch 8). Needs plain Gaussian tokens
-    (drift-ar), the plain ratio and the engine (GenerationError when forced without them)."""
+    instead of target_verify + the host's accept_drafts. gen.engine_acceptance None: where the loop runs on the
+    engines' device (runtime/arrays.py) or their caches live on an accelerator (a CUDA backend: the acceptance runs
+    there and only the accepted counts, the next tokens and their entropies come back); on host loops over CPU
+    engines the host's numpy acceptance measured faster (the sampling nodes cost more than the numpy they replace:
+    0.86x at batch 1, 0.87x at batch 8). Needs plain Gaussian tokens (drift-ar), the plain ratio and the engine
+    (GenerationError when forced without them)."""
     if gen.engine_acceptance is False or gen.mode != "speculative" or gen.draft != "model":
         return False
     able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
             and "target_jacobi" in engines.manifest.engines)
-    if gen.engine_acceptance is None:
-        return able and getattr(engines, "cache_device", None) is not None
+    if gen.engine_acceptance is None:     # where the loop runs on the device, or the caches live on an accelerator
+        cache = getattr(engines, "cache_device", None)
+        on_accelerator = cache is not None and str(getattr(cache, "type", cache)).split(":")[0] != "cpu"
+        return able and (getattr(engines, "loop_device", None) is not None or on_accelerator)
     if not able:
         raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
                               "target_jacobi (re-export them); leave it to the default or turn it off")

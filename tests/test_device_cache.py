@@ -66,8 +66,8 @@ def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint
 def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpoint, gen, monkeypatch):
     """The loop with its token buffer, noise and engine outputs kept as torch tensors (runtime/arrays.py, the
     path a CUDA run takes; here torch on the CPU) gives the numpy loop's tokens bit for bit for the same seed
-    (both with the caches on the device and the model draft accepted in-engine, so the same random numbers are
-    drawn), and reads back once per round: the round's counts and entropies, plus the final tokens and the rare
+    (both with the caches on the device and the model draft accepted in the engine, so the same random numbers
+    are drawn), and reads back once per round: the round's counts and entropies, plus the final tokens and the rare
     residual finished on the host."""
     from fastardiff.exporter.torch_backend import TorchEngines
     from fastardiff.runtime import arrays, jacobi
@@ -81,7 +81,8 @@ def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpo
     monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
                                                                           real_readback(self, *a))[1])
     monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
-    config = GenerationConfig(**{"seed": 3, **gen})
+    # the model draft accepted in the engine on both (the device loop's default; asked for on the host loop)
+    config = GenerationConfig(**{"seed": 3, "engine_acceptance": True, **gen})
     classes = np.array([2, 5, 7])
     a, sa = generate(host, classes, config)
     assert not readbacks                      # the host loop reads nothing back from a device
