@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time the engines replaying CUDA graphs (runtime/cuda_graphs.py; CUDA only)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated subset of the modes (default: all; the CPU test times one)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.engine:
@@ -54,6 +56,11 @@ def main(argv=None) -> int:
     modes = {"target": GenerationConfig(mode="target"), "model gamma 4": GenerationConfig(gamma=4),
              "model gamma 4 host acceptance": GenerationConfig(gamma=4, engine_acceptance=False),
              "jacobi 8": GenerationConfig(draft="jacobi", gamma=8)}
+    if args.modes:
+        unknown = sorted(set(args.modes.split(",")) - set(modes))
+        if unknown:
+            parser.error(f"unknown --modes {unknown}; choose from {sorted(modes)}")
+        modes = {name: gen for name, gen in modes.items() if name in args.modes.split(",")}
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         classes = np.arange(batch) % 10
