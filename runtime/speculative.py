@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fastardiff.errors import EngineError
 
-from .ar_engine import AREngine, check_finite, round_results  # noqa: F401  (re-exported)
+from .ar_engine import AREngine, round_results
 from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
@@ -92,7 +92,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     for j in range(prefill):  # one token per call from a single model (target-only / draft-only / eta prefill);
         end = np.full(B, nc + j)  # every sample has exactly j tokens here
         p, _ = one_model.predict(seq, everyone, end - 1, end, 1)
-        seq[:, nc + j] = p.mean[:, 0] + p.sigma[:, 0, None] * arrays.normal(rng, tuple(p.mean[:, 0].shape), np.float64)
+        seq[:, nc + j] = sample_first_slot(arrays, rng, p)
         entropy, = round_results(arrays, (one_model,), p.entropy)
         token_entropy[:, j] = entropy[:, 0]
         stopper.observe_target(everyone, entropy, ones)
@@ -126,8 +126,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         elif arrays.on_device:            # the last token of every row: no drafts, a plain target step (the draws
             kmax, k, accepted = 0, np.zeros(R, np.int64), np.zeros(R, np.int64)   # accept_drafts makes for none)
             p, _ = target.predict(seq, act, base - 1, base, 1)
-            next_token = p.mean[:, 0] + p.sigma[:, 0, None] * arrays.normal(rng, tuple(p.mean[:, 0].shape), np.float64)
-            next_token, (entropy,) = next_token.float(), round_results(arrays, (target, draft), p.entropy)
+            next_token = sample_first_slot(arrays, rng, p).float()
+            entropy, = round_results(arrays, (target, draft), p.entropy)
         else:
             k = np.asarray(k).astype(np.int64) if rollout is not None else k
             kmax = int(k.max())
@@ -147,6 +147,13 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stats.record_round(k, accepted)
     stats.tokens += B * total
     return np.array(arrays.readback(seq[:, nc: nc + total])[0]), token_entropy[:, :total]
+
+
+def sample_first_slot(arrays, rng: np.random.Generator, p: TokenDistribution):
+    """x ~ p at each row's first slot, wherever `arrays` keeps the loop (sampling.sample_gaussian's draw: the same
+    float64 normals from rng on the host path)."""
+    mean = p.mean[:, 0]
+    return mean + p.sigma[:, 0, None] * arrays.normal(rng, tuple(mean.shape), np.float64)
 
 
 def loop_arrays(engines, gen: GenerationConfig, rng: np.random.Generator, jacobi: bool, model_on_device: bool):
