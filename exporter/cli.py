@@ -34,10 +34,11 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
               help="Export the draft model (draft_step, draft_rollout_*); --no-draft: only target_verify and the "
                    "decoder, for `fastardiff-run --draft jacobi` (smaller, faster export).")
 @click.option("--kv-update", type=click.Choice(["auto", "host", "in-place"]), default="auto", show_default=True,
-              help="onnx / aoti: 'in-place' makes the AR engines write their new keys/values into the KV cache "
-                   "buffer (onnx: one buffer per layer, TensorScatter bound by IOBinding, attention over the buffer; "
-                   "aoti: an in-place scatter_) instead of the runtime writing them. 'auto': in-place for onnx "
-                   "(measured as fast at batch 1 and faster at batch 8), host for aoti and trt.")
+              help="'in-place' makes the AR engines write their new keys/values into the KV cache buffer (onnx: "
+                   "one buffer per layer, TensorScatter bound by IOBinding, attention over the buffer; trt: the same "
+                   "graph, TensorScatter parsed into IKVCacheUpdateLayer, TensorRT 10.15+; aoti: an in-place "
+                   "scatter_) instead of the runtime writing them. 'auto': in-place for onnx (measured as fast at "
+                   "batch 1 and faster at batch 8) and trt (10.15+; host below), host for aoti.")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
 def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,

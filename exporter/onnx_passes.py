@@ -22,9 +22,10 @@ from pathlib import Path
 IN_PLACE_OPSET = 24                   # TensorScatter
 
 
-def scatter_in_place(path: str | Path, layers: int) -> None:
+def scatter_in_place(path: str | Path, layers: int, axis: int = 2) -> None:
     """Rewrite the ONNX file at `path` (module docstring); ValueError unless every per-layer cache input
-    (2 * layers) feeds exactly one ScatterElements that becomes its TensorScatter."""
+    (2 * layers) feeds exactly one ScatterElements that becomes its TensorScatter. axis: the sequence axis as the
+    node states it (2, or -2 for TensorRT's parser, which takes TensorScatter on 4-D caches with axis -2 only)."""
     import onnx
     from onnx import helper, version_converter
 
@@ -39,7 +40,7 @@ def scatter_in_place(path: str | Path, layers: int) -> None:
         if node.op_type != "ScatterElements" or node.input[0] not in caches:
             continue
         data, _indices, updates = node.input
-        scatter = helper.make_node("TensorScatter", [data, updates, "lengths"], list(node.output), axis=2,
+        scatter = helper.make_node("TensorScatter", [data, updates, "lengths"], list(node.output), axis=axis,
                                    name=f"{node.name}_in_place")
         graph.node.remove(node)
         graph.node.insert(at, scatter)

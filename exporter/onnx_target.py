@@ -22,7 +22,7 @@ from fastardiff.runtime.engine import per_layer_io
 
 from .engine_modules import ENGINE_IO, IN_PLACE_ENGINES, ShapeProfile, in_buffer_engine, per_layer_inputs
 from .onnx_passes import scatter_in_place
-from .parity import check_cache_update, check_engine_parity, with_room
+from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
@@ -85,34 +85,22 @@ def ort_providers(device: str) -> list[str]:
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
 
 
-def ort_runner(path: Path, name: str, device: str, cache_layers: int = 0) -> Callable[[tuple], list[np.ndarray]]:
-    """The engine's contract outputs for contract torch inputs. An in-place engine (cache_layers > 0: per-layer
-    cache buffers, exporter/onnx_passes.py) is fed the caches with room for the fed positions, one buffer per
-    layer, and also checked on every call: its updated buffers must equal the input caches with the call's new
-    keys/values written at each row's length, bit for bit (ParityError otherwise)."""
+def ort_runner(model, name: str, device: str, cache_layers: int = 0) -> Callable[[tuple], list[np.ndarray]]:
+    """The engine's contract outputs for contract torch inputs (model: an ONNX file's path or serialised bytes). An
+    in-place engine (cache_layers > 0: per-layer cache buffers, exporter/onnx_passes.py) is fed the caches with
+    room for the fed positions, one buffer per layer, and also checked on every call: its updated buffers must
+    equal the input caches with the call's new keys/values written at each row's length, bit for bit
+    (parity.per_layer_runner; ParityError otherwise)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
-    input_names, output_names = ENGINE_IO[name]
-
-    def run(inputs: tuple) -> list[np.ndarray]:
-        feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
-        if not cache_layers:
-            return session.run(None, feed)
-        k, v = with_room(feed.pop("k_cache"), feed.pop("v_cache"), feed["tokens"].shape[1])
-        feed.update({f"k_cache_{layer}": k[layer] for layer in range(cache_layers)})
-        feed.update({f"v_cache_{layer}": v[layer] for layer in range(cache_layers)})
-        outputs = session.run(None, feed)
-        named = dict(zip(output_names, outputs))
-        updated = outputs[len(output_names):]
-        check_cache_update(name, feed["lengths"], (k, v),
-                           (np.stack(updated[:cache_layers]), np.stack(updated[cache_layers:])),
-                           (named["new_k"], named["new_v"]))
-        return outputs[:len(output_names)]
-
-    return run
+    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, opts,
+                                   providers=ort_providers(device))
+    if cache_layers:
+        return per_layer_runner(name, cache_layers, lambda feed: session.run(None, feed))
+    input_names = ENGINE_IO[name][0]
+    return lambda inputs: session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
 
 
 def per_layer_shapes(shapes: dict, names, layers: int) -> tuple:

@@ -154,3 +154,29 @@ def check_cache_update(name: str, lengths, before: Sequence[np.ndarray], after: 
         if np.shape(got) != want.shape or not np.array_equal(got, want):
             raise ParityError(f"engine '{name}': its in-place update of {cache} is not the input cache with the "
                               "call's new keys/values written at each row's length; re-export")
+
+
+def per_layer_runner(name: str, cache_layers: int, run_feed: Callable[[dict], list]) -> Callable[[tuple], list]:
+    """The contract call of an in-place engine with one cache buffer per layer (onnx and trt targets): contract
+    torch inputs -> contract outputs. run_feed(feed) runs the engine on the named numpy inputs (k_cache_<l> /
+    v_cache_<l> with room for the fed positions) and returns the contract outputs followed by the updated buffers,
+    which are checked on every call with check_cache_update (ParityError otherwise)."""
+    from fastardiff.runtime.engine import per_layer_io
+
+    input_names, output_names = ENGINE_IO[name]
+
+    def run(inputs: tuple) -> list[np.ndarray]:
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
+        k, v = with_room(feed.pop("k_cache"), feed.pop("v_cache"), feed["tokens"].shape[1])
+        feed.update({f"k_cache_{layer}": k[layer] for layer in range(cache_layers)})
+        feed.update({f"v_cache_{layer}": v[layer] for layer in range(cache_layers)})
+        ordered = {n: feed[n] for n in per_layer_io(input_names, output_names, cache_layers)[0]}
+        outputs = run_feed(ordered)
+        named = dict(zip(output_names, outputs))
+        updated = outputs[len(output_names):]
+        check_cache_update(name, feed["lengths"], (k, v),
+                           (np.stack(updated[:cache_layers]), np.stack(updated[cache_layers:])),
+                           (named["new_k"], named["new_v"]))
+        return outputs[:len(output_names)]
+
+    return run

@@ -124,15 +124,37 @@ def library_versions(names) -> dict:
 KV_UPDATES = ("auto", "host", "in-place")
 # `--kv-update auto` per target: where the in-place form measured faster (this project's CPU, whole images, ONNX
 # Runtime: the same or faster at batch 1, up to 1.4x at batch 8; AOTInductor: slower at batch 8, inductor copying
-# the buffer around its scatter; TensorRT: host only)
-KV_UPDATE_DEFAULT = {"onnx": "in-place", "aoti": "host", "trt": "host"}
+# the buffer around its scatter; TensorRT: in place where its ONNX parser takes TensorScatter, 10.15 and later,
+# turning it into an IKVCacheUpdateLayer whose output aliases the cache input: no cache copy on the GPU)
+KV_UPDATE_DEFAULT = {"onnx": "in-place", "aoti": "host", "trt": "in-place"}
+TRT_IN_PLACE_VERSION = (10, 15)
+
+
+def trt_takes_in_place(version: str | None) -> bool:
+    """Whether TensorRT `version` parses the in-place engines' TensorScatter (None: no TensorRT here, an
+    --onnx-only export: the graphs are for a current TensorRT)."""
+    if version is None:
+        return True
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
+    return tuple(parts) >= TRT_IN_PLACE_VERSION
+
+
+def installed_trt_version() -> str | None:
+    try:
+        import tensorrt
+    except Exception:  # absent, or the registry's download stub that fails on import: no usable TensorRT
+        return None
+    return getattr(tensorrt, "__version__", None)
 
 
 def resolve_options(opts: ExportOptions) -> ExportOptions:
     """`opts` with `--kv-update auto` replaced by the target's choice (what the engine cache key records)."""
     if opts.kv_update != "auto":
         return opts
-    return dataclasses.replace(opts, kv_update=KV_UPDATE_DEFAULT.get(opts.target, "host"))
+    choice = KV_UPDATE_DEFAULT.get(opts.target, "host")
+    if opts.target == "trt" and not opts.onnx_only and not trt_takes_in_place(installed_trt_version()):
+        choice = "host"
+    return dataclasses.replace(opts, kv_update=choice)
 
 
 def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
@@ -150,10 +172,15 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
         raise FastardiffError("--atol and --rtol must be >= 0")
     if opts.kv_update not in KV_UPDATES:
         raise FastardiffError(f"unknown --kv-update '{opts.kv_update}'; choose one of {', '.join(KV_UPDATES)}")
-    if opts.kv_update == "in-place" and opts.target not in ("onnx", "aoti"):
-        raise FastardiffError(f"--kv-update in-place is built for --target onnx and aoti (TensorScatter + ONNX "
-                              f"Runtime IOBinding; an in-place scatter_ AOTInductor keeps); --target {opts.target} "
-                              "keeps --kv-update host")
+    if opts.kv_update == "in-place" and opts.target not in ("onnx", "aoti", "trt"):
+        raise FastardiffError(f"--kv-update in-place is built for --target onnx, aoti and trt; --target "
+                              f"{opts.target} keeps --kv-update host")
+    if opts.kv_update == "in-place" and opts.target == "trt" and not opts.onnx_only:
+        version = installed_trt_version()
+        if not trt_takes_in_place(version):
+            raise FastardiffError(f"--kv-update in-place needs TensorRT {'.'.join(map(str, TRT_IN_PLACE_VERSION))} "
+                                  f"or later (its ONNX parser turns TensorScatter into an IKVCacheUpdateLayer); "
+                                  f"this is TensorRT {version}: upgrade it, or export with --kv-update host")
 
 
 def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
@@ -320,8 +347,8 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
                       ) -> dict[str, EngineEntry]:
     """Loop the engines with one progress line each: build_one(name, module, reference, profile) writes the
     engine file into work_dir and returns (file name relative to work_dir, parity report[, the file's own
-    EngineEntry fields where they are not the contract's: {"inputs", "outputs", "cache_layers"}, e.g. the onnx
-    target's in-place engines with per-layer caches])."""
+    EngineEntry fields where they are not the contract's: {"inputs", "outputs", "cache_layers", "profile"}, e.g.
+    the in-place engines with per-layer caches])."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -354,7 +381,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
             entries[name] = EngineEntry(file=file, sha256=sha256_file(work_dir / file),
                                         inputs=list(io.get("inputs", inputs)), outputs=list(io.get("outputs", outputs)),
                                         cache_layers=io.get("cache_layers", 0),
-                                        profile=profile_dict(profiles[name]), parity=parity,
+                                        profile=profile_dict(io.get("profile", profiles[name])), parity=parity,
                                         kind="draft_rollout" if name in ROLLOUT_GAMMA
                                         else "head" if name in HEAD_ENGINES else name,
                                         gamma=ROLLOUT_GAMMA.get(name, 0),

@@ -12,7 +12,9 @@ How the custom node gets into the graph:
      creator reads (scale float32, normalize int). `check_plugin_graph` verifies every other node is a standard op.
 
 The cache length (causal_offset) is not an attribute: the plugin reads it from the input shapes (T - K), the
-same value the models pass (keys = [cache, new tokens]).
+same value the models pass (keys = [cache, new tokens]). The in-place engines (`--kv-update in-place`) set the
+attribute in_buffer = 1 instead: keys are the layer's cache buffer, already holding the new tokens at each row's
+length, and row b's query i sees keys j <= lengths[b] + i.
 
 `decompose_plugin_nodes` swaps each plugin node back to the reference's decomposition in standard ONNX ops, so
 the plugin-bearing graph can be run by ONNX Runtime and compared with the `onnx` engines (export-time parity of
@@ -38,22 +40,27 @@ PLUGIN_OUTPUTS = ("out", "entropy")
 
 @torch.library.custom_op("fastardiff::entropy_attention_plugin", mutates_args=())
 def entropy_attention_plugin_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                                scale: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plugin's semantics in PyTorch (causal_offset = T - K, as the plugin derives it from the shapes)."""
-    return entropy_attention_reference(q, k, v, lengths, k.shape[-2] - q.shape[-2], scale, normalize)
+                                scale: float, normalize: bool, in_buffer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plugin's semantics in PyTorch: keys [cache, new tokens] (causal_offset = T - K, as the plugin derives it
+    from the shapes), or in_buffer: keys are a cache buffer holding the new tokens at each row's length (row b's
+    query i sees keys j <= lengths[b] + i; the in-place engines, models.py in_buffer)."""
+    offset = None if in_buffer else k.shape[-2] - q.shape[-2]
+    return entropy_attention_reference(q, k, v, lengths, offset, scale, normalize)
 
 
 @entropy_attention_plugin_op.register_fake
-def _plugin_fake(q, k, v, lengths, scale, normalize):
+def _plugin_fake(q, k, v, lengths, scale, normalize, in_buffer):
     return torch.empty_like(q), q.new_empty(q.shape[:-1])
 
 
 def entropy_attention_plugin(q, k, v, lengths, causal_offset, scale: float, normalize: bool = True):
-    """ENTROPY_ATTENTION_IMPLS["plugin"]: same signature as the reference; the offset must be T - K."""
+    """ENTROPY_ATTENTION_IMPLS["plugin"]: same signature as the reference; the offset must be T - K, or None for
+    keys in a cache buffer (the in-place engines)."""
     if isinstance(causal_offset, int) and causal_offset != k.shape[-2] - q.shape[-2]:
         raise ValueError(f"the TensorRT plugin derives causal_offset = T - K = {k.shape[-2] - q.shape[-2]} from the "
-                         f"shapes, got {causal_offset}: keys must be [cache, new tokens]")
-    return torch.ops.fastardiff.entropy_attention_plugin(q, k, v, lengths, float(scale), bool(normalize))
+                         f"shapes, got {causal_offset}: keys must be [cache, new tokens] or a cache buffer (None)")
+    return torch.ops.fastardiff.entropy_attention_plugin(q, k, v, lengths, float(scale), bool(normalize),
+                                                         causal_offset is None)
 
 
 ENTROPY_ATTENTION_IMPLS["plugin"] = entropy_attention_plugin
@@ -100,17 +107,20 @@ def register_onnx_schema() -> None:
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "q/k/v/outputs"),
                           ("I", ["tensor(int32)", "tensor(int64)"], "lengths")],
         attributes=[attr("scale", kind.FLOAT, "score scale"), attr("normalize", kind.INT, "divide by log n_i"),
+                    attr("in_buffer", kind.INT, "keys are a cache buffer: row b's query i sees j <= lengths[b] + i",
+                         required=False),
                     attr("plugin_namespace", kind.STRING, "TensorRT plugin namespace", required=False),
                     attr("plugin_version", kind.STRING, "TensorRT plugin version", required=False)])
     defs.register_schema(schema)
 
 
-def _translate_plugin(q, k, v, lengths, scale: float, normalize: bool):
+def _translate_plugin(q, k, v, lengths, scale: float, normalize: bool, in_buffer: bool):
     import onnxscript
 
     register_onnx_schema()
     opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
-    return opset.EntropyAttention(q, k, v, lengths, scale=float(scale), normalize=int(bool(normalize)))
+    return opset.EntropyAttention(q, k, v, lengths, scale=float(scale), normalize=int(bool(normalize)),
+                                  in_buffer=int(bool(in_buffer)))
 
 
 def custom_translation_table() -> dict:
@@ -151,6 +161,7 @@ def mark_plugin_nodes(model: onnx.ModelProto, expected: int | None = None) -> in
         node.name = node.name or f"entropy_attention_{idx}"
         _set_attr(node, "scale", float(attrs["scale"]))          # FLOAT attribute -> PluginField kFLOAT32
         _set_attr(node, "normalize", int(bool(attrs["normalize"])))  # INT attribute -> PluginField integer
+        _set_attr(node, "in_buffer", int(bool(attrs.get("in_buffer", 0))))
         _set_attr(node, "plugin_namespace", PLUGIN_NAMESPACE)
         _set_attr(node, "plugin_version", PLUGIN_VERSION)
     if nodes and not any(o.domain == PLUGIN_DOMAIN for o in model.opset_import):
@@ -208,6 +219,7 @@ def _decomposition(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodePro
     out, entropy = node.output
     attrs = _attrs(node)
     scale, normalize = float(attrs["scale"]), bool(attrs.get("normalize", 1))
+    in_buffer = bool(attrs.get("in_buffer", 0))
     t = lambda name: f"{prefix}/{name}"  # noqa: E731
     consts = {
         "scale": helper.make_tensor(t("scale"), TensorProto.FLOAT, [], [scale]),
@@ -242,14 +254,9 @@ def _decomposition(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodePro
         mk("Range", [c["zero"], t("K"), c["one"]], [t("i")]),
         mk("Unsqueeze", [t("i"), c["axis_1"]], [t("i_col")]),
         mk("Reshape", [t("len"), c["shape_b111"]], [t("len4")]),
-        mk("Less", [t("j"), t("len4")], [t("cached")]),              # j < lengths[b]      [B,1,1,T]
-        mk("Less", [t("j"), t("offset")], [t("in_cache")]),          # j < causal_offset   [T]
-        mk("And", [t("cached"), t("in_cache")], [t("cache_vis")]),
-        mk("Not", [t("in_cache")], [t("in_new")]),
-        mk("Sub", [t("j"), t("offset")], [t("j_rel")]),
-        mk("LessOrEqual", [t("j_rel"), t("i_col")], [t("causal")]),  # j - offset <= i     [K,T]
-        mk("And", [t("in_new"), t("causal")], [t("new_vis")]),
-        mk("Or", [t("cache_vis"), t("new_vis")], [t("mask")]),       # [B,1,K,T]
+    ]
+    nodes += _buffer_mask(t, c) if in_buffer else _prefix_mask(t)
+    nodes += [
         mk("Where", [t("mask"), t("s"), c["neg_inf"]], [t("s_masked")]),
         mk("ReduceLogSumExp", [t("s_masked"), c["axis_last"]], [t("lse")], keepdims=1),
         mk("Sub", [t("s_masked"), t("lse")], [t("log_p")]),
@@ -278,6 +285,28 @@ def _decomposition(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodePro
         final = t("h_final")
     nodes.append(mk("CastLike", [final, q], [entropy]))
     return nodes, list(consts.values())
+
+
+def _buffer_mask(t, c) -> list[onnx.NodeProto]:
+    """in_buffer: row b's query i sees keys j <= clamp(lengths[b], 0, T - K) + i (the kernel's per-row offset)."""
+    mk = helper.make_node
+    return [mk("Min", [t("len4"), t("offset")], [t("len_hi")]),
+            mk("Max", [t("len_hi"), c["zero"]], [t("len_clamped")]),
+            mk("Add", [t("len_clamped"), t("i_col")], [t("last_key")]),     # [B,1,K,1]
+            mk("LessOrEqual", [t("j"), t("last_key")], [t("mask")])]        # [B,1,K,T]
+
+
+def _prefix_mask(t) -> list[onnx.NodeProto]:
+    """keys [cache, new tokens]: cache keys j < lengths[b], new keys j - (T - K) <= i."""
+    mk = helper.make_node
+    return [mk("Less", [t("j"), t("len4")], [t("cached")]),              # j < lengths[b]      [B,1,1,T]
+            mk("Less", [t("j"), t("offset")], [t("in_cache")]),          # j < causal_offset   [T]
+            mk("And", [t("cached"), t("in_cache")], [t("cache_vis")]),
+            mk("Not", [t("in_cache")], [t("in_new")]),
+            mk("Sub", [t("j"), t("offset")], [t("j_rel")]),
+            mk("LessOrEqual", [t("j_rel"), t("i_col")], [t("causal")]),  # j - offset <= i     [K,T]
+            mk("And", [t("in_new"), t("causal")], [t("new_vis")]),
+            mk("Or", [t("cache_vis"), t("new_vis")], [t("mask")])]       # [B,1,K,T]
 
 
 def decompose_plugin_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

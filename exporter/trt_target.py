@@ -21,6 +21,7 @@ BuilderFlag.TF32 (on by default), or fp32 matmuls would round their inputs to 10
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,9 +37,13 @@ from fastardiff.runtime import backend_tensorrt as trt_backend
 from fastardiff.runtime.manifest import sha256_file
 
 from . import trt_graph
-from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile
-from .onnx_target import export_onnx_file
-from .parity import check_engine_parity
+from fastardiff.runtime.engine import per_layer_io
+
+from .engine_modules import (ENGINE_IO, IN_PLACE_ENGINES, ROLLOUT_GAMMA, ShapeProfile, in_buffer_engine,
+                             per_layer_inputs)
+from .onnx_passes import scatter_in_place
+from .onnx_target import export_onnx_file, ort_runner, per_layer_shapes
+from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
@@ -84,14 +89,24 @@ def require_gpu() -> dict:
 # ---------------------------------------------------------------------------------------------- ONNX
 
 def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: ShapeProfile, path: Path,
-                       precision: str = "fp32") -> int:
+                       precision: str = "fp32", cache_layers: int = 0) -> int:
     """Export one engine with entropy-attention plugin nodes; returns the number of plugin nodes. The graph's
-    weights must be of `precision`'s type: a strongly typed TensorRT build takes its precision from them."""
-    trt_graph.use_plugin_attention(module)
+    weights must be of `precision`'s type: a strongly typed TensorRT build takes its precision from them.
+    cache_layers > 0: the in-place form (`--kv-update in-place`): one cache buffer per layer, each updated by a
+    TensorScatter (axis -2, opset 24) that TensorRT 10.15+ parses into an IKVCacheUpdateLayer whose output aliases
+    the buffer, and the entropy layers' plugin nodes attend over that buffer (in_buffer = 1)."""
     inputs, outputs = ENGINE_IO[name]
-    export_onnx_file(module, example, path, inputs, outputs, dynamic_shapes(name, profile, derived_dims=False),
+    shapes = dynamic_shapes(name, profile, derived_dims=False)
+    if cache_layers:
+        module, example = in_buffer_engine(name, module), per_layer_inputs(example)
+        shapes = per_layer_shapes(shapes, inputs, cache_layers)
+        inputs, outputs = per_layer_io(inputs, outputs, cache_layers)
+    trt_graph.use_plugin_attention(module)
+    export_onnx_file(module, example, path, inputs, outputs, shapes,
                      custom_translation_table=trt_graph.custom_translation_table(),
                      optimize=name not in HEAD_ENGINES)   # TensorRT optimises the graph itself
+    if cache_layers:
+        scatter_in_place(path, cache_layers, axis=-2)
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
     trt_graph.check_plugin_graph(model)
@@ -103,26 +118,19 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     return count
 
 
-def decomposed_onnx_runner(path: Path):
+def decomposed_onnx_runner(path: Path, name: str, cache_layers: int = 0):
     """(run, None) running the plugin graph with the plugin nodes swapped back to the reference on ONNX Runtime's
-    CPU provider, or (None, reason) when that cannot run here (no onnxruntime; bf16 kernels ORT's CPU lacks)."""
+    CPU provider (in-place graphs: fed per-layer buffers and their updates checked, onnx_target.ort_runner), or
+    (None, reason) when that cannot run here (no onnxruntime; bf16 kernels ORT's CPU lacks)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return None, "onnxruntime is not installed"
     model = trt_graph.decompose_plugin_nodes(onnx.load(str(path)))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort_runner(model.SerializeToString(), name, "cpu", cache_layers), None
     except Exception as err:  # onnxruntime raises its own types, e.g. NOT_IMPLEMENTED for bf16 MatMul on CPU
         return None, f"onnxruntime cannot run the decomposed graph ({str(err).splitlines()[0][:160]})"
-    names = [i.name for i in session.get_inputs()]
-
-    def run(inputs: tuple) -> list[np.ndarray]:
-        return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)})
-
-    return run, None
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT
@@ -149,11 +157,25 @@ def make_progress_monitor(trt):
     return BuildProgress
 
 
-def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile) -> dict[str, tuple]:
-    """Input name -> (min, opt, max) shapes of the engine's optimisation profile."""
+def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile,
+                   cache_layers: int = 0) -> dict[str, tuple]:
+    """Input name -> (min, opt, max) shapes of the engine's optimisation profile (cache_layers: per-layer buffers
+    k_cache_<l> / v_cache_<l> [B, H, S, Dh] in place of k_cache / v_cache [L, B, H, S, Dh])."""
     corners = [trt_backend.engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c],
                                                profile.cache[c], ROLLOUT_GAMMA.get(name, 0)) for c in range(3)]
-    return {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
+    shapes = {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
+    if cache_layers:
+        for cache in ("k_cache", "v_cache"):
+            dims = tuple(corner[1:] for corner in shapes.pop(cache))
+            shapes.update({f"{cache}_{layer}": dims for layer in range(cache_layers)})
+    return shapes
+
+
+def in_place_profile(profile: ShapeProfile) -> ShapeProfile:
+    """An in-place engine is given the runtime's whole cache buffer, with room for the fed positions past the
+    sequence (runtime/speculative.py jacobi_cache_capacity): the cache axis reaches max cache + max K."""
+    lo, opt, hi = profile.cache
+    return dataclasses.replace(profile, cache=(lo, opt, hi + profile.new_tokens[2]))
 
 
 def _slug(text: str) -> str:
@@ -239,13 +261,17 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
         save_timing_cache(config, timing_cache, label)
 
 
-def tensorrt_runner(trt, logger, engine_path: Path, label: str):
+def tensorrt_runner(trt, logger, engine_path: Path, label: str, cache_layers: int = 0):
     import torch
 
     runtime = trt.Runtime(logger)
     engine = trt_backend.deserialize_engine(trt, runtime, engine_path)
     inputs, outputs = ENGINE_IO[label]
+    if cache_layers:
+        inputs, outputs = per_layer_io(inputs, outputs, cache_layers)
     runner = trt_backend.TensorRTRunner(trt, torch, engine, torch.cuda.Stream(), label, inputs, outputs)
+    if cache_layers:   # the updated buffers are the inputs' own memory (aliased outputs), checked every call
+        return per_layer_runner(label, cache_layers, lambda feed: runner([feed[n] for n in inputs]))
     return lambda inputs: runner(list(inputs))
 
 
@@ -264,34 +290,43 @@ def build_trt(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> T
 
     def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
         layers = engine_layers(ckpt, name)
+        cache_layers = layers if opts.kv_update == "in-place" and name in IN_PLACE_ENGINES else 0
         onnx_file = f"{name}.onnx"
+        io = {}
+        build_profile = profile      # what TensorRT is built for; parity runs the export's shapes
+        if cache_layers:
+            build_profile = in_place_profile(profile)
+            inputs, outputs = per_layer_io(*ENGINE_IO[name], cache_layers)
+            io = {"inputs": inputs, "outputs": outputs, "cache_layers": cache_layers, "profile": build_profile}
         example = trace_inputs(cfg, name, layers, profile, "cpu")
         plugin_counts[name] = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / onnx_file,
-                                                 opts.precision)
+                                                 opts.precision, cache_layers)
         log.debug("%s: %d plugin nodes", name, plugin_counts[name])
         if opts.onnx_only:
-            run, why_not = decomposed_onnx_runner(work_dir / onnx_file)
+            run, why_not = decomposed_onnx_runner(work_dir / onnx_file, name, cache_layers)
             if run is None:
                 log.warning("%s: parity not checked: %s", name, why_not)
-                return onnx_file, {"skipped": why_not, "atol": opts.atol, "rtol": opts.rtol}
+                return onnx_file, {"skipped": why_not, "atol": opts.atol, "rtol": opts.rtol}, io
             parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
             parity["runtime"] = ("onnxruntime CPU on the plugin graph with EntropyAttention swapped back to the "
                                  "reference decomposition (the plugin itself did not run)")
-            return onnx_file, parity
+            return onnx_file, parity, io
         engine_file = f"{name}.engine"
-        shapes = profile_shapes(cfg.to_dict(), name, layers, profile)
+        shapes = profile_shapes(cfg.to_dict(), name, layers, build_profile, cache_layers)
         build_engine(trt, logger, work_dir / onnx_file, work_dir / engine_file, shapes, opts.precision,
                      timing_cache_path(work_dir, trt, gpu), name)
-        run = tensorrt_runner(trt, logger, work_dir / engine_file, name)
+        run = tensorrt_runner(trt, logger, work_dir / engine_file, name, cache_layers)
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = f"tensorrt {trt.__version__} on {gpu['name']}"
-        return engine_file, parity
+        return engine_file, parity, io
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
     versions = library_versions(TARGET_LIBRARIES["trt"])
     identity = {"name": trt_graph.PLUGIN_OP, "namespace": trt_graph.PLUGIN_NAMESPACE,
                 "version": trt_graph.PLUGIN_VERSION}
-    extra = {"plugin_nodes": plugin_counts, "onnx_opset": 18}
+    extra = {"plugin_nodes": plugin_counts, "onnx_opset": 18,
+             "kv_update": ("in place in the AR engines (per-layer buffers, TensorScatter -> IKVCacheUpdateLayer, "
+                           "opset 24)" if opts.kv_update == "in-place" else "host")}
     if opts.onnx_only:
         extra["note"] = ("ONNX graphs with TensorRT plugin nodes, not engines: build them with `fastardiff export "
                          "--target trt` on a machine with TensorRT and a GPU")

@@ -102,9 +102,9 @@ class ARTransformer(nn.Module):
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond, return_hidden: bool = False, in_buffer: bool = False):
         entropy_impl = get_entropy_attention(self.attention_impl)
-        if in_buffer and self.attention_impl != "reference":
-            raise ValueError("in_buffer attention is the reference implementation's (the onnx target's in-place "
-                             f"engines); this model uses '{self.attention_impl}'")
+        if in_buffer and self.attention_impl not in ("reference", "plugin"):
+            raise ValueError("in_buffer attention is the reference implementation's or the TensorRT plugin's (the "
+                             f"in-place engines); this model uses '{self.attention_impl}'")
         x = self.embed(tokens, lengths, cond)
         entropy = shallow = None
         new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []

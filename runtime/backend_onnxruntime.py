@@ -63,7 +63,28 @@ def device_providers(ort, device: str | None) -> list | None:
     return gpu + ["CPUExecutionProvider"]
 
 
-def choose_providers(ort, manifest: Manifest, name: str, providers=None, device_id: int = 0) -> list:
+def tensor_device(ort, providers, device_id: int, device_cache: bool | None, device_loop: bool | None):
+    """(torch device, CUDA stream handle or None) the engines bind torch tensors on, or (None, None): the CUDA
+    provider's GPU where it will run the engines and torch is installed, unless device_cache / device_loop say
+    False; the CPU only where device_cache or device_loop asks for it (the CPU tests of the device path)."""
+    wanted = bool(device_cache or device_loop)
+    gpu = "CUDAExecutionProvider" in (providers or ort.get_available_providers())
+    if not (wanted or (gpu and device_cache is not False and device_loop is not False)):
+        return None, None
+    try:
+        import torch
+    except ImportError:
+        if wanted:
+            raise MissingDependencyError("torch", "export", "device caches with onnxruntime") from None
+        return None, None
+    if gpu and torch.cuda.is_available():
+        with torch.cuda.device(device_id):
+            return torch.device("cuda", device_id), torch.cuda.current_stream().cuda_stream
+    return torch.device("cpu"), None
+
+
+def choose_providers(ort, manifest: Manifest, name: str, providers=None, device_id: int = 0,
+                     stream: int | None = None) -> list:
     available = ort.get_available_providers()
     if providers:
         missing = [p for p in providers if p not in available]
@@ -80,8 +101,8 @@ def choose_providers(ort, manifest: Manifest, name: str, providers=None, device_
                                "trt_profile_opt_shapes": _profile_shapes(manifest, name, 1),
                                "trt_profile_max_shapes": _profile_shapes(manifest, name, 2),
                                "trt_fp16_enable": manifest.precision == "fp16"}))
-        elif p == "CUDAExecutionProvider":
-            chosen.append((p, {"device_id": device_id}))
+        elif p == "CUDAExecutionProvider":   # on torch's stream when the loop's tensors are torch's (ort_tensors)
+            chosen.append((p, {"device_id": device_id, **({"user_compute_stream": str(stream)} if stream else {})}))
         else:
             chosen.append(p)
     return chosen or ["CPUExecutionProvider"]
@@ -99,6 +120,7 @@ class OnnxRuntimeEngines(EngineCalls):
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
                  spinning: bool = False, verify: bool = True, in_place: bool = True, device: str | None = None,
+                 device_cache: bool | None = None, device_loop: bool | None = None, loop_noise: str | None = None,
                  **other):
         if other:
             log.debug("onnxruntime backend ignores options %s", sorted(other))
@@ -121,10 +143,13 @@ class OnnxRuntimeEngines(EngineCalls):
         # Spinning worker threads busy-wait between calls and steal the CPU from the sampling loop that runs
         # between engine calls (measured 4x slower per image on a 2-core box); off unless asked for.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        # the device loop / device caches (runtime/ort_tensors.py): torch tensors bound where they lie, on the CUDA
+        # provider's GPU (on by default there, when torch is installed) or, asked for, on the CPU
+        torch_device, stream = tensor_device(ort, providers, device_id, device_cache, device_loop)
         self.sessions = {}
         for name in manifest.engines:
             entry = manifest.engines[name]
-            chosen = choose_providers(ort, manifest, name, providers, device_id)
+            chosen = choose_providers(ort, manifest, name, providers, device_id, stream)
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.engine_dir / entry.file), options,
                                                            providers=chosen)
@@ -147,6 +172,19 @@ class OnnxRuntimeEngines(EngineCalls):
         self._plain_inputs = {n: [i for i in e.inputs if i not in per_layer_cache_inputs(e.cache_layers)]
                               for n, e in manifest.engines.items()}
         self.providers = self.sessions["target_verify"].get_providers()
+        self.cache_device = self.loop_device = self._tensors = None
+        if torch_device is not None:
+            from .kv_cache import cache_device_for, loop_device_for
+            from .ort_tensors import TensorCalls
+
+            self.cache_device = cache_device_for(torch_device, True if device_loop else device_cache)
+            self.loop_device = loop_device_for(self.cache_device, device_loop)
+            if self.cache_device is not None:
+                import torch
+
+                self._tensors = TensorCalls(ort, torch, self.sessions, manifest, self.cache_device)
+        from .kv_cache import loop_noise_for
+        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)
         log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
 
     @property
@@ -167,6 +205,10 @@ class OnnxRuntimeEngines(EngineCalls):
                               f"{entry.inputs} / {entry.outputs}; re-export")
 
     def _run(self, name: str, arrays) -> list[np.ndarray]:
+        if self._tensors is not None and any(type(a) is not np.ndarray for a in arrays[:4]):
+            entry = self.manifest.engines[name]
+            keep = 2 if "new_v" in entry.outputs else 0
+            return self._tensors.run(name, arrays, name in self.kv_in_place, keep)
         arrays = [a if type(a) is np.ndarray and a.dtype in _ENGINE_DTYPES and a.flags.c_contiguous
                   else np.ascontiguousarray(a, dtype=np.int64 if np.asarray(a).dtype.kind in "iu" else np.float32)
                   for a in arrays]

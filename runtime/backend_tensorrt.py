@@ -16,6 +16,12 @@ Streams: the engine runs on its own stream, which first waits on the caller's st
 produced there are ready); outputs are allocated on the caller's stream and the caller's stream waits on the
 engine's after the enqueue, so the caller may use them, or free them, in stream order without a host sync.
 Outputs come back as numpy through the interface (the copy to the host synchronises the caller's stream).
+
+In-place KV engines (`--kv-update in-place`, manifest cache_layers): one cache buffer per layer, each an input
+k_cache_<l> and an output k_cache_out_<l> that TensorRT aliases to it (IKVCacheUpdateLayer, parsed from the ONNX
+TensorScatter; ICudaEngine.get_aliased_input_tensor names the pair). Both are bound to the same address: layer l
+of the runtime's [L, R, H, S, Dh] cache on the GPU, so a call copies no cache. A layer that cannot be bound where
+it lies (host memory, misaligned) is staged on the device and written back to the caller's memory after the call.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import EngineCalls
+from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
 from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
 
@@ -134,7 +140,8 @@ class TensorRTRunner:
     """One deserialised engine + execution context; binds device buffers by address and runs on `stream`.
     `device` is "cuda" for TensorRT; tests pass "cpu" with a stand-in engine to check the binding logic."""
 
-    def __init__(self, trt, torch, engine, stream, label: str, inputs=None, outputs=None, device: str = "cuda"):
+    def __init__(self, trt, torch, engine, stream, label: str, inputs=None, outputs=None, device: str = "cuda",
+                 aliases: dict | None = None):
         self.trt, self.torch, self.engine, self.stream, self.label = trt, torch, engine, stream, label
         self.device = device
         self.context = engine.create_execution_context()
@@ -151,6 +158,8 @@ class TensorRTRunner:
         self.inputs = list(inputs) if inputs is not None else self.inputs
         self.outputs = list(outputs) if outputs is not None else self.outputs
         self.dtypes = {n: self._torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self.aliases = checked_aliases(engine, label, self.inputs, self.outputs, aliases or {})
+        self._updated_inputs = frozenset(self.aliases.values())
         self._dummy = None  # the address bound for zero-element tensors, allocated on first use
         # (name, shape, dtype) -> an aligned buffer reused by every host-facing call of that shape: staged inputs
         # and outputs, so a run at a shape seen before allocates nothing (__call__ only: it reads the outputs
@@ -226,9 +235,17 @@ class TensorRTRunner:
                 raise EngineError(f"engine '{self.label}': input '{name}' shape {tuple(t.shape)} is outside the "
                                   "optimisation profile it was built with; re-export with a larger --batch/--gamma")
             self._bind(name, t)
+        by_name = dict(zip(self.inputs, bound))
         outs = []
         for name in self.outputs:
-            out = self._buffer(name, tuple(self.context.get_tensor_shape(name)), pooled)
+            shape = tuple(self.context.get_tensor_shape(name))
+            if name in self.aliases:          # updated in place: the output is its input's memory
+                out = by_name[self.aliases[name]]
+                if tuple(out.shape) != shape:
+                    raise EngineError(f"engine '{self.label}': output '{name}' has shape {shape}, its aliased input "
+                                      f"'{self.aliases[name]}' {tuple(out.shape)}; re-export")
+            else:
+                out = self._buffer(name, shape, pooled)
             self._bind(name, out)
             outs.append(out)
         self.stream.wait_stream(caller)       # inputs (and the output buffers) are ready before the engine reads
@@ -238,6 +255,10 @@ class TensorRTRunner:
             for t in bound + outs:            # memory the engine stream still uses is not reused before it is done
                 t.record_stream(self.stream)
         caller.wait_stream(self.stream)       # the caller's later work sees the outputs
+        for name, given in zip(self.inputs, arrays):
+            staged = by_name[name]
+            if name in self._updated_inputs and staged is not given:   # staged copy: the update goes back
+                write_back(self.torch, given, staged)
         return outs
 
     def __call__(self, arrays) -> list[np.ndarray]:
@@ -246,6 +267,29 @@ class TensorRTRunner:
         host = [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in self.run_device(arrays, pooled=True)]
         # on a CPU device (the tests' stand-in) .cpu() is the pooled buffer itself: copy it out
         return [a.copy() for a in host] if self.device == "cpu" else host
+
+
+def checked_aliases(engine, label: str, inputs, outputs, contract: dict) -> dict:
+    """Output -> the input it updates in place: the contract's pairs (runtime/engine.py per_layer_aliases),
+    checked against the engine's own where its TensorRT reports them (get_aliased_input_tensor, 10.15+)."""
+    ask = getattr(engine, "get_aliased_input_tensor", None)
+    for out in outputs:
+        own = ask(out) if ask is not None else contract.get(out)
+        if (own or None) != contract.get(out):
+            raise EngineError(f"engine '{label}': output '{out}' aliases input {own!r} in the engine but "
+                              f"{contract.get(out)!r} in the manifest; re-export")
+    missing = [f"{o} -> {i}" for o, i in contract.items() if o not in outputs or i not in inputs]
+    if missing:
+        raise EngineError(f"engine '{label}' lacks the in-place cache tensors {missing}; re-export")
+    return dict(contract)
+
+
+def write_back(torch, given, staged) -> None:
+    """An in-place update made on a staged copy, written into the caller's array (numpy or torch)."""
+    if isinstance(given, torch.Tensor):
+        given.copy_(staged)
+    else:
+        np.copyto(given, staged.cpu().numpy().astype(given.dtype, copy=False))
 
 
 def run_for_loop(runner: TensorRTRunner, arrays, keep: int) -> list:
@@ -305,11 +349,43 @@ class TensorRTEngines(EngineCalls):
         for name in manifest.engines:
             engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
             entry = manifest.engines[name]
-            self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs)
+            self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs,
+                                                aliases=per_layer_aliases(entry.cache_layers))
+        # engines that update the caches they are given (one buffer per layer, bound in place): the loop passes
+        # its whole buffer (room for the fed positions) and leaves its own write out
+        self._cache_layers = {n: e.cache_layers for n, e in manifest.engines.items() if e.cache_layers}
+        self.kv_in_place = frozenset(self._cache_layers)
+        self.needs_cache_room = bool(self._cache_layers)
+
+    @property
+    def cache_limit(self) -> float:
+        """The longest KV cache axis the target engines' optimisation profile takes."""
+        cache = self.manifest.engines["target_verify"].profile.get("cache")
+        return int(cache[-1]) if cache else 0
 
     def _run(self, name: str, arrays: tuple) -> list:
-        keep = 2 if self.cache_device is not None and self.manifest.engines[name].outputs[-1:] == ["new_v"] else 0
-        return run_for_loop(self.runners[name], arrays, keep)
+        return run_engine(self.runners[name], self.manifest.engines[name], arrays, self.cache_device is not None)
+
+
+def per_layer_aliases(layers: int) -> dict:
+    """The in-place engines' output -> input pairs: k_cache_out_<l> updates k_cache_<l> (runtime/engine.py
+    per_layer_io)."""
+    return {name.replace("_cache_", "_cache_out_"): name for name in per_layer_cache_inputs(layers)}
+
+
+def run_engine(runner: TensorRTRunner, entry, arrays: tuple, device_cache: bool) -> list:
+    """One contract call: an in-place engine gets layer l of the caller's caches as k_cache_<l> / v_cache_<l>
+    and returns the contract outputs (its updated buffers are the caches themselves). The new keys/values stay
+    on the device when the caches live there."""
+    layers = entry.cache_layers
+    keep = 2 if device_cache and "new_v" in entry.outputs else 0
+    if not layers:
+        return run_for_loop(runner, arrays, keep)
+    tokens, lengths, k_cache, v_cache, *rest = arrays
+    check_cache_room(runner.label, tokens, lengths, k_cache)
+    per_layer = [cache[layer] for cache in (k_cache, v_cache) for layer in range(layers)]
+    outs = run_for_loop(runner, (tokens, lengths, *per_layer, *rest), keep + 2 * layers)
+    return outs[:len(outs) - 2 * layers]
 
 
 def load_tensorrt_engines(engine_dir, manifest: Manifest, **options) -> TensorRTEngines:

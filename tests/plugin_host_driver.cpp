@@ -58,9 +58,11 @@ int main() {
     CHECK(std::strcmp(creator->getPluginVersion(), "1") == 0);
     CHECK(std::strcmp(creator->getPluginNamespace(), "fastardiff") == 0);
     PluginFieldCollection const* names = creator->getFieldNames();
-    CHECK(names->nbFields == 2 && std::strcmp(names->fields[0].name, "scale") == 0 &&
+    CHECK(names->nbFields == 3 && std::strcmp(names->fields[0].name, "scale") == 0 &&
           names->fields[0].type == PluginFieldType::kFLOAT32 && std::strcmp(names->fields[1].name, "normalize") == 0 &&
           names->fields[1].type == PluginFieldType::kINT32);
+    CHECK(std::strcmp(names->fields[2].name, "in_buffer") == 0 && names->fields[2].type == PluginFieldType::kINT32 &&
+          names->fields[2].length == 1);
 
     // fields as the ONNX parser passes them (float32 scale, int32 normalize)
     float scale = 0.25f;
@@ -70,7 +72,8 @@ int main() {
     PluginFieldCollection fc{2, fields};
     IPluginV3* plugin = creator->createPlugin("ea0", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin != nullptr);
-    CHECK(asPlugin(plugin)->scale() == 0.25f && asPlugin(plugin)->normalize() == 0);
+    CHECK(asPlugin(plugin)->scale() == 0.25f && asPlugin(plugin)->normalize() == 0 &&
+          asPlugin(plugin)->inBuffer() == 0);
     // wider types are accepted too
     double scale64 = 0.5;
     int64_t normalize64 = 7;
@@ -82,12 +85,36 @@ int main() {
     // defaults: scale <= 0 (1/sqrt(Dh) at enqueue), normalize on
     PluginFieldCollection empty{0, nullptr};
     IPluginV3* pd = creator->createPlugin("ea2", &empty, TensorRTPhase::kRUNTIME);
-    CHECK(pd != nullptr && asPlugin(pd)->scale() == 0.0f && asPlugin(pd)->normalize() == 1);
+    CHECK(pd != nullptr && asPlugin(pd)->scale() == 0.0f && asPlugin(pd)->normalize() == 1 &&
+          asPlugin(pd)->inBuffer() == 0);
     // a field of an unusable type is refused
     char text[] = "x";
     PluginField bad[] = {PluginField("scale", text, PluginFieldType::kCHAR, 1)};
     PluginFieldCollection fcBad{1, bad};
     CHECK(creator->createPlugin("ea3", &fcBad, TensorRTPhase::kBUILD) == nullptr);
+
+    // in_buffer: int32 / int64 / int8 0 or 1; another type, count or value is refused
+    int32_t buf32[2] = {1, 1};
+    int64_t buf64 = 1, buf64Zero = 0;
+    int8_t buf8 = 1;
+    float bufFloat = 1.0f;
+    auto withBuffer = [&](char const* name, PluginField field) -> IPluginV3* {
+        PluginField fs[] = {PluginField("scale", &scale, PluginFieldType::kFLOAT32, 1), field};
+        PluginFieldCollection c{2, fs};
+        return creator->createPlugin(name, &c, TensorRTPhase::kBUILD);
+    };
+    IPluginV3* pb = withBuffer("eb0", PluginField("in_buffer", buf32, PluginFieldType::kINT32, 1));
+    CHECK(pb != nullptr && asPlugin(pb)->inBuffer() == 1 && asPlugin(pb)->scale() == 0.25f);
+    IPluginV3* pb64 = withBuffer("eb1", PluginField("in_buffer", &buf64, PluginFieldType::kINT64, 1));
+    CHECK(pb64 != nullptr && asPlugin(pb64)->inBuffer() == 1);
+    IPluginV3* pb64Zero = withBuffer("eb2", PluginField("in_buffer", &buf64Zero, PluginFieldType::kINT64, 1));
+    CHECK(pb64Zero != nullptr && asPlugin(pb64Zero)->inBuffer() == 0);
+    IPluginV3* pb8 = withBuffer("eb3", PluginField("in_buffer", &buf8, PluginFieldType::kINT8, 1));
+    CHECK(pb8 != nullptr && asPlugin(pb8)->inBuffer() == 1);
+    CHECK(withBuffer("eb4", PluginField("in_buffer", &bufFloat, PluginFieldType::kFLOAT32, 1)) == nullptr);
+    CHECK(withBuffer("eb5", PluginField("in_buffer", buf32, PluginFieldType::kINT32, 2)) == nullptr);
+    int32_t bufTwo = 2;
+    CHECK(withBuffer("eb6", PluginField("in_buffer", &bufTwo, PluginFieldType::kINT32, 1)) == nullptr);
 
     // capabilities
     auto* core = dynamic_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
@@ -151,9 +178,22 @@ int main() {
 
     // serialisation round trip through the creator, clone, attach
     PluginFieldCollection const* ser = runtime->getFieldsToSerialize();
-    CHECK(ser->nbFields == 2);
+    CHECK(ser->nbFields == 3 && std::strcmp(ser->fields[2].name, "in_buffer") == 0 &&
+          ser->fields[2].type == PluginFieldType::kINT32 && *static_cast<int32_t const*>(ser->fields[2].data) == 0);
     IPluginV3* restored = creator->createPlugin("ea4", ser, TensorRTPhase::kRUNTIME);
-    CHECK(restored != nullptr && asPlugin(restored)->scale() == 0.25f && asPlugin(restored)->normalize() == 0);
+    CHECK(restored != nullptr && asPlugin(restored)->scale() == 0.25f && asPlugin(restored)->normalize() == 0 &&
+          asPlugin(restored)->inBuffer() == 0);
+    auto* runtimeBuf = dynamic_cast<IPluginV3OneRuntime*>(pb->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    PluginFieldCollection const* serBuf = runtimeBuf->getFieldsToSerialize();
+    CHECK(serBuf->nbFields == 3 && std::strcmp(serBuf->fields[2].name, "in_buffer") == 0 &&
+          *static_cast<int32_t const*>(serBuf->fields[2].data) == 1);
+    IPluginV3* restoredBuf = creator->createPlugin("eb7", serBuf, TensorRTPhase::kRUNTIME);
+    CHECK(restoredBuf != nullptr && asPlugin(restoredBuf)->inBuffer() == 1 &&
+          asPlugin(restoredBuf)->scale() == 0.25f);
+    IPluginV3* copyBuf = pb->clone();
+    CHECK(copyBuf != nullptr && asPlugin(copyBuf)->inBuffer() == 1);
+    IPluginV3* attachedBuf = runtimeBuf->attachToContext(nullptr);
+    CHECK(attachedBuf != nullptr && asPlugin(attachedBuf)->inBuffer() == 1);
     IPluginV3* copy = plugin->clone();
     CHECK(copy != nullptr && copy != plugin && asPlugin(copy)->scale() == 0.25f);
     IPluginV3* attached = runtime->attachToContext(nullptr);
@@ -167,6 +207,7 @@ int main() {
         void const* inputs[4] = {host, host, host, host};
         void* outputs[2] = {host, host};
         CHECK(runtime->enqueue(rt, rtOut, inputs, outputs, nullptr, nullptr) != 0);
+        CHECK(runtimeBuf->enqueue(rt, rtOut, inputs, outputs, nullptr, nullptr) != 0);
     } else {
         std::printf("skip enqueue-without-gpu check: a GPU is present (the CUDA kernel test covers enqueue)\n");
     }
@@ -177,6 +218,7 @@ int main() {
     delete restored;
     delete copy;
     delete attached;
+    for (IPluginV3* p : {pb, pb64, pb64Zero, pb8, restoredBuf, copyBuf, attachedBuf}) delete p;
     std::printf("%d failure(s)\n", gFailures);
     return gFailures;
 }

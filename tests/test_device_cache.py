@@ -182,3 +182,50 @@ def test_torch_backend_with_cuda_graphs_runs_equal_eager_runs(random_checkpoint)
     assert graphed.graphs.captures == captures
     with pytest.raises(FastardiffError, match="CUDA graphs need a CUDA device"):
         TorchEngines(random_checkpoint, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("gen", [dict(mode="target", cfg_scale=1.5), dict(gamma=2, early_stop="context", cfg_scale=1.5),
+                                 dict(draft="jacobi", gamma=2)], ids=["target", "model-guided", "jacobi"])
+def test_onnxruntime_device_loop_equals_numpy_loop(shared_onnx_export, gen, monkeypatch):
+    """The onnxruntime backend's device path (runtime/ort_tensors.py: torch tensors bound by address through
+    IOBinding, the in-place engines' cache outputs bound to the loop's own cache layers, outputs back through
+    DLPack; the path the CUDA provider takes, here on the CPU provider) gives the numpy loop's tokens bit for bit,
+    with one readback per round; device caches under a host loop too."""
+    from fastardiff.runtime import arrays, jacobi
+    from fastardiff.runtime.engine import load_engines
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    engine_dir = shared_onnx_export[0]
+    host = load_engines(engine_dir)
+    caches = load_engines(engine_dir, device_cache=True, device_loop=False)
+    device = load_engines(engine_dir, device_loop=True)
+    assert host.loop_device is None and host.cache_device is None and caches.loop_device is None
+    assert device.loop_device == device.cache_device == torch.device("cpu") and device.kv_in_place
+    readbacks, finishes = [], []
+    real_readback, real_finish = arrays.DeviceArrays.readback, jacobi.finish_residuals
+    monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
+                                                                          real_readback(self, *a))[1])
+    monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
+    config = GenerationConfig(**{"seed": 4, "engine_acceptance": True, "num_tokens": 20, **gen})
+    classes = np.array([3, 0, 9])
+    a, sa = generate(host, classes, config)
+    c, sc = generate(caches, classes, config)
+    assert not readbacks
+    finishes.clear()
+    b, sb = generate(device, classes, config)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    timing = ("seconds", "total_seconds")
+    assert {k: v for k, v in sa.summary().items() if k not in timing} == \
+        {k: v for k, v in sb.summary().items() if k not in timing}
+    assert len(readbacks) == sb.target_calls + 1 + len(finishes)
+    # an engine call on device caches returns its outputs as torch tensors and writes the cache in place
+    cfg = device.manifest.config
+    L, H, Dh = cfg["target_layers"], cfg["heads"], cfg["width"] // cfg["heads"]
+    k_cache, v_cache = torch.zeros(L, 2, H, 9, Dh), torch.zeros(L, 2, H, 9, Dh)
+    tokens = torch.randn(2, 3, cfg["token_dim"])
+    out = device.target_verify(tokens, np.array([4, 0]), k_cache, v_cache, np.array([1, 2]))
+    assert isinstance(out.mean, torch.Tensor) and out.mean.shape == (2, 3, cfg["token_dim"])
+    torch.testing.assert_close(k_cache[:, 0, :, 4:7], out.new_k[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[:, 1, :, 0:3], out.new_v[:, 1], rtol=0, atol=0)
+    assert not k_cache[:, 0, :, :4].any() and not k_cache[:, 1, :, 3:].any()

@@ -596,10 +596,20 @@ def test_in_place_runs_leave_out_the_host_write_and_equal_host_written_runs(in_p
             assert host_writes < len(writes)
 
 
-def test_kv_update_in_place_is_refused_for_other_targets(random_checkpoint_path, tmp_path, capsys):
-    from cli_runner import run_cli
+def test_kv_update_in_place_on_trt_follows_the_tensorrt_version(tiny_config, monkeypatch):
+    """trt: in place by default where TensorRT's parser takes TensorScatter (10.15+) or for --onnx-only graphs;
+    host below 10.15, where an explicit --kv-update in-place is a clear error naming the fix."""
+    from fastardiff.errors import FastardiffError
+    from fastardiff.exporter import targets
+    from fastardiff.exporter.targets import ExportOptions
 
-    code, _, err = run_cli(["export", "--ckpt", str(random_checkpoint_path), "--target", "trt", "--onnx-only",
-                            "--kv-update", "in-place", "--out", str(tmp_path / "e")], capsys)
-    assert code == 2 and "--kv-update in-place is built for --target onnx and aoti" in err
-    assert not (tmp_path / "e").exists()
+    monkeypatch.setattr(targets, "installed_trt_version", lambda: "10.14.1")
+    assert targets.resolve_options(ExportOptions(target="trt")).kv_update == "host"
+    assert targets.resolve_options(ExportOptions(target="trt", onnx_only=True)).kv_update == "in-place"
+    with pytest.raises(FastardiffError, match=r"needs TensorRT 10\.15 or later.*TensorRT 10\.14\.1.*--kv-update host"):
+        targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place"))
+    targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place", onnx_only=True))
+    for version in ("10.15.0", "11.1.0"):
+        monkeypatch.setattr(targets, "installed_trt_version", lambda: version)
+        assert targets.resolve_options(ExportOptions(target="trt")).kv_update == "in-place"
+        targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place"))

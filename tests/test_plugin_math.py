@@ -154,6 +154,80 @@ def test_row_math_catches_a_wrong_mask(math_driver):
     assert (ent - wrong_ent.double()).abs().max() > 1e-3 or (out - wrong_out.double()).abs().max() > 1e-3
 
 
+MASK_DRIVER = r"""
+// Per (row b, query i): n_i, then the keys the kernel scores and marks visible for a block whose last row is i and
+// for one whose last row is K - 1 (fa_clamp_length, fa_row_offset, fa_key_range, fa_key_visible, as the kernel).
+#include <cstdio>
+#include "entropy_attention_math.cuh"
+using namespace fastardiff;
+int main() {
+    int K, T, in_buffer, B;
+    if (std::scanf("%d %d %d %d", &K, &T, &in_buffer, &B) != 4) return 2;
+    for (int b = 0; b < B; ++b) {
+        long long raw;
+        if (std::scanf("%lld", &raw) != 1) return 2;
+        const int length = fa_clamp_length(raw, T, K);
+        const int offset = fa_row_offset(length, T, K, in_buffer);
+        for (int i = 0; i < K; ++i) {
+            std::printf("%d", fa_attended_keys(i, length, offset));
+            const int row_lasts[2] = {i, K - 1};
+            for (int row_last : row_lasts) {
+                int lo[2], hi[2];
+                for (int r = 0; r < 2; ++r) fa_key_range(r, length, offset, row_last, &lo[r], &hi[r]);
+                if (lo[0] < 0 || hi[0] > lo[1] || hi[1] > T) return 3;  // out of bounds, or a key visited twice
+                std::printf(" ");
+                for (int j = 0; j < T; ++j) {
+                    bool scored = (lo[0] <= j && j < hi[0]) || (lo[1] <= j && j < hi[1]);
+                    std::printf("%d", scored && fa_key_visible(j, i, length, offset) ? 1 : 0);
+                }
+            }
+            std::printf("\n");
+        }
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mask_driver(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    d = tmp_path_factory.mktemp("mask")
+    (d / "mask_driver.cpp").write_text(MASK_DRIVER)
+    run([CXX, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{PLUGIN}", d / "mask_driver.cpp", "-o",
+         d / "mask_driver"])
+    return d / "mask_driver"
+
+
+def kernel_masks(exe, K, T, in_buffer, lengths):
+    """(n [B, K], visible [B, K, T]) as the kernel's shared helpers compute them; both row_last cases agree."""
+    proc = run([exe], input=f"{K} {T} {in_buffer} {len(lengths)}\n{' '.join(map(str, lengths))}\n")
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    n = torch.tensor([int(r[0]) for r in rows]).view(len(lengths), K)
+    masks = [torch.tensor([[c == "1" for c in r[col]] for r in rows]).view(len(lengths), K, T) for col in (1, 2)]
+    assert torch.equal(masks[0], masks[1]), "a row's visible keys depend on which block it is in"
+    return n, masks[0]
+
+
+@pytest.mark.parametrize("K,S", [(1, 0), (1, 9), (5, 0), (5, 12), (17, 40)])
+def test_kernel_masks_match_reference(mask_driver, K, S):
+    """The kernel's per-row key ranges and masking equal the reference's in both layouts: in_buffer = 0 keys are
+    [cache (S), new tokens (K)], in_buffer = 1 keys are a buffer with the new tokens at each row's length (row b's
+    query i sees j <= lengths[b] + i). Lengths out of [0, S] are clamped, as the kernel does."""
+    T = S + K
+    lengths = [0, S, S // 2, S + 3, -2, max(S - 1, 0)]
+    clamped = torch.tensor(lengths).clamp(0, S)
+    for in_buffer, offset in ((0, S), (1, None)):
+        n, mask = kernel_masks(mask_driver, K, T, in_buffer, lengths)
+        assert torch.equal(mask, visible_keys_mask(clamped, K, T, offset)[:, 0])
+        assert torch.equal(n, attended_key_count(clamped, K)[:, 0].long())
+        assert torch.equal(mask.sum(-1), n)
+    if S > 0:  # the layouts really differ here, so a kernel applying one rule for both would fail above
+        assert not torch.equal(kernel_masks(mask_driver, K, T, 0, lengths)[1],
+                               kernel_masks(mask_driver, K, T, 1, lengths)[1])
+
+
 def nvcc_kernel(out: Path, arch: str = "sm_80") -> Path:
     """The kernel compiled with nvcc, host code with -Wall -Wextra, every warning an error."""
     cc = arch.split("_")[1]
@@ -233,7 +307,8 @@ def kernel_library(build):
     lib = ctypes.CDLL(str(build / "libfastardiff_entropy_attention.so"))
     lib.fastardiff_entropy_attention_launch.restype = ctypes.c_int
     lib.fastardiff_entropy_attention_launch.argtypes = (
-        [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7)
+        [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        + [ctypes.c_void_p] * 7)  # ..., scale, normalize, in_buffer, q, k, v, lengths, out, entropy, stream
     lib.fastardiff_status_string.restype = ctypes.c_char_p
     return lib
 
@@ -252,13 +327,16 @@ def test_cmake_builds_plugin_library(cmake_build):
     lib = kernel_library(build)
     launch = lib.fastardiff_entropy_attention_launch
     p = ctypes.c_void_p(16)  # never dereferenced: argument checks come first
-    assert launch(7, 0, 1, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 1          # unknown dtype
-    assert launch(0, 0, 1, 1, 1, 1, 300, 0.25, 1, p, p, p, p, p, p, None) == 1         # head dim > 256
-    assert launch(0, 0, 1, 1, 5, 3, 16, 0.25, 1, p, p, p, p, p, p, None) == 1          # fewer keys than queries
-    assert launch(0, 0, 0, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 0          # empty batch: no-op
+    assert launch(7, 0, 1, 1, 1, 1, 16, 0.25, 1, 0, p, p, p, p, p, p, None) == 1       # unknown dtype
+    assert launch(0, 0, 1, 1, 1, 1, 300, 0.25, 1, 0, p, p, p, p, p, p, None) == 1      # head dim > 256
+    assert launch(0, 0, 1, 1, 5, 3, 16, 0.25, 1, 0, p, p, p, p, p, p, None) == 1       # fewer keys than queries
+    assert launch(0, 0, 1, 1, 1, 1, 16, 0.25, 1, 2, p, p, p, p, p, p, None) == 1       # in_buffer not 0/1
+    assert launch(0, 0, 0, 1, 1, 1, 16, 0.25, 1, -1, p, p, p, p, p, p, None) == 1      # checked before the no-op
+    assert launch(0, 0, 0, 1, 1, 1, 16, 0.25, 1, 1, p, p, p, p, p, p, None) == 0       # empty batch: no-op
     assert b"bad argument" in lib.fastardiff_status_string(1)
     if not torch.cuda.is_available():  # a real launch without a GPU reports a CUDA error instead of crashing
-        assert launch(0, 1, 1, 1, 1, 1, 16, 0.25, 1, p, p, p, p, p, p, None) == 2
+        for in_buffer in (0, 1):
+            assert launch(0, 1, 1, 1, 1, 1, 16, 0.25, 1, in_buffer, p, p, p, p, p, p, None) == 2
     if with_plugin:
         exported = run(["nm", "-D", "--defined-only", build / "libfastardiff_trt_plugin.so"]).stdout
         assert "getCreators" in exported and "setLoggerFinder" in exported
@@ -271,9 +349,11 @@ def test_cmake_builds_plugin_library(cmake_build):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_buffer", [0, 1])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
-def test_cuda_kernel_matches_reference(cmake_build, dtype, tol):
-    """The CUDA kernel through its C ABI vs the reference at full shapes (K up to 256, cache up to 1024)."""
+def test_cuda_kernel_matches_reference(cmake_build, dtype, tol, in_buffer):
+    """The CUDA kernel through its C ABI vs the reference at full shapes (K up to 256, cache up to 1024), in both
+    key layouts (in_buffer: k/v are a buffer of S + K positions holding the new keys at each row's length)."""
     lib = kernel_library(cmake_build[0])
     codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -285,10 +365,12 @@ def test_cuda_kernel_matches_reference(cmake_build, dtype, tol):
         lengths[0] = S
         out, ent = torch.empty_like(q), q.new_empty(B, H, K)
         status = lib.fastardiff_entropy_attention_launch(
-            codes[dtype], 1, B, H, K, S + K, Dh, Dh**-0.5, 1, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            codes[dtype], 1, B, H, K, S + K, Dh, Dh**-0.5, 1, in_buffer, q.data_ptr(), k.data_ptr(), v.data_ptr(),
             lengths.data_ptr(), out.data_ptr(), ent.data_ptr(), torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         assert status == 0, lib.fastardiff_status_string(status)
-        ref_out, ref_ent = entropy_attention_reference(q.float(), k.float(), v.float(), lengths, S, Dh**-0.5, True)
+        offset = None if in_buffer else S
+        ref_out, ref_ent = entropy_attention_reference(q.float(), k.float(), v.float(), lengths, offset, Dh**-0.5,
+                                                       True)
         torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
         torch.testing.assert_close(ent.float(), ref_ent, atol=tol, rtol=tol)

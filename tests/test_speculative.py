@@ -75,12 +75,14 @@ def test_speculative_is_indistinguishable_from_target_only(shipped_engines, targ
     if early_stop == "static-forced":  # threshold at the draft's mean shallow entropy: many rounds stop early
         tau = shipped_engines.manifest.calibration["draft_shallow_mean"]
         engines, early_stop = RecordingEngines(shipped_engines, calibration={"tau_static": tau}), "static"
+    # the forced early stop makes many more, shorter rounds: its first 16 tokens hold several rounds per sample
+    num_tokens = 16 if engines is not shipped_engines else tokens_for(cfg_scale)
     spec, stats = first_tokens(engines, "speculative", seed=2, early_stop=early_stop, cfg_scale=cfg_scale,
-                               num_tokens=tokens_for(cfg_scale), engine_acceptance=engine_acceptance)
+                               num_tokens=num_tokens, engine_acceptance=engine_acceptance)
     assert stats.drafts_accepted > 0
     if engines is not shipped_engines:
         assert stats.early_stops > STAT_BATCH
-    assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)) > 1e-3
+    assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)[:, :num_tokens]) > 1e-3
 
 
 @pytest.mark.parametrize("coupling,cfg_scale,window,in_graph", [(True, 2.0, 8, True), (False, 1.0, 4, True),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trt_standin import SURFACES, StandInEngine, StandInStream, StandInTensorRT
+from trt_standin import SURFACES, StandInEngine, StandInKVEngine, StandInStream, StandInTensorRT
 
 
 @pytest.fixture
@@ -222,3 +222,78 @@ def test_runner_keeps_outputs_where_the_loop_wants_them():
     for a, b, c in zip(host, mixed, device):
         np.testing.assert_array_equal(a, np.asarray(b))
         np.testing.assert_array_equal(a, c.numpy())
+
+
+# ---------------------------------------------------------------------------------------------- in-place KV
+
+KV_INPUTS = ["tokens", "lengths", "k_cache_0", "v_cache_0"]
+KV_OUTPUTS = ["mean", "new_k", "new_v", "k_cache_out_0", "v_cache_out_0"]
+
+
+def kv_runner(engine_aliases=StandInKVEngine.ALIASES, contract=StandInKVEngine.ALIASES):
+    from fastardiff.runtime.backend_tensorrt import TensorRTRunner
+
+    engine = StandInKVEngine(aliases=engine_aliases)
+    return TensorRTRunner(StandInEngine, torch, engine, StandInStream("engine", []), "target_verify", KV_INPUTS,
+                          KV_OUTPUTS, device="cpu", aliases=contract), engine
+
+
+def kv_call(tokens, lengths, k_cache, v_cache):
+    """What the cache holds after the call: the new keys (tokens) / values (-tokens) at each row's length."""
+    want_k, want_v = np.array(k_cache, copy=True), np.array(v_cache, copy=True)
+    for r, start in enumerate(lengths):
+        want_k[0, r, 0, start:start + tokens.shape[1]] = tokens[r]
+        want_v[0, r, 0, start:start + tokens.shape[1]] = -tokens[r]
+    return want_k, want_v
+
+
+@pytest.mark.parametrize("engine_reports_aliases", [True, False], ids=["get_aliased_input_tensor", "contract"])
+def test_in_place_engine_updates_the_callers_cache_where_it_lies(engine_reports_aliases):
+    """An in-place engine's cache outputs are bound to the caller's cache layers themselves (a 256-byte aligned
+    device buffer: no copy, the engine's write lands there); host (numpy) caches are staged and written back.
+    run_engine returns the contract outputs only, with the updated caches in the caller's memory either way."""
+    from fastardiff.runtime.backend_tensorrt import run_engine
+    from fastardiff.runtime.manifest import EngineEntry
+
+    runner, engine = kv_runner(StandInKVEngine.ALIASES if engine_reports_aliases else None)
+    entry = EngineEntry(file="x", sha256="0", inputs=KV_INPUTS, outputs=KV_OUTPUTS, cache_layers=1)
+    g = np.random.default_rng(0)
+    tokens = g.standard_normal((2, 3, 4)).astype(np.float32)
+    lengths = np.array([5, 1])
+    k_host, v_host = (g.standard_normal((1, 2, 1, 9, 4)).astype(np.float32) for _ in range(2))
+    want_k, want_v = kv_call(tokens, lengths, k_host, v_host)
+    k_dev, v_dev = aligned(torch.from_numpy(k_host)), aligned(torch.from_numpy(v_host))
+    out = run_engine(runner, entry, (tokens, lengths, k_host, v_host), device_cache=False)
+    assert len(out) == 3
+    np.testing.assert_array_equal(out[0], 2 * tokens)
+    np.testing.assert_array_equal(k_host, want_k)
+    np.testing.assert_array_equal(v_host, want_v)          # written back into the host cache
+    out = run_engine(runner, entry, (tokens, lengths, k_dev, v_dev), device_cache=True)
+    assert engine.addresses["k_cache_out_0"] == engine.addresses["k_cache_0"] == k_dev[0].data_ptr()
+    assert engine.addresses["v_cache_out_0"] == v_dev[0].data_ptr()
+    np.testing.assert_array_equal(k_dev.numpy(), want_k)
+    np.testing.assert_array_equal(v_dev.numpy(), want_v)
+    assert isinstance(out[1], torch.Tensor) and len(out) == 3   # new keys stay where the device caches are
+    # a cache that cannot be bound where it lies (misaligned) is staged on the device and still updated
+    k_bad = aligned(torch.from_numpy(k_host), offset=64)
+    before = k_bad.clone()
+    run_engine(runner, entry, (tokens, np.array([0, 2]), k_bad, v_dev), device_cache=True)
+    assert engine.addresses["k_cache_0"] != k_bad[0].data_ptr()
+    np.testing.assert_array_equal(k_bad.numpy(), kv_call(tokens, [0, 2], before.numpy(), v_host)[0])
+
+
+def test_in_place_engine_needs_room_and_matching_aliases():
+    from fastardiff.errors import EngineError
+    from fastardiff.runtime.backend_tensorrt import run_engine
+    from fastardiff.runtime.manifest import EngineEntry
+
+    runner, engine = kv_runner()
+    entry = EngineEntry(file="x", sha256="0", inputs=KV_INPUTS, outputs=KV_OUTPUTS, cache_layers=1)
+    cache = np.zeros((1, 2, 1, 6, 4), np.float32)
+    with pytest.raises(EngineError, match="no room for 3 tokens fed at length 5"):
+        run_engine(runner, entry, (np.zeros((2, 3, 4), np.float32), np.array([5, 1]), cache, cache.copy()), False)
+    assert engine.executed == 0
+    with pytest.raises(EngineError, match="aliases input 'v_cache_0' in the engine but None in the manifest"):
+        kv_runner(contract={"k_cache_out_0": "k_cache_0"})
+    with pytest.raises(EngineError, match="lacks the in-place cache tensors"):
+        kv_runner(engine_aliases=None, contract={**StandInKVEngine.ALIASES, "k_cache_out_1": "k_cache_1"})

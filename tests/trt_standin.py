@@ -233,3 +233,52 @@ class StandInEngine:
         self.executed += 1
         self.events.append("execute")
         return True
+
+
+class StandInKVEngine(StandInEngine):
+    """An in-place KV engine as TensorRT 10.15+ builds it from the ONNX TensorScatter: inputs tokens [B, K, Dh],
+    lengths, k_cache_0 / v_cache_0 [B, 1, S, Dh]; outputs mean (= 2 * tokens), new_k (= tokens), new_v (= -tokens)
+    and k_cache_out_0 / v_cache_out_0, aliased to the cache inputs (get_aliased_input_tensor; `aliases=None`: a
+    surface without that method). Executing writes new_k / new_v into the cache at each row's length through the
+    OUTPUT addresses, and refuses (False) an aliased output not bound to its input's address, as TensorRT requires."""
+
+    ALIASES = {"k_cache_out_0": "k_cache_0", "v_cache_out_0": "v_cache_0"}
+
+    def __init__(self, events: list | None = None, aliases: dict | None = ALIASES):
+        super().__init__(events)
+        self.tensors = [("tokens", "in", "f32"), ("lengths", "in", "i64"), ("k_cache_0", "in", "f32"),
+                        ("v_cache_0", "in", "f32"), ("v_cache_out_0", "out", "f32"), ("mean", "out", "f32"),
+                        ("new_k", "out", "f32"), ("new_v", "out", "f32"), ("k_cache_out_0", "out", "f32")]
+        self.num_io_tensors = len(self.tensors)
+        if aliases is not None:
+            self.get_aliased_input_tensor = lambda name: aliases.get(name)
+
+    def get_tensor_shape(self, name):
+        b, k, d = self.shapes["tokens"]
+        if name in self.ALIASES:
+            return self.shapes[self.ALIASES[name]]
+        return (b, k, d) if name == "mean" else (b, 1, k, d)
+
+    def execute_async_v3(self, stream_handle):
+        if any(not self.addresses.get(n) for n, _, _ in self.tensors):
+            return False
+        if any(self.addresses[out] != self.addresses[inp] for out, inp in self.ALIASES.items()):
+            return False     # an aliased output must share its input's memory
+        b, k, d = self.shapes["tokens"]
+        s = self.shapes["k_cache_0"][2]
+
+        def view(name, ctype, count, shape):
+            return np.ctypeslib.as_array((ctype * count).from_address(self.addresses[name])).reshape(shape)
+
+        tokens = view("tokens", ctypes.c_float, b * k * d, (b, k, d)).copy()
+        lengths = view("lengths", ctypes.c_int64, b, (b,)).copy()
+        for out, sign in (("k_cache_out_0", 1), ("v_cache_out_0", -1)):
+            cache = view(out, ctypes.c_float, b * s * d, (b, 1, s, d))
+            for r in range(b):
+                cache[r, 0, lengths[r]:lengths[r] + k] = sign * tokens[r]
+        for name, value in (("mean", 2 * tokens), ("new_k", tokens[:, None]), ("new_v", -tokens[:, None])):
+            value = np.ascontiguousarray(value, np.float32)
+            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+        self.executed += 1
+        self.events.append("execute")
+        return True

@@ -5,7 +5,8 @@
 // stream through shared memory in tiles of 32; lane t scores key t of the tile against its warp's query, the warp
 // reduces the tile's max / weight sum / entropy sum with shuffles, and each lane owns head_dim / 32 output
 // channels. Only the tiles a row can see are visited: the valid cache prefix and the new tokens up to the last
-// row of the block, so the cost follows the sample's length, not the cache capacity.
+// row of the block, so the cost follows the sample's length, not the cache capacity. With in_buffer the new tokens
+// start at the row's length (fa_row_offset), so the two ranges are [0, length) and [length, length + row_last].
 #include "entropy_attention_kernel.h"
 #include "entropy_attention_math.cuh"
 
@@ -40,10 +41,9 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-__device__ __forceinline__ int load_length(const void* lengths, int lengths_dtype, int b) {
-    long long n = lengths_dtype == FASTARDIFF_INT64 ? static_cast<const long long*>(lengths)[b]
-                                                    : static_cast<const int*>(lengths)[b];
-    return static_cast<int>(n);
+__device__ __forceinline__ long long load_length(const void* lengths, int lengths_dtype, int b) {
+    return lengths_dtype == FASTARDIFF_INT64 ? static_cast<const long long*>(lengths)[b]
+                                             : static_cast<const int*>(lengths)[b];
 }
 
 // Shared memory: k tile [32][Dh + 1] (padded: lane t reads row t, so rows must not share banks),
@@ -56,7 +56,8 @@ template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kWarps * 32)
 entropy_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const void* __restrict__ lengths, int lengths_dtype, int heads, int num_q, int num_k,
-                         int head_dim, float scale, int normalize, T* __restrict__ out, T* __restrict__ entropy) {
+                         int head_dim, float scale, int normalize, int in_buffer, T* __restrict__ out,
+                         T* __restrict__ entropy) {
     extern __shared__ float smem[];
     float* ks = smem;                                // [kTile][head_dim + 1]
     float* vs = ks + kTile * (head_dim + 1);         // [kTile][head_dim]
@@ -70,9 +71,8 @@ entropy_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     const int i = row0 + warp;                       // this warp's query row
     const bool active = i < num_q;
     const int row_last = min(row0 + kWarps, num_q) - 1;
-    const int causal_offset = num_k - num_q;
-    int length = load_length(lengths, lengths_dtype, b);
-    length = max(0, min(length, causal_offset));
+    const int length = fa_clamp_length(load_length(lengths, lengths_dtype, b), num_k, num_q);
+    const int causal_offset = fa_row_offset(length, num_k, num_q, in_buffer);  // per row when in_buffer
 
     const size_t q_base = ((size_t)bh * num_q) * head_dim;
     const size_t kv_base = ((size_t)bh * num_k) * head_dim;
@@ -88,8 +88,8 @@ entropy_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 
     // Two key ranges: the valid cache prefix [0, length) and the new tokens [offset, offset + row_last].
     for (int range = 0; range < 2; ++range) {
-        const int lo = range == 0 ? 0 : causal_offset;
-        const int hi = range == 0 ? length : causal_offset + row_last + 1;
+        int lo, hi;
+        fa_key_range(range, length, causal_offset, row_last, &lo, &hi);
         for (int j0 = lo; j0 < hi; j0 += kTile) {
             __syncthreads();  // previous tile fully consumed (and qs written, on the first pass)
             for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) {
@@ -146,8 +146,8 @@ entropy_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 
 template <typename T, int kPerLane>
 int launch_typed(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q, int64_t num_k, int64_t head_dim,
-                 float scale, int normalize, const void* q, const void* k, const void* v, const void* lengths,
-                 void* out, void* entropy, cudaStream_t stream) {
+                 float scale, int normalize, int in_buffer, const void* q, const void* k, const void* v,
+                 const void* lengths, void* out, void* entropy, cudaStream_t stream) {
     auto kernel = entropy_attention_kernel<T, kPerLane>;
     const size_t smem = smem_bytes((int)head_dim);
     if (smem > 48 * 1024 &&
@@ -159,7 +159,7 @@ int launch_typed(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q,
     const dim3 grid((unsigned)(batch * heads * row_blocks));
     kernel<<<grid, kWarps * 32, smem, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), lengths, lengths_dtype,
-        (int)heads, (int)num_q, (int)num_k, (int)head_dim, scale, normalize, static_cast<T*>(out),
+        (int)heads, (int)num_q, (int)num_k, (int)head_dim, scale, normalize, in_buffer, static_cast<T*>(out),
         static_cast<T*>(entropy));
     // cudaGetLastError (not Peek): reads and clears this launch's error, so a failed launch is reported here,
     // once, and not again by whatever CUDA call TensorRT or torch makes next on this thread
@@ -168,19 +168,19 @@ int launch_typed(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q,
 
 template <typename T>
 int launch_dtype(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q, int64_t num_k, int64_t head_dim,
-                 float scale, int normalize, const void* q, const void* k, const void* v, const void* lengths,
-                 void* out, void* entropy, cudaStream_t stream) {
+                 float scale, int normalize, int in_buffer, const void* q, const void* k, const void* v,
+                 const void* lengths, void* out, void* entropy, cudaStream_t stream) {
     if (head_dim <= 32)
-        return launch_typed<T, 1>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, q, k, v,
-                                  lengths, out, entropy, stream);
+        return launch_typed<T, 1>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, in_buffer,
+                                  q, k, v, lengths, out, entropy, stream);
     if (head_dim <= 64)
-        return launch_typed<T, 2>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, q, k, v,
-                                  lengths, out, entropy, stream);
+        return launch_typed<T, 2>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, in_buffer,
+                                  q, k, v, lengths, out, entropy, stream);
     if (head_dim <= 128)
-        return launch_typed<T, 4>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, q, k, v,
-                                  lengths, out, entropy, stream);
-    return launch_typed<T, 8>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, q, k, v,
-                              lengths, out, entropy, stream);
+        return launch_typed<T, 4>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, in_buffer,
+                                  q, k, v, lengths, out, entropy, stream);
+    return launch_typed<T, 8>(lengths_dtype, batch, heads, num_q, num_k, head_dim, scale, normalize, in_buffer, q,
+                              k, v, lengths, out, entropy, stream);
 }
 
 }  // namespace
@@ -188,12 +188,13 @@ int launch_dtype(int lengths_dtype, int64_t batch, int64_t heads, int64_t num_q,
 
 extern "C" int fastardiff_entropy_attention_launch(int dtype, int lengths_dtype, int64_t batch, int64_t heads,
                                                    int64_t num_queries, int64_t num_keys, int64_t head_dim,
-                                                   float scale, int normalize, const void* q, const void* k,
-                                                   const void* v, const void* lengths, void* out, void* entropy,
-                                                   fastardiff_stream_t stream) {
+                                                   float scale, int normalize, int in_buffer, const void* q,
+                                                   const void* k, const void* v, const void* lengths, void* out,
+                                                   void* entropy, fastardiff_stream_t stream) {
     using namespace fastardiff;
     if (batch < 0 || heads < 0 || num_queries < 0 || num_keys < num_queries || head_dim < 1 ||
-        head_dim > FASTARDIFF_MAX_HEAD_DIM || (lengths_dtype != FASTARDIFF_INT32 && lengths_dtype != FASTARDIFF_INT64))
+        head_dim > FASTARDIFF_MAX_HEAD_DIM || (in_buffer != 0 && in_buffer != 1) ||
+        (lengths_dtype != FASTARDIFF_INT32 && lengths_dtype != FASTARDIFF_INT64))
         return FASTARDIFF_BAD_ARGUMENT;
     if (batch == 0 || heads == 0 || num_queries == 0) return FASTARDIFF_OK;
     if (batch * heads * ((num_queries + kWarps - 1) / kWarps) > 0x7fffffffLL || num_keys > 0x7fffffffLL)
@@ -203,13 +204,13 @@ extern "C" int fastardiff_entropy_attention_launch(int dtype, int lengths_dtype,
     switch (dtype) {
         case FASTARDIFF_FLOAT32:
             return launch_dtype<float>(lengths_dtype, batch, heads, num_queries, num_keys, head_dim, scale,
-                                       normalize, q, k, v, lengths, out, entropy, s);
+                                       normalize, in_buffer, q, k, v, lengths, out, entropy, s);
         case FASTARDIFF_FLOAT16:
             return launch_dtype<__half>(lengths_dtype, batch, heads, num_queries, num_keys, head_dim, scale,
-                                        normalize, q, k, v, lengths, out, entropy, s);
+                                        normalize, in_buffer, q, k, v, lengths, out, entropy, s);
         case FASTARDIFF_BFLOAT16:
             return launch_dtype<__nv_bfloat16>(lengths_dtype, batch, heads, num_queries, num_keys, head_dim, scale,
-                                               normalize, q, k, v, lengths, out, entropy, s);
+                                               normalize, in_buffer, q, k, v, lengths, out, entropy, s);
         default:
             return FASTARDIFF_BAD_ARGUMENT;
     }
@@ -218,7 +219,8 @@ extern "C" int fastardiff_entropy_attention_launch(int dtype, int lengths_dtype,
 extern "C" const char* fastardiff_status_string(int status) {
     switch (status) {
         case FASTARDIFF_OK: return "ok";
-        case FASTARDIFF_BAD_ARGUMENT: return "bad argument (dtype, lengths dtype, head dim <= 256, or sizes)";
+        case FASTARDIFF_BAD_ARGUMENT:
+            return "bad argument (dtype, lengths dtype, head dim <= 256, in_buffer 0/1, or sizes)";
         case FASTARDIFF_CUDA_ERROR: return "CUDA launch error";
         default: return "unknown status";
     }

@@ -2,6 +2,7 @@
 //
 // One query row i of sample b sees cache keys j < min(length, causal_offset) and the new keys
 // causal_offset .. causal_offset + i (causal), i.e. n_i = length + i + 1 keys (recipes/entropy_attention.py).
+// causal_offset is num_k - num_q, or the row's clamped length in the in_buffer layout (fa_row_offset).
 // Over the visible scores s_j the row keeps, online and without materialising probabilities:
 //   m   = max_j s_j                 (running max)
 //   l   = sum_j e^{s_j - m}         (softmax denominator relative to m)
@@ -37,6 +38,26 @@ FA_HOST_DEVICE inline float fa_neg_inf() { return -INFINITY; }
 FA_HOST_DEVICE inline bool fa_key_visible(int j, int i, int length, int causal_offset) {
     if (j < causal_offset) return j < length;
     return j - causal_offset <= i;
+}
+
+// A row's length clamped to the cache capacity num_k - num_q (both layouts).
+FA_HOST_DEVICE inline int fa_clamp_length(long long length, int num_k, int num_q) {
+    const int cache = num_k - num_q;
+    return length < 0 ? 0 : (length > cache ? cache : (int)length);
+}
+
+// Where a row's new keys start. in_buffer = 0: keys are [cache prefix (num_k - num_q), new tokens], so the offset
+// is num_k - num_q for every row. in_buffer = 1: keys are a cache buffer holding the new tokens at the row's
+// (clamped) length, so the offset is that length and row i sees keys j <= length + i.
+FA_HOST_DEVICE inline int fa_row_offset(int clamped_length, int num_k, int num_q, int in_buffer) {
+    return in_buffer ? clamped_length : num_k - num_q;
+}
+
+// The key interval [*lo, *hi) a block visits in range 0 (valid cache keys) or 1 (new keys up to row_last).
+FA_HOST_DEVICE inline void fa_key_range(int range, int clamped_length, int causal_offset, int row_last, int* lo,
+                                        int* hi) {
+    *lo = range == 0 ? 0 : causal_offset;
+    *hi = range == 0 ? clamped_length : causal_offset + row_last + 1;
 }
 
 // n_i: the number of keys row i attends to (length is clamped to the cache size the keys actually hold).

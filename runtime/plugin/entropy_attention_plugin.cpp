@@ -30,6 +30,17 @@ void logError(std::string const& msg) noexcept {
     }
 }
 
+// One integer value of an int32 / int64 / int8 field; false for another type or length.
+bool readIntField(PluginField const& field, int64_t* value) {
+    if (field.length != 1) return false;
+    switch (field.type) {
+        case PluginFieldType::kINT32: *value = *static_cast<int32_t const*>(field.data); return true;
+        case PluginFieldType::kINT64: *value = *static_cast<int64_t const*>(field.data); return true;
+        case PluginFieldType::kINT8: *value = *static_cast<int8_t const*>(field.data); return true;
+        default: return false;
+    }
+}
+
 bool isFloatType(DataType t) { return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16; }
 
 int toKernelDtype(DataType t) {
@@ -44,7 +55,7 @@ int toKernelDtype(DataType t) {
 }  // namespace
 
 bool parseEntropyAttentionFields(PluginFieldCollection const* fc, float* scale, int32_t* normalize,
-                                 std::string* error) {
+                                 int32_t* inBuffer, std::string* error) {
     if (fc == nullptr) return true;
     for (int32_t f = 0; f < fc->nbFields; ++f) {
         PluginField const& field = fc->fields[f];
@@ -77,6 +88,17 @@ bool parseEntropyAttentionFields(PluginFieldCollection const* fc, float* scale, 
                 *error = "field 'normalize' must be int32, int64 or int8";
                 return false;
             }
+        } else if (std::strcmp(field.name, "in_buffer") == 0) {
+            int64_t value = 0;
+            if (!readIntField(field, &value)) {
+                *error = "field 'in_buffer' must be one int32, int64 or int8 value";
+                return false;
+            }
+            if (value != 0 && value != 1) {
+                *error = "field 'in_buffer' must be 0 or 1";
+                return false;
+            }
+            *inBuffer = static_cast<int32_t>(value);
         }
         // other fields (e.g. attributes a graph tool adds) are ignored
     }
@@ -89,10 +111,11 @@ bool parseEntropyAttentionFields(PluginFieldCollection const* fc, float* scale, 
 
 // ---------------------------------------------------------------------------------------------- plugin
 
-EntropyAttentionPlugin::EntropyAttentionPlugin(float scale, int32_t normalize)
-    : mScale(scale), mNormalize(normalize != 0 ? 1 : 0) {
+EntropyAttentionPlugin::EntropyAttentionPlugin(float scale, int32_t normalize, int32_t inBuffer)
+    : mScale(scale), mNormalize(normalize != 0 ? 1 : 0), mInBuffer(inBuffer != 0 ? 1 : 0) {
     mFields.emplace_back("scale", &mScale, PluginFieldType::kFLOAT32, 1);
     mFields.emplace_back("normalize", &mNormalize, PluginFieldType::kINT32, 1);
+    mFields.emplace_back("in_buffer", &mInBuffer, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -108,7 +131,7 @@ IPluginCapability* EntropyAttentionPlugin::getCapabilityInterface(PluginCapabili
 
 IPluginV3* EntropyAttentionPlugin::clone() noexcept {
     try {
-        return new EntropyAttentionPlugin(mScale, mNormalize);
+        return new EntropyAttentionPlugin(mScale, mNormalize, mInBuffer);
     } catch (...) {
         return nullptr;
     }
@@ -198,12 +221,12 @@ int32_t EntropyAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugi
     (void)outputDesc;
     Dims const& q = inputDesc[0].dims;
     int64_t const batch = q.d[0], heads = q.d[1], numQ = q.d[2], headDim = q.d[3];
-    int64_t const numK = inputDesc[1].dims.d[2];  // cache length + K: causal_offset = numK - numQ
+    int64_t const numK = inputDesc[1].dims.d[2];  // cache length + K (in_buffer: the buffer's capacity)
     float const scale = mScale > 0.0f ? mScale : 1.0f / std::sqrt(static_cast<float>(headDim));
     int const lengthsType = inputDesc[3].type == DataType::kINT64 ? FASTARDIFF_INT64 : FASTARDIFF_INT32;
     int const status = fastardiff_entropy_attention_launch(
         toKernelDtype(inputDesc[0].type), lengthsType, batch, heads, numQ, numK, headDim, scale, mNormalize,
-        inputs[0], inputs[1], inputs[2], inputs[3], outputs[0], outputs[1],
+        mInBuffer, inputs[0], inputs[1], inputs[2], inputs[3], outputs[0], outputs[1],
         reinterpret_cast<fastardiff_stream_t>(stream));
     if (status != FASTARDIFF_OK) {
         logError(std::string("kernel launch failed: ") + fastardiff_status_string(status));
@@ -218,6 +241,7 @@ PluginFieldCollection const* EntropyAttentionPlugin::getFieldsToSerialize() noex
     // pointers into this object; TensorRT copies them while serialising
     mFields[0] = PluginField("scale", &mScale, PluginFieldType::kFLOAT32, 1);
     mFields[1] = PluginField("normalize", &mNormalize, PluginFieldType::kINT32, 1);
+    mFields[2] = PluginField("in_buffer", &mInBuffer, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
     return &mFieldCollection;
@@ -228,6 +252,7 @@ PluginFieldCollection const* EntropyAttentionPlugin::getFieldsToSerialize() noex
 EntropyAttentionCreator::EntropyAttentionCreator() {
     mFieldNames.emplace_back("scale", nullptr, PluginFieldType::kFLOAT32, 1);
     mFieldNames.emplace_back("normalize", nullptr, PluginFieldType::kINT32, 1);
+    mFieldNames.emplace_back("in_buffer", nullptr, PluginFieldType::kINT32, 1);
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();
 }
@@ -241,13 +266,14 @@ IPluginV3* EntropyAttentionCreator::createPlugin(char const* name, PluginFieldCo
                                                  TensorRTPhase) noexcept {
     float scale = 0.0f;      // <= 0: 1/sqrt(head_dim) at enqueue
     int32_t normalize = 1;
+    int32_t inBuffer = 0;    // keys = [cache prefix, new tokens]
     std::string error;
-    if (!parseEntropyAttentionFields(fc, &scale, &normalize, &error)) {
+    if (!parseEntropyAttentionFields(fc, &scale, &normalize, &inBuffer, &error)) {
         logError(std::string(name ? name : "<unnamed>") + ": " + error);
         return nullptr;
     }
     try {
-        return new EntropyAttentionPlugin(scale, normalize);
+        return new EntropyAttentionPlugin(scale, normalize, inBuffer);
     } catch (...) {
         return nullptr;
     }

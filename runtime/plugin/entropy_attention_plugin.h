@@ -3,7 +3,9 @@
 // Inputs   q [B,H,K,Dh], k [B,H,T,Dh], v [B,H,T,Dh]  (fp32, fp16 or bf16, all the same type, linear format)
 //          lengths [B]  int32 or int64 (the ONNX graph carries int64; both are accepted, nothing is cast)
 // Outputs  out [B,H,K,Dh] and entropy [B,H,K], both in q's type.
-// Fields   scale (float32; <= 0 means 1/sqrt(Dh)), normalize (int32; != 0 divides the entropy by log n_i).
+// Fields   scale (float32; <= 0 means 1/sqrt(Dh)), normalize (int32; != 0 divides the entropy by log n_i),
+//          in_buffer (int32 0/1, default 0; 1: k/v are a cache buffer holding the new tokens at each row's
+//          length, row b's query i sees keys j <= lengths[b] + i).
 // The cache length causal_offset = T - K is not a field: it is read from the input shapes at enqueue, so one
 // engine serves every cache length of its optimisation profile.
 #pragma once
@@ -24,7 +26,7 @@ class EntropyAttentionPlugin : public nvinfer1::IPluginV3,
                                public nvinfer1::IPluginV3OneBuild,
                                public nvinfer1::IPluginV3OneRuntime {
 public:
-    EntropyAttentionPlugin(float scale, int32_t normalize);
+    EntropyAttentionPlugin(float scale, int32_t normalize, int32_t inBuffer = 0);
     ~EntropyAttentionPlugin() override = default;
 
     // IPluginV3
@@ -62,10 +64,12 @@ public:
 
     float scale() const { return mScale; }
     int32_t normalize() const { return mNormalize; }
+    int32_t inBuffer() const { return mInBuffer; }
 
 private:
     float mScale;
     int32_t mNormalize;
+    int32_t mInBuffer;
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
@@ -87,10 +91,11 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-// Reads scale / normalize from a field collection (float32 or float64 scale; int32, int64 or int8 normalize).
-// Returns false and fills `error` for a field of the right name but an unusable type or length.
+// Reads scale / normalize / in_buffer from a field collection (float32 or float64 scale; int32, int64 or int8
+// normalize and in_buffer). Returns false and fills `error` for a field of the right name but an unusable type or
+// length, or an in_buffer other than 0/1.
 bool parseEntropyAttentionFields(nvinfer1::PluginFieldCollection const* fc, float* scale, int32_t* normalize,
-                                 std::string* error);
+                                 int32_t* inBuffer, std::string* error);
 
 }  // namespace fastardiff
 

@@ -1,7 +1,8 @@
 // GPU test of the C ABI launcher against a naive double-precision host reference (materialised softmax).
 // Built by CMakeLists.txt as `fastardiff_kernel_test` (ctest runs it); needs a CUDA GPU, no TensorRT.
 // Cases: fp32/fp16/bf16, int32/int64 lengths, K in {1, 5, 17, 256}, cache up to 1024 with ragged lengths,
-// head dims 16/64/128. Exit code = number of failing cases.
+// head dims 16/64/128, both key layouts (in_buffer 0: [cache, new tokens]; 1: a buffer holding the new tokens at
+// each row's length, with one out-of-range length to check the clamp). Exit code = number of failing cases.
 #include "entropy_attention_kernel.h"
 
 #include <cuda_bf16.h>
@@ -16,7 +17,7 @@
 namespace {
 
 struct Case {
-    int dtype, lengths_dtype, B, H, K, S, Dh, normalize;
+    int dtype, lengths_dtype, B, H, K, S, Dh, normalize, in_buffer;  // S: cache capacity, T = S + K keys
 };
 
 template <typename T> T cast_from(float x);
@@ -27,6 +28,12 @@ float cast_to(float x) { return x; }
 float cast_to(__half x) { return __half2float(x); }
 float cast_to(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Key j visible to query i of a row with `len` (clamped) valid cache entries, in either layout.
+bool visible(const Case& c, int j, int i, long long len) {
+    if (c.in_buffer) return j <= len + i;
+    return j < c.S ? j < len : j - c.S <= i;
+}
+
 // naive reference on the values as stored (after rounding to T), in double
 void reference(const Case& c, const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                const std::vector<long long>& len, float scale, std::vector<double>& out, std::vector<double>& ent) {
@@ -34,12 +41,12 @@ void reference(const Case& c, const std::vector<float>& q, const std::vector<flo
     for (int b = 0; b < c.B; ++b)
         for (int h = 0; h < c.H; ++h)
             for (int i = 0; i < c.K; ++i) {
+                const long long lb = std::min<long long>(std::max<long long>(len[b], 0), c.S);  // the kernel's clamp
                 size_t bh = (size_t)b * c.H + h, row = bh * c.K + i;
                 std::vector<double> s(T, -INFINITY);
                 double m = -INFINITY;
                 for (int j = 0; j < T; ++j) {
-                    bool vis = j < c.S ? j < len[b] : j - c.S <= i;
-                    if (!vis) continue;
+                    if (!visible(c, j, i, lb)) continue;
                     double d = 0;
                     for (int x = 0; x < c.Dh; ++x) d += (double)q[row * c.Dh + x] * k[(bh * T + j) * c.Dh + x];
                     s[j] = d * scale;
@@ -54,7 +61,7 @@ void reference(const Case& c, const std::vector<float>& q, const std::vector<flo
                     if (p > 0) h_acc -= p * std::log(p);
                     for (int x = 0; x < c.Dh; ++x) out[row * c.Dh + x] += p * v[(bh * T + j) * c.Dh + x];
                 }
-                double n = (double)len[b] + i + 1;
+                double n = (double)lb + i + 1;
                 ent[row] = c.normalize ? (n > 1 ? h_acc / std::log(n) : 0.0) : h_acc;
             }
 }
@@ -73,6 +80,7 @@ int run_case(const Case& c, std::mt19937& rng) {
     std::vector<int> len32(c.B);
     for (int b = 0; b < c.B; ++b) {
         len[b] = b == 0 ? c.S : (long long)(rng() % (unsigned)(c.S + 1));
+        if (c.in_buffer && b == 1) len[b] = c.S + 7;  // clamped to S by the kernel
         len32[b] = (int)len[b];
     }
     const float scale = 1.0f / std::sqrt((float)c.Dh);
@@ -90,7 +98,8 @@ int run_case(const Case& c, std::mt19937& rng) {
     if (c.lengths_dtype == FASTARDIFF_INT64) cudaMemcpy(dlen, len.data(), c.B * 8, cudaMemcpyHostToDevice);
     else cudaMemcpy(dlen, len32.data(), c.B * 4, cudaMemcpyHostToDevice);
     int status = fastardiff_entropy_attention_launch(c.dtype, c.lengths_dtype, c.B, c.H, c.K, T_, c.Dh, scale,
-                                                     c.normalize, dq, dk, dv, dlen, dout, dent, nullptr);
+                                                     c.normalize, c.in_buffer, dq, dk, dv, dlen, dout, dent,
+                                                     nullptr);
     cudaError_t err = cudaDeviceSynchronize();
     std::vector<T> hout(nq), hent(nq / c.Dh);
     cudaMemcpy(hout.data(), dout, nq * sizeof(T), cudaMemcpyDeviceToHost);
@@ -107,9 +116,9 @@ int run_case(const Case& c, std::mt19937& rng) {
     for (size_t i = 0; i < rent.size(); ++i) err_ent = std::max(err_ent, std::fabs(cast_to(hent[i]) - rent[i]));
     const double tol = c.dtype == FASTARDIFF_FLOAT32 ? 1e-4 : 1e-2 * (c.dtype == FASTARDIFF_BFLOAT16 ? 4 : 1);
     const bool ok = err_out <= tol && err_ent <= tol;
-    std::printf("%s dtype=%d len64=%d B=%d H=%d K=%d S=%d Dh=%d norm=%d max|out err|=%.3g max|H err|=%.3g\n",
-                ok ? "ok  " : "FAIL", c.dtype, c.lengths_dtype, c.B, c.H, c.K, c.S, c.Dh, c.normalize, err_out,
-                err_ent);
+    std::printf("%s dtype=%d len64=%d B=%d H=%d K=%d S=%d Dh=%d norm=%d buf=%d max|out err|=%.3g max|H err|=%.3g\n",
+                ok ? "ok  " : "FAIL", c.dtype, c.lengths_dtype, c.B, c.H, c.K, c.S, c.Dh, c.normalize, c.in_buffer,
+                err_out, err_ent);
     return ok ? 0 : 1;
 }
 
@@ -123,14 +132,21 @@ int main() {
     }
     std::mt19937 rng(1234);
     const Case cases[] = {
-        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 3, 2, 1, 70, 16, 1},
-        {FASTARDIFF_FLOAT32, FASTARDIFF_INT32, 3, 2, 5, 0, 64, 1},
-        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 1, 4, 17, 33, 64, 0},
-        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 2, 2, 256, 1024, 128, 1},
-        {FASTARDIFF_FLOAT16, FASTARDIFF_INT64, 3, 4, 5, 1024, 64, 1},
-        {FASTARDIFF_FLOAT16, FASTARDIFF_INT32, 2, 2, 256, 1024, 128, 1},
-        {FASTARDIFF_BFLOAT16, FASTARDIFF_INT64, 3, 4, 1, 1024, 64, 1},
-        {FASTARDIFF_BFLOAT16, FASTARDIFF_INT64, 2, 2, 256, 512, 256, 1},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 3, 2, 1, 70, 16, 1, 0},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT32, 3, 2, 5, 0, 64, 1, 0},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 1, 4, 17, 33, 64, 0, 0},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 2, 2, 256, 1024, 128, 1, 0},
+        {FASTARDIFF_FLOAT16, FASTARDIFF_INT64, 3, 4, 5, 1024, 64, 1, 0},
+        {FASTARDIFF_FLOAT16, FASTARDIFF_INT32, 2, 2, 256, 1024, 128, 1, 0},
+        {FASTARDIFF_BFLOAT16, FASTARDIFF_INT64, 3, 4, 1, 1024, 64, 1, 0},
+        {FASTARDIFF_BFLOAT16, FASTARDIFF_INT64, 2, 2, 256, 512, 256, 1, 0},
+        // in_buffer: ragged lengths (row 1 out of range), K in {1, 5} (17: rows in several blocks)
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 4, 2, 1, 70, 16, 1, 1},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT32, 4, 2, 5, 100, 64, 0, 1},
+        {FASTARDIFF_FLOAT32, FASTARDIFF_INT64, 3, 2, 17, 45, 32, 1, 1},
+        {FASTARDIFF_FLOAT16, FASTARDIFF_INT64, 4, 4, 5, 1024, 64, 1, 1},
+        {FASTARDIFF_FLOAT16, FASTARDIFF_INT32, 3, 2, 1, 37, 128, 1, 1},
+        {FASTARDIFF_BFLOAT16, FASTARDIFF_INT64, 3, 2, 5, 300, 64, 1, 1},
     };
     int failures = 0;
     for (const Case& c : cases) {
