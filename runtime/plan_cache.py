@@ -5,7 +5,8 @@ at batch 1 and 4-5 s at batch 8 for the shipped model on a 2-core CPU, against ~
 file under the user's cache directory (`$FASTARDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/fastardiff`, else
 `~/.cache/fastardiff`; the engine directory itself is never written), named by a hash of everything the choice
 depends on: the engine files' sha256, the calibration, the backend and its execution providers and threads,
-the runtime library, the CPU, and the request (batch, guidance, proposal kinds, head options). A plan older
+the runtime library and the runtime's own code (a changed loop changes the host's share of a round), the CPU, and
+the request (batch, guidance, proposal kinds, head options). A plan older
 than `MAX_AGE_S` is timed again; `fastardiff-run --replan` forces it. Backends without engine hashes (the torch
 reference backend of `--ckpt`) are not cached. An unreadable, malformed or unwritable cache only costs the
 timing again (logged), never the run.
@@ -49,6 +50,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def runtime_code_hash() -> str:
+    """sha256 (16 hex) of this runtime's Python sources: a plan timed with another loop is timed again."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def plan_key(engines, batch: int, cfg_scale: float, drafts, options: dict | None) -> dict | None:
     """What the choice depends on, or None when these engines cannot be identified (no engine hashes)."""
     m = engines.manifest
@@ -64,6 +73,7 @@ def plan_key(engines, batch: int, cfg_scale: float, drafts, options: dict | None
             "calibration": hashlib.sha256(json.dumps(m.calibration, sort_keys=True, default=str).encode()).hexdigest(),
             "providers": list(getattr(engines, "providers", []) or []), "threads": getattr(engines, "threads", None),
             "runtime_library": f"{library} {getattr(module, '__version__', '?')}",
+            "runtime_code": runtime_code_hash(),
             "cpu": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "batch": int(batch), "cfg_scale": float(cfg_scale), "drafts": list(drafts),
             "options": {k: options[k] for k in sorted(options or {})}}

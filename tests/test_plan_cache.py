@@ -49,6 +49,18 @@ def test_a_stored_plan_is_returned_for_the_same_key_only(cache):
     assert load_plan(key, now=time.time() + MAX_AGE_S + 1) is None        # stale: timed again
 
 
+def test_a_changed_runtime_times_again(cache, monkeypatch):
+    """The plan is keyed by the runtime's own sources: another loop (other host costs) is timed again."""
+    from fastardiff.runtime import plan_cache
+
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    store_plan(key, jacobi_choice())
+    assert key["runtime_code"] == plan_cache.runtime_code_hash() and len(key["runtime_code"]) == 16
+    monkeypatch.setattr(plan_cache, "runtime_code_hash", lambda: "0" * 16)
+    changed = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    assert changed != key and load_plan(changed) is None
+
+
 def test_malformed_or_unwritable_caches_cost_only_a_new_timing(cache, tmp_path, monkeypatch, caplog):
     key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
     path = plan_path(key)
