@@ -38,6 +38,7 @@ from fastardiff.runtime.manifest import sha256_file
 
 from . import trt_graph
 from fastardiff.runtime.engine import per_layer_io
+from fastardiff.runtime.engine_shapes import engine_input_shapes, profile_proposals
 
 from .engine_modules import (ENGINE_IO, IN_PLACE_ENGINES, ROLLOUT_GAMMA, ShapeProfile, in_buffer_engine,
                              per_layer_inputs)
@@ -161,8 +162,9 @@ def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile,
                    cache_layers: int = 0) -> dict[str, tuple]:
     """Input name -> (min, opt, max) shapes of the engine's optimisation profile (cache_layers: per-layer buffers
     k_cache_<l> / v_cache_<l> [B, H, S, Dh] in place of k_cache / v_cache [L, B, H, S, Dh])."""
-    corners = [trt_backend.engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c],
-                                               profile.cache[c], ROLLOUT_GAMMA.get(name, 0)) for c in range(3)]
+    corners = [engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c], profile.cache[c],
+                                   ROLLOUT_GAMMA.get(name, 0), profile_proposals(c, profile.batch[c]))
+               for c in range(3)]
     shapes = {n: (corners[0][n], corners[1][n], corners[2][n]) for n in corners[0]}
     if cache_layers:
         for cache in ("k_cache", "v_cache"):

@@ -27,7 +27,7 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
     """TensorRT EP profile string 'input:dim x dim,...' for one corner (0 min, 1 opt, 2 max) of the profile: the
     engine contract's input shapes, as the tensorrt backend builds its profiles (one definition of them)."""
-    from .backend_tensorrt import engine_input_shapes
+    from .engine_shapes import engine_input_shapes, profile_proposals
 
     cfg, entry = manifest.config, manifest.engines[name]
     profile = entry.profile
@@ -35,7 +35,8 @@ def _profile_shapes(manifest: Manifest, name: str, corner: int) -> str:
     s = profile["cache"][corner] if "cache" in profile else 0
     layers = cfg["target_layers"] if name in ("target_verify", "target_jacobi") else cfg["draft_layers"]
     shapes = engine_input_shapes(cfg, name, layers, profile["batch"][corner], k, s,
-                                 entry.gamma if entry.kind == "draft_rollout" else 0)
+                                 entry.gamma if entry.kind == "draft_rollout" else 0,
+                                 profile_proposals(corner, profile["batch"][corner]))
     if entry.cache_layers:             # one [R, H, S, Dh] buffer per layer (per_layer_io)
         for cache in ("k_cache", "v_cache"):
             dims = shapes.pop(cache)[1:]

@@ -57,32 +57,6 @@ def import_tensorrt(purpose: str):
     return trt
 
 
-def engine_input_shapes(config: dict, name: str, layers: int, batch: int, new_tokens: int, cache: int,
-                        gamma: int = 0) -> dict:
-    """Input name -> shape for one point of an engine's profile (the engine contract of runtime/engine.py);
-    gamma > 0: a draft_rollout engine of that length (samples = rows at each profile corner)."""
-    n_tokens = (config["image_size"] // config["patch"]) ** 2
-    if name == "decoder":
-        return {"tokens": (batch, n_tokens, config["token_dim"]), "entropy": (batch, n_tokens), "cond": (batch,)}
-    if name.startswith("head_"):   # diffusion head: `batch` tokens, new_tokens = its steps (the profile's K axis)
-        return {"z": (batch, config["z_dim"]), "traj_noise": (batch, new_tokens, config["token_dim"]),
-                "temperature": (1,)}
-    kv = (layers, batch, config["heads"], cache, config["width"] // config["heads"])
-    shapes = {"tokens": (batch, new_tokens, config["token_dim"]), "lengths": (batch,), "k_cache": kv, "v_cache": kv,
-              "cond": (batch,)}
-    if gamma:
-        shapes.update({"noise": (batch, gamma, config["token_dim"]), "threshold": (batch,), "max_drafts": (batch,),
-                       "temperature": (1,), "cfg_scale": (1,)})
-    if name == "target_jacobi":   # samples = rows; G = K - 1 guesses, W = K slots out, C residual proposals
-        from .jacobi import residual_proposals
-
-        d, g, w, c = config["token_dim"], max(new_tokens - 1, 1), max(new_tokens, 2), residual_proposals(batch)
-        shapes.update({"guess_mean": (batch, g, d), "guess_sigma": (batch, g), "num_guesses": (batch,),
-                       "coins": (batch, g), "noise": (batch, w, d), "residual_noise": (batch, w, c, d),
-                       "residual_coins": (batch, w, c), "temperature": (1,), "cfg_scale": (1,), "coupling": (1,)})
-    return shapes
-
-
 def find_plugin_library(engine_dir: Path, manifest: Manifest, plugin_path: str | Path | None = None) -> Path:
     """The plugin library: plugin_path, else $FASTARDIFF_TRT_PLUGIN, else the copy in the engine dir."""
     recorded = manifest.plugin.get("file", PLUGIN_LIBRARY)

@@ -161,9 +161,10 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
             calls[("rollout", g)] = rollout(rollouts[g], g)
     jacobi = getattr(engines, "target_jacobi", None) if jacobi_windows else None
     if jacobi is not None:
+        from .generation import on_accelerator
         from .jacobi import residual_proposals
 
-        c, d, flag = residual_proposals(batch), shape.token_dim, np.ones(1, np.float32)
+        c, d, flag = residual_proposals(batch, on_accelerator(engines)), shape.token_dim, np.ones(1, np.float32)
 
         def jacobi_round(w):
             sampling = (np.zeros((batch, w, d), np.float32), np.ones((batch, w), np.float32), np.full(batch, w),

@@ -99,6 +99,17 @@ def verify_limit(engines) -> int | None:
     return int(k[-1]) if k else None
 
 
+def on_accelerator(engines) -> bool:
+    """Whether the engines compute on a GPU: TensorRT, ONNX Runtime's CUDA / TensorRT providers, a CUDA device or
+    device caches on one (what the in-graph sampling's sizing follows: jacobi.residual_proposals)."""
+    if engines.manifest.backend == "tensorrt":
+        return True
+    if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in getattr(engines, "providers", ())):
+        return True
+    device = getattr(engines, "cache_device", None) or getattr(engines, "device", None)
+    return str(getattr(device, "type", device) or "cpu").split(":")[0] == "cuda"
+
+
 def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
     """Whether model-draft rounds verify and accept in one target_jacobi call (jacobi.accept_drafts_in_engine)
     instead of target_verify + the host's accept_drafts. gen.engine_acceptance None: where the loop runs on the

@@ -23,7 +23,7 @@ from .ar_engine import AREngine, round_results
 from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
-                         check_request, in_engine_acceptance, verify_limit)
+                         check_request, in_engine_acceptance, on_accelerator, verify_limit)
 from .jacobi import accept_drafts_in_engine, jacobi_rounds
 from .kv_cache import windows
 from .sampling import TokenDistribution, accept_drafts, sample_gaussian
@@ -51,6 +51,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     jacobi = gen.mode == "speculative" and gen.draft == "jacobi"
     # model-draft rounds verify and accept in one target_jacobi call where the engines have one (in_engine_acceptance)
     accept_engine = engines.target_jacobi if in_engine_acceptance(engines, gen) else None
+    accelerator = on_accelerator(engines)    # sizes the in-graph residual proposals (jacobi.residual_proposals)
     rollout = getattr(engines, "rollouts", {}).get(G) if gen.mode == "speculative" and not jacobi else None
     arrays = loop_arrays(engines, gen, rng, jacobi, rollout is not None and accept_engine is not None)
     # position p holds the input of p, in float32: what the engines are fed (no conversion per call) and exactly
@@ -99,7 +100,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     n += prefill
     if jacobi:
         jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats,
-                      getattr(engines, "target_jacobi", None))
+                      getattr(engines, "target_jacobi", None), accelerator)
 
     while (act := np.flatnonzero(n < total)).size:
         R = len(act)
@@ -122,7 +123,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         # fed every row's max_drafts slots: no draft count needed on the host before it)
         if accept_engine is not None and (kmax := int(max_drafts.max())):
             accepted, k, next_token, entropy = accept_drafts_in_engine(target, accept_engine, seq, act, base, k,
-                                                                       kmax, q_mean, q_sigma, rng, (draft,))
+                                                                       kmax, q_mean, q_sigma, rng, (draft,),
+                                                                       accelerator)
         elif arrays.on_device:            # the last token of every row: no drafts, a plain target step (the draws
             kmax, k, accepted = 0, np.zeros(R, np.int64), np.zeros(R, np.int64)   # accept_drafts makes for none)
             p, _ = target.predict(seq, act, base - 1, base, 1)

@@ -382,7 +382,7 @@ def test_residual_slots_the_graph_could_not_serve_are_finished_on_the_host(rando
     graph's placeholder, and the run's tokens are those finished values (no placeholder survives)."""
     import fastardiff.runtime.jacobi as jacobi
 
-    monkeypatch.setattr(jacobi, "residual_proposals", lambda rows: 2)
+    monkeypatch.setattr(jacobi, "residual_proposals", lambda rows, accelerator=False: 2)
     flagged, finished = [], []
     real = jacobi.finish_residuals
 
@@ -402,3 +402,24 @@ def test_residual_slots_the_graph_could_not_serve_are_finished_on_the_host(rando
     done = np.concatenate(finished)
     assert np.isfinite(done).all() and (np.abs(done).sum(-1) > 0).all()
     assert (np.abs(tokens).sum(-1) > 0).all()        # no all-zero placeholder among the emitted tokens
+
+
+def test_in_graph_proposals_follow_where_the_engines_compute():
+    """CPU engines get few in-graph residual proposals (their tensor work is paid per call, a host finish is cheap);
+    GPU engines many for few rows (free there, a host finish costs a sync)."""
+    from types import SimpleNamespace
+
+    from fastardiff.runtime.generation import on_accelerator
+    from fastardiff.runtime.jacobi import CPU_RESIDUAL_PROPOSALS, residual_proposals
+
+    def engines(backend="onnxruntime", **attrs):
+        return SimpleNamespace(manifest=SimpleNamespace(backend=backend), **attrs)
+
+    assert not on_accelerator(engines(providers=["CPUExecutionProvider"]))
+    assert not on_accelerator(engines("aoti", device="cpu", cache_device=None))
+    assert on_accelerator(engines(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    assert on_accelerator(engines("tensorrt"))
+    assert on_accelerator(engines("aoti", device="cuda:0", cache_device=None))
+    assert on_accelerator(engines("torch", device=torch.device("cuda", 0), cache_device=torch.device("cuda", 0)))
+    assert residual_proposals(1) == residual_proposals(8) == CPU_RESIDUAL_PROPOSALS
+    assert residual_proposals(1, accelerator=True) == 16 and residual_proposals(64, accelerator=True) == 2

@@ -232,6 +232,15 @@ def test_profile_shapes_follow_the_engine_contract(tiny_config):
     assert lo == (tiny_config.target_layers, 1, tiny_config.heads, 0, tiny_config.head_dim)
     assert hi == (tiny_config.target_layers, 8, tiny_config.heads, tiny_config.seq_len, tiny_config.head_dim)
     assert shapes["tokens"][1] == (4, 5, tiny_config.token_dim)  # opt K = gamma + 1
+    # target_jacobi's residual proposals: the profile spans every count the runtime feeds, on a GPU or a CPU
+    from fastardiff.runtime.jacobi import PROPOSAL_RANGE, residual_proposals
+
+    jacobi = profile_shapes(tiny_config.to_dict(), "target_jacobi", tiny_config.target_layers,
+                            shape_profiles(tiny_config, 8, 4)["target_jacobi"])
+    lo, opt, hi = (shape[2] for shape in jacobi["residual_noise"])
+    assert (lo, hi) == PROPOSAL_RANGE and lo <= opt <= hi
+    for rows in (1, 3, 8, 64, 1000):
+        assert lo <= residual_proposals(rows) <= hi and lo <= residual_proposals(rows, accelerator=True) <= hi
     dec = profile_shapes(tiny_config.to_dict(), "decoder", 0, shape_profiles(tiny_config, 8, 4)["decoder"])
     assert dec["tokens"][2] == (8, tiny_config.num_tokens, tiny_config.token_dim)
 
