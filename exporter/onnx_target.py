@@ -111,6 +111,14 @@ def per_layer_shapes(shapes: dict, names, layers: int) -> tuple:
     return tuple(layer_dims(shapes[n]) if n in ("k_cache", "v_cache") else shapes[n] for n in names)
 
 
+def in_buffer_form(name: str, module: nn.Module, example: tuple, shapes, layers: int) -> tuple:
+    """AR engine `name` in its in-place form (one cache buffer per layer, models.py in_buffer; the onnx and trt
+    targets): (module, example inputs, dynamic shapes, input names, output names) to export it with."""
+    inputs, outputs = ENGINE_IO[name]
+    return (in_buffer_engine(name, module), per_layer_inputs(example), per_layer_shapes(shapes, inputs, layers),
+            *per_layer_io(inputs, outputs, layers))
+
+
 def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
     cfg = ckpt.config
 
@@ -123,9 +131,7 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
         shapes = dynamic_shapes(name, profile, derived_dims=False)
         io = {}
         if opts.kv_update == "in-place" and name in IN_PLACE_ENGINES:   # per-layer buffers, updated in place
-            module, example = in_buffer_engine(name, module), per_layer_inputs(example)
-            shapes = per_layer_shapes(shapes, inputs, layers)
-            inputs, outputs = per_layer_io(inputs, outputs, layers)
+            module, example, shapes, inputs, outputs = in_buffer_form(name, module, example, shapes, layers)
             io = {"inputs": inputs, "outputs": outputs, "cache_layers": layers}
         export_onnx_file(module, example, work_dir / file, inputs, outputs, shapes,
                          optimize=name not in HEAD_ENGINES)

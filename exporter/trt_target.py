@@ -40,10 +40,9 @@ from . import trt_graph
 from fastardiff.runtime.engine import per_layer_io
 from fastardiff.runtime.engine_shapes import engine_input_shapes, profile_proposals
 
-from .engine_modules import (ENGINE_IO, IN_PLACE_ENGINES, ROLLOUT_GAMMA, ShapeProfile, in_buffer_engine,
-                             per_layer_inputs)
+from .engine_modules import ENGINE_IO, IN_PLACE_ENGINES, ROLLOUT_GAMMA, ShapeProfile
 from .onnx_passes import scatter_in_place
-from .onnx_target import export_onnx_file, ort_runner, per_layer_shapes
+from .onnx_target import export_onnx_file, in_buffer_form, ort_runner
 from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
@@ -99,9 +98,7 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     inputs, outputs = ENGINE_IO[name]
     shapes = dynamic_shapes(name, profile, derived_dims=False)
     if cache_layers:
-        module, example = in_buffer_engine(name, module), per_layer_inputs(example)
-        shapes = per_layer_shapes(shapes, inputs, cache_layers)
-        inputs, outputs = per_layer_io(inputs, outputs, cache_layers)
+        module, example, shapes, inputs, outputs = in_buffer_form(name, module, example, shapes, cache_layers)
     trt_graph.use_plugin_attention(module)
     export_onnx_file(module, example, path, inputs, outputs, shapes,
                      custom_translation_table=trt_graph.custom_translation_table(),

@@ -15,6 +15,7 @@ import numpy as np
 from fastardiff.errors import EngineError, MissingDependencyError
 
 from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
+from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
@@ -175,7 +176,6 @@ class OnnxRuntimeEngines(EngineCalls):
         self.providers = self.sessions["target_verify"].get_providers()
         self.cache_device = self.loop_device = self._tensors = None
         if torch_device is not None:
-            from .kv_cache import cache_device_for, loop_device_for
             from .ort_tensors import TensorCalls
 
             self.cache_device = cache_device_for(torch_device, True if device_loop else device_cache)
@@ -184,7 +184,6 @@ class OnnxRuntimeEngines(EngineCalls):
                 import torch
 
                 self._tensors = TensorCalls(ort, torch, self.sessions, manifest, self.cache_device)
-        from .kv_cache import loop_noise_for
         self.loop_noise = loop_noise_for(self.loop_device, loop_noise)
         log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
-from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
+from .engine import EngineCalls, check_cache_room, per_layer_aliases
 from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
 
@@ -339,12 +339,6 @@ class TensorRTEngines(EngineCalls):
 
     def _run(self, name: str, arrays: tuple) -> list:
         return run_engine(self.runners[name], self.manifest.engines[name], arrays, self.cache_device is not None)
-
-
-def per_layer_aliases(layers: int) -> dict:
-    """The in-place engines' output -> input pairs: k_cache_out_<l> updates k_cache_<l> (runtime/engine.py
-    per_layer_io)."""
-    return {name.replace("_cache_", "_cache_out_"): name for name in per_layer_cache_inputs(layers)}
 
 
 def run_engine(runner: TensorRTRunner, entry, arrays: tuple, device_cache: bool) -> list:

@@ -29,6 +29,11 @@ def per_layer_cache_inputs(layers: int) -> list[str]:
     return [f"{c}_{layer}" for c in ("k_cache", "v_cache") for layer in range(layers)]
 
 
+def per_layer_aliases(layers: int) -> dict[str, str]:
+    """The per-layer engines' updated buffers and the inputs they update: k_cache_out_<l> -> k_cache_<l>, ..."""
+    return {name.replace("_cache_", "_cache_out_"): name for name in per_layer_cache_inputs(layers)}
+
+
 def per_layer_io(inputs, outputs, layers: int) -> tuple[list[str], list[str]]:
     """The I/O names of an engine whose caches are one buffer per layer (the onnx target's in-place engines,
     manifest `cache_layers`): k_cache / v_cache become k_cache_0 .. k_cache_{L-1}, v_cache_0 .. (where k_cache
@@ -37,7 +42,7 @@ def per_layer_io(inputs, outputs, layers: int) -> tuple[list[str], list[str]]:
     per_layer = per_layer_cache_inputs(layers)
     at = list(inputs).index("k_cache")
     ins = list(inputs[:at]) + per_layer + [n for n in inputs[at:] if n not in ("k_cache", "v_cache")]
-    outs = list(outputs) + [f"{c}_out_{layer}" for c in ("k_cache", "v_cache") for layer in range(layers)]
+    outs = list(outputs) + list(per_layer_aliases(layers))
     return ins, outs
 
 

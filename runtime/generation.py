@@ -106,8 +106,12 @@ def on_accelerator(engines) -> bool:
         return True
     if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in getattr(engines, "providers", ())):
         return True
-    device = getattr(engines, "cache_device", None) or getattr(engines, "device", None)
-    return str(getattr(device, "type", device) or "cpu").split(":")[0] == "cuda"
+    return device_type(getattr(engines, "cache_device", None) or getattr(engines, "device", None)) == "cuda"
+
+
+def device_type(device) -> str:
+    """'cpu', 'cuda', ... of a torch device or a device string ('cpu' for None)."""
+    return str(getattr(device, "type", device) or "cpu").split(":")[0]
 
 
 def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
@@ -123,9 +127,8 @@ def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
     able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
             and "target_jacobi" in engines.manifest.engines)
     if gen.engine_acceptance is None:     # where the loop runs on the device, or the caches live on an accelerator
-        cache = getattr(engines, "cache_device", None)
-        on_accelerator = cache is not None and str(getattr(cache, "type", cache)).split(":")[0] != "cpu"
-        return able and (getattr(engines, "loop_device", None) is not None or on_accelerator)
+        caches_on_accelerator = device_type(getattr(engines, "cache_device", None)) != "cpu"
+        return able and (getattr(engines, "loop_device", None) is not None or caches_on_accelerator)
     if not able:
         raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
                               "target_jacobi (re-export them); leave it to the default or turn it off")

@@ -13,6 +13,7 @@ timing again (logged), never the run.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +51,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
 def runtime_code_hash() -> str:
     """sha256 (16 hex) of this runtime's Python sources: a plan timed with another loop is timed again."""
     digest = hashlib.sha256()

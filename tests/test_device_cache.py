@@ -59,6 +59,19 @@ def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint
     assert sa.summary()["target_calls"] == sb.summary()["target_calls"]
 
 
+def count_readbacks(monkeypatch) -> tuple[list, list]:
+    """(readbacks, host finishes): lists that grow by one at each device-loop readback (DeviceArrays.readback) and
+    each residual finished on the host (jacobi.finish_residuals); both still run."""
+    from fastardiff.runtime import arrays, jacobi
+
+    readbacks, finishes = [], []
+    real_readback, real_finish = arrays.DeviceArrays.readback, jacobi.finish_residuals
+    monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
+                                                                          real_readback(self, *a))[1])
+    monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
+    return readbacks, finishes
+
+
 @pytest.mark.parametrize("gen", [dict(mode="target", cfg_scale=1.5), dict(gamma=3, early_stop="context", cfg_scale=1.5),
                                  dict(gamma=2, seed=6), dict(draft="jacobi", gamma=4, cfg_scale=1.5),
                                  dict(draft="jacobi", gamma=3, coupling=False)],
@@ -70,17 +83,12 @@ def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpo
     are drawn), and reads back once per round: the round's counts and entropies, plus the final tokens and the rare
     residual finished on the host."""
     from fastardiff.exporter.torch_backend import TorchEngines
-    from fastardiff.runtime import arrays, jacobi
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     host = TorchEngines(random_checkpoint, max_gamma=4, device_cache=True, device_loop=False)
     device = TorchEngines(random_checkpoint, max_gamma=4, device_loop=True)
     assert host.loop_device is None and device.loop_device is not None and device.cache_device is not None
-    readbacks, finishes = [], []
-    real_readback, real_finish = arrays.DeviceArrays.readback, jacobi.finish_residuals
-    monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
-                                                                          real_readback(self, *a))[1])
-    monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
+    readbacks, finishes = count_readbacks(monkeypatch)
     # the model draft accepted in the engine on both (the device loop's default; asked for on the host loop)
     config = GenerationConfig(**{"seed": 3, "engine_acceptance": True, **gen})
     classes = np.array([2, 5, 7])
@@ -191,7 +199,6 @@ def test_onnxruntime_device_loop_equals_numpy_loop(shared_onnx_export, gen, monk
     IOBinding, the in-place engines' cache outputs bound to the loop's own cache layers, outputs back through
     DLPack; the path the CUDA provider takes, here on the CPU provider) gives the numpy loop's tokens bit for bit,
     with one readback per round; device caches under a host loop too."""
-    from fastardiff.runtime import arrays, jacobi
     from fastardiff.runtime.engine import load_engines
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
@@ -201,11 +208,7 @@ def test_onnxruntime_device_loop_equals_numpy_loop(shared_onnx_export, gen, monk
     device = load_engines(engine_dir, device_loop=True)
     assert host.loop_device is None and host.cache_device is None and caches.loop_device is None
     assert device.loop_device == device.cache_device == torch.device("cpu") and device.kv_in_place
-    readbacks, finishes = [], []
-    real_readback, real_finish = arrays.DeviceArrays.readback, jacobi.finish_residuals
-    monkeypatch.setattr(arrays.DeviceArrays, "readback", lambda self, *a: (readbacks.append(1),
-                                                                          real_readback(self, *a))[1])
-    monkeypatch.setattr(jacobi, "finish_residuals", lambda *a: (finishes.append(1), real_finish(*a))[1])
+    readbacks, finishes = count_readbacks(monkeypatch)
     config = GenerationConfig(**{"seed": 4, "engine_acceptance": True, "num_tokens": 20, **gen})
     classes = np.array([3, 0, 9])
     a, sa = generate(host, classes, config)

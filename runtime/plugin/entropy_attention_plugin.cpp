@@ -74,20 +74,16 @@ bool parseEntropyAttentionFields(PluginFieldCollection const* fc, float* scale, 
                 return false;
             }
         } else if (std::strcmp(field.name, "normalize") == 0) {
+            int64_t value = 0;
             if (field.length != 1) {
                 *error = "field 'normalize' must hold one value";
                 return false;
             }
-            if (field.type == PluginFieldType::kINT32) {
-                *normalize = *static_cast<int32_t const*>(field.data);
-            } else if (field.type == PluginFieldType::kINT64) {
-                *normalize = static_cast<int32_t>(*static_cast<int64_t const*>(field.data) != 0);
-            } else if (field.type == PluginFieldType::kINT8) {
-                *normalize = *static_cast<int8_t const*>(field.data);
-            } else {
+            if (!readIntField(field, &value)) {
                 *error = "field 'normalize' must be int32, int64 or int8";
                 return false;
             }
+            *normalize = static_cast<int32_t>(value != 0);
         } else if (std::strcmp(field.name, "in_buffer") == 0) {
             int64_t value = 0;
             if (!readIntField(field, &value)) {
