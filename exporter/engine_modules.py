@@ -95,12 +95,14 @@ class DraftStep(nn.Module):
 
 
 class TargetVerify(nn.Module):
+    shallow_entropy = False       # no shallow entropy in its contract: the target computes the entropy layer's only
+
     def __init__(self, target: ARTransformer):
         super().__init__()
         self.model = target
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond):
-        mean, entropy, _shallow, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond)
+        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond, shallow=False)
         return (mean, entropy, new_k, new_v, *buffers)
 
 
@@ -109,6 +111,7 @@ class TargetJacobi(nn.Module):
     rule on the host, with the same meaning of every random input). The feed is [last accepted token, G guesses]
     (K = G + 1). Slot lookups are one-hot matrix products (exact: one 1.0 times a finite value plus zeros), so the
     sampling adds few nodes to the graph (on small graphs a call's cost follows its node count)."""
+    shallow_entropy = False
 
     def __init__(self, target: ARTransformer, sigma: SigmaParams):
         super().__init__()
@@ -117,7 +120,7 @@ class TargetJacobi(nn.Module):
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
                 residual_noise, residual_coins, temperature, cfg_scale, coupling):
-        mean, entropy, _shallow, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond)
+        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond, shallow=False)
         samples, guesses, dim = guess_mean.shape
         rows, slots = tokens.shape[0], noise.shape[1]
         z = mean[rows - samples:] + cfg_scale * (mean[:samples] - mean[rows - samples:])   # guided [B, G + 1, D]
@@ -201,8 +204,8 @@ class InBufferModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, lengths, k_cache, v_cache, cond):
-        return self.model(tokens, lengths, k_cache, v_cache, cond, in_buffer=True)
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, shallow: bool = True):
+        return self.model(tokens, lengths, k_cache, v_cache, cond, in_buffer=True, shallow=shallow)
 
 
 def in_buffer_engine(name: str, engine: nn.Module) -> nn.Module:

@@ -79,13 +79,14 @@ def use_plugin_attention(module: torch.nn.Module) -> int:
 
 
 def expected_plugin_nodes(module: torch.nn.Module) -> int:
-    """Entropy layers per AR model call: the entropy layer and the shallow layer (one node when they coincide),
+    """Entropy layers per AR model call: the entropy layer and the shallow layer (one node when they coincide; the
+    entropy layer only in an engine that computes no shallow entropy, `shallow_entropy = False`),
     times the number of times the engine calls the model (a draft_rollout of length g calls it g times)."""
     from fastardiff.recipes.models import ARTransformer
 
     calls = max((getattr(m, "gamma", 0) for m in module.modules()), default=0) or 1
-    return calls * sum(len({m.entropy_layer, m.shallow_layer}) for m in module.modules()
-                       if isinstance(m, ARTransformer))
+    shallow = all(getattr(m, "shallow_entropy", True) for m in module.modules())   # False: the target engines
+    return calls * sum(len(m.entropy_layers(shallow)) for m in module.modules() if isinstance(m, ARTransformer))
 
 
 # ---------------------------------------------------------------------------------------------- ONNX op

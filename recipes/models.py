@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import DriftARConfig
-from .entropy_attention import get_entropy_attention, native_attention
+from .entropy_attention import biased_attention, get_entropy_attention, native_attention, visible_keys_bias
 
 
 class CausalSelfAttention(nn.Module):
@@ -32,8 +32,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False):
-        """Returns (out, entropy, k, v); in_buffer: k, v are the pairs (new keys, updated buffer)."""
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None):
+        """Returns (out, entropy, k, v); in_buffer: k, v are the pairs (new keys, updated buffer), and `bias` (the
+        buffer's additive mask, visible_keys_bias) serves a layer without entropy."""
         B, K, W = x.shape
         q, k, v = self.qkv(x).view(B, K, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         if in_buffer:      # write the new keys/values at each row's length, attend over the whole buffer
@@ -45,7 +46,9 @@ class CausalSelfAttention(nn.Module):
             values = torch.cat([v_cache, v], dim=2)
             offset = k_cache.shape[2]
         scale = q.shape[-1] ** -0.5
-        if entropy_impl is None:
+        if entropy_impl is None and bias is not None:
+            out, entropy = biased_attention(q, keys, values, bias, scale), None
+        elif entropy_impl is None:
             out, entropy = native_attention(q, keys, values, lengths, offset, scale), None
         else:
             out, entropy = entropy_impl(q, keys, values, lengths, offset, scale, True)
@@ -64,8 +67,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False):
-        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl, in_buffer)
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None):
+        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl, in_buffer, bias)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, entropy, k, v
@@ -100,24 +103,32 @@ class ARTransformer(nn.Module):
         x = torch.where(is_cond, self.class_emb(cond).unsqueeze(1), self.token_in(tokens))
         return x + self.pos_emb[positions.clamp(max=self.cfg.seq_len - 1)]
 
-    def forward(self, tokens, lengths, k_cache, v_cache, cond, return_hidden: bool = False, in_buffer: bool = False):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, return_hidden: bool = False, in_buffer: bool = False,
+                shallow: bool = True):
+        """shallow=False: the shallow layer's entropy is not computed (returned as None) unless it is the entropy
+        layer's: the target engines, whose contract has no shallow entropy, attend there like any other layer."""
         entropy_impl = get_entropy_attention(self.attention_impl)
         if in_buffer and self.attention_impl not in ("reference", "plugin"):
             raise ValueError("in_buffer attention is the reference implementation's or the TensorRT plugin's (the "
                              f"in-place engines); this model uses '{self.attention_impl}'")
         x = self.embed(tokens, lengths, cond)
-        entropy = shallow = None
+        entropy_layers = self.entropy_layers(shallow)
+        shallow = None
+        # the in-place buffer's mask, built once for every layer without entropy
+        bias = visible_keys_bias(lengths, x.shape[1], k_cache[0].shape[-2], x.dtype) if in_buffer else None
         new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []
+        entropy = None
         for i, block in enumerate(self.blocks):
-            wants_entropy = i in (self.entropy_layer, self.shallow_layer)
-            x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None, in_buffer)
+            wants_entropy = i in entropy_layers
+            x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None, in_buffer,
+                               bias)
             if in_buffer:
                 (k, k_buffer), (v, v_buffer) = k, v
                 k_buffers.append(k_buffer)
                 v_buffers.append(v_buffer)
             if i == self.entropy_layer:
                 entropy = e
-            if i == self.shallow_layer:
+            if i == self.shallow_layer and wants_entropy:
                 shallow = e
             new_k.append(k)
             new_v.append(v)
@@ -127,6 +138,10 @@ class ARTransformer(nn.Module):
         if in_buffer:
             outputs = outputs + tuple(k_buffers) + tuple(v_buffers)
         return outputs + (hidden,) if return_hidden else outputs
+
+    def entropy_layers(self, shallow: bool = True) -> set[int]:
+        """The layers whose attention entropy a forward computes (with shallow=False: the entropy layer only)."""
+        return {self.entropy_layer, self.shallow_layer} if shallow else {self.entropy_layer}
 
     def forward_sequence(self, tokens, cond, return_hidden: bool = False):
         """Teacher-forced training forward over a full image: tokens [B, N, D] -> predictions for all N tokens."""

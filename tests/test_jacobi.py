@@ -96,10 +96,10 @@ class FixedTarget(torch.nn.Module):
         entropy = STUB_SIGMA.tau_sigma * np.log1p(sigma * denom / STUB_SIGMA.sigma_max)
         self.mean, self.entropy = torch.tensor(mean, dtype=torch.float32), torch.tensor(entropy, dtype=torch.float32)
 
-    def forward(self, tokens, lengths, k_cache, v_cache, cond):
+    def forward(self, tokens, lengths, k_cache, v_cache, cond, shallow: bool = True):
         rows, width = tokens.shape[:2]
         kv = torch.zeros(1, rows, 1, width, 1)
-        return self.mean[:, :width], self.entropy[:, :width], self.entropy[:, :width], kv, kv
+        return self.mean[:, :width], self.entropy[:, :width], self.entropy[:, :width] if shallow else None, kv, kv
 
 
 def resolve_slots_in_graph(rng, guesses, k, p, q, window, coupling):
