@@ -118,16 +118,12 @@ DEFAULT_THREADS = 1
 
 class OnnxRuntimeEngines(EngineCalls):
     """The Engines interface over three onnxruntime sessions (numpy in, numpy out). threads: intra-op threads
-    (None: DEFAULT_THREADS; 0: the library's default, one per core). flush_denormals: the sessions run with
-    denormal floats flushed to zero (ONNX Runtime's session.set_denormal_as_zero; it sets the flag on the thread
-    that loads the engines, where a one-thread session also runs, and on its pool's threads). Values below 1.2e-38
-    become 0, far below what a token or a density ratio resolves; a Jacobi call that produced them ran ~7 % slower
-    (interleaved, this CPU, batch 1: whole Jacobi images 6 % faster, target-only unchanged)."""
+    (None: DEFAULT_THREADS; 0: the library's default, one per core)."""
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
                  spinning: bool = False, verify: bool = True, in_place: bool = True, device: str | None = None,
                  device_cache: bool | None = None, device_loop: bool | None = None, loop_noise: str | None = None,
-                 flush_denormals: bool = True, **other):
+                 **other):
         if other:
             log.debug("onnxruntime backend ignores options %s", sorted(other))
         try:
@@ -149,7 +145,6 @@ class OnnxRuntimeEngines(EngineCalls):
         # Spinning worker threads busy-wait between calls and steal the CPU from the sampling loop that runs
         # between engine calls (measured 4x slower per image on a 2-core box); off unless asked for.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        options.add_session_config_entry("session.set_denormal_as_zero", "1" if flush_denormals else "0")
         # the device loop / device caches (runtime/ort_tensors.py): torch tensors bound where they lie, on the CUDA
         # provider's GPU (on by default there, when torch is installed) or, asked for, on the CPU
         torch_device, stream = tensor_device(ort, providers, device_id, device_cache, device_loop)

@@ -84,22 +84,3 @@ def test_running_entropy_mean_is_only_kept_for_context(mode):
     context.observe_target(np.arange(2), np.array([[5.0, 5.0], [5.0, 5.0]]), np.array([2, 1]))
     ema0 = 0.4 / 0.8
     np.testing.assert_allclose(context.target_ema, [0.9 * (0.9 * ema0 + 0.5) + 0.5, 0.9 * ema0 + 0.5])
-
-
-@pytest.mark.parametrize("flush", [True, False])
-def test_onnxruntime_engines_flush_denormals_on_their_thread(shared_onnx_export, flush):
-    """flush_denormals (the default): the thread that loaded the engines (where a one-thread session runs them)
-    computes with denormals flushed to zero; off, it keeps gradual underflow. In a fresh interpreter: the flag is
-    per thread and outlives the call."""
-    import subprocess
-    import sys
-
-    engine_dir = shared_onnx_export[0]
-    code = ("import numpy as np\n"
-            "from fastardiff.runtime.engine import load_engines\n"
-            "tiny = np.float32(2e-38)\n"
-            "assert tiny * np.float32(0.25) > 0                 # gradual underflow before\n"
-            f"load_engines({str(engine_dir)!r}, threads=1, flush_denormals={flush})\n"
-            "print(float(tiny * np.float32(0.25)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert (float(out.split()[-1]) == 0.0) is flush
