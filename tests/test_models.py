@@ -62,6 +62,17 @@ def test_cached_forward_equals_full_forward_ragged(random_checkpoint, which):
         for b, n in enumerate(lengths.tolist()):
             want[b, :, n:n + K] = new[b]
         assert torch.equal(buffer, want)
+    # shallow=False (the target engines): the shallow layer attends like a plain layer, the same mean and entropy;
+    # its entropy is returned only where it is the entropy layer (the draft's single layer)
+    for buffered in (False, True):
+        caches = (k_cache.unbind(0), v_cache.unbind(0)) if buffered else (k_cache, v_cache)
+        m4, e4, s4, *_ = model(new_tokens, lengths, *caches, cond, in_buffer=buffered, shallow=False)
+        torch.testing.assert_close(m4, m2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(e4, e2, atol=1e-5, rtol=1e-4)
+        if model.shallow_layer == model.entropy_layer:
+            torch.testing.assert_close(s4, s2, atol=1e-5, rtol=1e-4)
+        else:
+            assert s4 is None
 
 
 @pytest.mark.parametrize("splits", [[1] * 64, [5, 1, 20, 38], [2, 62], [64]])
