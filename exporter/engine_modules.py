@@ -102,7 +102,8 @@ class TargetVerify(nn.Module):
         self.model = target
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond):
-        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond, shallow=False)
+        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond,
+                                                              shallow=self.shallow_entropy)
         return (mean, entropy, new_k, new_v, *buffers)
 
 
@@ -120,7 +121,8 @@ class TargetJacobi(nn.Module):
 
     def forward(self, tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses, coins, noise,
                 residual_noise, residual_coins, temperature, cfg_scale, coupling):
-        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond, shallow=False)
+        mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond,
+                                                              shallow=self.shallow_entropy)
         samples, guesses, dim = guess_mean.shape
         rows, slots = tokens.shape[0], noise.shape[1]
         z = mean[rows - samples:] + cfg_scale * (mean[:samples] - mean[rows - samples:])   # guided [B, G + 1, D]

@@ -113,11 +113,10 @@ class ARTransformer(nn.Module):
                              f"in-place engines); this model uses '{self.attention_impl}'")
         x = self.embed(tokens, lengths, cond)
         entropy_layers = self.entropy_layers(shallow)
-        shallow = None
         # the in-place buffer's mask, built once for every layer without entropy
         bias = visible_keys_bias(lengths, x.shape[1], k_cache[0].shape[-2], x.dtype) if in_buffer else None
         new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []
-        entropy = None
+        entropy = shallow_entropy = None
         for i, block in enumerate(self.blocks):
             wants_entropy = i in entropy_layers
             x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None, in_buffer,
@@ -129,12 +128,12 @@ class ARTransformer(nn.Module):
             if i == self.entropy_layer:
                 entropy = e
             if i == self.shallow_layer and wants_entropy:
-                shallow = e
+                shallow_entropy = e
             new_k.append(k)
             new_v.append(v)
             hidden.append(x)
         mean = self.head(self.norm(x))
-        outputs = (mean, entropy, shallow, torch.stack(new_k), torch.stack(new_v))
+        outputs = (mean, entropy, shallow_entropy, torch.stack(new_k), torch.stack(new_v))
         if in_buffer:
             outputs = outputs + tuple(k_buffers) + tuple(v_buffers)
         return outputs + (hidden,) if return_hidden else outputs
