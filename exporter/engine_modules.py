@@ -29,8 +29,10 @@ guesses, fresh draws, and the residual max(0, p - q) by rejection over C proposa
   guess_mean [B,G,D], guess_sigma [B,G]   the q each guess was drawn from; num_guesses [B] int64 (<= G)
   coins [B,G]                      uniforms: guess j passes (or keeps its coupling) when log(coin) < log p/q
   noise [B,W,D]                    standard normals for the fresh draws
-  residual_noise [B,W,C,D], residual_coins [B,W,C]   the residual's proposals y = p + sigma * noise, kept when
-                                   coin < 1 - min(1, q(y)/p(y)); the first kept one is the sample
+  residual_noise [B,W,C,D], residual_coins [B,W,C]   the residual near the slot's old guess x
+                                   (runtime/sampling.py reflected_residual): proposal 0 is x's mirror image (its
+                                   noise unused), proposals 1.. are y = p + sigma * noise kept by the reflected
+                                   rule; the first kept one is the sample
   temperature [1], cfg_scale [1], coupling [1] (1: maximal coupling, 0: independent guesses)
 Outputs: accepted [B] int64, tokens_out [B,W,D] (the emitted token, then the next window's guesses),
 slot_mean [B,W,D] / slot_sigma [B,W] (p at those slots: the guesses' recorded q), slot_entropy [B,G+1],
@@ -151,13 +153,28 @@ class TargetJacobi(nn.Module):
         keep = has_guess & (failed < 0.5) & coupled                 # a held slot at a is its first failure
         first = (torch.arange(slots, device=x.device) == 0).unsqueeze(0)
         residual = has_guess & ~keep & (coupled | first)            # independent: only the rejected slot
-        y = out_mean.unsqueeze(2) + out_sigma[..., None, None] * residual_noise     # [B, W, C, D] from p
-        log_q_over_p = (0.5 * ((residual_noise ** 2).sum(-1)
-                               - ((y - q_mean.unsqueeze(2)) ** 2).sum(-1) / q_sigma.unsqueeze(-1) ** 2)
-                        + dim * torch.log(out_sigma / q_sigma).unsqueeze(-1))
-        kept = residual_coins < -torch.expm1(torch.clamp(log_q_over_p, max=0.0))
+        # the residual near the old guess (runtime/sampling.py reflected_residual, same formulas): proposal 0 is its
+        # mirror image y0 = mu_p + sigma_p R e0, the others y = mu_p + sigma_p z from p, kept by the reflected rule
+        d = q_mean - out_mean                                                      # [B, W, D]
+        e0 = (x_at - q_mean) / q_sigma.unsqueeze(-1)
+        de, dd, ee = (d * e0).sum(-1), (d * d).sum(-1), (e0 * e0).sum(-1)
+        mirror = torch.where(dd > 0, 2 * de / torch.clamp(dd, min=1e-30), torch.zeros_like(dd))
+        y0 = out_mean + out_sigma.unsqueeze(-1) * (e0 - mirror.unsqueeze(-1) * d)
+        log_width = dim * torch.log(out_sigma / q_sigma)                           # log (sigma_p / sigma_q)^D
+        log_q_over_p0 = (ee - (out_sigma ** 2 * ee + 2 * out_sigma * de + dd) / q_sigma ** 2) / 2 + log_width
+        log_p_over_q_x = (ee - (q_sigma ** 2 * ee + 2 * q_sigma * de + dd) / out_sigma ** 2) / 2 - log_width
+        kept0 = (residual_coins[..., 0] * -torch.expm1(torch.clamp(log_p_over_q_x, max=0.0))
+                 < -torch.expm1(torch.clamp(log_q_over_p0, max=0.0)))
+        z = residual_noise[:, :, 1:]                                               # [B, W, C - 1, D]
+        y = out_mean.unsqueeze(2) + out_sigma[..., None, None] * z
+        zz, dz = (z * z).sum(-1), (z * d.unsqueeze(2)).sum(-1)
+        ps, qs = out_sigma.unsqueeze(-1), q_sigma.unsqueeze(-1)
+        log_q_over_p = (zz - ((y - q_mean.unsqueeze(2)) ** 2).sum(-1) / qs ** 2) / 2 + log_width.unsqueeze(-1)
+        log_p_over_q = (zz - (dd.unsqueeze(-1) - 2 * qs * dz + qs ** 2 * zz) / ps ** 2) / 2 - log_width.unsqueeze(-1)
+        kept = torch.cat([kept0.unsqueeze(-1), residual_coins[..., 1:] < (
+            torch.expm1(torch.clamp(log_p_over_q, max=0.0)) - torch.expm1(torch.clamp(log_q_over_p, max=0.0)))], 2)
         first_kept = kept & (torch.cumsum(kept.long(), 2) == 1)
-        from_residual = (first_kept.unsqueeze(-1).to(y.dtype) * y).sum(2)
+        from_residual = (first_kept.unsqueeze(-1).to(y.dtype) * torch.cat([y0.unsqueeze(2), y], 2)).sum(2)
         tokens_out = torch.where(keep.unsqueeze(-1), x_at,
                                  torch.where(residual.unsqueeze(-1), from_residual,
                                              out_mean + out_sigma.unsqueeze(-1) * noise))

@@ -111,31 +111,88 @@ def log_residual_weight(y, p_mean, p_sigma, q_mean, q_sigma) -> np.ndarray:
 
 
 def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
-                    max_proposals: int = MAX_PROPOSALS, shift=0.0) -> np.ndarray:
+                    max_proposals: int = MAX_PROPOSALS, shift=0.0, reflected: bool = False) -> np.ndarray:
     """One sample per row from max(0, p - q) (normalised), by rejection from p. Rows: p_mean [R, D], p_sigma [R].
-    shift [R] (log_offset_p - log_offset_q) scores p as exp(shift) p: the residual max(0, exp(shift) p - q)."""
+    shift [R] (log_offset_p - log_offset_q) scores p as exp(shift) p: the residual max(0, exp(shift) p - q).
+    reflected=True: the second stage of `reflected_residual` (its proposals from p are kept with probability
+    (1 - q/p)+ - (1 - p/q)+ at the reflected point, see there)."""
     rows, dim = p_mean.shape
     shift = np.broadcast_to(np.asarray(shift, np.float64), (rows,))
+    if reflected and shift.any():
+        raise ValueError("the reflected residual is defined for plain Gaussian tokens (no log_offset shift)")
     # fast path (the usual case): one chunk of FIRST_CHUNK proposals per row, few array operations; a row is kept
-    # with probability 1 - (1 - Z)^FIRST_CHUNK here. u < 1 - min(1, q/p) is the same test as the loop's in logs.
+    # with probability 1 - (1 - Z)^FIRST_CHUNK here
     z = rng.standard_normal((rows, FIRST_CHUNK, dim))
-    y = p_mean[:, None] + p_sigma[:, None, None] * z
-    log_ratio = (0.5 * (np.add.reduce(z * z, axis=-1) - np.add.reduce((y - q_mean[:, None]) ** 2, axis=-1)
-                        / (q_sigma**2)[:, None]) + (dim * np.log(p_sigma / q_sigma) - shift)[:, None])
-    # = log q(y) - log p(y) - shift
-    kept = rng.random(log_ratio.shape) < -np.expm1(np.minimum(log_ratio, 0.0))
+    keep = _proposal_keep_probability(z, p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None],
+                                      shift[:, None], reflected)
+    kept = rng.random(keep.shape) < keep
     hit = kept.any(axis=1)
-    out = y[np.arange(rows), kept.argmax(axis=1)]
+    first = kept.argmax(axis=1)
+    out = p_mean + p_sigma[:, None] * z[np.arange(rows), first]
     if hit.all():
         return out
     miss = np.flatnonzero(~hit)
     out[miss] = _sample_residual_loop(rng, p_mean[miss], p_sigma[miss], q_mean[miss], q_sigma[miss],
-                                      max(max_proposals - FIRST_CHUNK, 1), shift[miss])
+                                      max(max_proposals - FIRST_CHUNK, 1), shift[miss], reflected)
     return out
 
 
+def _proposal_keep_probability(z, p_mean, p_sigma, q_mean, q_sigma, shift, reflected: bool) -> np.ndarray:
+    """The residual sampler's keep probability of the proposals y = p_mean + p_sigma z [T, C, D] (p_mean, q_mean
+    [T, 1, D], p_sigma, q_sigma, shift [T, 1]): 1 - min(1, q(y)/p(y)) (q(y)/p(y) from |y - mu_p|^2 / sigma_p^2 =
+    |z|^2), and with `reflected` minus 1 - min(1, p(x')/q(x')) at x' = g^-1(y) = mu_q + sigma_q R z (see
+    reflected_residual), where |x' - mu_q|^2 / sigma_q^2 = |z|^2 and |x' - mu_p|^2 = |d|^2 - 2 sigma_q d.z +
+    sigma_q^2 |z|^2, d = mu_q - mu_p."""
+    dim = z.shape[-1]
+    zz = np.add.reduce(z * z, axis=-1)
+    y = p_mean + p_sigma[..., None] * z
+    log_q_over_p = (0.5 * (zz - np.add.reduce((y - q_mean) ** 2, axis=-1) / q_sigma**2)
+                    + dim * np.log(p_sigma / q_sigma) - shift)
+    keep = -np.expm1(np.minimum(log_q_over_p, 0.0))
+    if reflected:
+        d = q_mean - p_mean
+        dz, dd = np.add.reduce(z * d, axis=-1), np.add.reduce(d * d, axis=-1)
+        log_p_over_q = (0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2)
+                        + dim * np.log(q_sigma / p_sigma))                     # at x' = g^-1(y)
+        keep = keep + np.expm1(np.minimum(log_p_over_q, 0.0))
+    return keep
+
+
+def reflected_residual(rng: np.random.Generator, x, p_mean, p_sigma, q_mean, q_sigma,
+                       max_proposals: int = MAX_PROPOSALS) -> np.ndarray:
+    """One sample per row from the residual max(0, p - q) (normalised), close to x [R, D]: a draw from q that the
+    acceptance test rejected (or a coupled guess it did not keep), so x follows s = max(0, q - p) / Z.
+
+    Reflection coupling (the maximal coupling of Jacob, O'Leary & Atchade, 2020, applied to s and the residual):
+    g(x) = mu_p + (sigma_p / sigma_q) R (x - mu_q), with R the reflection across the hyperplane normal to
+    mu_p - mu_q, maps q onto p, and s onto the residual exactly when sigma_p == sigma_q. Its first proposal
+    y0 = g(x) is kept with probability min(1, r(y0) / h(y0)), h = g#s the law of y0, which reduces to
+    (1 - q(y0)/p(y0))+ / (1 - p(x)/q(x)) (1 for equal widths); else proposals y ~ p are kept with probability
+    (r(y) - h(y))+ / p(y) = (1 - q(y)/p(y))+ - (1 - p(x')/q(x'))+, x' = g^-1(y) (sample_residual, reflected).
+    The sample follows the residual exactly, as the independent sampler's does, and lies near x (a mirror image
+    across the midplane instead of an independent draw), so the slots the verify computed after x still see
+    nearly the token they were conditioned on: the Jacobi loop's next guesses there pass more often."""
+    rows, dim = x.shape
+    d = q_mean - p_mean
+    e0 = (x - q_mean) / q_sigma[:, None]                        # x = mu_q + sigma_q e0
+    de, dd, ee = (np.add.reduce(a * b, axis=-1) for a, b in ((e0, d), (d, d), (e0, e0)))
+    mirror = np.divide(2 * de, dd, out=np.zeros(rows), where=dd > 0)
+    y0 = p_mean + p_sigma[:, None] * (e0 - mirror[:, None] * d)   # mu_p + sigma_p R e0
+    log_q_over_p = -(p_sigma**2 * ee + 2 * p_sigma * de + dd) / (2 * q_sigma**2) + ee / 2 \
+        + dim * np.log(p_sigma / q_sigma)                       # at y0
+    log_p_over_q = -(q_sigma**2 * ee + 2 * q_sigma * de + dd) / (2 * p_sigma**2) + ee / 2 \
+        + dim * np.log(q_sigma / p_sigma)                       # at x
+    keep = (rng.random(rows) * -np.expm1(np.minimum(log_p_over_q, 0.0))
+            < -np.expm1(np.minimum(log_q_over_p, 0.0)))
+    miss = np.flatnonzero(~keep)
+    if miss.size:
+        y0[miss] = sample_residual(rng, p_mean[miss], p_sigma[miss], q_mean[miss], q_sigma[miss], max_proposals,
+                                   reflected=True)
+    return y0
+
+
 def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma, max_proposals: int,
-                          shift: np.ndarray):
+                          shift: np.ndarray, reflected: bool = False):
     """sample_residual for the rows its first chunk missed (p close to q): growing chunks, with the fallback."""
     rows, dim = p_mean.shape
     out = np.empty((rows, dim))
@@ -151,11 +208,8 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
                                   shift[todo, None])
         z = rng.standard_normal((todo.size, chunk, dim))
         y = pm + ps[..., None] * z
-        # log q(y) - log p(y), with |y - p_mean|^2 / p_sigma^2 = |z|^2 (log_residual_weight, fewer operations)
-        log_ratio = (0.5 * (np.add.reduce(z * z, axis=-1) - np.add.reduce((y - qm) ** 2, axis=-1) / qs**2)
-                     + dim * np.log(ps / qs) - sh)
-        weight = _keep_log_probability(log_ratio)                    # [T, chunk]
-        kept = np.log(rng.random(weight.shape)) < weight
+        weight = _proposal_keep_probability(z, pm, ps, qm, qs, sh, reflected)     # [T, chunk]
+        kept = rng.random(weight.shape) < weight
         hit = kept.any(axis=1)
         first = kept.argmax(axis=1)
         out[todo[hit]] = y[hit, first[hit]]

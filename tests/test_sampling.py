@@ -8,8 +8,8 @@ import pytest
 from scipy import stats as sps
 
 from fastardiff.runtime.early_stop import EarlyStop
-from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, guide, log_density, sample_gaussian,
-                                         sample_residual, speculative_token)
+from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, guide, log_density, log_density_ratio,
+                                         reflected_residual, sample_gaussian, sample_residual, speculative_token)
 
 N = 20_000
 SIG = 0.3
@@ -77,6 +77,63 @@ def test_residual_sampler_targets_positive_part():
     dens = np.maximum(sps.norm.pdf(grid) - sps.norm.pdf(grid - 1.0), 0)
     cdf = np.cumsum(dens) / dens.sum()
     assert sps.kstest(t, lambda v: np.interp(v, grid, cdf)).pvalue > 1e-3
+
+
+def mirror_always(rng, x, p_mean, p_sigma, q_mean, q_sigma):
+    """A plausible bug: the mirror image g(x) kept without its test (right only for equal widths)."""
+    d = q_mean - p_mean
+    e0 = (x - q_mean) / q_sigma[:, None]
+    dd = (d * d).sum(-1)
+    mirror = np.divide(2 * (e0 * d).sum(-1), dd, out=np.zeros(len(x)), where=dd > 0)
+    return p_mean + p_sigma[:, None] * (e0 - mirror[:, None] * d)
+
+
+def unreflected_second_stage(rng, x, p_mean, p_sigma, q_mean, q_sigma):
+    """A plausible bug: after a rejected mirror image, the plain residual sampler (not the reflected rule)."""
+    y0 = mirror_always(rng, x, p_mean, p_sigma, q_mean, q_sigma)
+    exact = reflected_residual(np.random.default_rng(1), x, p_mean, p_sigma, q_mean, q_sigma)
+    redo = np.flatnonzero((exact != y0).any(axis=1))
+    y0[redo] = sample_residual(rng, p_mean[redo], p_sigma[redo], q_mean[redo], q_sigma[redo])
+    return y0
+
+
+# (D, shift of p's mean in units of sigma_q, sigma_p / sigma_q)
+REFLECTIONS = [(16, 1.5, 1.0), (16, 1.0, 1.1), (16, 0.0, 1.6), (4, 1.0, 1.3), (4, 2.5, 1.2), (1, 0.8, 0.7)]
+
+
+@pytest.mark.parametrize("dim,shift,ratio", REFLECTIONS)
+def test_reflected_residual_is_the_residual_near_the_rejected_draw_and_wrong_variants_fail(dim, shift, ratio):
+    """x ~ q, kept with min(1, p/q), else replaced by reflected_residual(x): the token follows p exactly (as with
+    the independent residual), and in several dimensions the replacement lies nearer x than an independent one.
+    The mirror image kept untested and a second stage without the reflected rule are caught where the widths
+    differ (with equal widths the mirror image is the exact residual: always kept)."""
+    rng = np.random.default_rng(5)
+    q_mean = np.tile(rng.normal(size=dim), (N, 1))
+    p_mean = q_mean.copy()
+    p_mean[:, 0] += shift * SIG
+    p_mean[:, -1] -= 0.5 * shift * SIG
+    q_sigma, p_sigma = np.full(N, SIG), np.full(N, SIG * ratio)
+    x = sample_gaussian(rng, q_mean, q_sigma)
+    rejected = np.log(rng.random(N)) >= log_density_ratio(x, p_mean, p_sigma, q_mean, q_sigma)
+    assert 0.2 < rejected.mean() < 0.9
+    rows = (x[rejected], p_mean[rejected], p_sigma[rejected], q_mean[rejected], q_sigma[rejected])
+
+    def token(rule):
+        y = x.copy()
+        y[rejected] = rule(np.random.default_rng(6), *rows)
+        return y
+
+    y = token(reflected_residual)
+    assert np.isfinite(y).all() and matches_p(y, p_mean, p_sigma) > 1e-3
+    independent = token(lambda rng, x, *dist: sample_residual(rng, *dist))
+    near = lambda t: np.linalg.norm(t[rejected] - x[rejected], axis=1).mean()  # noqa: E731
+    if dim > 1:
+        assert near(y) < 0.9 * near(independent)
+    if ratio == 1.0:
+        np.testing.assert_allclose(y, token(mirror_always), atol=1e-12)
+        return
+    for wrong in (mirror_always, unreflected_second_stage):
+        assert matches_p(token(wrong), p_mean, p_sigma) < 1e-6, wrong.__name__
 
 
 def test_residual_fallback_never_returns_zeros(caplog):
