@@ -153,28 +153,27 @@ class TargetJacobi(nn.Module):
         keep = has_guess & (failed < 0.5) & coupled                 # a held slot at a is its first failure
         first = (torch.arange(slots, device=x.device) == 0).unsqueeze(0)
         residual = has_guess & ~keep & (coupled | first)            # independent: only the rejected slot
-        # the residual near the old guess (runtime/sampling.py reflected_residual, same formulas): proposal 0 is its
-        # mirror image y0 = mu_p + sigma_p R e0, the others y = mu_p + sigma_p z from p, kept by the reflected rule
+        # the residual near the old guess x (runtime/sampling.py reflected_residual): proposal 0 is its mirror image
+        # y0 = mu_p + sigma_p z0, z0 = R e0 (x = mu_q + sigma_q e0), the others y = mu_p + sigma_p z from p. With
+        # F(y) = 1 - min(1, q(y)/p(y)) and G(y) = 1 - min(1, p(x')/q(x')) at x' = g^-1(y) (= x for y0), y0 is kept
+        # when coin * G < F, a later y when coin < F - G; both ratios from |z|^2, z.d and |d|^2, d = mu_q - mu_p
         d = q_mean - out_mean                                                      # [B, W, D]
         e0 = (x_at - q_mean) / q_sigma.unsqueeze(-1)
-        de, dd, ee = (d * e0).sum(-1), (d * d).sum(-1), (e0 * e0).sum(-1)
-        mirror = torch.where(dd > 0, 2 * de / torch.clamp(dd, min=1e-30), torch.zeros_like(dd))
-        y0 = out_mean + out_sigma.unsqueeze(-1) * (e0 - mirror.unsqueeze(-1) * d)
-        log_width = dim * torch.log(out_sigma / q_sigma)                           # log (sigma_p / sigma_q)^D
-        log_q_over_p0 = (ee - (out_sigma ** 2 * ee + 2 * out_sigma * de + dd) / q_sigma ** 2) / 2 + log_width
-        log_p_over_q_x = (ee - (q_sigma ** 2 * ee + 2 * q_sigma * de + dd) / out_sigma ** 2) / 2 - log_width
-        kept0 = (residual_coins[..., 0] * -torch.expm1(torch.clamp(log_p_over_q_x, max=0.0))
-                 < -torch.expm1(torch.clamp(log_q_over_p0, max=0.0)))
-        z = residual_noise[:, :, 1:]                                               # [B, W, C - 1, D]
+        dd = (d * d).sum(-1)
+        z0 = e0 - (2 * (d * e0).sum(-1) / torch.clamp(dd, min=1e-30)).unsqueeze(-1) * d
+        mirror = torch.arange(residual_noise.shape[2], device=x.device) == 0
+        z = torch.where(mirror.unsqueeze(-1), z0.unsqueeze(2), residual_noise)      # [B, W, C, D]
         y = out_mean.unsqueeze(2) + out_sigma[..., None, None] * z
-        zz, dz = (z * z).sum(-1), (z * d.unsqueeze(2)).sum(-1)
-        ps, qs = out_sigma.unsqueeze(-1), q_sigma.unsqueeze(-1)
-        log_q_over_p = (zz - ((y - q_mean.unsqueeze(2)) ** 2).sum(-1) / qs ** 2) / 2 + log_width.unsqueeze(-1)
-        log_p_over_q = (zz - (dd.unsqueeze(-1) - 2 * qs * dz + qs ** 2 * zz) / ps ** 2) / 2 - log_width.unsqueeze(-1)
-        kept = torch.cat([kept0.unsqueeze(-1), residual_coins[..., 1:] < (
-            torch.expm1(torch.clamp(log_p_over_q, max=0.0)) - torch.expm1(torch.clamp(log_q_over_p, max=0.0)))], 2)
+        zz, zd = (z * z).sum(-1), (z * d.unsqueeze(2)).sum(-1)
+        ps, qs, dd = out_sigma.unsqueeze(-1), q_sigma.unsqueeze(-1), dd.unsqueeze(-1)
+        log_width = dim * torch.log(ps / qs)                                       # log (sigma_p / sigma_q)^D
+        log_q_over_p = (zz - (ps * ps * zz - 2 * ps * zd + dd) / (qs * qs)) / 2 + log_width          # at y
+        log_p_over_q = (zz - (qs * qs * zz - 2 * qs * zd + dd) / (ps * ps)) / 2 - log_width          # at x'
+        f = -torch.expm1(torch.clamp(log_q_over_p, max=0.0))
+        g = -torch.expm1(torch.clamp(log_p_over_q, max=0.0))
+        kept = (mirror & (residual_coins * g < f)) | (~mirror & (residual_coins < f - g))  # (no bool Where in ORT)
         first_kept = kept & (torch.cumsum(kept.long(), 2) == 1)
-        from_residual = (first_kept.unsqueeze(-1).to(y.dtype) * torch.cat([y0.unsqueeze(2), y], 2)).sum(2)
+        from_residual = (first_kept.unsqueeze(-1).to(y.dtype) * y).sum(2)
         tokens_out = torch.where(keep.unsqueeze(-1), x_at,
                                  torch.where(residual.unsqueeze(-1), from_residual,
                                              out_mean + out_sigma.unsqueeze(-1) * noise))
