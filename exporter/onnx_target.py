@@ -21,7 +21,7 @@ from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from fastardiff.runtime.engine import per_layer_io
 
 from .engine_modules import ENGINE_IO, IN_PLACE_ENGINES, ShapeProfile, in_buffer_engine, per_layer_inputs
-from .onnx_passes import scatter_in_place
+from .onnx_passes import fuse_gelu, scatter_in_place
 from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
@@ -137,6 +137,7 @@ def build_onnx(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> 
                          optimize=name not in HEAD_ENGINES)
         if io:
             scatter_in_place(work_dir / file, layers)
+        log.debug("%s: %d GELU chains fused into Gelu", name, fuse_gelu(work_dir / file))
         run = ort_runner(work_dir / file, name, opts.device, io.get("cache_layers", 0))
         parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
         parity["runtime"] = "onnxruntime " + ",".join(ort_providers(opts.device))

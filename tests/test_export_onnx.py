@@ -108,6 +108,43 @@ def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_
     assert data["engines"]["target_verify"]["profile"]["K"][1] == ONNX_GAMMA + 1
 
 
+def test_every_gelu_is_one_gelu_node(onnx_engine_dir, shipped_checkpoint):
+    """The onnx target's fuse_gelu pass left no Erf chain: one Gelu per MLP in each engine (the parity above ran on
+    these files)."""
+    import onnx
+
+    cfg = shipped_checkpoint.config
+    mlps = {"target_verify": cfg.target_layers, "target_jacobi": cfg.target_layers, "draft_step": cfg.draft_layers,
+            "decoder": cfg.decoder_layers, "draft_rollout_1": cfg.draft_layers}
+    for name, count in mlps.items():
+        ops = [n.op_type for n in onnx.load(str(onnx_engine_dir / f"{name}.onnx")).graph.node]
+        assert ops.count("Gelu") == count and "Erf" not in ops, name
+
+
+def test_fuse_gelu_rewrites_exact_gelu_chains_only(tmp_path):
+    """x * (0.5 * (1 + erf(x / sqrt 2))) becomes one Gelu with the same values; a chain with another constant (not a
+    GELU) is left alone."""
+    import onnx
+    import onnxruntime as ort
+
+    from fastardiff.exporter.onnx_passes import fuse_gelu
+    from fastardiff.exporter.onnx_target import export_onnx_file
+
+    class TwoActivations(torch.nn.Module):
+        def forward(self, x):
+            not_gelu = x * (0.5 * (1.0 + torch.erf(x / 2.0)))
+            return torch.nn.functional.gelu(x * 3.0) + not_gelu
+
+    x = torch.randn(5, 7)
+    path = export_onnx_file(TwoActivations(), (x,), tmp_path / "m.onnx", ["x"], ["y"])
+    assert fuse_gelu(path) == 1
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Gelu") == 1 and ops.count("Erf") == 1
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, TwoActivations()(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert fuse_gelu(path) == 0
+
+
 def test_second_export_is_cache_hit(onnx_export, export_ckpt_path, caplog):
     out, first, _ = onnx_export
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
