@@ -281,11 +281,23 @@ def test_seeded_jacobi_is_reproducible_and_coupling_changes_it(random_engines):
     assert not np.allclose(a, c)
 
 
-def test_gamma_auto_chooses_jacobi_where_it_pays_and_target_only_where_not(random_checkpoint):
+def test_gamma_auto_chooses_jacobi_where_it_pays_and_target_only_where_not(random_checkpoint, monkeypatch):
+    from fastardiff.runtime import gamma_auto
     from fastardiff.runtime.gamma_auto import choose_gamma
     from test_gamma_auto import _with_jacobi_table
 
-    # the cost model's decision (confirm=False); whole-image confirmation: tests/test_gamma_auto.py
+    # the cost model's decision (confirm=False) for fixed per-call costs (a Jacobi round of window L = a step plus
+    # 0.25 steps a slot): timed on a busy 2-core machine, one stalled call flipped it; whole-image confirmation
+    # with real timings: tests/test_gamma_auto.py
+    def costs(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
+        out = {"step": 1.0, **{("rollout", g): 1.0 * g for g in gammas}}
+        out.update({("verify", k): 1.0 + 0.05 * k for k in {g + 1 for g in gammas} | set(verify_widths)})
+        out.update({("jacobi", w): 1.0 + 0.25 * w for w in jacobi_windows})
+        return out
+
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", costs)
+    monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
+                        {key: 0.1 for key in runs})
     fast = choose_gamma(_with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9}), batch=1, cfg_scale=1.0,
                         confirm=False)
     assert [c["draft"] for c in fast.candidates] == ["jacobi", "jacobi"]       # no model acceptance calibrated
