@@ -114,4 +114,3 @@ def fuse_gelu(path: str | Path) -> int:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return len(fused)
-
