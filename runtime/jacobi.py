@@ -50,8 +50,9 @@ def residual_proposals(rows: int, accelerator: bool = False) -> int:
 def couple_guesses(rng: np.random.Generator, x_old: np.ndarray, old_mean, old_sigma, new_mean, new_sigma):
     """Maximal coupling of x_old [R, D] ~ N(old) into a sample of N(new): keep x_old with probability
     min(1, new(x_old)/old(x_old)), else draw from max(0, new - old) near x_old (reflected_residual). Then
-    x ~ N(new) exactly, equal to x_old with probability 1 - TV(old, new). Returns (x [R, D], kept [R]). (`resolve_slots` applies this rule to every slot
-    after the emitted token, with the acceptance test's own ratios and coins.)"""
+    x ~ N(new) exactly, equal to x_old with probability 1 - TV(old, new). Returns (x [R, D], kept [R]).
+    (`resolve_slots` applies this rule to every slot after the emitted token, with the acceptance test's own ratios
+    and coins.)"""
     log_ratio = log_density_ratio(x_old, new_mean, new_sigma, old_mean, old_sigma)      # log p_new - log q_old
     kept = np.log(rng.random(len(x_old))) < log_ratio
     x = x_old.copy()
@@ -203,8 +204,8 @@ def finish_residuals(rng: np.random.Generator, arrays, out, res, r: np.ndarray, 
                      q_mean, q_sigma):
     """Residual slots (rows r, slots c) whose in-graph proposals were all rejected: continue the rejection
     sampler on the host (the reflected residual's second stage: the first kept proposal of an i.i.d. sequence from
-    p, wherever counting starts; the in-graph mirror image was its first stage). Returns out with those samples written (on a device: a copy, the engine's output being
-    read-only there)."""
+    p, wherever counting starts; the in-graph mirror image was its first stage). Returns out with those samples
+    written (on a device: a copy, the engine's output being read-only there)."""
     j = accepted[r] + c                                   # the slot's guess index (it has a guess: j < k)
     p_mean, p_sigma, g_mean, g_sigma = arrays.readback(res.slot_mean[r, c], res.slot_sigma[r, c], q_mean[r, j],
                                                        q_sigma[r, j])

@@ -10,6 +10,9 @@ rejection branch is entered with probability Z and then runs out of proposals wi
 product is at most 1/(e C) per token (C = max_proposals, default 2^22: below 1e-7). Only in that event is the
 fallback used (the proposal with the largest residual weight, logged as a warning): the output's total
 variation distance from p is bounded by that probability. Nothing ever returns zeros or an unfilled slot.
+`reflected_residual` draws the same residual law from the rejected draft itself (its mirror image across the
+midplane of p and q, then the same rejection loop with a corrected rule; its entry and exit odds are the same
+product): Jacobi decoding uses it so that a replaced guess stays near the one the later slots were conditioned on.
 """
 from __future__ import annotations
 
