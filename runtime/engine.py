@@ -11,16 +11,16 @@ them must hold the fed positions: the loop passes its whole buffer and then skip
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
 from fastardiff.errors import EngineError
 
-from .manifest import Manifest, load_manifest
+from .manifest import JACOBI_RESIDUAL, Manifest, load_manifest
 
-
-
+log = logging.getLogger(__name__)
 
 IN_PLACE_ENGINES = ("draft_step", "target_verify", "target_jacobi")
 
@@ -136,8 +136,22 @@ def _factory(name: str) -> Callable:
 
 def load_engines(engine_dir, **options) -> Engines:
     """Read the manifest, pick its backend, verify hashes (inside the backend) and return loaded engines."""
-    manifest = load_manifest(engine_dir)
+    manifest = drop_stale_engines(load_manifest(engine_dir), engine_dir)
     return _factory(manifest.backend)(engine_dir, manifest, **options)
+
+
+def drop_stale_engines(manifest: Manifest, engine_dir) -> Manifest:
+    """Leave out a target_jacobi whose in-graph residual rule is not the one this runtime continues on the host
+    (exports before the reflected residual): a round would mix two samplers. Its rounds then run target_verify and
+    the host's rule (exact, one call a round all the same); a warning says how to get the engine back."""
+    entry = manifest.engines.get("target_jacobi")
+    if entry is not None and entry.residual != JACOBI_RESIDUAL:
+        log.warning("%s: its target_jacobi engine samples the residual by an older rule (%r, this runtime continues "
+                    "%r); Jacobi rounds use target_verify and the host's sampling instead. Re-export with "
+                    "`fastardiff-export --force` for the one-call round", engine_dir, entry.residual or "proposals "
+                    "from p", JACOBI_RESIDUAL)
+        manifest.engines = {k: v for k, v in manifest.engines.items() if k != "target_jacobi"}
+    return manifest
 
 
 class EngineCalls:

@@ -22,6 +22,9 @@ REQUIRED_ENGINES = ("target_verify", "decoder")   # draft_step is left out by `f
 PRECISIONS = ("fp32", "fp16", "bf16")
 HEAD_FAMILIES = ("fast-ardiff",)   # families whose tokens come from a diffusion-head engine (kind "head")
 REEXPORT = "re-export the engines with `fastardiff-export --force`"
+# the in-graph residual rule of the target_jacobi engines this runtime pairs with its host continuation
+# (runtime/jacobi.py finish_residuals): the reflected residual's second stage
+JACOBI_RESIDUAL = "reflected"
 
 
 @dataclass
@@ -37,6 +40,8 @@ class EngineEntry:
     steps: int = 0                 # head (diffusion-head families): denoising steps unrolled in the graph
     cache_layers: int = 0          # in-place engines with one cache buffer per layer (runtime/engine.py
                                    # per_layer_io): their layer count; 0: the contract's stacked [L,...] caches
+    residual: str = ""             # target_jacobi: its in-graph residual rule (JACOBI_RESIDUAL: the reflected
+                                   # residual); "" in exports before it, which the loader leaves unused
 
 
 @dataclass
@@ -184,6 +189,7 @@ def _schema():
         gamma: NonNegInt = 0
         steps: NonNegInt = 0
         cache_layers: NonNegInt = 0
+        residual: Annotated[str, Field(max_length=64)] = ""
 
         @model_validator(mode="after")
         def consistent(self):

@@ -106,6 +106,7 @@ def test_export_writes_manifest_with_hashes_and_parity(onnx_export, export_ckpt_
         for stats in parity["outputs"].values():
             assert stats["mismatches"] == 0 and stats["max_abs"] <= 1e-4, (name, stats)
     assert data["engines"]["target_verify"]["profile"]["K"][1] == ONNX_GAMMA + 1
+    assert data["engines"]["target_jacobi"]["residual"] == "reflected"
 
 
 def test_every_gelu_is_one_gelu_node(onnx_engine_dir, shipped_checkpoint):
@@ -119,6 +120,25 @@ def test_every_gelu_is_one_gelu_node(onnx_engine_dir, shipped_checkpoint):
     for name, count in mlps.items():
         ops = [n.op_type for n in onnx.load(str(onnx_engine_dir / f"{name}.onnx")).graph.node]
         assert ops.count("Gelu") == count and "Erf" not in ops, name
+
+
+def test_a_target_jacobi_with_an_older_residual_rule_is_left_unused(onnx_engine_dir, tmp_path, caplog):
+    """An export whose target_jacobi predates the reflected residual (no `residual` in its entry) would pair its
+    in-graph proposals with the host's reflected continuation: the loader leaves that engine out, says so, and
+    Jacobi runs on target_verify and the host rule."""
+    old = tmp_path / "old"
+    shutil.copytree(onnx_engine_dir, old)
+    data = json.loads((old / "manifest.json").read_text())
+    del data["engines"]["target_jacobi"]["residual"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        engines = load_engines(old, threads=1)
+    assert engines.target_jacobi is None and "older rule" in caplog.text and "--force" in caplog.text
+    assert load_engines(onnx_engine_dir, threads=1).target_jacobi is not None
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    images, stats = generate(engines, np.array([3]), GenerationConfig(draft="jacobi", gamma=4, seed=0))
+    assert np.isfinite(images).all() and stats.summary()["tokens_per_target_call"] > 1.0
 
 
 def test_fuse_gelu_rewrites_exact_gelu_chains_only(tmp_path):
