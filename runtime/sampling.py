@@ -103,19 +103,6 @@ def log_density_ratio(x: np.ndarray, a_mean, a_sigma, b_mean, b_sigma, inner_tem
     return quadratic + d * np.log(b_sigma / a_sigma)
 
 
-def _keep_log_probability(log_ratio: np.ndarray) -> np.ndarray:
-    """log(1 - min(1, exp(log_ratio))) elementwise (-inf where log_ratio >= 0)."""
-    out = np.full(log_ratio.shape, -np.inf)
-    below = log_ratio < 0
-    out[below] = np.log1p(-np.exp(log_ratio[below]))
-    return out
-
-
-def log_residual_weight(y, p_mean, p_sigma, q_mean, q_sigma) -> np.ndarray:
-    """log(1 - min(1, q(y)/p(y))): the probability of keeping a proposal y ~ p as a residual sample."""
-    return _keep_log_probability(log_density_ratio(y, q_mean, q_sigma, p_mean, p_sigma))
-
-
 def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
                     max_proposals: int = MAX_PROPOSALS, shift=0.0, reflected: bool = False) -> np.ndarray:
     """One sample per row from max(0, p - q) (normalised), by rejection from p. Rows: p_mean [R, D], p_sigma [R].
@@ -130,9 +117,9 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     # probability 1 - (1 - Z)^chunk here
     chunk = REFLECTED_FIRST_CHUNK if reflected else FIRST_CHUNK
     z = rng.standard_normal((rows, chunk, dim))
-    keep = _proposal_keep_probability(z, p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None],
-                                      shift[:, None], reflected)
-    kept = rng.random(keep.shape) < keep
+    f, g = residual_ratios(z, p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None], shift[:, None],
+                           reflected)
+    kept = rng.random(f.shape) < f - g
     hit = kept.any(axis=1)
     first = kept.argmax(axis=1)
     out = p_mean + p_sigma[:, None] * z[np.arange(rows), first]
@@ -144,25 +131,27 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     return out
 
 
-def _proposal_keep_probability(z, p_mean, p_sigma, q_mean, q_sigma, shift, reflected: bool) -> np.ndarray:
-    """The residual sampler's keep probability of the proposals y = p_mean + p_sigma z [T, C, D] (p_mean, q_mean
-    [T, 1, D], p_sigma, q_sigma, shift [T, 1]): 1 - min(1, q(y)/p(y)) (q(y)/p(y) from |y - mu_p|^2 / sigma_p^2 =
-    |z|^2), and with `reflected` minus 1 - min(1, p(x')/q(x')) at x' = g^-1(y) = mu_q + sigma_q R z (see
-    reflected_residual), where |x' - mu_q|^2 / sigma_q^2 = |z|^2 and |x' - mu_p|^2 = |d|^2 - 2 sigma_q d.z +
-    sigma_q^2 |z|^2, d = mu_q - mu_p."""
+def residual_ratios(z, p_mean, p_sigma, q_mean, q_sigma, shift=0.0, reflected: bool = False):
+    """(f, g) of the proposals y = p_mean + p_sigma z [T, C, D] (p_mean, q_mean [T, 1, D], p_sigma, q_sigma,
+    shift [T, 1]): f = 1 - min(1, q(y)/p(y)) (with |y - mu_p|^2 / sigma_p^2 = |z|^2), and with `reflected`
+    g = 1 - min(1, p(x')/q(x')) at x' = mu_q + sigma_q R z, the point the mirror map of reflected_residual sends to
+    y, where |x' - mu_q|^2 / sigma_q^2 = |z|^2 and |x' - mu_p|^2 = |d|^2 - 2 sigma_q d.z + sigma_q^2 |z|^2,
+    d = mu_q - mu_p (g = 0 without). The plain residual sampler keeps y with probability f, the reflected one's
+    second stage with f - g, and its mirror image (z = R e0, x' = the rejected x) when coin * g < f: the same
+    formulas as the target_jacobi graph's."""
     dim = z.shape[-1]
     zz = np.add.reduce(z * z, axis=-1)
     y = p_mean + p_sigma[..., None] * z
     log_q_over_p = (0.5 * (zz - np.add.reduce((y - q_mean) ** 2, axis=-1) / q_sigma**2)
                     + dim * np.log(p_sigma / q_sigma) - shift)
-    keep = -np.expm1(np.minimum(log_q_over_p, 0.0))
-    if reflected:
-        d = q_mean - p_mean
-        dz, dd = np.add.reduce(z * d, axis=-1), np.add.reduce(d * d, axis=-1)
-        log_p_over_q = (0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2)
-                        + dim * np.log(q_sigma / p_sigma))                     # at x' = g^-1(y)
-        keep = keep + np.expm1(np.minimum(log_p_over_q, 0.0))
-    return keep
+    f = -np.expm1(np.minimum(log_q_over_p, 0.0))
+    if not reflected:
+        return f, 0.0
+    d = q_mean - p_mean
+    dz, dd = np.add.reduce(z * d, axis=-1), np.add.reduce(d * d, axis=-1)
+    log_p_over_q = (0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2)
+                    + dim * np.log(q_sigma / p_sigma))                         # at x' = g^-1(y)
+    return f, -np.expm1(np.minimum(log_p_over_q, 0.0))
 
 
 def reflected_residual(rng: np.random.Generator, x, p_mean, p_sigma, q_mean, q_sigma,
@@ -179,18 +168,16 @@ def reflected_residual(rng: np.random.Generator, x, p_mean, p_sigma, q_mean, q_s
     The sample follows the residual exactly, as the independent sampler's does, and lies near x (a mirror image
     across the midplane instead of an independent draw), so the slots the verify computed after x still see
     nearly the token they were conditioned on: the Jacobi loop's next guesses there pass more often."""
-    rows, dim = x.shape
+    rows = len(x)
     d = q_mean - p_mean
     e0 = (x - q_mean) / q_sigma[:, None]                        # x = mu_q + sigma_q e0
-    de, dd, ee = (np.add.reduce(a * b, axis=-1) for a, b in ((e0, d), (d, d), (e0, e0)))
-    mirror = np.divide(2 * de, dd, out=np.zeros(rows), where=dd > 0)
-    y0 = p_mean + p_sigma[:, None] * (e0 - mirror[:, None] * d)   # mu_p + sigma_p R e0
-    log_q_over_p = -(p_sigma**2 * ee + 2 * p_sigma * de + dd) / (2 * q_sigma**2) + ee / 2 \
-        + dim * np.log(p_sigma / q_sigma)                       # at y0
-    log_p_over_q = -(q_sigma**2 * ee + 2 * q_sigma * de + dd) / (2 * p_sigma**2) + ee / 2 \
-        + dim * np.log(q_sigma / p_sigma)                       # at x
-    keep = (rng.random(rows) * -np.expm1(np.minimum(log_p_over_q, 0.0))
-            < -np.expm1(np.minimum(log_q_over_p, 0.0)))
+    dd = np.add.reduce(d * d, axis=-1)
+    mirror = np.divide(2 * np.add.reduce(e0 * d, axis=-1), dd, out=np.zeros(rows), where=dd > 0)
+    z0 = e0 - mirror[:, None] * d                               # R e0: y0 = mu_p + sigma_p z0, g^-1(y0) = x
+    f, g = residual_ratios(z0[:, None], p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None],
+                           reflected=True)
+    keep = rng.random(rows) * g[:, 0] < f[:, 0]
+    y0 = p_mean + p_sigma[:, None] * z0
     miss = np.flatnonzero(~keep)
     if miss.size:
         y0[miss] = sample_residual(rng, p_mean[miss], p_sigma[miss], q_mean[miss], q_sigma[miss], max_proposals,
@@ -215,7 +202,8 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
                                   shift[todo, None])
         z = rng.standard_normal((todo.size, chunk, dim))
         y = pm + ps[..., None] * z
-        weight = _proposal_keep_probability(z, pm, ps, qm, qs, sh, reflected)     # [T, chunk]
+        f, g = residual_ratios(z, pm, ps, qm, qs, sh, reflected)
+        weight = f - g                                               # [T, chunk]
         kept = rng.random(weight.shape) < weight
         hit = kept.any(axis=1)
         first = kept.argmax(axis=1)

@@ -11,7 +11,7 @@ import pytest
 
 from fastardiff.runtime.early_stop import EarlyStop
 from fastardiff.runtime.kv_cache import KVCache
-from fastardiff.runtime.sampling import log_density, log_density_ratio, log_residual_weight
+from fastardiff.runtime.sampling import log_density, log_density_ratio, residual_ratios
 
 
 def reference_write(k, v, rows, starts, new_k, new_v):
@@ -58,11 +58,30 @@ def test_fused_log_ratio_equals_difference_of_log_densities():
     ps, qs = rng.uniform(0.05, 3, (6, 4)), rng.uniform(0.05, 3, (6, 4))
     expected = log_density(x, pm, ps) - log_density(x, qm, qs)
     np.testing.assert_allclose(log_density_ratio(x, pm, ps, qm, qs), expected, rtol=1e-10, atol=1e-9)
-    weight = log_residual_weight(x, pm, ps, qm, qs)
-    ratio = log_density(x, qm, qs) - log_density(x, pm, ps)
-    keep = ratio < 0
-    assert np.isneginf(weight[~keep]).all() and keep.any() and (~keep).any()
-    np.testing.assert_allclose(weight[keep], np.log1p(-np.exp(ratio[keep])), rtol=1e-9, atol=1e-9)
+
+
+def test_residual_ratios_equal_the_densities_at_the_proposal_and_its_reflection():
+    """residual_ratios' closed forms (in |z|^2, z.d, |d|^2) against log densities at y = mu_p + sigma_p z and at
+    x' = mu_q + sigma_q R z, R the reflection normal to mu_p - mu_q, built explicitly."""
+    rng = np.random.default_rng(1)
+    T, C, D = 6, 5, 16
+    pm = rng.standard_normal((T, 1, D))
+    qm = pm + 0.3 * rng.standard_normal((T, 1, D))
+    ps = rng.uniform(0.8, 1.2, (T, 1))
+    qs = ps * rng.uniform(0.9, 1.1, (T, 1))
+    z = rng.standard_normal((T, C, D))
+    y = pm + ps[..., None] * z
+    n = (pm - qm) / np.linalg.norm(pm - qm, axis=-1, keepdims=True)
+    x = qm + qs[..., None] * (z - 2 * (z * n).sum(-1, keepdims=True) * n)
+    want_f = -np.expm1(np.minimum(log_density(y, qm, qs) - log_density(y, pm, ps), 0.0))
+    want_g = -np.expm1(np.minimum(log_density(x, pm, ps) - log_density(x, qm, qs), 0.0))
+    assert 0 < (want_f > 0).mean() < 1 and 0 < (want_g > 0).mean() < 1
+    f, g = residual_ratios(z, pm, ps, qm, qs, reflected=True)
+    np.testing.assert_allclose(f, want_f, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(g, want_g, rtol=1e-9, atol=1e-12)
+    f_plain, g_plain = residual_ratios(z, pm, ps, qm, qs)
+    np.testing.assert_array_equal(f_plain, f)
+    assert g_plain == 0.0
 
 
 def test_static_early_stop_compares_in_float64():
