@@ -56,6 +56,7 @@ from fastardiff.recipes.config import DriftARConfig
 from fastardiff.recipes.models import ARTransformer, DriftDecoder
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 from fastardiff.runtime.engine import IN_PLACE_ENGINES  # noqa: F401  (re-exported for the exporter)
+from fastardiff.runtime.manifest import JACOBI_RESIDUAL
 
 from .rollout import DraftRollout
 
@@ -115,6 +116,7 @@ class TargetJacobi(nn.Module):
     (K = G + 1). Slot lookups are one-hot matrix products (exact: one 1.0 times a finite value plus zeros), so the
     sampling adds few nodes to the graph (on small graphs a call's cost follows its node count)."""
     shallow_entropy = False
+    residual = JACOBI_RESIDUAL    # its residual rule, in its manifest entry (runtime/engine.py drop_stale_engines)
 
     def __init__(self, target: ARTransformer, sigma: SigmaParams):
         super().__init__()

@@ -24,7 +24,7 @@ from torch import nn
 from fastardiff.errors import EngineError, FastardiffError, MissingDependencyError
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from fastardiff.recipes.config import DriftARConfig
-from fastardiff.runtime.manifest import ENGINE_NAMES, JACOBI_RESIDUAL, EngineEntry, sha256_file
+from fastardiff.runtime.manifest import ENGINE_NAMES, EngineEntry, sha256_file
 
 from .engine_modules import (ENGINE_IO, ROLLOUT_GAMMA, ShapeProfile, example_inputs, make_engine_modules,
                              shape_profiles)
@@ -386,7 +386,7 @@ def build_all_engines(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptio
                                         else "head" if name in HEAD_ENGINES else name,
                                         gamma=ROLLOUT_GAMMA.get(name, 0),
                                         steps=head_steps(ckpt.config, name) if name in HEAD_ENGINES else 0,
-                                        residual=JACOBI_RESIDUAL if name == "target_jacobi" else "")
+                                        residual=getattr(references[name], "residual", ""))
             worst = max((v["max_abs"] for v in parity.get("outputs", {}).values()), default=float("nan"))
             log.info("  %-13s %-20s %6.1f s   parity max abs %.2e", name, file, time.perf_counter() - start, worst)
     return entries

@@ -15,7 +15,7 @@ from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 from fastardiff.runtime.kv_cache import cache_device_for, loop_device_for, loop_noise_for
-from fastardiff.runtime.manifest import JACOBI_RESIDUAL, EngineEntry, Manifest
+from fastardiff.runtime.manifest import EngineEntry, Manifest
 
 from .engine_modules import ENGINE_IO, ROLLOUT_GAMMA, rollout_capacity
 from .head_engines import HEAD_ENGINES
@@ -30,13 +30,11 @@ def checkpoint_manifest(ckpt, modules: dict, device: str, max_batch: int, gamma:
     engines = {}
     for name in modules:
         entry = EngineEntry(file="", sha256="", inputs=list(ENGINE_IO[name][0]), outputs=list(ENGINE_IO[name][1]),
-                            kind=name)
+                            kind=name, residual=getattr(modules[name], "residual", ""))
         if name in ROLLOUT_GAMMA:
             entry.kind, entry.gamma, entry.profile = "draft_rollout", ROLLOUT_GAMMA[name], {"cache": [capacity] * 3}
         elif name in HEAD_ENGINES:
             entry.kind, entry.steps = "head", modules[name].steps
-        elif name == "target_jacobi":
-            entry.residual = JACOBI_RESIDUAL
         engines[name] = entry
     return Manifest(backend="torch", family=ckpt.config.family, config=ckpt.config.to_dict(),
                     calibration=ckpt.calibration.to_dict(), engines=engines, device=device, max_batch=max_batch,

@@ -435,3 +435,20 @@ def test_in_graph_proposals_follow_where_the_engines_compute():
     assert on_accelerator(engines("torch", device=torch.device("cuda", 0), cache_device=torch.device("cuda", 0)))
     assert residual_proposals(1) == residual_proposals(8) == CPU_RESIDUAL_PROPOSALS
     assert residual_proposals(1, accelerator=True) == 16 and residual_proposals(64, accelerator=True) == 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_export_records_the_jacobi_engines_residual_rule(random_checkpoint, tmp_path, precision):
+    """build_all_engines writes target_jacobi's residual rule into its manifest entry (read from the engine module,
+    whatever wraps it for the precision; the loader drops an entry without it) and none into the others'."""
+    from fastardiff.exporter.targets import ExportOptions, build_all_engines
+    from fastardiff.runtime.manifest import JACOBI_RESIDUAL
+
+    def build_one(name, module, reference, profile):
+        (tmp_path / f"{name}.bin").write_bytes(name.encode())
+        return f"{name}.bin", {"outputs": {}}
+
+    opts = ExportOptions(target="trt", precision=precision, onnx_only=True, gamma=2)
+    entries = build_all_engines(random_checkpoint, tmp_path, opts, build_one)
+    assert entries["target_jacobi"].residual == JACOBI_RESIDUAL
+    assert {e.residual for name, e in entries.items() if name != "target_jacobi"} == {""}
