@@ -22,17 +22,25 @@ from pathlib import Path
 IN_PLACE_OPSET = 24                   # TensorScatter
 
 
+def at_least_opset(model, version: int):
+    """`model` converted to ONNX opset `version` when its default-domain opset is older (else as it is)."""
+    from onnx import version_converter
+
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < version:
+        return version_converter.convert_version(model, version)
+    return model
+
+
 def scatter_in_place(path: str | Path, layers: int, axis: int = 2) -> None:
     """Rewrite the ONNX file at `path` (module docstring); ValueError unless every per-layer cache input
     (2 * layers) feeds exactly one ScatterElements that becomes its TensorScatter. axis: the sequence axis as the
     node states it (2, or -2 for TensorRT's parser, which takes TensorScatter on 4-D caches with axis -2 only)."""
     import onnx
-    from onnx import helper, version_converter
+    from onnx import helper
 
     path = Path(path)
     model = onnx.load(str(path))
-    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < IN_PLACE_OPSET:
-        model = version_converter.convert_version(model, IN_PLACE_OPSET)
+    model = at_least_opset(model, IN_PLACE_OPSET)
     graph = model.graph
     caches = {f"{c}_{layer}" for c in ("k_cache", "v_cache") for layer in range(layers)}
     rewritten = set()
@@ -65,12 +73,11 @@ def fuse_gelu(path: str | Path) -> int:
     import math
 
     import onnx
-    from onnx import helper, numpy_helper, version_converter
+    from onnx import helper, numpy_helper
 
     path = Path(path)
     model = onnx.load(str(path))
-    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < GELU_OPSET:
-        model = version_converter.convert_version(model, GELU_OPSET)
+    model = at_least_opset(model, GELU_OPSET)
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
