@@ -127,6 +127,14 @@ class TargetJacobi(nn.Module):
                 residual_noise, residual_coins, temperature, cfg_scale, coupling):
         mean, entropy, _, new_k, new_v, *buffers = self.model(tokens, lengths, k_cache, v_cache, cond,
                                                               shallow=self.shallow_entropy)
+        return self.sample_round(mean, entropy, tokens, guess_mean, guess_sigma, num_guesses, coins, noise,
+                                 residual_noise, residual_coins, temperature, cfg_scale, coupling) + (
+            new_k, new_v, *buffers)
+
+    def sample_round(self, mean, entropy, tokens, guess_mean, guess_sigma, num_guesses, coins, noise,
+                     residual_noise, residual_coins, temperature, cfg_scale, coupling):
+        """The round's sampling from the network's outputs: (accepted, tokens_out, slot_mean, slot_sigma,
+        slot_entropy, residual_miss)."""
         samples, guesses, dim = guess_mean.shape
         rows, slots = tokens.shape[0], noise.shape[1]
         z = mean[rows - samples:] + cfg_scale * (mean[:samples] - mean[rows - samples:])   # guided [B, G + 1, D]
@@ -180,7 +188,7 @@ class TargetJacobi(nn.Module):
                                  torch.where(residual.unsqueeze(-1), from_residual,
                                              out_mean + out_sigma.unsqueeze(-1) * noise))
         miss = residual & ~kept.any(2)
-        return (accepted, tokens_out, out_mean, out_sigma, e, miss.long(), new_k, new_v, *buffers)
+        return accepted, tokens_out, out_mean, out_sigma, e, miss.long()
 
 
 class CacheUpdateInPlace(nn.Module):

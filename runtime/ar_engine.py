@@ -26,7 +26,7 @@ class AREngine:
     def __init__(self, name, fn, layers, shape: ModelShape, classes, gen: GenerationConfig, rule,
                  stats: RunStats, stage: str, capacity: int | None = None, cache_views: bool = False,
                  cache_limit: float | None = None, in_place=frozenset(), needs_room: bool = False, device=None,
-                 arrays=None):
+                 arrays=None, pool=None):
         self.name, self.fn, self.gen, self.rule, self.stats, self.stage = name, fn, gen, rule, stats, stage
         # where the token buffer and the engine outputs live (runtime/arrays.py); on a device the finiteness
         # check of each call is read back with the round's results (`pending`, round_results)
@@ -51,7 +51,7 @@ class AREngine:
         self.cond = np.concatenate([classes, np.full_like(classes, shape.num_classes)]) if self.guided else classes
         # device: the backend's `cache_device` (a torch device: the cache lives there, kv_cache.py), or None
         self.cache = KVCache(layers, len(self.cond), shape.heads, capacity or shape.seq_len, shape.head_dim,
-                             device=device)
+                             device=device, pool=pool)
         self.scalars = (np.array([gen.temperature], np.float32), np.array([gen.cfg_scale], np.float32))
         self.seq_len = shape.seq_len
         self.reps = len(self.cond) // self.batch      # 2 with classifier-free guidance: [cond; uncond] rows

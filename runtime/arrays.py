@@ -13,6 +13,8 @@ round; other numbers, the same distribution).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .kv_cache import windows
@@ -48,8 +50,10 @@ class HostArrays:
 
     def all_finite(self, *arrays) -> bool:
         """float64 sums of float32 outputs cannot overflow: finite iff every element is finite."""
-        total = sum(np.add.reduce(a, None, np.float64) for a in arrays)
-        return bool(np.isfinite(total))
+        total = 0.0
+        for a in arrays:
+            total += float(np.add.reduce(a, None, np.float64))
+        return math.isfinite(total)
 
 
 class DeviceArrays:

@@ -71,13 +71,14 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     in_place = getattr(engines, "kv_in_place", frozenset())
     needs_room = bool(getattr(engines, "needs_cache_room", False))
     device = getattr(engines, "cache_device", None)     # the KV caches live on the engines' device (kv_cache.py)
+    pool = getattr(engines, "cache_pool", None)          # host buffers reused run after run (kv_cache.py)
     target = AREngine("target_verify", engines.target_verify, shape.target_layers, shape, classes, gen,
                       target_rule, stats, "verify", capacity=room, cache_views=views, cache_limit=limit,
-                      in_place=in_place, needs_room=needs_room, device=device, arrays=arrays)
+                      in_place=in_place, needs_room=needs_room, device=device, arrays=arrays, pool=pool)
     draft = None if jacobi or gen.mode == "target" else AREngine(
         "draft_step", engines.draft_step, shape.draft_layers, shape, classes, gen, draft_rule, stats, "draft",
         rollout_capacity(m, G) if rollout is not None else None, cache_views=views, in_place=in_place,
-        needs_room=needs_room, device=device, arrays=arrays)
+        needs_room=needs_room, device=device, arrays=arrays, pool=pool)
     seq_windows = arrays.windows(seq, G)             # [B, P - G + 1, G, D]: positions p .. p+G-1 of a row
     entropy_windows = windows(token_entropy, G + 1)  # [B, N + 1, G + 1]
     stopper = EarlyStop(gen.early_stop, B, m.calibration)
@@ -148,6 +149,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         draft.rollback(act, base + accepted)
         stats.record_round(k, accepted)
     stats.tokens += B * total
+    for engine in (target, draft):
+        if engine is not None:
+            engine.cache.release()
     return np.array(arrays.readback(seq[:, nc: nc + total])[0]), token_entropy[:, :total]
 
 

@@ -621,6 +621,69 @@ def test_in_place_bindings_follow_the_buffers_passed(in_place_engine_dir):
     assert not second[:, :, :, 4:].any() and not second[:, :, :, :1].any()
 
 
+def test_in_place_input_bindings_read_the_arrays_of_each_call(in_place_engine_dir):
+    """An input binding is skipped when the array has the address and shape already bound: a buffer rewritten in
+    place between calls is read anew, a new array at another address is bound, and each call equals the plain
+    (unbound) call on the same inputs."""
+    engines = load_engines(in_place_engine_dir)
+    plain = load_engines(in_place_engine_dir, in_place=False)
+    cfg = engines.manifest.config
+    shape = (cfg["target_layers"], 2, cfg["heads"], 20, cfg["width"] // cfg["heads"])
+    rng = np.random.default_rng(1)
+    tokens = rng.standard_normal((2, 3, cfg["token_dim"]), dtype=np.float32)
+    lengths, cond = np.array([2, 5]), np.array([3, 7])
+    results = []
+    for step in range(3):
+        if step == 1:
+            tokens[:] = rng.standard_normal(tokens.shape, dtype=np.float32)     # same address, new contents
+        if step == 2:
+            tokens = rng.standard_normal(tokens.shape, dtype=np.float32)        # a new array
+        cache = np.zeros(shape, np.float32)
+        got = engines.target_verify(tokens, lengths, cache, cache.copy(), cond)
+        want = plain.target_verify(tokens, lengths, np.zeros(shape, np.float32), np.zeros(shape, np.float32), cond)
+        np.testing.assert_allclose(got.mean, want.mean, atol=1e-5)
+        results.append(got.mean.copy())
+    assert not np.allclose(results[0], results[1]) and not np.allclose(results[1], results[2])
+
+
+def test_runs_reuse_pooled_cache_buffers_and_equal_unpooled_runs(in_place_engine_dir):
+    """Host KV buffers go back to the engines' pool after a run and the next run of that shape takes them (zeroed:
+    the same tokens as a run with fresh buffers, for target-only, Jacobi and the model draft)."""
+    from fastardiff.runtime.kv_cache import HostBufferPool
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    engines = load_engines(in_place_engine_dir)
+    assert isinstance(engines.cache_pool, HostBufferPool)
+    for settings in ({"mode": "target"}, {"mode": "speculative", "draft": "jacobi", "gamma": 3},
+                     {"mode": "speculative", "draft": "model", "gamma": 2, "cfg_scale": 2.0}):
+        gen = GenerationConfig(seed=5, **settings)
+        pooled = [generate(engines, np.array([2, 7]), gen)[0] for _ in range(2)]
+        free = {key: [k.ctypes.data for k, _ in pairs] for key, pairs in engines.cache_pool._free.items()}
+        again = generate(engines, np.array([2, 7]), gen)[0]
+        assert free == {key: [k.ctypes.data for k, _ in pairs] for key, pairs in engines.cache_pool._free.items()}
+        engines.cache_pool, pool = None, engines.cache_pool
+        fresh = generate(engines, np.array([2, 7]), gen)[0]
+        engines.cache_pool = pool
+        for tokens in (*pooled, again):
+            np.testing.assert_array_equal(tokens, fresh)
+        assert free, settings
+
+
+def test_host_buffer_pool_never_hands_out_a_pair_twice():
+    from fastardiff.runtime.kv_cache import HostBufferPool
+
+    pool = HostBufferPool(keep=1)
+    a = pool.take((2, 3), np.float32)
+    b = pool.take((2, 3), np.float32)
+    assert a[0] is not b[0]
+    a[0][:] = 1.0
+    pool.give(*a)
+    pool.give(*b)                        # over `keep`: dropped
+    c = pool.take((2, 3), np.float32)
+    assert c[0] is a[0] and not c[0].any()
+    assert pool.take((2, 3), np.float32)[0] is not a[0]
+
+
 def test_in_place_runs_leave_out_the_host_write_and_equal_host_written_runs(in_place_engine_dir, monkeypatch):
     """With in-place engines a whole-buffer call needs no host write: target-only and Jacobi runs make none (batch
     1: every call passes the whole buffer), model-draft runs only the draft_rollout's (not in place), and the tokens
