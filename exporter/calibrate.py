@@ -6,7 +6,9 @@ stopping off, per guidance scale; for every draft position i it counts the verif
 accepting drafts < i and those that accepted it. a_i = accepted_i / proposed_i is written into the checkpoint's
 calibration (`extra.acceptance_by_position`: {scale: [a_1 .. a_gmax]}), from where every export copies it into
 the manifest. For `--draft jacobi` the same loop runs in Jacobi mode per window length L and guidance scale, and
-the tokens per target call go into `extra.jacobi_tokens_per_call`: {scale: {L: tokens}}.
+the tokens per target call go into `extra.jacobi_tokens_per_call`: {scale: {L: tokens}}. Before that, the first
+Jacobi window's proposal (`extra.jacobi_prior`, runtime Manifest.jacobi_prior): per class and token position the
+mean of the target's own p means and the root mean square of its sigmas, over target-only samples at guidance 1.
 The target and draft weights are untouched; the checkpoint is rewritten atomically.
 """
 from __future__ import annotations
@@ -40,6 +42,37 @@ def measure_position_acceptance(ckpt, gamma: int = 8, images: int = 200, scales=
         log.info("guidance %g: per-position acceptance %s (tokens per target call %.3f)", scale,
                  curves[f"{scale:g}"], stats.summary()["tokens_per_target_call"])
     return curves
+
+
+def measure_jacobi_prior(ckpt, images: int = 200, seed: int = 0, batch: int = 100) -> dict:
+    """runtime.manifest.encode_prior's table of mean [C, N, D] and sigma [C, N]: per class c and token j, the mean
+    of p_j's mean and the root mean square of its sigma over `images` target-only samples per class (teacher-forced
+    p at the sampled tokens,
+    guidance 1, temperature 1). Any proposal is exact (its density is recorded with each guess); this one is near
+    the target's p where the image is predictable from its class and position (MNIST's blank border: the first
+    image row's guesses pass ~0.96 each instead of never)."""
+    import torch
+
+    from fastardiff.recipes.evaluate import sample_target_only, sigma_params
+    from fastardiff.runtime.distribution import sigma_from_entropy
+
+    cfg = ckpt.config
+    generator = torch.Generator().manual_seed(seed)
+    classes = np.repeat(np.arange(cfg.num_classes), images)
+    mean_sum = np.zeros((cfg.num_classes, cfg.num_tokens, cfg.token_dim))
+    var_sum = np.zeros((cfg.num_classes, cfg.num_tokens))
+    with torch.no_grad():
+        for lo in range(0, len(classes), batch):
+            labels = torch.as_tensor(classes[lo: lo + batch])
+            tokens, _ = sample_target_only(ckpt, labels, cfg_scale=1.0, generator=generator)
+            mean, entropy, _ = ckpt.target.forward_sequence(tokens, labels)
+            sigma = sigma_from_entropy(entropy, sigma_params(ckpt))
+            np.add.at(mean_sum, labels.numpy(), mean.double().numpy())
+            np.add.at(var_sum, labels.numpy(), (sigma.double() ** 2).numpy())
+    from fastardiff.runtime.manifest import encode_prior
+
+    return encode_prior(mean_sum / images, np.sqrt(var_sum / images), images_per_class=images, seed=seed,
+                        cfg_scale=1.0)
 
 
 def measure_jacobi_tokens(ckpt, windows=(2, 4, 8, 12, 16), images: int = 100, scales=(1.0, 2.0), seed: int = 0,
@@ -112,6 +145,9 @@ def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads, measure, j
         for scale, curve in curves.items():
             click.echo(f"  cfg {scale}: " + " ".join(f"{a:.3f}" for a in curve))
     if measure in ("all", "jacobi"):
+        extra["jacobi_prior"] = measure_jacobi_prior(model, max(20, images // 2), seed)
+        model.calibration.extra = extra          # the loop measured next starts from it
+        click.echo(f"first-window proposal from {extra['jacobi_prior']['images_per_class']} images per class")
         jacobi = measure_jacobi_tokens(model, windows, images, scales, seed)
         extra["jacobi_tokens_per_call"] = jacobi
         extra["jacobi_calibration"] = {"windows": windows, "images": images, "seed": seed, "coupling": True,

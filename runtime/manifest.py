@@ -7,11 +7,14 @@ directory and present). Any problem is one EngineError naming the field and the 
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fastardiff.errors import EngineError
 
@@ -25,6 +28,7 @@ REEXPORT = "re-export the engines with `fastardiff-export --force`"
 # the in-graph residual rule of the target_jacobi engines this runtime pairs with its host continuation
 # (runtime/jacobi.py finish_residuals): the reflected residual's second stage
 JACOBI_RESIDUAL = "reflected"
+JACOBI_PRIOR = "jacobi_prior"      # calibration.extra key of the first Jacobi window's proposal (Manifest.jacobi_prior)
 
 
 @dataclass
@@ -62,6 +66,23 @@ class Manifest:
     export: dict = field(default_factory=dict)    # tolerances, time, command
     format_version: int = FORMAT_VERSION
 
+    @property
+    def jacobi_prior(self):
+        """The first Jacobi window's proposal (calibration.extra.jacobi_prior, exporter/calibrate.py): per class and
+        token position the Gaussian (mean [C, N, D], sigma [C, N]) fitted to the target's own p there, float32;
+        None when the calibration has none. Decoded and checked once per table object (EngineError naming the
+        fix)."""
+        table = (self.calibration.get("extra") or {}).get(JACOBI_PRIOR)
+        if not table:
+            return None
+        parsed = self.__dict__.get("_jacobi_prior")
+        if parsed is not None and parsed[0] is table:
+            return parsed[1]
+        cfg = self.config
+        prior = decode_prior(table, (cfg["num_classes"], (cfg["image_size"] // cfg["patch"]) ** 2, cfg["token_dim"]))
+        self.__dict__["_jacobi_prior"] = (table, prior)
+        return prior
+
     def rollout_engines(self) -> dict[int, str]:
         """gamma -> engine name of every draft_rollout engine."""
         return {e.gamma: name for name, e in self.engines.items() if e.kind == "draft_rollout" and e.gamma >= 1}
@@ -86,6 +107,31 @@ class Manifest:
 
 # ----------------------------------------------------------------------------------------------------------------
 # schema
+
+
+def encode_prior(mean, sigma, **about) -> dict:
+    """calibration.extra.jacobi_prior: mean [C, N, D] and sigma [C, N] as base64 float32 (little-endian), compact
+    and exact in a JSON manifest, with `about` (how it was measured) beside them."""
+    mean, sigma = np.asarray(mean, "<f4"), np.asarray(sigma, "<f4")
+    return {"shape": list(mean.shape), "dtype": "float32", "mean": base64.b64encode(mean.tobytes()).decode("ascii"),
+            "sigma": base64.b64encode(sigma.tobytes()).decode("ascii"), **about}
+
+
+def decode_prior(table, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [C, N, D], sigma [C, N]) float32 from an encode_prior table, which must hold `shape` = (C, N, D), finite
+    values and sigma > 0 (EngineError naming the fix otherwise)."""
+    mean = sigma = None
+    try:
+        if table.get("dtype") == "float32" and tuple(table.get("shape", ())) == tuple(shape):
+            mean = np.frombuffer(base64.b64decode(table["mean"], validate=True), "<f4").reshape(shape)
+            sigma = np.frombuffer(base64.b64decode(table["sigma"], validate=True), "<f4").reshape(shape[:2])
+    except (AttributeError, KeyError, TypeError, ValueError):     # not a dict, a field missing, bad base64 or size
+        mean = sigma = None
+    if mean is None or not (np.isfinite(mean).all() and np.isfinite(sigma).all() and (sigma > 0).all()):
+        raise EngineError(f"calibration.extra.{JACOBI_PRIOR} is not a float32 prior of shape {list(shape)} (base64 "
+                          f"mean and sigma, finite, sigma > 0); run `fastardiff calibrate --measure jacobi` on the "
+                          f"checkpoint and {REEXPORT}")
+    return mean.astype(np.float32), sigma.astype(np.float32)
 
 
 def _bad(field_name: str, message: str):

@@ -100,8 +100,11 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         stopper.observe_target(everyone, entropy, ones)
     n += prefill
     if jacobi:
+        prior = m.jacobi_prior                       # the first window's proposal, when calibrated
+        if prior is not None:
+            prior = (prior[0][classes], prior[1][classes] * np.float32(gen.temperature))
         jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats,
-                      getattr(engines, "target_jacobi", None), accelerator)
+                      getattr(engines, "target_jacobi", None), accelerator, prior)
 
     while (act := np.flatnonzero(n < total)).size:
         R = len(act)

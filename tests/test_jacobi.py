@@ -16,6 +16,7 @@ from test_speculative import HostResolved, RecordingEngines
 from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
 from fastardiff.runtime.arrays import HostArrays
 from fastardiff.runtime.jacobi import couple_guesses, finish_residuals, resolve_slots
+from fastardiff.runtime.manifest import decode_prior, encode_prior
 from fastardiff.runtime.sampling import (TokenDistribution, accept_drafts, log_density_ratio, sample_gaussian,
                                          sample_residual)
 from fastardiff.runtime.speculative import GenerationConfig, generate, generate_tokens
@@ -452,3 +453,108 @@ def test_every_export_records_the_jacobi_engines_residual_rule(random_checkpoint
     entries = build_all_engines(random_checkpoint, tmp_path, opts, build_one)
     assert entries["target_jacobi"].residual == JACOBI_RESIDUAL
     assert {e.residual for name, e in entries.items() if name != "target_jacobi"} == {""}
+
+
+class WithCalibration:
+    """The engines with their manifest's calibration.extra changed (a copy: the engines' own is untouched)."""
+
+    def __init__(self, engines, **extra):
+        import copy
+
+        self.inner = engines
+        self.manifest = copy.deepcopy(engines.manifest)
+        self.manifest.calibration["extra"] = {**(self.manifest.calibration.get("extra") or {}), **extra}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def random_prior(manifest, seed=0, sigma=0.4):
+    cfg, rng = manifest.config, np.random.default_rng(seed)
+    n = (cfg["image_size"] // cfg["patch"]) ** 2
+    return encode_prior(rng.normal(0, 0.3, (cfg["num_classes"], n, cfg["token_dim"])),
+                        np.full((cfg["num_classes"], n), sigma))
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_guesses_past_the_verified_span_come_from_the_prior_with_it_as_their_q(random_engines, in_graph):
+    """With a first-window proposal (calibration.extra.jacobi_prior): the first round already verifies L guesses
+    (fed from the condition slot), drawn from the prior at each row's class with q = the prior there; in every
+    later round a guess is tested against the q its proposal recorded: the last verify's p where that verify
+    reached the token (next_mean of the previous round), the prior past it."""
+    rounds = []
+    prior = random_prior(random_engines.manifest, sigma=0.7)
+    engines = WithCalibration(random_engines, jacobi_prior=prior)
+    if in_graph:
+        engines = JacobiRecorder(engines, rounds)
+    else:
+        import fastardiff.runtime.jacobi as jacobi
+
+        engines = HostResolved(engines)
+        real = jacobi.resolve_slots
+
+        def recording(rng, guesses, k, p, q, window, coupling):
+            out = real(rng, guesses, k, p, q, window, coupling)
+            rounds.append((guesses.copy(), k.copy(), q.mean.copy(), q.sigma.copy(), *[a.copy() for a in out]))
+            return out
+
+        jacobi.resolve_slots, restore = recording, real
+    classes, window = np.array([3, 8]), 3
+    try:
+        generate(engines, classes, GenerationConfig(draft="jacobi", gamma=window, num_tokens=24, seed=4,
+                                                    temperature=2.0))
+    finally:
+        if not in_graph:
+            jacobi.resolve_slots = restore
+    mean, sigma = engines.manifest.jacobi_prior
+    guesses, k, q_mean, q_sigma = rounds[0][:4]
+    assert (k == window).all()                                # the first round verifies a full window
+    np.testing.assert_array_equal(q_mean, mean[classes, :window])
+    np.testing.assert_allclose(q_sigma, 2.0 * sigma[classes, :window])       # scaled by the temperature
+    from_prior = from_verify = 0
+    n = np.zeros(len(classes), np.int64)                      # tokens before each row's window
+    for before, after in zip(rounds, rounds[1:]):
+        k_before, accepted, next_mean = before[1], before[4], before[6]
+        active = np.flatnonzero(n < 24)                       # the rows of `before`, in order
+        n[active] += accepted + 1
+        now = np.flatnonzero(n < 24)                          # the rows of `after`
+        k, q_mean = after[1], after[2]
+        for i, row in enumerate(now):
+            b = int(np.flatnonzero(active == row)[0])         # the row's index in `before`
+            first = n[row]
+            for j in range(int(k[i])):
+                token = first + j
+                if token <= first - accepted[b] - 1 + k_before[b]:     # the previous verify computed p there
+                    np.testing.assert_array_equal(q_mean[i, j], next_mean[b, j].astype(np.float32))
+                    from_verify += 1
+                else:
+                    np.testing.assert_array_equal(q_mean[i, j], mean[classes[row], token])
+                    from_prior += 1
+    assert from_prior > 0 and from_verify > 0
+
+
+def test_manifest_jacobi_prior_is_checked_and_absent_is_none(random_engines):
+    from fastardiff.errors import EngineError
+
+    manifest = random_engines.manifest
+    assert WithCalibration(random_engines).manifest.jacobi_prior is None
+    good = WithCalibration(random_engines, jacobi_prior=random_prior(manifest)).manifest
+    mean, sigma = good.jacobi_prior
+    assert mean.dtype == np.float32 and sigma.shape == mean.shape[:2] and good.jacobi_prior[0] is mean   # parsed once
+    shape = mean.shape
+    for broken in ({"mean": [[0.0]], "sigma": [[1.0]]}, {**random_prior(manifest), "sigma": "not base64!"},
+                   {**random_prior(manifest), "shape": [shape[0], shape[1] - 1, shape[2]]},
+                   encode_prior(mean, np.zeros(shape[:2])), encode_prior(np.full(shape, np.nan), sigma), [1, 2]):
+        with pytest.raises(EngineError, match="jacobi_prior is not a float32 prior.*calibrate --measure jacobi"):
+            WithCalibration(random_engines, jacobi_prior=broken).manifest.jacobi_prior
+
+
+def test_measured_prior_has_a_gaussian_per_class_and_token(random_checkpoint):
+    from fastardiff.exporter.calibrate import measure_jacobi_prior
+
+    cfg = random_checkpoint.config
+    prior = measure_jacobi_prior(random_checkpoint, images=3, seed=1, batch=16)
+    mean, sigma = decode_prior(prior, (cfg.num_classes, cfg.num_tokens, cfg.token_dim))
+    assert mean.shape == (cfg.num_classes, cfg.num_tokens, cfg.token_dim) and sigma.shape == mean.shape[:2]
+    assert np.isfinite(mean).all() and (sigma >= cfg.sigma_min * 0.999).all() and (sigma <= cfg.sigma_max).all()
+    assert np.abs(mean[0] - mean[1]).max() > 0             # per class

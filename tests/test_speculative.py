@@ -101,6 +101,51 @@ def test_jacobi_is_indistinguishable_from_target_only(shipped_engines, target_on
     assert two_sample_pvalue(spec, target_only_tokens(cfg_scale)[:, :16]) > 1e-3
 
 
+class WithCalibration:
+    """The engines with their manifest's calibration.extra changed (a copy: the engines' own is untouched)."""
+
+    def __init__(self, engines, **extra):
+        self.inner = engines
+        self.manifest = copy.deepcopy(engines.manifest)
+        self.manifest.calibration["extra"] = {**(self.manifest.calibration.get("extra") or {}), **extra}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("prior_kind", ["shifted", "misrecorded"])
+def test_jacobi_guesses_from_any_prior_are_exact_and_a_misrecorded_q_is_caught(shipped_engines, target_only_tokens,
+                                                                              monkeypatch, prior_kind):
+    """The first window's guesses and those past each verify's span come from the calibrated prior: any proposal
+    is exact once its density is the recorded q (here one moved by 0.15 and twice as wide: still target-only
+    samples), while the same guesses tested against a q half as wide as the one they were drawn from are told apart
+    at the same sample size (the test has power on exactly this path). The shipped prior itself runs in the test
+    above."""
+    import fastardiff.runtime.jacobi as jacobi
+    from fastardiff.runtime.manifest import encode_prior
+
+    mean, sigma = shipped_engines.manifest.jacobi_prior
+    table = encode_prior(mean + 0.15, 2 * sigma)         # the same proposal for both: recorded right or wrong
+    if prior_kind == "misrecorded":
+        def misrecorded(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond,
+                        window):           # drawn from the prior, recorded with half its sigma
+            token = first[:, None] + np.arange(window)[None, :]
+            r, c = np.nonzero((token > verified[:, None]) & (token < total))
+            rows, token = act[r], token[r, c]
+            mean, sigma = prior[0][rows, token], prior[1][rows, token]
+            seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
+            guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
+
+        monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded)
+    engines = WithCalibration(shipped_engines, jacobi_prior=table)
+    spec, stats = first_tokens(engines, "speculative", seed=8, draft="jacobi", gamma=8, num_tokens=16)
+    p = two_sample_pvalue(spec, target_only_tokens(1.0)[:, :16])
+    if prior_kind == "shifted":
+        assert stats.summary()["tokens_per_target_call"] > 1.5 and p > 1e-3
+    else:
+        assert p < 1e-4
+
+
 @pytest.mark.parametrize("noise", ["host", "device"])
 def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkpoint, target_only_tokens, noise):
     """The KV caches, the loop's buffers and every engine output kept on the engines' device (torch storage,
