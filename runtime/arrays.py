@@ -21,7 +21,27 @@ from .kv_cache import windows
 
 
 class HostArrays:
+    """numpy arrays. `kept(name, shape, dtype)` gives an array that is the same object every time it is asked for
+    with that name and shape: the loop fills its per-round engine inputs there (normal / uniform with `out`, or a
+    copy), so an ONNX Runtime binding that already points at one is kept (backend_onnxruntime skips an input bound
+    to the same array: ~3 us an input, a dozen inputs a Jacobi round). Only for values a round consumes itself."""
     on_device = False
+
+    def __init__(self):
+        self._kept: dict = {}
+
+    def kept(self, name: str, shape: tuple, dtype=np.float32):
+        key = (name, tuple(shape), np.dtype(dtype))
+        a = self._kept.get(key)
+        if a is None:
+            a = self._kept[key] = np.empty(shape, dtype)
+        return a
+
+    def kept_copy(self, name: str, values) -> np.ndarray:
+        """values copied into kept(name, its shape, its dtype)."""
+        out = self.kept(name, values.shape, values.dtype)
+        np.copyto(out, values)
+        return out
 
     def zeros(self, shape, dtype=np.float32) -> np.ndarray:
         return np.zeros(shape, dtype)
@@ -29,11 +49,14 @@ class HostArrays:
     def ones(self, shape, dtype=np.float32) -> np.ndarray:
         return np.ones(shape, dtype)
 
-    def normal(self, rng: np.random.Generator, shape, dtype=np.float32) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=dtype)
+    def normal(self, rng: np.random.Generator, shape, dtype=np.float32, kept: str | None = None) -> np.ndarray:
+        """Standard normals of `shape` (into kept(kept, ...) when named: the same numbers either way)."""
+        out = None if kept is None else self.kept(kept, shape, dtype)
+        return rng.standard_normal(shape, dtype=dtype, out=out)
 
-    def uniform(self, rng: np.random.Generator, shape) -> np.ndarray:
-        return rng.random(shape, np.float32)
+    def uniform(self, rng: np.random.Generator, shape, kept: str | None = None) -> np.ndarray:
+        out = None if kept is None else self.kept(kept, shape, np.float32)
+        return rng.random(shape, np.float32, out=out)
 
     def concat(self, arrays) -> np.ndarray:
         return np.concatenate(arrays)
@@ -81,12 +104,15 @@ class DeviceArrays:
     def ones(self, shape, dtype=np.float32):
         return self.torch.ones(shape, dtype=self._dtype(dtype), device=self.device)
 
-    def normal(self, rng: np.random.Generator, shape, dtype=np.float32):
+    def kept_copy(self, name: str, values):
+        return values
+
+    def normal(self, rng: np.random.Generator, shape, dtype=np.float32, kept: str | None = None):
         if self.generator is not None:
             return self.torch.randn(shape, generator=self.generator, dtype=self._dtype(dtype), device=self.device)
         return self.to_device(rng.standard_normal(shape, dtype=dtype))
 
-    def uniform(self, rng: np.random.Generator, shape):
+    def uniform(self, rng: np.random.Generator, shape, kept: str | None = None):
         if self.generator is not None:
             return self.torch.rand(shape, generator=self.generator, device=self.device)
         return self.to_device(rng.random(shape, np.float32))

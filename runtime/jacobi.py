@@ -145,8 +145,12 @@ def jacobi_rounds(target, seq, token_entropy: np.ndarray, n: np.ndarray, total: 
         q_mean, q_sigma = mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax]
         if engine is not None and kmax:
             R, C = len(act), residual_proposals(len(act), accelerator)
-            sampling = (q_mean, q_sigma, k, arrays.uniform(rng, (R, kmax)), arrays.normal(rng, (R, L + 1, D)),
-                        arrays.normal(rng, (R, L + 1, C, D)), arrays.uniform(rng, (R, L + 1, C)))
+            # the feed's own arrays, refilled every round (arrays.kept: the engine's bindings stay)
+            q_mean, q_sigma = arrays.kept_copy("q_mean", q_mean), arrays.kept_copy("q_sigma", q_sigma)
+            sampling = (q_mean, q_sigma, arrays.kept_copy("k", k), arrays.uniform(rng, (R, kmax), "coins"),
+                        arrays.normal(rng, (R, L + 1, D), kept="noise"),
+                        arrays.normal(rng, (R, L + 1, C, D), kept="residual_noise"),
+                        arrays.uniform(rng, (R, L + 1, C), "residual_coins"))
             res = target.jacobi(engine, seq, act, base + k, sampling, coupling_flag)
             accepted, miss, entropy = round_results(arrays, (target,), res.accepted, res.residual_miss,
                                                     res.slot_entropy)
@@ -189,16 +193,23 @@ def propose_from_prior(arrays, rng: np.random.Generator, prior, seq, guess_mean,
     is another position's distribution: a guess drawn from it seldom passes, and the slots after it are then
     verified in an implausible context (shipped model, torch loop, 200 images: tokens per target call
     3.82 -> 4.29 at L = 8, 5.25 -> 5.73 at L = 16, with the first window from the prior in both)."""
-    token = first[:, None] + np.arange(window)[None, :]                       # [R, window]
-    past = (token > verified[:, None]) & (token < total)
-    if not past.any():
-        return
-    r, c = np.nonzero(past)
-    rows, token = act[r], token[r, c]
+    start, stop = np.maximum(verified + 1, first), np.minimum(first + window, total)      # tokens start .. stop - 1
+    if len(act) == 1:                          # one row (batch 1): slices, the same draws as the general case
+        start, stop = int(start[0]), int(stop[0])
+        if start >= stop:
+            return
+        rows, token, at = int(act[0]), slice(start, stop), slice(n_cond + start, n_cond + stop)
+    else:
+        token = first[:, None] + np.arange(window)[None, :]                   # [R, window]
+        r, c = np.nonzero((token >= start[:, None]) & (token < stop[:, None]))
+        if not r.size:
+            return
+        rows, token = act[r], token[r, c]
+        at = n_cond + token
     mean, sigma = prior[0][rows, token], prior[1][rows, token]
     noise = arrays.normal(rng, mean.shape)
     mean, sigma = arrays.to_device(mean), arrays.to_device(sigma)
-    seq[rows, n_cond + token] = mean + sigma[:, None] * noise
+    seq[rows, at] = mean + sigma[:, None] * noise
     guess_mean[rows, token], guess_sigma[rows, token] = mean, sigma
 
 

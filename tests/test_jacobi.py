@@ -558,3 +558,28 @@ def test_measured_prior_has_a_gaussian_per_class_and_token(random_checkpoint):
     assert mean.shape == (cfg.num_classes, cfg.num_tokens, cfg.token_dim) and sigma.shape == mean.shape[:2]
     assert np.isfinite(mean).all() and (sigma >= cfg.sigma_min * 0.999).all() and (sigma <= cfg.sigma_max).all()
     assert np.abs(mean[0] - mean[1]).max() > 0             # per class
+
+
+def test_prior_proposals_for_one_row_equal_the_general_rows_path():
+    """propose_from_prior's one-row path (slices) writes what the many-rows path (masks) writes for that row, with
+    the same draws: tokens max(verified + 1, first) .. min(first + window, total) - 1 get mean + sigma * noise and
+    their q; nothing else changes."""
+    from fastardiff.runtime.jacobi import propose_from_prior
+
+    rng = np.random.default_rng(0)
+    prior = (rng.normal(size=(2, 20, 3)).astype(np.float32), rng.uniform(0.5, 1, (2, 20)).astype(np.float32))
+    results = []
+    for act, first, verified in ((np.array([0]), np.array([3]), np.array([5])),
+                                 (np.array([0, 1]), np.array([3, 2]), np.array([5, 10]))):
+        seq, mean, sigma = np.zeros((2, 30, 3), np.float32), np.zeros((2, 27, 3), np.float32), np.ones((2, 27))
+        propose_from_prior(HostArrays(), np.random.default_rng(7), prior, seq, mean, sigma, act, first, verified,
+                           total=20, n_cond=1, window=6)
+        results.append((seq, mean, sigma))
+    (seq, mean, sigma), other = results
+    for a, b in zip(results[0], other):
+        np.testing.assert_array_equal(a, b)
+    noise = np.random.default_rng(7).standard_normal((3, 3), dtype=np.float32)
+    np.testing.assert_array_equal(seq[0, 7:10], prior[0][0, 6:9] + prior[1][0, 6:9, None] * noise)
+    np.testing.assert_array_equal(mean[0, 6:9], prior[0][0, 6:9])
+    np.testing.assert_array_equal(sigma[0, 6:9], prior[1][0, 6:9])
+    assert not seq[:, :7].any() and not seq[:, 10:].any() and not seq[1].any() and (sigma[1] == 1).all()
