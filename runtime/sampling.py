@@ -139,18 +139,15 @@ def residual_ratios(z, p_mean, p_sigma, q_mean, q_sigma, shift=0.0, reflected: b
     d = mu_q - mu_p (g = 0 without). The plain residual sampler keeps y with probability f, the reflected one's
     second stage with f - g, and its mirror image (z = R e0, x' = the rejected x) when coin * g < f: the same
     formulas as the target_jacobi graph's."""
-    dim = z.shape[-1]
-    zz = np.add.reduce(z * z, axis=-1)
-    y = p_mean + p_sigma[..., None] * z
-    log_q_over_p = (0.5 * (zz - np.add.reduce((y - q_mean) ** 2, axis=-1) / q_sigma**2)
-                    + dim * np.log(p_sigma / q_sigma) - shift)
+    d = q_mean - p_mean
+    zz, dz, dd = (np.add.reduce(a * b, axis=-1) for a, b in ((z, z), (z, d), (d, d)))     # [T, C], [T, C], [T, 1]
+    log_width = z.shape[-1] * np.log(p_sigma / q_sigma)                          # log (sigma_p / sigma_q)^D
+    # |y - mu_q|^2 = sigma_p^2 |z|^2 - 2 sigma_p z.d + |d|^2: no proposal y is formed (few array operations)
+    log_q_over_p = 0.5 * (zz - (p_sigma**2 * zz - 2 * p_sigma * dz + dd) / q_sigma**2) + log_width - shift
     f = -np.expm1(np.minimum(log_q_over_p, 0.0))
     if not reflected:
         return f, 0.0
-    d = q_mean - p_mean
-    dz, dd = np.add.reduce(z * d, axis=-1), np.add.reduce(d * d, axis=-1)
-    log_p_over_q = (0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2)
-                    + dim * np.log(q_sigma / p_sigma))                         # at x' = g^-1(y)
+    log_p_over_q = 0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2) - log_width   # at g^-1(y)
     return f, -np.expm1(np.minimum(log_p_over_q, 0.0))
 
 
