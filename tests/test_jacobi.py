@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import stats as sps
 from test_sampling import matches_p
-from test_speculative import HostResolved, RecordingEngines
+from test_speculative import HostResolved, RecordingEngines, WithCalibration
 
-from fastardiff.runtime.distribution import SigmaParams, sigma_from_entropy
+from fastardiff.runtime.distribution import SigmaParams
 from fastardiff.runtime.arrays import HostArrays
 from fastardiff.runtime.jacobi import couple_guesses, finish_residuals, resolve_slots
 from fastardiff.runtime.manifest import decode_prior, encode_prior
@@ -453,20 +453,6 @@ def test_every_export_records_the_jacobi_engines_residual_rule(random_checkpoint
     entries = build_all_engines(random_checkpoint, tmp_path, opts, build_one)
     assert entries["target_jacobi"].residual == JACOBI_RESIDUAL
     assert {e.residual for name, e in entries.items() if name != "target_jacobi"} == {""}
-
-
-class WithCalibration:
-    """The engines with their manifest's calibration.extra changed (a copy: the engines' own is untouched)."""
-
-    def __init__(self, engines, **extra):
-        import copy
-
-        self.inner = engines
-        self.manifest = copy.deepcopy(engines.manifest)
-        self.manifest.calibration["extra"] = {**(self.manifest.calibration.get("extra") or {}), **extra}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def random_prior(manifest, seed=0, sigma=0.4):
