@@ -47,14 +47,14 @@ def measure_position_acceptance(ckpt, gamma: int = 8, images: int = 200, scales=
 def measure_jacobi_prior(ckpt, images: int = 200, seed: int = 0, batch: int = 100) -> dict:
     """runtime.manifest.encode_prior's table of mean [C, N, D] and sigma [C, N]: per class c and token j, the mean
     of p_j's mean and the root mean square of its sigma over `images` target-only samples per class (teacher-forced
-    p at the sampled tokens,
-    guidance 1, temperature 1). Any proposal is exact (its density is recorded with each guess); this one is near
+    p at the sampled tokens, guidance 1, temperature 1). Any proposal is exact (its density is recorded with each guess); this one is near
     the target's p where the image is predictable from its class and position (MNIST's blank border: the first
     image row's guesses pass ~0.96 each instead of never)."""
     import torch
 
     from fastardiff.recipes.evaluate import sample_target_only, sigma_params
     from fastardiff.runtime.distribution import sigma_from_entropy
+    from fastardiff.runtime.manifest import encode_prior
 
     cfg = ckpt.config
     generator = torch.Generator().manual_seed(seed)
@@ -69,8 +69,6 @@ def measure_jacobi_prior(ckpt, images: int = 200, seed: int = 0, batch: int = 10
             sigma = sigma_from_entropy(entropy, sigma_params(ckpt))
             np.add.at(mean_sum, labels.numpy(), mean.double().numpy())
             np.add.at(var_sum, labels.numpy(), (sigma.double() ** 2).numpy())
-    from fastardiff.runtime.manifest import encode_prior
-
     return encode_prior(mean_sum / images, np.sqrt(var_sum / images), images_per_class=images, seed=seed,
                         cfg_scale=1.0)
 

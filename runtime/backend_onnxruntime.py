@@ -168,7 +168,8 @@ class OnnxRuntimeEngines(EngineCalls):
         self.needs_cache_room = bool(self._cache_layers)
         self._bindings = {n: self.sessions[n].io_binding()._iobinding for n in self.kv_in_place}
         self._bound_caches: dict = {}     # engine -> (k, v addresses and shapes) its cache bindings point at
-        self._bound_inputs: dict = {n: {} for n in self.kv_in_place}    # engine -> {input: (address, shape, type)}
+        # engine -> {input: (array, address, shape, dtype)} of the array each input binding points at
+        self._bound_inputs: dict = {n: {} for n in self.kv_in_place}
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._contract_outputs = {n: e.outputs[:len(e.outputs) - 2 * e.cache_layers]
                                   for n, e in manifest.engines.items()}

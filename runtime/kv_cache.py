@@ -32,12 +32,9 @@ class HostBufferPool:
         self._free: dict[tuple, list] = {}
 
     def take(self, shape: tuple, dtype) -> tuple[np.ndarray, np.ndarray]:
-        free = self._free.get((shape, np.dtype(dtype)))
         try:
-            k, v = free.pop() if free else (None, None)
-        except IndexError:            # another thread took the last one
-            k = v = None
-        if k is None:
+            k, v = self._free[(shape, np.dtype(dtype))].pop()
+        except (KeyError, IndexError):            # none of this shape free (or another thread took the last)
             return np.zeros(shape, dtype), np.zeros(shape, dtype)
         k.fill(0)
         v.fill(0)

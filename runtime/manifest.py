@@ -78,8 +78,10 @@ class Manifest:
         parsed = self.__dict__.get("_jacobi_prior")
         if parsed is not None and parsed[0] is table:
             return parsed[1]
-        cfg = self.config
-        prior = decode_prior(table, (cfg["num_classes"], (cfg["image_size"] // cfg["patch"]) ** 2, cfg["token_dim"]))
+        from .generation import ModelShape
+
+        shape = ModelShape.from_config(self.config)
+        prior = decode_prior(table, (shape.num_classes, shape.num_tokens, shape.token_dim))
         self.__dict__["_jacobi_prior"] = (table, prior)
         return prior
 
