@@ -14,6 +14,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
+from .denormals import DenormalFlush
 from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
 from .kv_cache import HostBufferPool, cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, verify_engine_files
@@ -123,7 +124,7 @@ class OnnxRuntimeEngines(EngineCalls):
     def __init__(self, engine_dir: str | Path, manifest: Manifest, providers=None, threads: int | None = None,
                  spinning: bool = False, verify: bool = True, in_place: bool = True, device: str | None = None,
                  device_cache: bool | None = None, device_loop: bool | None = None, loop_noise: str | None = None,
-                 **other):
+                 flush_denormals: bool = True, **other):
         if other:
             log.debug("onnxruntime backend ignores options %s", sorted(other))
         try:
@@ -145,6 +146,10 @@ class OnnxRuntimeEngines(EngineCalls):
         # Spinning worker threads busy-wait between calls and steal the CPU from the sampling loop that runs
         # between engine calls (measured 4x slower per image on a 2-core box); off unless asked for.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        # flush_denormals (below): every CPU call runs with denormals flushed to zero on the calling thread and the
+        # caller's floating-point state put back after it (runtime/denormals.py: a masked softmax row's underflow is
+        # ~5x slower arithmetic on x86); not ONNX Runtime's `session.set_denormal_as_zero`, which leaves the flags
+        # set on the thread that created the process's first session
         # the device loop / device caches (runtime/ort_tensors.py): torch tensors bound where they lie, on the CUDA
         # provider's GPU (on by default there, when torch is installed) or, asked for, on the CPU
         torch_device, stream = tensor_device(ort, providers, device_id, device_cache, device_loop)
@@ -176,6 +181,8 @@ class OnnxRuntimeEngines(EngineCalls):
         self._plain_inputs = {n: [i for i in e.inputs if i not in per_layer_cache_inputs(e.cache_layers)]
                               for n, e in manifest.engines.items()}
         self.providers = self.sessions["target_verify"].get_providers()
+        self.denormals = DenormalFlush(flush_denormals and self.providers[0] == "CPUExecutionProvider")
+        self.flush_denormals = self.denormals.available
         self.cache_device = self.loop_device = self._tensors = None
         if torch_device is not None:
             from .ort_tensors import TensorCalls
@@ -218,7 +225,9 @@ class OnnxRuntimeEngines(EngineCalls):
                   for a in arrays]
         layers = self._cache_layers.get(name, 0)
         if not layers:
-            return self.sessions[name].run(self._contract_outputs[name], dict(zip(self._plain_inputs[name], arrays)))
+            with self.denormals:
+                return self.sessions[name].run(self._contract_outputs[name],
+                                               dict(zip(self._plain_inputs[name], arrays)))
         tokens, lengths, k_cache, v_cache, *rest = arrays        # the contract's order (runtime/engine.py)
         check_cache_room(name, tokens, lengths, k_cache)
         feed = dict(zip(self._plain_inputs[name], (tokens, lengths, *rest)))
@@ -226,7 +235,8 @@ class OnnxRuntimeEngines(EngineCalls):
             return self._run_in_place(name, feed, k_cache, v_cache, layers)
         feed.update({f"{c}_{layer}": cache[layer] for c, cache in (("k_cache", k_cache), ("v_cache", v_cache))
                      for layer in range(layers)})
-        return self.sessions[name].run(self._contract_outputs[name], feed)
+        with self.denormals:
+            return self.sessions[name].run(self._contract_outputs[name], feed)
 
     def _run_in_place(self, name: str, feed: dict, k_cache: np.ndarray, v_cache: np.ndarray,
                       layers: int) -> list[np.ndarray]:
@@ -262,7 +272,8 @@ class OnnxRuntimeEngines(EngineCalls):
                     binding.bind_input(f"{c}_{layer}", device, np.float32, shape, base + layer * step)
                     binding.bind_output(f"{c}_out_{layer}", device, np.float32, shape, base + layer * step)
             self._bound_caches[name] = where
-        self.sessions[name]._sess.run_with_iobinding(binding, None)
+        with self.denormals:
+            self.sessions[name]._sess.run_with_iobinding(binding, None)
         values = binding.get_outputs()
         return [values[i].numpy() for i in range(len(contract))]
 

@@ -80,11 +80,16 @@ class KVCache:
         copy."""
         if rows is None or (rows.size == self.batch and np.array_equal(rows, self.all_rows)):
             return self.k[:, :, :, :upto], self.v[:, :, :, :upto]
+        if self.device is None:                  # C-contiguous (numpy's k[:, rows, :, :upto] is not)
+            return np.take(self.k[:, :, :, :upto], rows, axis=1), np.take(self.v[:, :, :, :upto], rows, axis=1)
         rows = self._index(rows)
         return self.k[:, rows, :, :upto], self.v[:, rows, :, :upto]
 
     def rows(self, rows: np.ndarray):
-        """The whole buffers of `rows` (a gathered copy)."""
+        """The whole buffers of `rows` (a gathered copy, C-contiguous: numpy's k[:, rows] is not, and a backend
+        would copy it once more)."""
+        if self.device is None:
+            return np.take(self.k, rows, axis=1), np.take(self.v, rows, axis=1)
         rows = self._index(rows)
         return self.k[:, rows], self.v[:, rows]
 

@@ -162,6 +162,18 @@ def test_whole_image_runs_overrule_the_prediction(random_checkpoint, monkeypatch
     engines = _with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9})
     asked, measured = [], {"jacobi": 1.25}
 
+    def fixed_costs(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
+        """Per-call costs fixed (a loaded machine's timings must not decide what the prediction says): a Jacobi
+        round 1.5 steps, a verify 1.2, a rollout 0.5."""
+        out = {"step": 1.0, **{("rollout", g): 0.5 for g in gammas}, **{("jacobi", w): 1.5 for w in jacobi_windows}}
+        out.update({("verify", k): 1.2 for k in {g + 1 for g in gammas} | set(verify_widths)})
+        return out
+
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", fixed_costs)
+    monkeypatch.setattr(gamma_auto, "warm_step_ms", lambda engines, batch, cfg_scale, tokens=16: 1.0)
+    monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
+                        {key: 0.1 for key in runs})
+
     def runs(engines, batch, cfg_scale, runs, tokens=None, repeats=gamma_auto.CONFIRM_RUNS, options=None,
              budget_s=None):
         asked.append(dict(runs))

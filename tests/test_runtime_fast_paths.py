@@ -47,8 +47,59 @@ def test_kv_cache_view_without_rows_is_a_view_and_subset_is_a_copy():
     cache = KVCache(layers=2, batch=3, heads=1, capacity=6, head_dim=2)
     k, _ = cache.view(None, 4)
     assert np.shares_memory(k, cache.k) and k.shape == (2, 3, 1, 4, 2)
+    cache.k[:] = np.arange(cache.k.size).reshape(cache.k.shape)
     k, _ = cache.view(np.array([2, 0]), 4)
-    assert not np.shares_memory(k, cache.k) and k.shape == (2, 2, 1, 4, 2)
+    assert not np.shares_memory(k, cache.k) and k.shape == (2, 2, 1, 4, 2) and k.flags.c_contiguous
+    np.testing.assert_array_equal(k, cache.k[:, [2, 0], :, :4])
+
+
+def test_kv_cache_rows_is_a_contiguous_copy_of_those_rows():
+    """The whole buffers of a row subset (what an in-place engine is handed for the active rows): equal to the
+    gathered rows, C-contiguous (a backend would otherwise copy it again), and not sharing the cache's memory."""
+    rng = np.random.default_rng(2)
+    cache = KVCache(layers=3, batch=5, heads=2, capacity=7, head_dim=4)
+    cache.k[:] = rng.standard_normal(cache.k.shape)
+    cache.v[:] = rng.standard_normal(cache.v.shape)
+    rows = np.array([4, 1, 2])
+    k, v = cache.rows(rows)
+    for got, whole in ((k, cache.k), (v, cache.v)):
+        assert got.flags.c_contiguous and not np.shares_memory(got, whole)
+        np.testing.assert_array_equal(got, np.stack([whole[:, r] for r in rows], axis=1))
+
+
+def _denormal_reads_zero() -> bool:
+    return float((np.array([1e-38], np.float32) * np.float32(0.01))[0]) == 0.0
+
+
+def test_denormal_flush_is_scoped_to_the_block_and_the_thread():
+    """Inside the block a denormal product reads 0 (flushed); after it, and in another (earlier started) thread
+    meanwhile, it does not; nested blocks restore only at the outermost exit; a disabled flush changes nothing."""
+    import threading
+
+    from fastardiff.runtime.denormals import DenormalFlush
+
+    flush = DenormalFlush()
+    if not flush.available:
+        pytest.skip("no fenv control for this platform (Linux x86-64 / aarch64 only)")
+    assert not _denormal_reads_zero()
+    other, inside = [], threading.Event()
+
+    def check_from_another_thread():           # started before the block (a new thread inherits the flags)
+        inside.wait(10)
+        other.append(_denormal_reads_zero())
+
+    worker = threading.Thread(target=check_from_another_thread)
+    worker.start()
+    with flush:
+        assert _denormal_reads_zero()
+        with flush:
+            assert _denormal_reads_zero()
+        assert _denormal_reads_zero()              # the inner exit kept the outer block's state
+        inside.set()
+        worker.join()
+    assert other == [False] and not _denormal_reads_zero()
+    with DenormalFlush(enabled=False) as off:
+        assert not off.available and not _denormal_reads_zero()
 
 
 def test_fused_log_ratio_equals_difference_of_log_densities():

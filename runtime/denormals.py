@@ -1,0 +1,79 @@
+"""Flush denormal floats to zero on the calling thread for the span of an engine call, and only then.
+
+A masked attention key's score is 0 / -inf added, and the softmax's exp of it underflows through denormal floats,
+which x86 computes several times slower (measured with ONNX Runtime on this project's CPU: a softmax over
+[8, 4, 5, 80] with ragged masked keys 46 us, 10 us flushed). ONNX Runtime's own switch
+(`session.set_denormal_as_zero`) sets the flags once per process on the thread that creates the first session and
+leaves them there: numpy, torch and the user's code on that thread then flush too (hypothesis, for one, refuses to
+run). So the flags are set here around each call and the caller's floating-point environment is put back after it,
+through the C library's fegetenv/fesetenv (~1 us a call). Linux on x86-64 (MXCSR FTZ | DAZ) and aarch64 (FPCR FZ)
+only; elsewhere `available` is False and calls run as they are.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+import sys
+import threading
+
+# (size of glibc's fenv_t, byte offset of the control word holding the flags, the flag bits)
+_LAYOUTS = {
+    "x86_64": (32, 28, 0x8040),      # the 28-byte x87 FNSTENV image, then MXCSR: FTZ (bit 15) | DAZ (bit 6)
+    "aarch64": (8, 0, 1 << 24),      # {fpcr, fpsr}: FPCR.FZ (bit 24) flushes inputs and outputs
+}
+
+
+def _libm():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("m")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    if lib is None or not all(hasattr(lib, f) for f in ("fegetenv", "fesetenv")):
+        return None
+    return lib
+
+
+class DenormalFlush:
+    """`with flush:` runs its body with denormals flushed to zero on this thread, then restores the thread's
+    floating-point environment exactly as it was (control and status flags). Each thread keeps its own saved
+    environment; nested uses toggle only at the outermost level."""
+
+    def __init__(self, enabled: bool = True):
+        layout = _LAYOUTS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"))
+        self._lib = _libm() if enabled and layout else None
+        self.available = self._lib is not None
+        if self.available:
+            self._size, self._offset, self._bits = layout
+        self._local = threading.local()
+
+    def _buffers(self):
+        local = self._local
+        if not hasattr(local, "saved"):
+            local.saved = (ctypes.c_ubyte * self._size)()
+            local.flushed = (ctypes.c_ubyte * self._size)()
+            local.depth = 0
+        return local
+
+    def __enter__(self):
+        if self.available:
+            local = self._buffers()
+            local.depth += 1
+            if local.depth == 1:
+                self._lib.fegetenv(local.saved)
+                ctypes.memmove(local.flushed, local.saved, self._size)
+                word = ctypes.c_uint32.from_buffer(local.flushed, self._offset)
+                word.value |= self._bits
+                self._lib.fesetenv(local.flushed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            local = self._local
+            local.depth -= 1
+            if local.depth == 0:
+                self._lib.fesetenv(local.saved)
+        return False
