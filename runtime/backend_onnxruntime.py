@@ -219,7 +219,8 @@ class OnnxRuntimeEngines(EngineCalls):
         if self._tensors is not None and any(type(a) is not np.ndarray for a in arrays[:4]):
             entry = self.manifest.engines[name]
             keep = 2 if "new_v" in entry.outputs else 0
-            return self._tensors.run(name, arrays, name in self.kv_in_place, keep)
+            with self.denormals:
+                return self._tensors.run(name, arrays, name in self.kv_in_place, keep)
         arrays = [a if type(a) is np.ndarray and a.dtype in _ENGINE_DTYPES and a.flags.c_contiguous
                   else np.ascontiguousarray(a, dtype=np.int64 if np.asarray(a).dtype.kind in "iu" else np.float32)
                   for a in arrays]
