@@ -17,11 +17,12 @@ import platform
 import sys
 import threading
 
-# (size of glibc's fenv_t, byte offset of the control word holding the flags, the flag bits)
+# (byte offset of the 32-bit control word holding the flags in glibc's / musl's fenv_t, the flag bits)
 _LAYOUTS = {
-    "x86_64": (32, 28, 0x8040),      # the 28-byte x87 FNSTENV image, then MXCSR: FTZ (bit 15) | DAZ (bit 6)
-    "aarch64": (8, 0, 1 << 24),      # {fpcr, fpsr}: FPCR.FZ (bit 24) flushes inputs and outputs
+    "x86_64": (28, 0x8040),          # the 28-byte x87 FNSTENV image, then MXCSR: FTZ (bit 15) | DAZ (bit 6)
+    "aarch64": (0, 1 << 24),         # {fpcr, fpsr}: FPCR.FZ (bit 24) flushes inputs and outputs
 }
+_ENV_BYTES = 64                      # room for fenv_t (32 / 8 bytes there) and then some
 
 
 def _libm():
@@ -37,6 +38,12 @@ def _libm():
     return lib
 
 
+def _denormal_product() -> float:
+    import numpy as np
+
+    return float((np.array([1e-38], np.float32) * np.float32(0.01))[0])
+
+
 class DenormalFlush:
     """`with flush:` runs its body with denormals flushed to zero on this thread, then restores the thread's
     floating-point environment exactly as it was (control and status flags). Each thread keeps its own saved
@@ -46,28 +53,42 @@ class DenormalFlush:
         layout = _LAYOUTS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"))
         self._lib = _libm() if enabled and layout else None
         self.available = self._lib is not None
+        self._size = _ENV_BYTES
         if self.available:
-            self._size, self._offset, self._bits = layout
+            self._offset, self._bits = layout
+            self._get, self._set = self._lib.fegetenv, self._lib.fesetenv
         self._local = threading.local()
+        if self.available:               # checked once: a denormal product reads 0 inside, not after
+            with self:
+                flushed = _denormal_product() == 0.0
+            self.available = flushed and _denormal_product() != 0.0
 
     def _buffers(self):
+        """This thread's two environments: `saved` (the caller's, read at each outermost entry) and `flushed` (set
+        while inside), with 32-bit views of their control word."""
         local = self._local
-        if not hasattr(local, "saved"):
-            local.saved = (ctypes.c_ubyte * self._size)()
-            local.flushed = (ctypes.c_ubyte * self._size)()
-            local.depth = 0
+        local.saved = (ctypes.c_ubyte * self._size)()
+        local.flushed = (ctypes.c_ubyte * self._size)()
+        self._get(local.saved)
+        ctypes.memmove(local.flushed, local.saved, self._size)
+        local.saved_word = ctypes.c_uint32.from_buffer(local.saved, self._offset)
+        local.flushed_word = ctypes.c_uint32.from_buffer(local.flushed, self._offset)
+        local.depth = 0
         return local
 
     def __enter__(self):
         if self.available:
-            local = self._buffers()
+            local = self._local
+            if not hasattr(local, "depth"):
+                self._buffers()
             local.depth += 1
             if local.depth == 1:
-                self._lib.fegetenv(local.saved)
-                ctypes.memmove(local.flushed, local.saved, self._size)
-                word = ctypes.c_uint32.from_buffer(local.flushed, self._offset)
-                word.value |= self._bits
-                self._lib.fesetenv(local.flushed)
+                # the caller's environment now, and the flushed one: its control word is the caller's with the
+                # flags set (rounding mode and masks kept); the rest, x87 state / status flags the engine does not
+                # read, is this thread's first environment, and the caller's comes back whole at the exit
+                self._get(local.saved)
+                local.flushed_word.value = local.saved_word.value | self._bits
+                self._set(local.flushed)
         return self
 
     def __exit__(self, *exc):
@@ -75,5 +96,5 @@ class DenormalFlush:
             local = self._local
             local.depth -= 1
             if local.depth == 0:
-                self._lib.fesetenv(local.saved)
+                self._set(local.saved)
         return False
