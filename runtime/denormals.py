@@ -6,8 +6,10 @@ which x86 computes several times slower (measured with ONNX Runtime on this proj
 (`session.set_denormal_as_zero`) sets the flags once per process on the thread that creates the first session and
 leaves them there: numpy, torch and the user's code on that thread then flush too (hypothesis, for one, refuses to
 run). So the flags are set here around each call and the caller's floating-point environment is put back after it,
-through the C library's fegetenv/fesetenv (~1 us a call). Linux on x86-64 (MXCSR FTZ | DAZ) and aarch64 (FPCR FZ)
-only; elsewhere `available` is False and calls run as they are.
+through the C library's fegetenv/fesetenv (~1.5 us a call). Linux on x86-64 (MXCSR FTZ | DAZ) and aarch64 (FPCR FZ)
+only; elsewhere `available` is False and calls run as they are. Only the calling thread is flushed: with more than
+one intra-op thread, ONNX Runtime's pool threads keep the floating-point state they were created with (the default
+backend setting is one thread, which computes on the caller's).
 """
 from __future__ import annotations
 
