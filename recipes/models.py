@@ -32,10 +32,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None):
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None,
+                rows_tokens=None):
         """Returns (out, entropy, k, v); in_buffer: k, v are the pairs (new keys, updated buffer), and `bias` (the
-        buffer's additive mask, visible_keys_bias) serves a layer without entropy."""
-        B, K, W = x.shape
+        buffer's additive mask, visible_keys_bias) serves a layer without entropy. x is [B, K, W], or [B*K, W] with
+        rows_tokens = (B, K) (the in-place engines' flat token stream); out has x's layout."""
+        B, K = x.shape[:2] if rows_tokens is None else rows_tokens
+        W = x.shape[-1]
         q, k, v = self.qkv(x).view(B, K, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         if in_buffer:      # write the new keys/values at each row's length, attend over the whole buffer
             at = (lengths.view(B, 1, 1, 1) + torch.arange(K, device=x.device).view(1, 1, K, 1)).expand_as(k)
@@ -53,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         else:
             out, entropy = entropy_impl(q, keys, values, lengths, offset, scale, True)
             entropy = entropy.float().mean(dim=1)  # head-averaged [B, K]
-        out = out.transpose(1, 2).reshape(B, K, W)
+        out = out.transpose(1, 2).reshape(x.shape)
         if in_buffer:
             return self.proj(out), entropy, (k, keys), (v, values)
         return self.proj(out), entropy, k, v
@@ -67,8 +70,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None):
-        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl, in_buffer, bias)
+    def forward(self, x, k_cache, v_cache, lengths, entropy_impl=None, in_buffer: bool = False, bias=None,
+                rows_tokens=None):
+        a, entropy, k, v = self.attn(self.norm1(x), k_cache, v_cache, lengths, entropy_impl, in_buffer, bias,
+                                     rows_tokens)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, entropy, k, v
@@ -115,12 +120,17 @@ class ARTransformer(nn.Module):
         entropy_layers = self.entropy_layers(shallow)
         # the in-place buffer's mask, built once for every layer without entropy
         bias = visible_keys_bias(lengths, x.shape[1], k_cache[0].shape[-2], x.dtype) if in_buffer else None
+        # the in-place engines carry the token stream flat, [B*K, W]: every linear layer is then one matrix product
+        # with its bias (ONNX Gemm; a 3-D MatMul exports with a separate Add, which ONNX Runtime does not fuse)
+        rows_tokens = tuple(x.shape[:2]) if in_buffer else None
+        if in_buffer:
+            x = x.reshape(-1, x.shape[-1])
         new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []
         entropy = shallow_entropy = None
         for i, block in enumerate(self.blocks):
             wants_entropy = i in entropy_layers
             x, e, k, v = block(x, k_cache[i], v_cache[i], lengths, entropy_impl if wants_entropy else None, in_buffer,
-                               bias)
+                               bias, rows_tokens)
             if in_buffer:
                 (k, k_buffer), (v, v_buffer) = k, v
                 k_buffers.append(k_buffer)
@@ -131,8 +141,10 @@ class ARTransformer(nn.Module):
                 shallow_entropy = e
             new_k.append(k)
             new_v.append(v)
-            hidden.append(x)
+            hidden.append(x if rows_tokens is None else x.view(*rows_tokens, -1))
         mean = self.head(self.norm(x))
+        if rows_tokens is not None:
+            mean = mean.view(*rows_tokens, -1)
         outputs = (mean, entropy, shallow_entropy, torch.stack(new_k), torch.stack(new_v))
         if in_buffer:
             outputs = outputs + tuple(k_buffers) + tuple(v_buffers)

@@ -122,6 +122,25 @@ def test_every_gelu_is_one_gelu_node(onnx_engine_dir, shipped_checkpoint):
         assert ops.count("Gelu") == count and "Erf" not in ops, name
 
 
+def test_in_place_engines_run_each_block_linear_as_one_gemm(onnx_engine_dir, shipped_checkpoint):
+    """The in-place engines carry their token stream flat ([B*K, W]), so each linear layer of a block (qkv, proj,
+    the two MLP layers) and the head is one Gemm with its bias: no bias Add after a MatMul there (a 3-D MatMul
+    exports with a separate Add that ONNX Runtime does not fuse; ~7 % of a one-token step at batch 1)."""
+    import onnx
+
+    cfg = shipped_checkpoint.config
+    for name, layers in (("target_verify", cfg.target_layers), ("target_jacobi", cfg.target_layers),
+                         ("draft_step", cfg.draft_layers)):
+        graph = onnx.load(str(onnx_engine_dir / f"{name}.onnx")).graph
+        weights = {i.name: len(i.dims) for i in graph.initializer}
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("Gemm") == 4 * layers + 1, (name, ops.count("Gemm"))
+        bias_adds = [n.name for n in graph.node if n.op_type == "Add" and any(producer.get(i) == "MatMul" for i in
+                     n.input) and any(weights.get(i) == 1 for i in n.input)]
+        assert len(bias_adds) <= 1, (name, bias_adds)        # the token embedding's, before the stream is flat
+
+
 def test_a_target_jacobi_with_an_older_residual_rule_is_left_unused(onnx_engine_dir, tmp_path, caplog):
     """An export whose target_jacobi predates the reflected residual (no `residual` in its entry) would pair its
     in-graph proposals with the host's reflected continuation: the loader leaves that engine out, says so, and
