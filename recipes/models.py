@@ -122,8 +122,9 @@ class ARTransformer(nn.Module):
         bias = visible_keys_bias(lengths, x.shape[1], k_cache[0].shape[-2], x.dtype) if in_buffer else None
         # the in-place engines carry the token stream flat, [B*K, W]: every linear layer is then one matrix product
         # with its bias (ONNX Gemm; a 3-D MatMul exports with a separate Add, which ONNX Runtime does not fuse)
-        rows_tokens = tuple(x.shape[:2]) if in_buffer else None
+        rows_tokens = None
         if in_buffer:
+            rows_tokens = tuple(x.shape[:2])
             x = x.reshape(-1, x.shape[-1])
         new_k, new_v, hidden, k_buffers, v_buffers = [], [], [], [], []
         entropy = shallow_entropy = None

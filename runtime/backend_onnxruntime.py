@@ -182,7 +182,6 @@ class OnnxRuntimeEngines(EngineCalls):
                               for n, e in manifest.engines.items()}
         self.providers = self.sessions["target_verify"].get_providers()
         self.denormals = DenormalFlush(flush_denormals and self.providers[0] == "CPUExecutionProvider")
-        self.flush_denormals = self.denormals.available
         self.cache_device = self.loop_device = self._tensors = None
         if torch_device is not None:
             from .ort_tensors import TensorCalls
@@ -197,6 +196,11 @@ class OnnxRuntimeEngines(EngineCalls):
         # host caches: the same buffers run after run keep the cache bindings above (kv_cache.HostBufferPool)
         self.cache_pool = HostBufferPool() if self.cache_device is None else None
         log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
+
+    @property
+    def flush_denormals(self) -> bool:
+        """Whether engine calls run with denormals flushed (asked for, the CPU provider, a platform that can)."""
+        return self.denormals.available
 
     @property
     def cache_limit(self) -> float:

@@ -53,36 +53,32 @@ class DenormalFlush:
 
     def __init__(self, enabled: bool = True):
         layout = _LAYOUTS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"))
-        self._lib = _libm() if enabled and layout else None
-        self.available = self._lib is not None
-        self._size = _ENV_BYTES
-        if self.available:
-            self._offset, self._bits = layout
-            self._get, self._set = self._lib.fegetenv, self._lib.fesetenv
+        lib = _libm() if enabled and layout else None
+        self.available = lib is not None
         self._local = threading.local()
         if self.available:               # checked once: a denormal product reads 0 inside, not after
+            self._offset, self._bits = layout
+            self._get, self._set = lib.fegetenv, lib.fesetenv
             with self:
                 flushed = _denormal_product() == 0.0
             self.available = flushed and _denormal_product() != 0.0
 
-    def _buffers(self):
+    def _make_buffers(self, local) -> None:
         """This thread's two environments: `saved` (the caller's, read at each outermost entry) and `flushed` (set
         while inside), with 32-bit views of their control word."""
-        local = self._local
-        local.saved = (ctypes.c_ubyte * self._size)()
-        local.flushed = (ctypes.c_ubyte * self._size)()
+        local.saved = (ctypes.c_ubyte * _ENV_BYTES)()
+        local.flushed = (ctypes.c_ubyte * _ENV_BYTES)()
         self._get(local.saved)
-        ctypes.memmove(local.flushed, local.saved, self._size)
+        ctypes.memmove(local.flushed, local.saved, _ENV_BYTES)
         local.saved_word = ctypes.c_uint32.from_buffer(local.saved, self._offset)
         local.flushed_word = ctypes.c_uint32.from_buffer(local.flushed, self._offset)
         local.depth = 0
-        return local
 
     def __enter__(self):
         if self.available:
             local = self._local
             if not hasattr(local, "depth"):
-                self._buffers()
+                self._make_buffers(local)
             local.depth += 1
             if local.depth == 1:
                 # the caller's environment now, and the flushed one: its control word is the caller's with the

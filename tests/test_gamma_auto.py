@@ -24,6 +24,17 @@ def test_acceptance_curve_picks_the_nearest_guidance_scale():
     assert acceptance_curve({"extra": {}}, 1.0) is None
 
 
+def _stub_call_costs(step: float, rollout: float, verify: float, jacobi: float | None = None):
+    """A stand-in for gamma_auto.time_engine_calls with fixed milliseconds per call (jacobi None: no Jacobi key)."""
+    def costs(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
+        out = {"step": step, **{("rollout", g): rollout for g in gammas}}
+        out.update({("verify", k): verify for k in {g + 1 for g in gammas} | set(verify_widths)})
+        if jacobi is not None:
+            out.update({("jacobi", w): jacobi for w in jacobi_windows})
+        return out
+    return costs
+
+
 def _engines_with_extra(checkpoint, extra: dict, max_gamma: int):
     """Torch engines of `checkpoint` whose calibration's extra figures are `extra`."""
     from fastardiff.exporter.torch_backend import TorchEngines
@@ -137,12 +148,7 @@ def test_target_only_is_costed_warm_as_it_runs(random_checkpoint, monkeypatch):
     per-call timing: a cold 1 s step (stubbed) must not credit speculation with 1 s per token saved."""
     from fastardiff.runtime import gamma_auto
 
-    def cold(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
-        out = {"step": 1000.0, **{("rollout", g): 1.0 for g in gammas}}
-        out.update({("verify", k): 1000.0 for k in {g + 1 for g in gammas} | set(verify_widths)})
-        return out
-
-    monkeypatch.setattr(gamma_auto, "time_engine_calls", cold)
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", _stub_call_costs(step=1000.0, rollout=1.0, verify=1000.0))
     monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
                         {key: 0.0 for key in runs})
     engines = _engines_with_curve(random_checkpoint, [0.9] * 8)
@@ -162,14 +168,9 @@ def test_whole_image_runs_overrule_the_prediction(random_checkpoint, monkeypatch
     engines = _with_jacobi_table(random_checkpoint, {"2": 2.9, "4": 4.9})
     asked, measured = [], {"jacobi": 1.25}
 
-    def fixed_costs(engines, batch, cfg_scale, gammas, verify_widths=(), jacobi_windows=()):
-        """Per-call costs fixed (a loaded machine's timings must not decide what the prediction says): a Jacobi
-        round 1.5 steps, a verify 1.2, a rollout 0.5."""
-        out = {"step": 1.0, **{("rollout", g): 0.5 for g in gammas}, **{("jacobi", w): 1.5 for w in jacobi_windows}}
-        out.update({("verify", k): 1.2 for k in {g + 1 for g in gammas} | set(verify_widths)})
-        return out
-
-    monkeypatch.setattr(gamma_auto, "time_engine_calls", fixed_costs)
+    # per-call costs fixed (a loaded machine's timings must not decide what the prediction says)
+    monkeypatch.setattr(gamma_auto, "time_engine_calls",
+                        _stub_call_costs(step=1.0, rollout=0.5, verify=1.2, jacobi=1.5))
     monkeypatch.setattr(gamma_auto, "warm_step_ms", lambda engines, batch, cfg_scale, tokens=16: 1.0)
     monkeypatch.setattr(gamma_auto, "host_ms", lambda engines, batch, cfg_scale, runs, tokens=16:
                         {key: 0.1 for key in runs})
