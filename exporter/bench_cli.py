@@ -22,6 +22,8 @@ import click
 
 from fastardiff.errors import FastardiffError
 
+from .bench_record import write_plot
+
 log = logging.getLogger("fastardiff.bench")
 
 COLUMNS = ("backend", "batch", "mode", "gamma", "ms/image", "speedup", "model speedup", "draft %", "verify %",
@@ -136,37 +138,6 @@ def cost_rows(rows: list[dict]) -> list[dict]:
             for r in rows if r["mode"] != "target"]
 
 
-def write_plot(rows: list[dict], path: Path) -> Path:
-    """Speedup against gamma / Jacobi window, one panel per batch, one line per backend and mode (measured: solid,
-    cost model: dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False, sharey=True)
-    for ax, batch in zip(axes[0], batches):
-        series = sorted({(r["backend"], r["mode"]) for r in rows if r["mode"] != "target" and r["batch"] == batch})
-        for backend, mode in series:
-            pts = sorted((r["gamma"], r["speedup"], r["model speedup"]) for r in rows
-                         if r["mode"] == mode and r["backend"] == backend and r["batch"] == batch)
-            name = f"{backend}, {'model draft' if mode == 'speculative' else mode}"
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(), alpha=0.6)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"batch {batch}  (solid: measured, dotted: cost model)", fontsize=9)
-        ax.set_xlabel("gamma (model draft) / window L (Jacobi)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    axes[0][0].set_ylabel("speedup vs target-only")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 @bench_command.command("pipeline")
 @click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Checkpoint (default: the shipped model).")
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False), default=None,
@@ -199,8 +170,14 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 @click.option("--quality-images", type=click.IntRange(0, 10000), default=200, show_default=True,
               help="Diffusion-head families: images generated per row for class accuracy and Fréchet distance "
                    "(0: speed only).")
+@click.option("--record", is_flag=True, help="Append this run (commit, machine, versions, settings, rows) to "
+              "--history and redraw the current plot beside it (unless --plot names another).")
+@click.option("--history", "history_path", type=click.Path(dir_okay=False), default=None,
+              help="The history file --record appends to [default: docs/bench-history.jsonl].")
+@click.option("--label", default=None, help="With --record: a few words on what this run measures.")
 def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, jacobi_spec, early_stop, seed,
-                     threads, json_path, plot_path, device, config_name, no_export, quality_images):
+                     threads, json_path, plot_path, device, config_name, no_export, quality_images, record,
+                     history_path, label):
     """Per-image time, target-only vs speculative, per backend, interleaved in one run (CPU or CUDA)."""
     import platform
     import tempfile
@@ -234,7 +211,16 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
     ckpt = Path(ckpt) if ckpt else default_checkpoint_path()
     from fastardiff.runtime.images import check_destination
 
-    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+    if (history_path or label) and not record:
+        raise FastardiffError("--history and --label describe a recorded run; add --record")
+    history = None
+    if record:
+        from .bench_record import DEFAULT_HISTORY, PLOT_NAME, load_history
+
+        history = Path(history_path) if history_path else DEFAULT_HISTORY
+        load_history(history)                  # a history that does not parse fails before any timing
+        plot_path = plot_path or str(history.with_name(PLOT_NAME))
+    for path, option in ((json_path, "--json"), (plot_path, "--plot"), (history, "--history")):
         if path:  # before any timing: a long benchmark must not end in an unwritable path
             check_destination(path, option)
     if threads:
@@ -310,18 +296,31 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
         from .bench_heads import HEAD_COLUMNS
 
         click.echo(format_table(head_rows, HEAD_COLUMNS))
+    meta = {"model": config_name or ckpt.name, "config": next(iter(backends.values())).manifest.config.get("name"),
+            "random_weights": bool(config_name), "device": device, "where": where, "batches": batch_list,
+            "repeats": repeats}
+    if record:
+        from .bench_record import append_run, machine_info, make_run
+
+        settings = {**meta, "gamma": gamma, "jacobi": jacobi_spec, "early_stop": early_stop, "seed": seed,
+                    "threads": threads, "checkpoint": str(ckpt), "exported_here": not no_export,
+                    "engines": {"onnxruntime": engine_dir and str(engine_dir), "aoti": aoti_dir and str(aoti_dir)}}
+        gpu = where if device == "cuda" else None
+        run = make_run(rows, settings, machine_info(device, where, gpu), label, choices, skipped)
+        click.echo(f"recorded run {append_run(history, run)} in {history}")
     if json_path:
         from fastardiff.runtime.stats import write_text_atomic
 
-        meta = {"model": config_name or ckpt.name, "config": next(iter(backends.values())).manifest.config.get("name"),
-                "random_weights": bool(config_name), "device": device, "where": where, "batches": batch_list,
-                "repeats": repeats}
         write_text_atomic(Path(json_path), json.dumps({"meta": meta, "rows": rows, "gamma_auto": choices,
                                                        "skipped": skipped}, indent=2, default=str) + "\n")
         click.echo(f"wrote {json_path}")
     from fastardiff.errors import is_installed
 
-    if rows_ar and (plot_path or (json_path and is_installed("matplotlib"))):  # the CLI's gate asks for matplotlib
+    if rows_ar and record:                     # the newest recorded run, titled with its commit and machine
+        from .bench_record import plot_latest
+
+        click.echo(f"wrote {plot_latest(history, Path(plot_path))}")
+    elif rows_ar and (plot_path or (json_path and is_installed("matplotlib"))):  # the CLI's gate asks for it
         path = write_plot(rows_ar, Path(plot_path) if plot_path else Path(json_path).with_suffix(".png"))
         click.echo(f"wrote {path}")
 

@@ -42,7 +42,7 @@ REQUIREMENTS: dict[str, tuple] = {
     "bench pipeline": (("torch", "export", None), ("onnxruntime", "onnx", None),
                        ("onnx", "export", lambda p: p.get("engine_dir") is None),
                        ("onnxscript", "export", lambda p: p.get("engine_dir") is None),
-                       ("matplotlib", "bench", lambda p: p.get("json_path") or p.get("plot_path"))),
+                       ("matplotlib", "bench", lambda p: p.get("json_path") or p.get("plot_path") or p.get("record"))),
     "bench kernels": (("torch", "export", None),),
     "serve": (("ray", "serve", None),),
 }
