@@ -131,7 +131,7 @@ def test_eval_on_shipped_model(shipped_checkpoint_path, tmp_path, capsys):
     metrics = json.loads(out)
     assert metrics["n"] == 40
     assert metrics["classifier_test_accuracy"] >= 0.97
-    assert metrics["class_accuracy"] >= 0.75  # the full n=500 figure is in the README
+    assert metrics["class_accuracy"] >= 0.75  # the full n=500 figure is in docs/models.md
     assert metrics["frechet_distance"] > 0
     assert 0 < metrics["acceptance_rate_estimate"] <= 1
     with Image.open(grid) as img:

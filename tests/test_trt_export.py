@@ -1,7 +1,7 @@
 """The `trt` target without TensorRT: the --onnx-only graph carries the plugin nodes the TensorRT parser and the
 plugin creator read; swapped back to the reference it matches the `onnx` export numerically (ONNX Runtime);
 clear errors for a missing tensorrt package, an unbuilt --onnx-only directory, and the backend's version/plugin checks.
-(What runs on a TensorRT machine is only compiled/inspected here: README, "What was verified, and what was not".)"""
+(What runs on a TensorRT machine is only compiled/inspected here: docs/backends.md, "What ran where, and what did not".)"""
 from __future__ import annotations
 
 import importlib.util

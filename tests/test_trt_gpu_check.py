@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh without a GPU: its syntax, and its --dry-run plumbing on CPU (per-step timeouts, a
 failing step not stopping the others, summary.json, the weight-bandwidth floor report). It never produces a GPU
-figure here; on a GPU machine it is run as is (README, "What was verified, and what was not")."""
+figure here; on a GPU machine it is run as is (docs/backends.md, "What ran where, and what did not")."""
 from __future__ import annotations
 
 import json
