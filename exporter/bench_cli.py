@@ -173,7 +173,8 @@ def cost_rows(rows: list[dict]) -> list[dict]:
 @click.option("--record", is_flag=True, help="Append this run (commit, machine, versions, settings, rows) to "
               "--history and redraw the current plot beside it (unless --plot names another).")
 @click.option("--history", "history_path", type=click.Path(dir_okay=False), default=None,
-              help="The history file --record appends to [default: docs/bench-history.jsonl].")
+              help="The history file --record appends to [default: docs/bench-history.jsonl under the current "
+                   "directory: run from the checkout].")
 @click.option("--label", default=None, help="With --record: a few words on what this run measures.")
 def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gamma, jacobi_spec, early_stop, seed,
                      threads, json_path, plot_path, device, config_name, no_export, quality_images, record,
@@ -300,14 +301,12 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
             "random_weights": bool(config_name), "device": device, "where": where, "batches": batch_list,
             "repeats": repeats}
     if record:
-        from .bench_record import append_run, machine_info, make_run
+        from .bench_record import record_run
 
-        settings = {**meta, "gamma": gamma, "jacobi": jacobi_spec, "early_stop": early_stop, "seed": seed,
-                    "threads": threads, "checkpoint": str(ckpt), "exported_here": not no_export,
-                    "engines": {"onnxruntime": engine_dir and str(engine_dir), "aoti": aoti_dir and str(aoti_dir)}}
-        gpu = where if device == "cuda" else None
-        run = make_run(rows, settings, machine_info(device, where, gpu), label, choices, skipped)
-        click.echo(f"recorded run {append_run(history, run)} in {history}")
+        engines = {"onnxruntime": engine_dir and str(engine_dir), "aoti": aoti_dir and str(aoti_dir)}
+        click.echo(record_run(history, rows, {**meta, "gamma": gamma, "jacobi": jacobi_spec, "early_stop": early_stop,
+                                              "seed": seed, "threads": threads, "checkpoint": str(ckpt),
+                                              "engines": engines}, label, choices, skipped))
     if json_path:
         from fastardiff.runtime.stats import write_text_atomic
 

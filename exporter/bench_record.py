@@ -76,6 +76,16 @@ def make_run(rows: list[dict], settings: dict, machine: dict, label: str | None 
             "gamma_auto": list(gamma_auto), "skipped": list(skipped)}
 
 
+def record_run(history: Path, rows: list[dict], settings: dict, label: str | None = None, gamma_auto=(),
+               skipped=()) -> str:
+    """Append a run measured now (`settings` holds the bench's `device` and `where`) to `history`; returns the
+    line to print."""
+    device, where = settings.get("device", "cpu"), settings.get("where", "")
+    machine = machine_info(device, where, gpu=where if device == "cuda" else None)
+    count = append_run(history, make_run(rows, settings, machine, label, gamma_auto, skipped))
+    return f"recorded run {count} in {history}"
+
+
 def load_history(path: Path) -> list[dict]:
     """Every run in the history file (oldest first); [] for a missing file; an error naming the bad line."""
     path = Path(path)
