@@ -94,13 +94,16 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     engines = _load(engine_dir, ckpt, device, **({} if threads is None else {"threads": threads}))
     classes = request_classes(prompt, engines.manifest.config["class_names"], num_images)
 
+    planned = {}     # the plan cache key of this run's --gamma auto plan, which the run's rates then correct
+
     def choose(batch, cfg, drafts, options):
         from fastardiff.runtime.gamma_auto import choose_gamma
-        from fastardiff.runtime.plan_cache import cached_choice
+        from fastardiff.runtime.plan_cache import cached_choice, plan_key
 
         choice, source = cached_choice(engines, batch, cfg, drafts, options,
                                        lambda: choose_gamma(engines, batch, cfg, drafts=drafts, options=options),
                                        replan)
+        planned["key"] = plan_key(engines, batch, cfg, drafts, options)
         click.echo(f"{choice.table()}\n  ({source})", err=True)
         return choice
 
@@ -123,6 +126,10 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
             stats.write_json(staged.path_for(stats_json))
         for path in staged.commit():
             log.info("wrote %s", path)
+    if planned.get("key") is not None:        # what this run measured corrects the cached plan
+        from fastardiff.runtime.plan_cache import update_from_run
+
+        update_from_run(planned["key"], choice, stats.summary())
     click.echo(stats.table())
 
 
@@ -146,9 +153,12 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
     drafts, head_options)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
     model draft where the engines have one (Jacobi otherwise; only the model draft for diffusion-head families).
     head_options (head, shared_noise, inner_temperature, acceptance) apply to diffusion-head families only."""
+    from fastardiff.runtime.generation import check_draft_supported
     from fastardiff.runtime.manifest import HEAD_FAMILIES
     from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
 
+    if draft != "auto":    # a proposal kind asked for by name: refused where the engines cannot run it, any --gamma
+        check_draft_supported(engines.manifest, mode, draft)
     head_options = dict(head_options or {})
     family = engines.manifest.family
     if head_options and family not in HEAD_FAMILIES:

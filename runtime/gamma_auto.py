@@ -13,10 +13,11 @@ the requested batch; the host work per round / per step (the loop's numpy sampli
 is measured by short real generations (16 tokens). Every timing is interleaved across the candidates
 (A B C A B C ..., the median of each), so a busy machine's stall cannot favour one of them.
 Predicted speedup = tau (t_step + h_step) / round cost.
-The prediction ranks; whole images decide (`confirm_by_runs`): the best predicted candidate of each proposal kind
-runs against target-only, interleaved, and the fastest measured one runs only where it is at least `margin`
-(default 1.10) faster than target-only: never slower; otherwise target-only, and the choice says why. (The model
-alone had over-predicted Jacobi at batch 8 on this CPU: 1.12-1.23x predicted, 0.92-1.17x measured.)
+The prediction ranks; whole images decide (runtime/gamma_runs.py `confirm_by_runs`): the best predicted candidate
+of each proposal kind runs against target-only in paired, interleaved runs until a stated confidence separates
+them, and a finalist runs only where it measured at least `margin` (default 1.10) faster than target-only and
+confidently not slower; otherwise target-only, and the choice says why and how sure it is. (The model alone had
+over-predicted Jacobi at batch 8 on this CPU: 1.12-1.23x predicted, 0.92-1.17x measured.)
 """
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ log = logging.getLogger("fastardiff.runtime")
 WARMUP_CALLS = 2
 TIMED_CALLS = 7
 HOST_RUNS = 3       # short generations timed for the host work per call (median)
-CONFIRM_RUNS = 5    # whole-image generations per finalist and target-only when confirming (median)
-CONFIRM_BUDGET_S = 3.0  # fewer of them (>= 2) where CONFIRM_RUNS rounds would take longer than this
 FINALIST_FLOOR = 0.8  # a kind whose best prediction is below this is not run (no cold-timing error is that large)
+
+
+def mode_label(draft: str, gamma: int | None) -> str:
+    """How measurements name a mode (the plan's, and the running loop's stats "mode_rates"): "target",
+    "jacobi:<L>", "model:<g>"."""
+    return "target" if gamma is None else f"{draft}:{gamma}"
 
 
 @dataclass
@@ -44,10 +49,16 @@ class GammaChoice:
     target_step_ms: float = 0.0
     candidates: list = field(default_factory=list)   # {draft, gamma, tokens_per_round, rollout_ms, verify_ms, ...}
     draft: str = "model"              # what proposes: the draft model or the target's own Jacobi guesses
+    measured: dict = field(default_factory=dict)     # {mode_label: {ms_per_token, runs}} of the whole-image check
+    confidence: dict = field(default_factory=dict)   # the whole-image check's test, level, pairs and verdicts
 
     @property
     def mode(self) -> str:
         return "target" if self.gamma is None else "speculative"
+
+    @property
+    def label(self) -> str:
+        return mode_label(self.draft, self.gamma)
 
     def table(self) -> str:
         lines = [f"gamma auto: {self.reason}",
@@ -58,11 +69,19 @@ class GammaChoice:
             lines.append(f"  {c.get('draft', 'model'):<6}  {c['gamma']:>5}  {c['tokens_per_round']:>12.3f}  "
                          f"{c['rollout_ms']:>10.3f}  {c['verify_ms']:>9.3f}  {c.get('host_ms', 0.0):>7.3f}  "
                          f"{c['speedup']:>17.3f}  {measured}")
+        if self.confidence:
+            k = self.confidence
+            verdicts = "; ".join(f"{name} {v['speedup']:.2f}x [{v['low']:.2f}, {v['high']:.2f}] {v['verdict']}"
+                                 for name, v in k["finalists"].items())
+            lines.append(f"  confidence {100 * k['level']:g} % ({k['pairs']} paired runs, {k['stopped']}): "
+                         f"{verdicts}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"gamma": self.gamma, "mode": self.mode, "draft": self.draft, "reason": self.reason,
-                "target_step_ms": self.target_step_ms, "candidates": self.candidates}
+                "target_step_ms": self.target_step_ms, "candidates": self.candidates,
+                **({"measured": self.measured} if self.measured else {}),
+                **({"confidence": self.confidence} if self.confidence else {})}
 
 
 def acceptance_curve(calibration: dict, cfg_scale: float) -> list[float] | None:
@@ -210,28 +229,14 @@ def _per_call_ms(engines, batch: int, cfg_scale: float, runs: dict, tokens: int,
             for key, runs_stats in timed.items()}
 
 
-def measure_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int | None = None,
-                 repeats: int = CONFIRM_RUNS, options: dict | None = None, budget_s: float = CONFIRM_BUDGET_S) -> dict:
-    """{key: (ms per token, the last run's stats summary)} of real generations of `tokens` tokens (default: a whole
-    image's, not decoded) for each run {key: (mode, draft, gamma)}: one warm-up each, then `repeats` timed runs
-    interleaved (A B C A B C ..., classes and seed moving each repeat), the median of each; fewer repeats (never
-    below 2) where the warm-ups say `repeats` would take longer than `budget_s` (a large batch on a slow backend
-    must not plan for longer than it generates). `options`: the diffusion-head families' request options."""
-    from .generation import ModelShape
-
-    shape = ModelShape.from_config(engines.manifest.config)
-    tokens = min(tokens or shape.num_tokens, shape.num_tokens)
-    timed = _timed_runs(engines, batch, cfg_scale, runs, tokens, repeats, options, vary=True, budget_s=budget_s)
-    return {key: (float(np.median([1000 * s.total_seconds / (batch * tokens) for s in runs_stats])),
-                  runs_stats[-1].summary()) for key, runs_stats in timed.items()}
-
-
 def _timed_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int, repeats: int,
-                settings: dict | None, vary: bool, budget_s: float = math.inf) -> dict:
+                settings: dict | None, vary: bool, budget_s: float = math.inf, stop=None,
+                min_repeats: int = 2) -> dict:
     """{key: [RunStats of each timed run]}: generations of `tokens` tokens for each run {key: (mode, draft, gamma)}
-    with the extra GenerationConfig `settings`: one warm-up each, then `repeats` timed runs interleaved
-    (A B C A B C ...; vary: the classes and the seed move each repeat, else class 0 and seed 0 throughout), fewer
-    (never below 2) where the warm-ups say `repeats` would take longer than `budget_s`."""
+    with the extra GenerationConfig `settings`: one warm-up each, then up to `repeats` timed runs interleaved
+    (A B C A B C ...; vary: the classes and the seed move each repeat, else class 0 and seed 0 throughout). From
+    `min_repeats` on, it stops early where stop(timed) says so or where one more repeat (as long as the mean one
+    so far) would end past `budget_s` seconds of timed repeats."""
     from .generation import GenerationConfig, ModelShape
     from .speculative import generate
     from .stats import RunStats
@@ -240,14 +245,15 @@ def _timed_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int, 
     gens = {key: dict(mode=mode, draft=draft, gamma=gamma, cfg_scale=cfg_scale, num_tokens=tokens, **(settings or {}))
             for key, (mode, draft, gamma) in runs.items()}
     base = np.arange(batch) % num_classes if vary else np.zeros(batch, np.int64)
-    started = time.perf_counter()
     for gen in gens.values():                                       # warm-up
         generate(engines, base, GenerationConfig(**gen))
-    if math.isfinite(budget_s):
-        per_repeat = time.perf_counter() - started
-        repeats = max(min(repeats, 2), min(repeats, int(budget_s / max(per_repeat, 1e-9))))
     timed = {key: [] for key in gens}
+    started = time.perf_counter()
     for r in range(repeats):
+        if r >= min_repeats:
+            elapsed = time.perf_counter() - started
+            if elapsed + elapsed / r > budget_s or (stop is not None and stop(timed)):
+                break
         classes = (base + r) % num_classes if vary else base
         for key, gen in gens.items():
             stats = RunStats()
@@ -256,72 +262,14 @@ def _timed_runs(engines, batch: int, cfg_scale: float, runs: dict, tokens: int, 
     return timed
 
 
-def choose_by_runs(engines, batch: int, cfg_scale: float, margin: float, options: dict,
-                   tokens: int = 32) -> GammaChoice:
-    """Diffusion-head families: every token also costs head calls (draft and target side), which the call-cost
-    model above does not time, so short real generations decide: target-only and the model draft at each gamma
-    up to the export's, `tokens` tokens each, interleaved (measure_runs)."""
-    from .speculative import ModelShape, verify_limit
-
-    shape = ModelShape.from_config(engines.manifest.config)
-    tokens = min(tokens, shape.num_tokens)
-    top = min(int(engines.manifest.gamma), (verify_limit(engines) or 1 << 30) - 1, tokens - 1)
-    runs = {None: ("target", "model", 1), **{g: ("speculative", "model", g) for g in range(1, top + 1)}}
-    measured = measure_runs(engines, batch, cfg_scale, runs, tokens, HOST_RUNS, options)
-    step = measured.pop(None)[0]
-    candidates = [{"draft": "model", "gamma": g, "tokens_per_round": 1 + summary["mean_accepted_per_verify"],
-                   "rollout_ms": 0.0, "verify_ms": ms, "host_ms": 0.0, "speedup": step / ms,
-                   "measured_speedup": step / ms} for g, (ms, summary) in measured.items()]
-    if not candidates:
-        return GammaChoice(None, "no draft length fits these engines; target-only", step)
-    best = max(candidates, key=lambda c: c["speedup"])
-    if best["speedup"] < margin:
-        return GammaChoice(None, f"speculation cannot pay here (best measured speedup {best['speedup']:.2f}x at "
-                                 f"gamma {best['gamma']} < {margin:.2f}x); running target-only", step, candidates)
-    return GammaChoice(best["gamma"], f"model gamma {best['gamma']} (measured {best['speedup']:.2f}x over "
-                                      f"target-only at batch {batch}, {tokens} tokens)", step, candidates)
-
-
-def confirm_by_runs(engines, batch: int, cfg_scale: float, margin: float, candidates: list, step_ms: float,
-                    repeats: int = CONFIRM_RUNS) -> GammaChoice:
-    """The cost model ranks; whole-image generations decide. The best predicted candidate of each proposal kind
-    runs against target-only, interleaved (measure_runs), unless even its prediction is hopeless (< FINALIST_FLOOR:
-    the warm-up times calls cold, which has under-predicted by up to ~25 % here, and over-predicted at batch 8:
-    Jacobi L = 8 1.12-1.23x predicted, 0.92-1.17x measured); each gets its `measured_speedup`, and the fastest
-    measured one runs if it clears `margin`, else target-only."""
-    finalists = []
-    for draft in ("model", "jacobi"):
-        mine = [c for c in candidates if c["draft"] == draft and c["speedup"] >= FINALIST_FLOOR]
-        if mine:
-            finalists.append(max(mine, key=lambda c: c["speedup"]))
-    if not finalists:
-        best = max(candidates, key=lambda c: c["speedup"])
-        return GammaChoice(None, f"speculation cannot pay here (best predicted speedup {best['speedup']:.2f}x with "
-                                 f"{best['draft']} gamma {best['gamma']}); running target-only", step_ms, candidates)
-    runs = {None: ("target", "model", 1), **{(c["draft"], c["gamma"]): ("speculative", c["draft"], c["gamma"])
-                                            for c in finalists}}
-    measured = measure_runs(engines, batch, cfg_scale, runs, repeats=repeats)
-    target_ms = measured.pop(None)[0]
-    for c in finalists:
-        c["measured_speedup"] = target_ms / measured[(c["draft"], c["gamma"])][0]
-    best = max(finalists, key=lambda c: c["measured_speedup"])
-    if best["measured_speedup"] < margin:
-        return GammaChoice(None, f"speculation cannot pay here: it did not in whole-image runs (best measured "
-                                 f"{best['measured_speedup']:.2f}x with {best['draft']} gamma {best['gamma']}, "
-                                 f"predicted {best['speedup']:.2f}x; < {margin:.2f}x); running target-only",
-                           step_ms, candidates)
-    return GammaChoice(best["gamma"], f"{best['draft']} gamma {best['gamma']} (measured "
-                                      f"{best['measured_speedup']:.2f}x over target-only in whole-image runs at batch "
-                                      f"{batch}, predicted {best['speedup']:.2f}x)", step_ms, candidates, best["draft"])
-
-
 def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
                  drafts=("model", "jacobi"), options: dict | None = None, confirm: bool = True) -> GammaChoice:
     """Pick the proposal kind in `drafts` and its length (model: gamma in the exported rollouts; jacobi: a
     calibrated window the verify engine accepts), or target-only, with the figures behind it. `options`: the
     request's diffusion-head options (head, shared_noise, inner_temperature) for families that have one.
     confirm: the cost model's best candidates are run as whole images against target-only and the measured
-    speedup decides (confirm_by_runs); False: the prediction alone decides."""
+    speedup decides with a stated confidence (gamma_runs.confirm_by_runs); False: the prediction alone decides."""
+    from .gamma_runs import choose_by_runs, confirm_by_runs
     from .manifest import HEAD_FAMILIES
     from .speculative import GenerationConfig, ModelShape, in_engine_acceptance, verify_limit
 

@@ -92,6 +92,19 @@ def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: i
     return n
 
 
+def check_draft_supported(manifest, mode: str, draft: str) -> None:
+    """The one rule for a proposal kind a request names (`--draft model|jacobi`, whatever `--gamma` says, and a
+    cached plan's choice): GenerationError, naming the option and the fix, where these engines cannot run it."""
+    if mode != "speculative":
+        return
+    if draft == "jacobi" and manifest.family != "drift-ar":
+        raise GenerationError(f"--draft jacobi needs explicit Gaussian tokens (family drift-ar); these engines are "
+                              f"of family '{manifest.family}': use --draft model or --mode target")
+    if draft == "model" and "draft_step" not in manifest.engines:
+        raise GenerationError("these engines have no draft model (exported with --no-draft); run with "
+                              "--draft jacobi or --mode target, or re-export without --no-draft")
+
+
 def verify_limit(engines) -> int | None:
     entry = engines.manifest.engines.get("target_verify")
     profile = getattr(entry, "profile", None) or {}

@@ -464,12 +464,16 @@ def test_gamma_auto_on_the_shipped_model_is_never_slower(onnx_engine_dir):
             best = max(mine, key=lambda c: c["speedup"])
             hopeless = best["speedup"] < FINALIST_FLOOR
             assert [c for c in finalists if c["draft"] == draft] == ([] if hopeless else [best])
+        # a finalist runs only where the paired runs separated it ("faster": >= the margin, confidently not slower)
+        verdicts = choice.confidence.get("finalists", {})
+        faster = [c for c in finalists if verdicts[f"{c['draft']}:{c['gamma']}"]["verdict"] == "faster"]
         if choice.gamma is None:
-            assert all(c["measured_speedup"] < 1.10 for c in finalists), choice.table()
+            assert not faster, choice.table()
         else:
-            chosen = max(finalists, key=lambda c: c["measured_speedup"])
+            chosen = max(faster, key=lambda c: c["measured_speedup"])
             assert (choice.draft, choice.gamma) == (chosen["draft"], chosen["gamma"]), choice.table()
             assert chosen["measured_speedup"] >= 1.10, choice.table()
+            assert verdicts[f"{chosen['draft']}:{chosen['gamma']}"]["low"] > 1.0, choice.table()
 
 
 def test_execution_provider_choice(onnx_engine_dir):

@@ -10,16 +10,23 @@ from types import SimpleNamespace
 import pytest
 
 from fastardiff.runtime.gamma_auto import GammaChoice
-from fastardiff.runtime.plan_cache import MAX_AGE_S, cached_choice, load_plan, plan_key, plan_path, store_plan
+from fastardiff.runtime.plan_cache import (MAX_AGE_S, MIN_EVIDENCE_TOKENS, cached_choice, load_plan, plan_key,
+                                           plan_path, store_plan, update_from_run)
 
 DRAFTS = ("model", "jacobi")
 
 
-def stub_engines(sha="ab" * 32, calibration=None):
+CONFIG = {"image_size": 32, "patch": 4, "n_cond": 1, "token_dim": 16, "heads": 2, "width": 32, "target_layers": 2,
+          "draft_layers": 1, "num_classes": 10}          # 64 tokens an image
+
+
+def stub_engines(sha="ab" * 32, calibration=None, family="drift-ar", names=("target_verify", "decoder"),
+                 rollouts=()):
     entry = SimpleNamespace(sha256=sha)
-    manifest = SimpleNamespace(engines={"target_verify": entry, "decoder": entry}, backend="onnxruntime",
-                               device="cpu", calibration=calibration or {"e_max": 1.0})
-    return SimpleNamespace(manifest=manifest, providers=["CPUExecutionProvider"], threads=1)
+    manifest = SimpleNamespace(engines=dict.fromkeys(names, entry), backend="onnxruntime", device="cpu",
+                               calibration=calibration or {"e_max": 1.0}, family=family, config=CONFIG, gamma=4)
+    return SimpleNamespace(manifest=manifest, providers=["CPUExecutionProvider"], threads=1,
+                           rollouts=dict.fromkeys(rollouts))
 
 
 def jacobi_choice():
@@ -142,3 +149,270 @@ def test_run_threads_reach_the_engines_and_are_range_checked(shared_onnx_export,
     for bad in ("-1", "1025", "two"):
         code, _, err = run_cli(base + ["--threads", bad, "--out", str(tmp_path / "b.png")], capsys)
         assert code == 2 and "--threads" in err and not (tmp_path / "b.png").exists(), err
+
+
+def _record(key, **choice):
+    return json.dumps({"key": key, "written": time.time(), "choice": {**jacobi_choice().to_dict(), **choice}})
+
+
+def test_impossible_cached_choices_cost_a_retiming(cache, caplog):
+    """A cached plan edited to a choice these engines cannot run (a window past the model's tokens, a draft length
+    not exported, a proposal kind the family or the engines cannot do, one the request did not ask for) or to
+    wrong types is ignored with one log line and the engines are timed again: never an error."""
+    jacobi_only = stub_engines()
+    cases = [(jacobi_only, _record(None, gamma=64)),                              # 65 tokens a call > 64
+             (jacobi_only, _record(None, gamma=12.0)), (jacobi_only, _record(None, gamma=True)),
+             (jacobi_only, _record(None, draft="model", gamma=2)),                # no draft model in the engines
+             (stub_engines(family="fast-ardiff", names=("target_verify", "draft_step")), _record(None)),
+             (stub_engines(names=("target_verify", "draft_step"), rollouts=(1, 2)),
+              _record(None, draft="model", gamma=3)),                              # rollouts 1, 2 only
+             (jacobi_only, _record(None, candidates=[{"draft": "jacobi"}])),       # what the table prints
+             (jacobi_only, _record(None, candidates=[{**jacobi_choice().candidates[0], "speedup": "fast"}])),
+             (jacobi_only, _record(None, target_step_ms=float("nan"))),
+             (jacobi_only, _record(None, confidence="sure")),
+             (jacobi_only, _record(None, measured={"target": {"ms_per_token": "x"}}))]
+    with caplog.at_level(logging.WARNING, logger="fastardiff.runtime"):
+        for i, (engines, text) in enumerate(cases):
+            key = plan_key(engines, 1, 1.0, DRAFTS, {})
+            plan_path(key).parent.mkdir(parents=True, exist_ok=True)
+            plan_path(key).write_text(text.replace("null", json.dumps(key), 1))
+            timed = []
+            choice, source = cached_choice(engines, 1, 1.0, DRAFTS, {},
+                                           lambda: timed.append(1) or GammaChoice(None, "timed again"))
+            assert timed == [1] and choice.reason == "timed again" and source.startswith("timed now"), (i, text)
+            assert caplog.text.count("ignoring the cached --gamma auto plan") == i + 1, (i, caplog.text)
+    good = stub_engines(names=("target_verify", "draft_step"), rollouts=(1, 2))
+    key = plan_key(good, 1, 1.0, DRAFTS, {})
+    store_plan(key, GammaChoice(2, "model gamma 2", 0.5, [], "model"))
+    choice, source = cached_choice(good, 1, 1.0, DRAFTS, {}, lambda: pytest.fail("a valid plan was timed again"))
+    assert (choice.draft, choice.gamma) == ("model", 2) and source.startswith("cached plan")
+
+
+def _load_in_thread(key, seconds=10.0):
+    """load_plan(key) in a thread: (finished, result)."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(load_plan(key)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), (out[0] if out else None)
+
+
+def test_non_regular_or_unreadable_plan_files_cost_a_retiming_never_a_hang(cache, caplog, monkeypatch):
+    """A FIFO, a directory, a device or an oversized file where the plan is read, or a file that cannot be read:
+    one log line and a new timing, at once (stat before open: a FIFO must not block the run)."""
+    import os
+
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    path = plan_path(key)
+    path.parent.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="fastardiff.runtime"):
+        os.mkfifo(path)
+        try:
+            finished, result = _load_in_thread(key)
+        finally:
+            if not finished:                     # release the blocked reader before failing
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        assert finished and result is None, "reading a FIFO where the plan cache reads blocked"
+        path.unlink()
+        for make in (lambda: path.mkdir(), lambda: path.symlink_to("/dev/zero"),
+                     lambda: path.write_text(" " * (2 << 20))):
+            make()
+            assert _load_in_thread(key) == (True, None)
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        store_plan(key, jacobi_choice())
+        real_open = os.open
+        monkeypatch.setattr(os, "open", lambda p, *a, **kw: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                            if str(p) == str(path) else real_open(p, *a, **kw))
+        assert load_plan(key) is None
+    assert caplog.text.count("ignoring the cached --gamma auto plan") == 5, caplog.text
+    monkeypatch.setattr(os, "open", real_open)
+    assert load_plan(key).to_dict() == jacobi_choice().to_dict()
+
+
+def test_a_plan_cache_hit_does_no_timing(cache, random_checkpoint, monkeypatch):
+    """Counted, not timed: the first request plans (engine calls timed, whole images run), the same request again
+    takes the cached plan and times nothing; --replan times again."""
+    from fastardiff.exporter.torch_backend import TorchEngines
+    from fastardiff.runtime import gamma_auto, plan_cache
+    from test_gamma_auto import _fixed_planning_costs, _stub_run_costs
+
+    engines = TorchEngines(random_checkpoint, max_gamma=2)
+    engines.manifest.calibration = {"extra": {"jacobi_tokens_per_call": {"1": {"4": 4.9}}}}
+    monkeypatch.setattr(plan_cache, "plan_key", lambda *a: plan_key(stub_engines(), 1, 1.0, DRAFTS, {}))
+    _fixed_planning_costs(monkeypatch)
+    timed_calls = []
+    costs = gamma_auto.time_engine_calls
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", lambda *a, **kw: timed_calls.append(1) or costs(*a, **kw))
+    runs = _stub_run_costs(monkeypatch, lambda gen: 10.0 if gen.mode == "target" else 5.0)
+
+    def plan(replan=False):
+        return cached_choice(engines, 1, 1.0, DRAFTS, {}, lambda: gamma_auto.choose_gamma(engines, 1, 1.0), replan)
+
+    first, source = plan()
+    assert source.startswith("timed now") and first.draft == "jacobi" and len(timed_calls) == 1 and runs
+    before = len(runs)
+    second, source = plan()
+    assert source.startswith("cached plan") and second.to_dict() == first.to_dict()
+    assert len(timed_calls) == 1 and len(runs) == before                # nothing timed, nothing run
+    plan(replan=True)
+    assert len(timed_calls) == 2 and len(runs) > before
+
+
+def _rates(**modes):
+    """A run's stats summary with mode_rates {label: (tokens, ms per token)} (labels with ':' as '_')."""
+    return {"mode_rates": {label.replace("_", ":"): {"tokens": t, "seconds": t * ms / 1000}
+                           for label, (t, ms) in modes.items()}}
+
+
+def _target_plan():
+    return GammaChoice(None, "speculation cannot pay here (planned on a busy machine)", 10.0,
+                       jacobi_choice().candidates, "model", {"target": {"ms_per_token": 10.0, "runs": 5},
+                                                             "jacobi:12": {"ms_per_token": 11.0, "runs": 5}},
+                       {"level": 0.95, "margin": 1.10, "pairs": 5, "stopped": "separated", "finalists": {}})
+
+
+def test_a_run_that_contradicts_the_plan_corrects_it(cache, caplog):
+    """Rates measured in the same run decide: a speculative mode that ran the margin faster than the planned
+    target-only replaces it (and back: target-only faster than the planned speculation); the loop's switch to a
+    mode it then ran counts; a contradiction inside the margin or on too few tokens changes nothing. Every run's
+    rates are kept in the plan (observed)."""
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    store_plan(key, _target_plan())
+    enough = MIN_EVIDENCE_TOKENS
+    kept = update_from_run(key, _target_plan(), _rates(target=(200, 5.0), jacobi_12=(enough, 4.6)))   # 1.09x
+    assert kept.gamma is None and load_plan(key).gamma is None
+    few = update_from_run(key, _target_plan(), _rates(target=(200, 5.0), jacobi_12=(enough - 1, 2.5)))
+    assert few.gamma is None
+    with caplog.at_level(logging.INFO, logger="fastardiff.runtime"):
+        fixed = update_from_run(key, _target_plan(), _rates(target=(200, 5.0), jacobi_12=(enough, 2.5)))
+    assert (fixed.draft, fixed.gamma) == ("jacobi", 12) and "updated by a later run" in fixed.reason
+    assert "updated the cached --gamma auto plan" in caplog.text
+    assert load_plan(key).to_dict() == fixed.to_dict()
+    record = json.loads(plan_path(key).read_text())
+    assert record["observed"]["jacobi:12"]["runs"] == 3 and record["observed"]["target"]["tokens"] == 600
+    back = update_from_run(key, fixed, _rates(target=(enough, 5.0), jacobi_12=(200, 5.5)))     # busy again
+    assert back.gamma is None and load_plan(key).gamma is None
+    switched = update_from_run(key, back, {**_rates(target=(8, 5.0), rollout_2=(300, 4.0)),
+                                           "switches": [{"round": 3, "from": "target", "to": "rollout:2",
+                                                         "reason": "measured faster"}]})
+    assert (switched.draft, switched.gamma) == ("model", 2) and load_plan(key).gamma == 2
+
+
+def test_a_plan_whose_mode_drifted_is_timed_again(cache, caplog):
+    """A run of the planned mode alone that ran far from the plan's own measurement (the machine changed since
+    planning) marks the plan stale: the next run times the engines again; within DRIFT it is kept."""
+    from fastardiff.runtime.plan_cache import DRIFT
+
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    store_plan(key, _target_plan())
+    update_from_run(key, _target_plan(), _rates(target=(500, 10.0 / DRIFT * 1.01)))
+    assert load_plan(key) is not None
+    with caplog.at_level(logging.INFO, logger="fastardiff.runtime"):
+        update_from_run(key, _target_plan(), _rates(target=(500, 10.0 / DRIFT / 1.01)))
+        assert load_plan(key) is None and "contradicted by a later run" in caplog.text
+    timed = []
+    cached_choice(stub_engines(), 1, 1.0, DRAFTS, {}, lambda: timed.append(1) or _target_plan())
+    assert timed == [1] and load_plan(key) is not None                   # re-planned, no longer stale
+
+
+def test_update_from_run_tolerates_any_summary_and_cache(cache, caplog):
+    """Summaries without rates (or with garbage, unknown modes, modes the request did not ask for) change nothing
+    and raise nothing; a corrupt cache is replaced by the run's plan; no key (no engine hashes): nothing written."""
+    key = plan_key(stub_engines(), 1, 1.0, ("jacobi",), {})
+    store_plan(key, _target_plan())
+    before = plan_path(key).read_bytes()
+    for summary in (None, {}, [], {"mode_rates": "fast"}, {"mode_rates": {"target": {"tokens": "a"}}},
+                    {"mode_rates": {"target": {"tokens": 100, "seconds": -1.0}}},
+                    {"mode_rates": {"warp:3": {"tokens": 100, "seconds": 0.1}}, "switches": "many"},
+                    _rates(model_2=(200, 1.0))):                         # the model draft was not asked for
+        assert update_from_run(key, _target_plan(), summary).to_dict() == _target_plan().to_dict()
+        assert plan_path(key).read_bytes() == before, summary
+    for summary in (_rates(target=(200, 10.0), model_2=(200, 1.0)), {**_rates(target=(200, 10.0)), "switches": [7]}):
+        assert update_from_run(key, _target_plan(), summary).gamma is None and load_plan(key).gamma is None
+    plan_path(key).write_text("{broken")
+    with caplog.at_level(logging.WARNING, logger="fastardiff.runtime"):
+        got = update_from_run(key, _target_plan(), _rates(target=(200, 5.0), jacobi_12=(100, 2.0)))
+    assert got.gamma == 12 and "ignoring the cached --gamma auto plan" in caplog.text
+    assert load_plan(key).gamma == 12
+    assert update_from_run(None, _target_plan(), _rates(target=(200, 5.0))) is not None
+
+
+def test_a_stale_plan_is_corrected_within_one_run(shared_onnx_export, cache, tmp_path, capsys, monkeypatch):
+    """Stubbed costs that change between runs. Planned while the machine was busy (every speculative mode measured
+    slower than target-only): target-only is cached. The machine goes quiet: the next run takes the cached plan
+    (nothing timed), runs target-only, and its loop's re-check of the planned Jacobi finalist (the per-mode rates
+    the loop reports in its stats, stubbed here) shows it 2x faster: that one run corrects the plan, and the next
+    speculates without timing anything. And back: busy again, a run whose loop fell back to target-only (its
+    switch and rates) puts target-only back in the plan."""
+    import numpy as np
+
+    from cli_runner import run_cli
+    from fastardiff.runtime import gamma_auto, speculative
+    from fastardiff.runtime.stats import RunStats
+    from test_gamma_auto import _fixed_planning_costs
+
+    machine, probe, planned_runs = {"busy": True}, {}, []
+    _fixed_planning_costs(monkeypatch)
+    timed_calls, costs = [], gamma_auto.time_engine_calls
+    monkeypatch.setattr(gamma_auto, "time_engine_calls", lambda *a, **kw: timed_calls.append(1) or costs(*a, **kw))
+
+    def ms(mode):                          # per token: speculation slower than target-only on the busy machine
+        return 10.0 if mode == "target" else 11.0 if machine["busy"] else 5.0
+
+    class LoopStats(RunStats):
+        rates = None
+        switches = None
+
+        def summary(self):
+            return {**super().summary(), "mode_rates": self.rates, **({"switches": self.switches}
+                                                                      if self.switches else {})}
+
+    def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+        if gen.num_tokens is not None:                       # --gamma auto's whole-image check
+            planned_runs.append(gen)
+            stats = stats or RunStats()
+            stats.tokens = len(classes) * gen.num_tokens
+            stats.total_seconds = ms(gen.mode) * stats.tokens / 1000
+            return None, stats
+        c = engines.manifest.config
+        n = len(classes) * (c["image_size"] // c["patch"]) ** 2
+        stats = LoopStats(mode=gen.mode, gamma=gen.gamma, draft=gen.draft, images=len(classes), tokens=n)
+        running = "target" if gen.mode == "target" else f"{gen.draft}:{gen.gamma}"
+        other = probe.get("label") if running == "target" else "target"     # what the loop re-checks
+        stats.rates = {running: {"tokens": 3 * n // 4, "seconds": 3 * n // 4 * ms(gen.mode) / 1000}}
+        if other:
+            stats.rates[other] = {"tokens": n // 4, "seconds": n // 4 * ms("target" if other == "target" else
+                                                                          "speculative") / 1000}
+        if machine["busy"] and running != "target":          # the loop fell back to target-only
+            stats.switches = [{"round": 5, "from": running, "to": "target", "reason": "measured slower"}]
+        images = np.zeros((len(classes), c["channels"], c["image_size"], c["image_size"]), np.float32)
+        on_images(images, 0)
+        return None, stats
+
+    monkeypatch.setattr(speculative, "generate", fake_generate)
+    args = ["run", "--engine", str(shared_onnx_export[0]), "--prompt", "3", "--num-images", "4", "--out",
+            str(tmp_path / "a.png"), "--stats-json", str(tmp_path / "s.json")]
+
+    def run():
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+        return json.loads((tmp_path / "s.json").read_text()), err
+
+    stats, err = run()
+    assert "timed now" in err and stats["mode"] == "target" and timed_calls == [1] and planned_runs
+    finalists = stats["gamma_choice"]["confidence"]["finalists"]
+    probe["label"] = next(label for label in finalists if label.startswith("jacobi:"))
+    machine["busy"], planned = False, len(planned_runs)
+    stats, err = run()                                       # quiet: the cached plan, corrected by this run
+    assert "cached plan" in err and stats["mode"] == "target"
+    stats, err = run()
+    assert "cached plan" in err and (stats["mode"], f"{stats['draft']}:{stats['gamma']}") == ("speculative",
+                                                                                            probe["label"])
+    assert "updated by a later run" in stats["gamma_choice"]["reason"]
+    machine["busy"] = True
+    stats, err = run()                                       # busy again: the loop's fallback corrects it back
+    stats, err = run()
+    assert "cached plan" in err and stats["mode"] == "target"
+    assert timed_calls == [1] and len(planned_runs) == planned      # nothing timed after the first run
