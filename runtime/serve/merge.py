@@ -15,8 +15,9 @@ row, cache length; for a rollout also temperature and guidance scale) run as one
 rows, and each request gets its rows back. Every engine call, alone or merged, is padded with copies of a row
 to a multiple of 4 in rows x tokens, where neither the batch size nor a row's place in it changes a row's bits
 (tests/test_serve.py checks the images bit for bit); a call over more rows than its engine's profile takes (the
-top of its batch axis in the manifest: `engine_row_limits`) is split, and where even a multiple of 4 does not fit
-(engines exported for a batch below 4) every call of that engine is padded to the profile's rows, one fixed shape.
+top of its batch axis in the manifest: `engine_row_limits`) is split, and where not even the fewest rows that
+make a multiple of 4 fit (engines exported for a batch below 4), its calls hold one row each: a request's row
+alone, as when it runs alone.
 A guided rollout or Jacobi round pairs a sample's cond and uncond rows inside one call: where the engine takes
 fewer than 2 rows, a guided request's view has no such engine and its loop drafts step by step instead.
 
@@ -26,6 +27,7 @@ the timing is not another request's).
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -150,8 +152,8 @@ class EngineCallMerger:
         merged = [np.concatenate([c.arrays[i] for c in calls], axis=ax) for i, ax in enumerate(axes)]
         width, most = merged[0].shape[1], self.rows(name)
         total, outs = sum(sizes), []
-        for lo in range(0, total, _step(most)):
-            hi = min(total, lo + _step(most))
+        for lo in range(0, total, _step(most, width)):
+            hi = min(total, lo + _step(most, width))
             take = _aligned_rows(lo, hi, width, most)
             part = [np.take(a, take, axis=ax) for a, ax in zip(merged, axes)]
             out = fn(*part)
@@ -208,7 +210,7 @@ class EngineCallMerger:
         scalars = calls[0].arrays[5 + n_sample:]
         if most < 1:
             raise RuntimeError(f"engine {kind} takes fewer rows than one guided sample's two")   # join() hides it
-        step = _step(most * reps) // reps
+        step = _step(most, reps)
         per_sample, halves = None, [[[] for _ in range(reps)] for _ in range(2)]
         for lo in range(0, total, step):
             hi = min(total, lo + step)
@@ -234,17 +236,23 @@ class EngineCallMerger:
         return results
 
 
-def _step(most: int) -> int:
-    """Rows per piece of a split call: a multiple of ALIGN where the engine takes one, else all it takes."""
-    return most // ALIGN * ALIGN if most >= ALIGN else most
+def _unit(width: int) -> int:
+    """The fewest rows whose rows x width is a multiple of ALIGN."""
+    return ALIGN // math.gcd(width, ALIGN)
+
+
+def _step(most: int, width: int) -> int:
+    """Rows per piece of a split call: a multiple of _unit(width) up to `most`; 1 where not even one fits (each
+    such call then holds one request's row alone, as it would alone)."""
+    unit = _unit(width)
+    return most // unit * unit if unit <= most else 1
 
 
 def _aligned_rows(lo: int, hi: int, width: int, most: int) -> np.ndarray:
-    """Indices lo..hi-1, then copies of lo until rows x width is a multiple of ALIGN, or up to `most` rows where
-    no multiple fits (one fixed shape for every call of the engine)."""
-    n = hi - lo
-    while (n * width) % ALIGN and n < most:
-        n += 1
+    """Indices lo..hi-1, then copies of lo until rows x width is a multiple of ALIGN (where that fits in `most`)."""
+    n, unit = hi - lo, _unit(width)
+    if unit <= most:
+        n = -(-n // unit) * unit
     return np.concatenate([np.arange(lo, hi), np.full(n - (hi - lo), lo)])
 
 

@@ -80,6 +80,7 @@ class Generator:
 
     def health(self) -> dict:
         return {"pid": os.getpid(), "backend": self.engines.manifest.backend, "batches": self.batches,
+                "plans": self.plans, "engine_calls": self.merger.engine_calls,
                 "gamma_auto": {str(k[0]): c.to_dict()["gamma"] for k, c in self._choices.items()}}
 
     async def _run_batch(self, jobs: list[dict]) -> list[dict]:
