@@ -61,10 +61,12 @@ def serve_command(engine_dir, host, port, replicas, max_batch, batch_wait_ms, nu
     opts = ServeOptions(engine_dir=str(engine_dir), host=host, port=port, replicas=replicas, max_batch=max_batch,
                         batch_wait_ms=batch_wait_ms, num_cpus=num_cpus, num_gpus=num_gpus, address=address,
                         max_queued=max_queued, timeout_s=timeout_s, drain_s=drain_s)
-    if address is None:
-        from .app import check_port_free
+    from .app import check_port_free, check_reachable
 
+    if address is None:
         check_port_free(host, port)
+    else:
+        check_reachable(address)
     level = logging.getLogger().getEffectiveLevel()
     code = supervise(opts, manifest.config["class_names"], 1 if level <= logging.DEBUG else 0)
     if code:

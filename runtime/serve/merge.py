@@ -40,11 +40,12 @@ ALIGN = 4          # rows x tokens of every engine call is a multiple of this
 
 def engine_row_limits(manifest) -> dict[str, int]:
     """Rows each engine takes in one call: the top of its profile's batch axis (tokens for a diffusion head), else
-    the manifest's max_batch. (Serve's own reading of the profile; runtime/manifest.py may grow one accessor.)"""
+    the manifest's max_batch (times gamma + 1 tokens for a head: every row of a full batch's verify). (Serve's own reading of the profile; runtime/manifest.py may grow one accessor.)"""
     limits = {}
     for name, entry in manifest.engines.items():
         batch = (getattr(entry, "profile", None) or {}).get("batch")
-        limits[name] = max(1, int(batch[-1]) if batch else int(manifest.max_batch))
+        tokens = int(getattr(manifest, "gamma", 0) or 0) + 1 if getattr(entry, "kind", "") == "head" else 1
+        limits[name] = max(1, int(batch[-1]) if batch else int(manifest.max_batch) * tokens)
     return limits
 
 
