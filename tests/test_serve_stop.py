@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from test_serve import kill_server, start_server, stop_and_check
+from serve_server import kill_server, start_server, stop_and_check
 
 pytest.importorskip("ray.serve", reason="fastardiff serve needs the 'serve' extra: pip install 'fastardiff[serve]'")
 pytestmark = pytest.mark.slow
