@@ -6,7 +6,12 @@ A generator replica holds `2 x max_batch` requests at a time (all of them runnin
 more may wait at the ingress; past that a request gets 503 at once.
 
 Without `address` a local Ray instance is started and shut down with the server; with it, the application is
-deployed on that cluster and removed from it on exit (the cluster keeps running). Every node that runs a
+deployed on that cluster and removed from it on exit (the cluster keeps running). This runs in the driver process
+(supervise.py: a session of its own, so that a signal to the server's process group reaches this process only).
+
+Stopping (SIGTERM or SIGINT): the ingress stops taking requests (503 JSON at once, /health 503), the requests in
+flight get up to `drain_s` to finish (then each is answered 503 JSON), and the local Ray instance is shut down
+with the application in it (with `address`: only the application is deleted, the cluster keeps running). Every node that runs a
 replica must see the engine directory at the same path (a shared file system), as with any Ray working data.
 """
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ class ServeOptions:
     address: str | None = None
     max_queued: int = 64
     timeout_s: float = 120.0
+    drain_s: float = 3.0
 
     @property
     def max_ongoing(self) -> int:
@@ -58,12 +65,16 @@ def build_app(opts: ServeOptions, class_names):
         Generator, name="Generator", num_replicas=opts.replicas,
         ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
         max_ongoing_requests=opts.max_ongoing, max_queued_requests=opts.max_queued,
-        health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0)
+        health_check_period_s=2.0, health_check_timeout_s=30.0,
+        # the ingress drains the requests before the application is deleted (stop): a replica has nothing left to
+        # wait for then, so it need not poll for work for Serve's default 2 s
+        graceful_shutdown_wait_loop_s=0.2, graceful_shutdown_timeout_s=2.0)
     # the ingress only awaits: it takes far more requests than the generators, so that it is their full queues
     # that refuse a request (a JSON 503 from the ingress), not the HTTP proxy's (a plain-text one)
     admitted = opts.replicas * opts.max_ongoing + opts.max_queued
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=4 * admitted + 64, max_queued_requests=admitted)
+                               max_ongoing_requests=4 * admitted + 64, max_queued_requests=admitted,
+                               graceful_shutdown_wait_loop_s=0.2, graceful_shutdown_timeout_s=2.0)
     engine_dir = str(Path(opts.engine_dir).resolve())
     replica = generator.bind(engine_dir, opts.max_batch, opts.batch_wait_ms / 1000.0, opts.max_ongoing,
                              opts.engine_threads)
@@ -135,34 +146,40 @@ def start(opts: ServeOptions, class_names) -> str:
     return f"http://{host}:{opts.port}"
 
 
-def stop(opts: ServeOptions) -> None:
-    """Remove the application (its replicas finish what they hold) and disconnect; a local Ray instance is shut
-    down. When the local instance's own processes are gone already (SIGTERM sent to the whole process group, as
-    `timeout` or a service manager does), only the disconnect is left to do."""
+def drain(opts: ServeOptions) -> None:
+    """Stop taking requests and give those in flight up to opts.drain_s (then the ingress answers them 503)."""
+    from ray import serve
+
+    began = time.monotonic()
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        outcome = handle.drain.remote(opts.drain_s).result(timeout_s=opts.drain_s + 5.0)
+    except Exception as err:  # noqa: BLE001 - no application (a failed start) or no ingress: nothing to drain
+        log.info("no requests drained (%s)", _line(err))
+        return
+    log.info("drained in %.1f s: %d request(s) finished, %d answered 503", time.monotonic() - began,
+             outcome["finished"], outcome["aborted"])
+
+
+def stop(opts: ServeOptions, deadline_s: float = 10.0) -> None:
+    """After the drain: on a cluster (`address`), delete the application (bounded by `deadline_s`) and disconnect;
+    a local instance is shut down whole, application included: deleting the application first would leave Serve's
+    proxy up without it for a moment, answering plain-text 404s instead of the ingress's JSON 503s. The supervisor
+    kills whatever of the driver's session is left once this process exits."""
     import ray
     from ray import serve
 
-    try:
-        if opts.address is not None:
-            serve.delete(APP_NAME)
-        elif _local_ray_alive():
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
-def _local_ray_alive() -> bool:
-    import time
-
-    time.sleep(0.5)          # a signal sent to the whole group reaches Ray's processes too: let them exit first
-    try:
-        from ray._private import worker
-
-        processes = worker._global_node.all_processes
-        core = [info for kind in ("gcs_server", "raylet") for info in processes.get(kind, [])]
-        return all(info.process.poll() is None for info in core)
-    except Exception:  # noqa: BLE001 - a Ray without these internals: assume alive, shut down the usual way
-        return True
+    began = time.monotonic()
+    if opts.address is not None and ray.is_initialized():
+        step = threading.Thread(target=serve.delete, args=(APP_NAME,), name="serve-delete", daemon=True)
+        step.start()
+        step.join(deadline_s)
+        if step.is_alive():
+            log.warning("Serve did not delete the application within %g s; disconnecting regardless", deadline_s)
+        log.info("application deleted from the cluster in %.1f s", time.monotonic() - began)
+    ray.shutdown()
+    log.info("Ray %s in %.1f s", "disconnected" if opts.address is not None else "shut down",
+             time.monotonic() - began)
 
 
 def run_until_signalled(opts: ServeOptions, class_names, stopping: threading.Event | None = None) -> None:
@@ -190,6 +207,7 @@ def run_until_signalled(opts: ServeOptions, class_names, stopping: threading.Eve
         while not stopping.wait(0.5):
             pass
         log.info("stopping")
+        drain(opts)
     finally:
         starting[0] = False
         try:

@@ -2,9 +2,13 @@
 
 Everything that can be checked before Ray starts is: the option values (finite, in range), the engine directory
 (manifest and every engine file's sha256, as `fastardiff-run` does), and, for a local server, that the port is
-free; a bad one is one `error:` line and exit status 2. Ray is imported only here, inside the command.
+free; a bad one is one `error:` line and exit status 2. Ray is imported only in the driver process the command
+starts (supervise.py), which serves until SIGTERM / SIGINT.
 """
 from __future__ import annotations
+
+import logging
+import sys
 
 import click
 
@@ -34,14 +38,18 @@ from fastardiff.params import Number
 @click.option("--timeout", "timeout_s", type=Number(float, 0.0, 3600.0, low_open=True), default=120.0,
               show_default=True, help="Seconds a request may take (retries after a replica's death included); "
                                       "then 504.")
+@click.option("--drain-timeout", "drain_s", type=Number(float, 0.0, 600.0), default=3.0, show_default=True,
+              help="On SIGTERM / SIGINT: seconds the requests in flight get to finish (then 503) before the server "
+                   "stops; a second signal stops at once.")
 @verbose_option()
 def serve_command(engine_dir, host, port, replicas, max_batch, batch_wait_ms, num_cpus, num_gpus, address, max_queued,
-                  timeout_s):
+                  timeout_s, drain_s):
     """Serve the engines over HTTP on Ray Serve: POST /generate, GET /health."""
     from fastardiff.errors import FastardiffError
     from fastardiff.runtime.manifest import load_manifest, verify_engine_files
 
-    from .app import ServeOptions, run_until_signalled
+    from .app import ServeOptions
+    from .supervise import supervise
 
     if not str(host).strip():
         raise FastardiffError("--host is empty; give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
@@ -52,5 +60,14 @@ def serve_command(engine_dir, host, port, replicas, max_batch, batch_wait_ms, nu
     verify_engine_files(engine_dir, manifest)
     opts = ServeOptions(engine_dir=str(engine_dir), host=host, port=port, replicas=replicas, max_batch=max_batch,
                         batch_wait_ms=batch_wait_ms, num_cpus=num_cpus, num_gpus=num_gpus, address=address,
-                        max_queued=max_queued, timeout_s=timeout_s)
-    run_until_signalled(opts, manifest.config["class_names"])
+                        max_queued=max_queued, timeout_s=timeout_s, drain_s=drain_s)
+    from .app import check_port_free, check_reachable
+
+    if address is None:
+        check_port_free(host, port)
+    else:
+        check_reachable(address)
+    level = logging.getLogger().getEffectiveLevel()
+    code = supervise(opts, manifest.config["class_names"], 1 if level <= logging.DEBUG else 0)
+    if code:
+        sys.exit(code)

@@ -14,10 +14,20 @@ finish): once every request in it has submitted its next call, calls with the sa
 row, cache length; for a rollout also temperature and guidance scale) run as one engine call over all their
 rows, and each request gets its rows back. Every engine call, alone or merged, is padded with copies of a row
 to a multiple of 4 in rows x tokens, where neither the batch size nor a row's place in it changes a row's bits
-(tests/test_serve.py checks the images bit for bit); calls over more than `max_rows` rows are split.
+(tests/test_serve.py checks the images bit for bit); a call over more rows than its engine's profile takes (the
+top of its batch axis in the manifest: `engine_row_limits`) is split, and where not even the fewest rows that
+make a multiple of 4 fit (engines exported for a batch below 4), its calls hold one row each: a request's row
+alone, as when it runs alone.
+A guided rollout or Jacobi round pairs a sample's cond and uncond rows inside one call: where the engine takes
+fewer than 2 rows, a guided request's view has no such engine and its loop drafts step by step instead.
+
+Planning (`--gamma auto`) times the engines: it joins with `exclusive=True`, and while it is in, its calls run
+alone, at once, and every other request's calls wait (the engines are never called by two threads at a time and
+the timing is not another request's).
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -28,10 +38,22 @@ from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, 
 ALIGN = 4          # rows x tokens of every engine call is a multiple of this
 
 
+def engine_row_limits(manifest) -> dict[str, int]:
+    """Rows each engine takes in one call: the top of its profile's batch axis (tokens for a diffusion head), else
+    the manifest's max_batch (times gamma + 1 tokens for a head: every row of a full batch's verify). (Serve's own reading of the profile; runtime/manifest.py may grow one accessor.)"""
+    limits = {}
+    for name, entry in manifest.engines.items():
+        batch = (getattr(entry, "profile", None) or {}).get("batch")
+        tokens = int(getattr(manifest, "gamma", 0) or 0) + 1 if getattr(entry, "kind", "") == "head" else 1
+        limits[name] = max(1, int(batch[-1]) if batch else int(manifest.max_batch) * tokens)
+    return limits
+
+
 @dataclass
 class _Call:
     key: tuple
     arrays: tuple
+    owner: object = None
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -43,30 +65,44 @@ class EngineCallMerger:
     engines `join()` returns, used as a context manager (leaving is what lets the others go on without it)."""
 
     def __init__(self, engines, max_rows: int | None = None):
+        """max_rows: at most this many rows per engine call (never more than the engines' profiles allow)."""
         self.engines = engines
         self.manifest = engines.manifest
-        self.max_rows = max(ALIGN, (max_rows or engines.manifest.max_batch) // ALIGN * ALIGN)
+        self.limits = {name: min(rows, max_rows or rows) for name, rows in engine_row_limits(self.manifest).items()}
         self.engine_calls = 0                     # engine invocations made (merged calls count once)
         self.submitted = 0                        # calls the generate loops made
         self._live = 0
         self._pending: list[_Call] = []
         self._cv = threading.Condition()
+        self._exclusive = None                    # the view that plans: its calls run alone, the others wait
         self._rollouts = getattr(engines, "rollouts", {}) or {}
         self._jacobi = getattr(engines, "target_jacobi", None)
 
-    def join(self) -> "MergedEngines":
-        with self._cv:
-            self._live += 1
-        return MergedEngines(self)
+    def rows(self, name: str) -> int:
+        return self.limits.get(name, self.manifest.max_batch)
 
-    def _leave(self) -> None:
+    def join(self, guided: bool = False, exclusive: bool = False) -> "MergedEngines":
+        """A request's view of the engines (guided: its rows come in cond/uncond pairs). exclusive: a planner's
+        view; it waits for any other planner to leave."""
+        view = MergedEngines(self, guided)
+        with self._cv:
+            if exclusive:
+                self._cv.wait_for(lambda: self._exclusive is None)
+                self._exclusive = view
+            self._live += 1
+        return view
+
+    def _leave(self, view) -> None:
         with self._cv:
             self._live -= 1
+            if self._exclusive is view:
+                self._exclusive = None
+                self._cv.notify_all()
             self._dispatch_if_ready()
 
-    def submit(self, key: tuple, arrays: tuple) -> tuple:
+    def submit(self, key: tuple, arrays: tuple, owner=None) -> tuple:
         """(result, number of calls merged into its engine call)."""
-        call = _Call(key, arrays)
+        call = _Call(key, arrays, owner)
         with self._cv:
             self._pending.append(call)
             self.submitted += 1
@@ -77,9 +113,15 @@ class EngineCallMerger:
         return call.result, call.extra["merged"]
 
     def _dispatch_if_ready(self) -> None:
-        if not self._pending or len(self._pending) < self._live:
+        if self._exclusive is not None:
+            pending = [c for c in self._pending if c.owner is self._exclusive]
+            self._pending = [c for c in self._pending if c.owner is not self._exclusive]
+            if not pending:
+                return
+        elif not self._pending or len(self._pending) < self._live:
             return
-        pending, self._pending = self._pending, []
+        else:
+            pending, self._pending = self._pending, []
         groups: dict[tuple, list[_Call]] = {}
         for call in pending:
             groups.setdefault(call.key, []).append(call)
@@ -109,11 +151,11 @@ class EngineCallMerger:
         axes = _ROW_AXES[name]
         sizes = [len(c.arrays[0]) for c in calls]
         merged = [np.concatenate([c.arrays[i] for c in calls], axis=ax) for i, ax in enumerate(axes)]
-        width = merged[0].shape[1]
+        width, most = merged[0].shape[1], self.rows(name)
         total, outs = sum(sizes), []
-        for lo in range(0, total, self.max_rows):
-            hi = min(total, lo + self.max_rows)
-            take = _aligned_rows(lo, hi, width)
+        for lo in range(0, total, _step(most, width)):
+            hi = min(total, lo + _step(most, width))
+            take = _aligned_rows(lo, hi, width, most)
             part = [np.take(a, take, axis=ax) for a, ax in zip(merged, axes)]
             out = fn(*part)
             self.engine_calls += 1
@@ -136,7 +178,7 @@ class EngineCallMerger:
         sizes = [len(c.arrays[0]) for c in calls]
         z = np.concatenate([c.arrays[0] for c in calls])
         traj = np.concatenate([c.arrays[1] for c in calls])
-        most = self.manifest.max_batch * (int(self.manifest.gamma) + 1)
+        most = self.rows(key[1])
         outs = []
         for lo in range(0, len(z), most):
             outs.append(fn(z[lo: lo + most], traj[lo: lo + most], temperature))
@@ -155,6 +197,7 @@ class EngineCallMerger:
     def _run_sampling(self, key: tuple, calls: list[_Call]) -> list:
         kind, reps, n_sample = key[0], 2 if key[4] else 1, len(key[5])
         fn, wrap = (self._rollouts[key[1]], RolloutOutput) if kind == "rollout" else (self._jacobi, JacobiOutput)
+        most = self.rows(self.manifest.rollout_engines()[key[1]] if kind == "rollout" else "target_jacobi") // reps
         axes = _ROW_AXES["target_verify"]
         samples = [len(c.arrays[5]) for c in calls]
         total = sum(samples)
@@ -166,11 +209,13 @@ class EngineCallMerger:
                    for i, ax in enumerate(axes)]
         sample_in = [np.concatenate([c.arrays[i] for c in calls]) for i in range(5, 5 + n_sample)]
         scalars = calls[0].arrays[5 + n_sample:]
-        step = max(1, self.max_rows // reps)
+        if most < 1:
+            raise RuntimeError(f"engine {kind} takes fewer rows than one guided sample's two")   # join() hides it
+        step = _step(most, reps)
         per_sample, halves = None, [[[] for _ in range(reps)] for _ in range(2)]
         for lo in range(0, total, step):
             hi = min(total, lo + step)
-            take = _aligned_rows(lo, hi, reps)          # samples; rows = reps * samples, a multiple of ALIGN
+            take = _aligned_rows(lo, hi, reps, most)    # samples; rows = reps * samples, a multiple of ALIGN
             rows = np.concatenate([take + h * total for h in range(reps)])
             out = fn(*[np.take(a, rows, axis=ax) for a, ax in zip(rows_in, axes)], *[a[take] for a in sample_in],
                      *scalars)
@@ -192,11 +237,23 @@ class EngineCallMerger:
         return results
 
 
-def _aligned_rows(lo: int, hi: int, width: int) -> np.ndarray:
-    """Indices lo..hi-1, then copies of lo until rows x width is a multiple of ALIGN."""
-    n = hi - lo
-    while (n * width) % ALIGN:
-        n += 1
+def _unit(width: int) -> int:
+    """The fewest rows whose rows x width is a multiple of ALIGN."""
+    return ALIGN // math.gcd(width, ALIGN)
+
+
+def _step(most: int, width: int) -> int:
+    """Rows per piece of a split call: a multiple of _unit(width) up to `most`; 1 where not even one fits (each
+    such call then holds one request's row alone, as it would alone)."""
+    unit = _unit(width)
+    return most // unit * unit if unit <= most else 1
+
+
+def _aligned_rows(lo: int, hi: int, width: int, most: int) -> np.ndarray:
+    """Indices lo..hi-1, then copies of lo until rows x width is a multiple of ALIGN (where that fits in `most`)."""
+    n, unit = hi - lo, _unit(width)
+    if unit <= most:
+        n = -(-n // unit) * unit
     return np.concatenate([np.arange(lo, hi), np.full(n - (hi - lo), lo)])
 
 
@@ -209,9 +266,13 @@ class MergedEngines:
     """The `Engines` interface of one request over an EngineCallMerger; `calls` and `merged` count its engine
     calls and the requests' calls they ran with (itself included)."""
 
-    def __init__(self, merger: EngineCallMerger):
+    def __init__(self, merger: EngineCallMerger, guided: bool = False):
         self._m = merger
         self.manifest = merger.manifest
+        self.guided = guided
+        # what plan_cache keys a plan on: the engines' execution providers and threads
+        self.providers = getattr(merger.engines, "providers", [])
+        self.threads = getattr(merger.engines, "threads", None)
         # the longest cache axis the engines take (runtime/speculative.py AREngine): every request shapes its
         # calls as the engines alone would, so requests of any batch size still merge
         self.cache_limit = getattr(merger.engines, "cache_limit", None)
@@ -225,10 +286,14 @@ class MergedEngines:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._m._leave()
+        self._m._leave(self)
+
+    def _fits_pairs(self, name: str) -> bool:
+        """Whether engine `name` takes this request's rows of one sample (2 with guidance) in one call."""
+        return self._m.rows(name) >= (2 if self.guided else 1)
 
     def _submit(self, key: tuple, arrays: tuple):
-        result, merged = self._m.submit(key, arrays)
+        result, merged = self._m.submit(key, arrays, self)
         self.calls += 1
         self.merged += merged
         return result
@@ -259,7 +324,8 @@ class MergedEngines:
                 return self._submit(self._sampling_key("rollout", g, arrays, 3), arrays)
             return call
 
-        return {g: caller(g) for g in self._m._rollouts}
+        names = self.manifest.rollout_engines()
+        return {g: caller(g) for g in self._m._rollouts if self._fits_pairs(names.get(g, ""))}
 
     def head(self, name: str):
         """Diffusion-head engine `name` (z, traj_noise, temperature) merged with other requests' calls of it."""
@@ -270,6 +336,6 @@ class MergedEngines:
     def target_jacobi(self):
         """target_jacobi(tokens, lengths, k_cache, v_cache, cond, 7 per-sample inputs, temperature, cfg_scale,
         coupling) merged with other requests' rounds of the same shape, or None where the engines have none."""
-        if self._m._jacobi is None:
+        if self._m._jacobi is None or not self._fits_pairs("target_jacobi"):
             return None
         return lambda *arrays: self._submit(self._sampling_key("jacobi", None, arrays, 7), arrays)

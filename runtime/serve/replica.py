@@ -38,6 +38,13 @@ def png_base64(image_uint8: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def internal_error(err: BaseException) -> dict:
+    """The answer to a request that failed inside the server (its traceback is in this replica's log): 503."""
+    message = " ".join(str(err).split())[:300] or "(no message)"
+    return {"error": f"internal error: {type(err).__name__}: {message} (logged on the server); retry later",
+            "status": 503}
+
+
 class Generator:
     """One replica (a Ray Serve deployment class; see app.py for its options)."""
 
@@ -53,12 +60,12 @@ class Generator:
         # host caches: the merger concatenates the requests' caches into one call (no device-resident cache)
         self.engines = load_engines(engine_dir, threads=threads, device_cache=False)
         manifest = self.engines.manifest
-        # ONNX Runtime takes any batch size; other backends keep to the batch their engines were built for
-        max_rows = manifest.max_batch if manifest.backend != "onnxruntime" else max(manifest.max_batch, 64)
-        self.merger = EngineCallMerger(self.engines, max_rows)
+        # every engine call within its engine's profile (merge.engine_row_limits): a batch-1 export gets 1-row calls
+        self.merger = EngineCallMerger(self.engines)
         self.max_batch = max_batch
         self._choices: dict = {}
         self._choice_lock = threading.Lock()
+        self.plans = 0                            # --gamma auto plans made (timed or read from the plan cache)
         self._choice(1.0, DEFAULT_DRAFTS)
         # every request held runs at once: a request waiting for a thread would hold up the merged calls
         self._pool = ThreadPoolExecutor(max_ongoing, thread_name_prefix="fastardiff-generate")
@@ -73,6 +80,7 @@ class Generator:
 
     def health(self) -> dict:
         return {"pid": os.getpid(), "backend": self.engines.manifest.backend, "batches": self.batches,
+                "plans": self.plans, "engine_calls": self.merger.engine_calls,
                 "gamma_auto": {str(k[0]): c.to_dict()["gamma"] for k, c in self._choices.items()}}
 
     async def _run_batch(self, jobs: list[dict]) -> list[dict]:
@@ -87,12 +95,11 @@ class Generator:
         for i, job in enumerate(jobs):
             try:
                 planned.append((i, job["classes"], *self._plan(job)))
-            except FastardiffError as err:
-                results[i] = {"error": str(err), "status": 400}
+            except FastardiffError as err:                   # a setting these engines cannot run
+                results[i] = {"error": str(err), "status": 422}
             except Exception as err:  # noqa: BLE001 - this request fails in one line, the batch goes on
                 log.exception("planning a request failed")
-                results[i] = {"error": f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]}",
-                              "status": 500}
+                results[i] = internal_error(err)
         futures = [(i, self._pool.submit(self._generate, classes, gen, choice)) for i, classes, gen, choice in planned]
         for i, future in futures:
             results[i] = future.result()
@@ -109,37 +116,49 @@ class Generator:
                                job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts))
 
     def _choice(self, cfg_scale: float, drafts: tuple):
-        """`--gamma auto` for this replica: once per guidance scale and draft set, at the batch a busy replica runs
-        (max_batch requests of one image, within the engines' batch); from the user's plan cache when it matches
-        (runtime/plan_cache.py: a restarted or added replica does not time the engines again)."""
+        """`--gamma auto` for this replica: once per guidance scale and draft set, measured at the batch of a busy
+        replica's merged engine calls (max_batch one-image requests, within the engines' profile), so speculation
+        is off in serving where that merged batch is past the point where it pays; from the user's plan cache when
+        it matches (runtime/plan_cache.py: a restarted or added replica does not time the engines again). The
+        timing runs through the merger as its exclusive member: the other requests' engine calls wait meanwhile
+        (never two threads on the engines, never another request's work in the timing). A request's choice does
+        not depend on what it runs with, so its images do not either."""
         key = (float(cfg_scale), tuple(drafts))
         with self._choice_lock:
             if key not in self._choices:
                 from fastardiff.runtime.gamma_auto import choose_gamma
                 from fastardiff.runtime.plan_cache import cached_choice
 
-                per_call = 2 if cfg_scale != 1.0 else 1
-                batch = max(1, min(self.max_batch, self.engines.manifest.max_batch // per_call))
-                self._choices[key], source = cached_choice(
-                    self.engines, batch, cfg_scale, drafts, None,
-                    lambda: choose_gamma(self.engines, batch, cfg_scale, drafts=drafts))
+                batch = self.planning_batch(cfg_scale)
+                with self.merger.join(guided=cfg_scale != 1.0, exclusive=True) as alone:
+                    self._choices[key], source = cached_choice(
+                        alone, batch, cfg_scale, drafts, None,
+                        lambda: choose_gamma(alone, batch, cfg_scale, drafts=drafts))
+                self.plans += 1
                 log.info("replica %d: gamma auto for cfg %g: %s (%s)", os.getpid(), cfg_scale,
                          self._choices[key].reason, source)
             return self._choices[key]
+
+    def planning_batch(self, cfg_scale: float) -> int:
+        """Samples in a busy replica's merged engine call: max_batch requests, within the verify engine's rows."""
+        rows = self.merger.rows("target_verify") // (2 if cfg_scale != 1.0 else 1)
+        return max(1, min(self.max_batch, rows))
 
     def _generate(self, classes, gen, choice) -> dict:
         from fastardiff.runtime.images import to_uint8
         from fastardiff.runtime.speculative import generate
 
         try:
-            with self.merger.join() as engines:
+            with self.merger.join(guided=gen.cfg_scale != 1.0) as engines:
                 images, stats = generate(engines, classes, gen)
         except FastardiffError as err:
-            return {"error": str(err), "status": 500 if isinstance(err, EngineError) else 400}
+            if isinstance(err, EngineError):
+                log.exception("generation failed")
+                return internal_error(err)
+            return {"error": str(err), "status": 422}
         except Exception as err:  # noqa: BLE001 - one line to the client, the traceback to the replica's log
             log.exception("generation failed")
-            message = " ".join(str(err).split())[:300] or "(no message)"
-            return {"error": f"internal error: {type(err).__name__}: {message}", "status": 500}
+            return internal_error(err)
         if choice is not None:
             stats.gamma_choice = choice.to_dict()
         summary = stats.summary()
