@@ -70,6 +70,7 @@ class ExportOptions:
                                   # engine_modules.CacheUpdateInPlace); "auto": the target's KV_UPDATE_DEFAULT
     trt_library: str = "auto"     # trt: tensorrt_rtx | tensorrt | auto (runtime/trt_library.py resolve_library)
     compute_capabilities: tuple = ()   # trt with tensorrt_rtx: the GPUs built for ("8.6", ...); () = its default
+    trt_plugin: str = ""          # trt with tensorrt_rtx: sha256 of the C++ plugin library embedded ("" = none built)
 
 
 @dataclass
@@ -156,10 +157,15 @@ def resolve_trt_options(opts: ExportOptions) -> ExportOptions:
         return opts
     from fastardiff.runtime import trt_library
 
+    from .trt_target import plugin_library_path
+
     library = trt_library.resolve_library(opts.trt_library)
-    caps = (trt_library.parse_compute_capabilities(opts.compute_capabilities) if library.builds_without_gpu
-            else ())
-    return dataclasses.replace(opts, trt_library=library.key, compute_capabilities=tuple(caps))
+    if not library.builds_without_gpu:
+        return dataclasses.replace(opts, trt_library=library.key, compute_capabilities=())
+    plugin = plugin_library_path()   # embedded where built: a rebuilt plugin is a different engine
+    return dataclasses.replace(opts, trt_library=library.key,
+                               compute_capabilities=trt_library.parse_compute_capabilities(opts.compute_capabilities),
+                               trt_plugin=sha256_file(plugin) if plugin.is_file() else "")
 
 
 def resolve_options(opts: ExportOptions) -> ExportOptions:

@@ -264,7 +264,8 @@ def write_back(torch, given, staged) -> None:
     if isinstance(given, torch.Tensor):
         given.copy_(staged)
     else:
-        np.copyto(given, staged.cpu().numpy().astype(given.dtype, copy=False))
+        host = staged if isinstance(staged, np.ndarray) else staged.cpu().numpy()
+        np.copyto(given, host.astype(given.dtype, copy=False))
 
 
 def run_for_loop(runner: TensorRTRunner, arrays, keep: int) -> list:

@@ -132,9 +132,7 @@ def ensure_unversioned_links(library: TensorRTLibrary) -> list[Path]:
 def import_library(library: TensorRTLibrary, purpose: str):
     """Import the library's module (after its unversioned links are in place); MissingDependencyError naming the
     extra when it is absent or is one of the registry's placeholder packages without the API."""
-    if importlib.util.find_spec(library.module) is None:
-        raise MissingDependencyError(library.module, library.extra, purpose)
-    ensure_unversioned_links(library)
+    ensure_unversioned_links(library)        # nothing to do where its libs package is absent
     try:
         module = importlib.import_module(library.module)
     except ImportError:
@@ -150,10 +148,11 @@ def parse_compute_capabilities(text: str | tuple | list | None) -> tuple[str, ..
     if text is None or text == "" or text == ():
         return DEFAULT_COMPUTE_CAPABILITIES
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
-    known = {"7.5", "8.0", "8.6", "8.9", "12.0", "12.1"}
+    known = {"8.0", "8.6", "8.9", "12.0", "12.1"}   # 7.5 is in its enum but fails fp32 GEMM in 1.7
     bad = [t for t in items if t not in known]
     if bad or not items:
-        raise FastardiffError(f"--compute-capability {','.join(bad) or text!r}: TensorRT-RTX builds for "
+        named = ",".join(bad) or repr(text)
+        raise FastardiffError(f"--compute-capability {named}: TensorRT-RTX builds for "
                               f"{', '.join(sorted(known, key=lambda v: float(v)))} (comma-separated; default "
                               f"{','.join(DEFAULT_COMPUTE_CAPABILITIES)})")
     return tuple(dict.fromkeys(items))

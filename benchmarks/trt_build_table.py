@@ -1,0 +1,134 @@
+"""Build every `--target trt` engine of the shipped models with the installed TensorRT library and tabulate it.
+
+For each model (default: the shipped tiny-mnist and tiny-mnist-fast-ardiff checkpoints), KV update (in place, host)
+and precision (fp32, fp16): export each engine's plugin graph (exporter/trt_target.export_engine_graph, the export's
+own code, parity left out), parse and build it (build_engine_file), and record parsed / built / build seconds /
+engine bytes / layers / plugin layers / KV-cache-update layers. The host variant rebuilds only the engines whose
+graph differs from the in-place one (draft_step, target_verify, target_jacobi). The 100-step head_teacher (~5 min
+of one core, ~59k layers) is left out unless --with-teacher.
+
+  .venv/bin/python benchmarks/trt_build_table.py --json docs/trt-build-table.json --markdown docs/trt-build-table.md
+
+Build seconds depend on the machine's load (note it with the figures); bytes and layer counts do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"tiny-mnist": ROOT / "recipes/checkpoints/tiny-mnist.pt",
+          "tiny-mnist-fast-ardiff": ROOT / "recipes/checkpoints/tiny-mnist-fast-ardiff.pt"}
+HOST_ENGINES = ("draft_step", "target_verify", "target_jacobi")
+
+
+def build_variant(ckpt, kv_update: str, precision: str, args, work: Path) -> list[dict]:
+    from fastardiff.errors import FastardiffError
+    from fastardiff.exporter.engine_modules import shape_profiles
+    from fastardiff.exporter.head_engines import HEAD_ENGINES, head_profile
+    from fastardiff.exporter.targets import ExportOptions, engine_modules, resolve_options
+    from fastardiff.exporter.trt_target import TensorRTBuild, build_engine_file, export_engine_graph
+
+    opts = resolve_options(ExportOptions(target="trt", precision=precision, kv_update=kv_update, gamma=args.gamma,
+                                         trt_library=args.trt_library,
+                                         compute_capabilities=tuple(args.compute_capability.split(","))
+                                         if args.compute_capability else ()))
+    built = TensorRTBuild(opts)
+    modules, _ = engine_modules(ckpt, opts)
+    profiles = shape_profiles(ckpt.config, opts.max_batch, opts.gamma)
+    rows = []
+    for name, module in modules.items():
+        if name == "head_teacher" and not args.with_teacher:
+            continue
+        if kv_update == "host" and name not in HOST_ENGINES:
+            continue
+        profile = head_profile(ckpt.config, name, opts.max_batch, opts.gamma) if name in HEAD_ENGINES \
+            else profiles[name]
+        row = {"engine": name, "kv_update": kv_update, "precision": precision, "parsed": False, "built": False}
+        start = time.perf_counter()
+        try:
+            graph = export_engine_graph(ckpt, name, module, profile, work, opts, built)
+            row["export_seconds"] = round(time.perf_counter() - start, 1)
+            row["plugin_nodes"] = graph.plugin_nodes
+            build_engine_file(built, ckpt.config.to_dict(), graph, work, precision)
+            row.update(parsed=True, built=True, **built.stats[name])
+        except FastardiffError as err:
+            row["parsed"] = "could not parse" not in str(err)
+            row["error"] = str(err)[:300]
+        rows.append(row)
+        logging.info("%s %s %s %s: %s", ckpt.config.name, kv_update, precision, name,
+                     {k: row.get(k) for k in ("built", "seconds", "bytes", "plugin_layers", "kv_cache_update_layers")})
+        for leftover in work.glob(f"{name}.*"):
+            leftover.unlink()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | engine | KV update | precision | parsed | built | build s | MB | layers | plugin layers | "
+             "KV-cache-update layers |", "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['engine']} | {r['kv_update']} | {r['precision']} | "
+                     f"{'yes' if r['parsed'] else 'no'} | {'yes' if r['built'] else 'no'} | {r.get('seconds', '-')} | "
+                     f"{r['bytes'] / 1e6:.1f} | {r.get('layers', '-')} | {r.get('plugin_layers', '-')} | "
+                     f"{r.get('kv_cache_update_layers', '-')} |" if r["built"] else
+                     f"| {r['model']} | {r['engine']} | {r['kv_update']} | {r['precision']} | "
+                     f"{'yes' if r['parsed'] else 'no'} | no | - | - | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--kv-update", default="in-place,host")
+    parser.add_argument("--precision", default="fp32,fp16")
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--trt-library", default="tensorrt_rtx")
+    parser.add_argument("--compute-capability", default="")
+    parser.add_argument("--with-teacher", action="store_true", help="also build the 100-step head_teacher")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fastardiff").setLevel(logging.WARNING)
+    from fastardiff.recipes.checkpoint import load_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="trt-table-") as tmp:
+        for model in args.models.split(","):
+            ckpt = load_checkpoint(MODELS[model])
+            for kv_update in args.kv_update.split(","):
+                for precision in args.precision.split(","):
+                    rows += [{"model": model, **r} for r in build_variant(ckpt, kv_update, precision, args,
+                                                                          Path(tmp))]
+    import importlib.metadata as md
+
+    result = {"meta": {"library": args.trt_library, "python": platform.python_version(),
+                       "versions": {d: md.version(d) for d in ("tensorrt_rtx_cu12",) if _installed(d)},
+                       "machine": platform.machine(), "gamma": args.gamma, "with_teacher": args.with_teacher,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, "rows": rows}
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+    failed = [f"{r['model']}/{r['engine']}/{r['kv_update']}/{r['precision']}" for r in rows if not r["built"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} engines built" + (f"; not built: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
