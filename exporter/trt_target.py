@@ -202,7 +202,6 @@ class TensorRTBuild:
 
         self.library = trt_library.resolve_library(opts.trt_library)
         self.trt = require_tensorrt(self.library)
-        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.gpu: dict = {}
         self.capabilities: tuple[str, ...] = ()
         if self.library.builds_without_gpu:
@@ -219,6 +218,7 @@ class TensorRTBuild:
             self.plugin = require_plugin_library()
             self.gpu = require_gpu()
             trt_backend.load_plugin_library(self.trt, self.plugin)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.stats: dict[str, dict] = {}
 
     @property
