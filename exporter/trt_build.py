@@ -164,8 +164,8 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
                  timing_cache: Path | None, label: str, library: TensorRTLibrary | None = None,
                  compute_capabilities=(), embed_plugin: Path | None = None) -> dict:
     """Parse `onnx_path`, build for `shapes` (input -> (min, opt, max)) and write the serialized engine to
-    `engine_path` (atomically). Returns the build's figures: seconds, bytes, layer counts, progress callbacks.
-    library None: standard TensorRT (timing cache at `timing_cache`)."""
+    `engine_path` (atomically). Returns the build's figures: seconds, bytes, layer counts, progress callbacks,
+    whether the plugin library was embedded. library None: standard TensorRT (timing cache at `timing_cache`)."""
     start = time.perf_counter()
     builder = trt.Builder(logger)
     network, parser = parse_network(trt, logger, builder, onnx_path)
@@ -181,7 +181,7 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
     if library is None or library.timing_cache:
         cache = attach_timing_cache(config, timing_cache, label)
     configure_targets(trt, config, library, compute_capabilities)
-    if embed_plugin is not None:
+    if embed_plugin is not None and counts["plugin_layers"]:   # only engines that have plugin layers carry it
         config.plugins_to_serialize = [str(embed_plugin)]
     monitor = make_progress_monitor(trt)(label)
     config.progress_monitor = monitor
@@ -193,4 +193,5 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
     if cache is not None:
         save_timing_cache(config, timing_cache, label)
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": len(data), **counts,
-            "progress_callbacks": monitor.calls}
+            "progress_callbacks": monitor.calls,
+            "plugin_embedded": bool(embed_plugin is not None and counts["plugin_layers"])}

@@ -236,56 +236,62 @@ from fastardiff.exporter import trt_graph
 from fastardiff.exporter.trt_build import build_engine
 from fastardiff.runtime import trt_library
 
-kind, scale, out = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+creator, plugin, jobs = sys.argv[1], sys.argv[2], sys.argv[3:]
 library = trt_library.TRT_LIBRARIES["tensorrt_rtx"]
 trt = trt_library.import_library(library, "test")
-if kind == "cpp":
-    trt.get_plugin_registry().load_library(sys.argv[4])
+if creator == "cpp":
+    trt.get_plugin_registry().load_library(plugin)
 else:
     from fastardiff.exporter.trt_plugin_creator import register_build_creator
     assert register_build_creator(trt)
 trt_graph.register_onnx_schema()
 f = TensorProto.FLOAT
-node = helper.make_node("EntropyAttention", ["q", "k", "v", "lengths"], ["out", "entropy"], domain="fastardiff",
-                        scale=scale, normalize=1, in_buffer=1, plugin_namespace="fastardiff", plugin_version="1")
-io = [helper.make_tensor_value_info(n, f, [2, 4, 3 if n == "q" else 8, 16]) for n in "qkv"]
-io.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, [2]))
-graph = helper.make_graph([node], "one", io, [helper.make_tensor_value_info("out", f, [2, 4, 3, 16]),
-                                              helper.make_tensor_value_info("entropy", f, [2, 4, 3])])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fastardiff", 1)])
-onnx.save(model, str(out.with_suffix(".onnx")))
-embed = Path(sys.argv[4]) if kind == "embed" else None
-build_engine(trt, trt.Logger(trt.Logger.ERROR), out.with_suffix(".onnx"), out, {}, "fp32", None, kind, library,
-             ("8.6",), embed)
+for job in jobs:                       # scale:embed(0/1):engine path
+    scale, embed, out = job.split(":", 2)
+    out = Path(out)
+    node = helper.make_node("EntropyAttention", ["q", "k", "v", "lengths"], ["out", "entropy"], domain="fastardiff",
+                            scale=float(scale), normalize=1, in_buffer=1, plugin_namespace="fastardiff",
+                            plugin_version="1")
+    io = [helper.make_tensor_value_info(n, f, [2, 4, 3 if n == "q" else 8, 16]) for n in "qkv"]
+    io.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, [2]))
+    graph = helper.make_graph([node], "one", io, [helper.make_tensor_value_info("out", f, [2, 4, 3, 16]),
+                                                  helper.make_tensor_value_info("entropy", f, [2, 4, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fastardiff", 1)])
+    onnx.save(model, str(out.with_suffix(".onnx")))
+    build_engine(trt, trt.Logger(trt.Logger.ERROR), out.with_suffix(".onnx"), out, {}, "fp32", None, out.stem,
+                 library, ("8.6",), Path(plugin) if embed == "1" else None)
 """
 
 
-def _creator_engine(tmp_path, kind, scale, library=""):
-    out = tmp_path / f"{kind}-{scale}.engine"
-    proc = subprocess.run([sys.executable, "-c", CREATOR_SCRIPT, kind, str(scale), str(out), library],
+def _creator_engines(tmp_path, creator, jobs, plugin=""):
+    """Build one-node engines in a fresh process (one creator per registry): jobs = [(scale, embed)] -> bytes."""
+    outs = [tmp_path / f"{creator}-{i}.engine" for i in range(len(jobs))]
+    args = [f"{scale}:{int(embed)}:{out}" for (scale, embed), out in zip(jobs, outs)]
+    proc = subprocess.run([sys.executable, "-c", CREATOR_SCRIPT, creator, plugin, *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return out.read_bytes()
-
-
-def test_python_creator_serializes_what_its_fields_say(tmp_path):
-    """One plugin node built with the Python build-time creator: its scale is in the engine (another scale,
-    another engine), and the same scale gives the same bytes (deterministic, so the C++ comparison can hold)."""
-    first = _creator_engine(tmp_path, "py", 0.25)
-    assert first[:4] == b"vtrt"
-    assert _creator_engine(tmp_path, "py", 0.25) == first
-    assert _creator_engine(tmp_path, "py", 0.5) != first
+    return [out.read_bytes() for out in outs]
 
 
 PLUGIN = ROOT / "build" / "plugin" / "libfastardiff_trt_plugin.so"
 
 
+def test_python_creator_serializes_what_its_fields_say(tmp_path):
+    """One plugin node built with the Python build-time creator: its scale is in the engine (another scale,
+    another engine), and the same scale gives the same bytes (deterministic, so the C++ comparison can hold);
+    where the C++ library is built, embedding it (plugins_to_serialize) puts it in the engine."""
+    embed = PLUGIN.is_file()
+    first, again, other, *embedded = _creator_engines(
+        tmp_path, "py", [(0.25, False), (0.25, False), (0.5, False)] + [(0.25, True)] * embed, str(PLUGIN))
+    assert first[:4] == b"vtrt" and again == first and other != first
+    if embed:
+        assert embedded[0][:4] == b"vtrt" and len(embedded[0]) > len(first) + PLUGIN.stat().st_size // 2
+
+
 @pytest.mark.skipif(not PLUGIN.is_file(), reason="C++ plugin not built (cmake with TensorRT headers: docs/tensorrt.md)")
 def test_cpp_and_python_creators_serialize_the_same_fields(tmp_path):
     """The same one-node graph built with the C++ creator (libfastardiff_trt_plugin.so) and with the Python one
-    gives byte-identical engines: same name, version, namespace and serialized fields; embedding the library
-    (plugins_to_serialize) adds it to the engine."""
-    python = _creator_engine(tmp_path, "py", 0.25)
-    assert _creator_engine(tmp_path, "cpp", 0.25, str(PLUGIN)) == python
-    embedded = _creator_engine(tmp_path, "embed", 0.25, str(PLUGIN))
-    assert embedded[:4] == b"vtrt" and len(embedded) > len(python) + PLUGIN.stat().st_size // 2
+    gives byte-identical engines: same name, version, namespace and serialized fields."""
+    (python,) = _creator_engines(tmp_path, "py", [(0.25, False)])
+    cpp, cpp_other = _creator_engines(tmp_path, "cpp", [(0.25, False), (0.5, False)], str(PLUGIN))
+    assert cpp == python and cpp_other != python
