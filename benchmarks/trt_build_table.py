@@ -9,7 +9,10 @@ of one core, ~59k layers) is left out unless --with-teacher.
 
   .venv/bin/python benchmarks/trt_build_table.py --json docs/trt-build-table.json --markdown docs/trt-build-table.md
 
-Build seconds depend on the machine's load (note it with the figures); bytes and layer counts do not.
+--variants picks KV-update:precision pairs (default all four); --from-manifest DIR adds the rows of an engine
+directory `fastardiff-export --target trt` wrote (its manifest's export.trt figures: in place, the export's
+precision). The JSON is rewritten after every engine, so an interrupted run keeps what it built. Build seconds
+depend on the machine's load (note it with the figures); bytes and layer counts do not.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ MODELS = {"tiny-mnist": ROOT / "recipes/checkpoints/tiny-mnist.pt",
 HOST_ENGINES = ("draft_step", "target_verify", "target_jacobi")
 
 
-def build_variant(ckpt, kv_update: str, precision: str, args, work: Path) -> list[dict]:
+def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row=None) -> list[dict]:
     from fastardiff.errors import FastardiffError
     from fastardiff.exporter.engine_modules import shape_profiles
     from fastardiff.exporter.head_engines import HEAD_ENGINES, head_profile
@@ -62,11 +65,30 @@ def build_variant(ckpt, kv_update: str, precision: str, args, work: Path) -> lis
             row["parsed"] = "could not parse" not in str(err)
             row["error"] = str(err)[:300]
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
         logging.info("%s %s %s %s: %s", ckpt.config.name, kv_update, precision, name,
                      {k: row.get(k) for k in ("built", "seconds", "bytes", "plugin_layers", "kv_cache_update_layers")})
         for leftover in work.glob(f"{name}.*"):
             leftover.unlink()
     return rows
+
+
+def manifest_rows(engine_dir: Path) -> list[dict]:
+    """Rows from an export's manifest (every engine it built, with the export's own figures)."""
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    trt = data["export"]["trt"]
+    model = data["config"].get("name", engine_dir.name)
+    kv = "in-place" if data["export"].get("kv_update", "").startswith("in place") else "host"
+    return [{"model": model, "engine": name, "kv_update": kv, "precision": data["precision"], "parsed": True,
+             "built": True, "source": f"fastardiff-export manifest ({engine_dir.name})", **stats}
+            for name, stats in trt["engines"].items()]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def markdown(result: dict) -> str:
@@ -85,12 +107,16 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--kv-update", default="in-place,host")
-    parser.add_argument("--precision", default="fp32,fp16")
+    parser.add_argument("--variants", default="in-place:fp32,in-place:fp16,host:fp32,host:fp16",
+                        help="KV-update:precision pairs, comma-separated")
+    parser.add_argument("--from-manifest", type=Path, action="append", default=[],
+                        help="also take the rows of this export's manifest (repeatable)")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--trt-library", default="tensorrt_rtx")
     parser.add_argument("--compute-capability", default="")
     parser.add_argument("--with-teacher", action="store_true", help="also build the 100-step head_teacher")
+    parser.add_argument("--from-json", type=Path, action="append", default=[],
+                        help="also take the rows of an earlier run's JSON (repeatable: to merge runs)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
@@ -98,23 +124,32 @@ def main(argv=None) -> int:
     logging.getLogger("fastardiff").setLevel(logging.WARNING)
     from fastardiff.recipes.checkpoint import load_checkpoint
 
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="trt-table-") as tmp:
-        for model in args.models.split(","):
-            ckpt = load_checkpoint(MODELS[model])
-            for kv_update in args.kv_update.split(","):
-                for precision in args.precision.split(","):
-                    rows += [{"model": model, **r} for r in build_variant(ckpt, kv_update, precision, args,
-                                                                          Path(tmp))]
     import importlib.metadata as md
 
-    result = {"meta": {"library": args.trt_library, "python": platform.python_version(),
-                       "versions": {d: md.version(d) for d in ("tensorrt_rtx_cu12",) if _installed(d)},
-                       "machine": platform.machine(), "gamma": args.gamma, "with_teacher": args.with_teacher,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, "rows": rows}
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(result))
+    meta = {"library": args.trt_library, "python": platform.python_version(),
+            "versions": {d: md.version(d) for d in ("tensorrt_rtx_cu12",) if _installed(d)},
+            "machine": platform.machine(), "gamma": args.gamma, "with_teacher": args.with_teacher,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rows = [r for d in args.from_manifest for r in manifest_rows(d)]
+    rows += [r for f in args.from_json for r in json.loads(f.read_text())["rows"]]
+
+    def save():
+        result = {"meta": meta, "rows": rows}
+        write_atomically(args.json, json.dumps(result, indent=1) + "\n")
+        if args.markdown:
+            write_atomically(args.markdown, markdown(result))
+
+    with tempfile.TemporaryDirectory(prefix="trt-table-") as tmp:
+        for model in filter(None, args.models.split(",")):
+            ckpt = load_checkpoint(MODELS[model])
+            for variant in args.variants.split(","):
+                kv_update, precision = variant.split(":")
+                def keep(row, model=model):
+                    rows.append({"model": model, **row})
+                    save()
+
+                build_variant(ckpt, kv_update, precision, args, Path(tmp), keep)
+    save()
     failed = [f"{r['model']}/{r['engine']}/{r['kv_update']}/{r['precision']}" for r in rows if not r["built"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} engines built" + (f"; not built: {failed}" if failed else ""))
     return 1 if failed else 0

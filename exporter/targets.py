@@ -178,6 +178,8 @@ def resolve_options(opts: ExportOptions) -> ExportOptions:
     if (opts.target == "trt" and not opts.onnx_only and opts.trt_library == "tensorrt"
             and not trt_takes_in_place(installed_trt_version())):
         choice = "host"
+    if opts.precision != "fp32":
+        choice = "host"      # the in-place graphs update the fp32 interface buffers; a cast graph would update a copy
     return dataclasses.replace(opts, kv_update=choice)
 
 
@@ -199,6 +201,10 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
     if opts.kv_update == "in-place" and opts.target not in ("onnx", "aoti", "trt"):
         raise FastardiffError(f"--kv-update in-place is built for --target onnx, aoti and trt; --target "
                               f"{opts.target} keeps --kv-update host")
+    if opts.kv_update == "in-place" and opts.target == "trt" and opts.precision != "fp32":
+        raise FastardiffError(f"--kv-update in-place with --precision {opts.precision} is not built for --target trt "
+                              "(the KV-cache-update layers would write a cast copy of the runtime's fp32 cache, not "
+                              "the cache itself); use --kv-update host (the default at this precision) or fp32")
     if (opts.kv_update == "in-place" and opts.target == "trt" and not opts.onnx_only
             and opts.trt_library == "tensorrt"):   # TensorRT-RTX takes TensorScatter in every release
         version = installed_trt_version()

@@ -295,3 +295,17 @@ def test_cpp_and_python_creators_serialize_the_same_fields(tmp_path):
     (python,) = _creator_engines(tmp_path, "py", [(0.25, False)])
     cpp, cpp_other = _creator_engines(tmp_path, "cpp", [(0.25, False), (0.5, False)], str(PLUGIN))
     assert cpp == python and cpp_other != python
+
+
+def test_fp16_builds_keep_the_cache_update_on_the_host(tiny_config):
+    """An fp16 graph casts the runtime's fp32 caches, so its KV-cache-update layers would write the cast copy:
+    `auto` picks host there, and in-place is refused with one line."""
+    import dataclasses
+
+    from fastardiff.exporter.targets import ExportOptions, check_options, resolve_options
+
+    opts = resolve_options(ExportOptions(target="trt", precision="fp16", trt_library="tensorrt_rtx"))
+    assert opts.kv_update == "host"
+    assert resolve_options(ExportOptions(target="trt", trt_library="tensorrt_rtx")).kv_update == "in-place"
+    with pytest.raises(FastardiffError, match="in-place with --precision fp16 is not built for --target trt"):
+        check_options(tiny_config, dataclasses.replace(opts, kv_update="in-place"))
