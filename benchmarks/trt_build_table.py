@@ -4,8 +4,9 @@ For each model (default: the shipped tiny-mnist and tiny-mnist-fast-ardiff check
 and precision (fp32, fp16): export each engine's plugin graph (exporter/trt_target.export_engine_graph, the export's
 own code, parity left out), parse and build it (build_engine_file), and record parsed / built / build seconds /
 engine bytes / layers / plugin layers / KV-cache-update layers. The host variant rebuilds only the engines whose
-graph differs from the in-place one (draft_step, target_verify, target_jacobi). The 100-step head_teacher (~5 min
-of one core, ~59k layers) is left out unless --with-teacher.
+graph differs from the in-place one (draft_step, target_verify, target_jacobi) at fp32; at fp16 the host form is the
+default (an in-place fp16 graph is not built: it would update a cast copy of the cache), so every engine is built
+there. The 100-step head_teacher (~5-10 min of one core, ~59k layers) is left out unless --with-teacher.
 
   .venv/bin/python benchmarks/trt_build_table.py --json docs/trt-build-table.json --markdown docs/trt-build-table.md
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -28,20 +30,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tiny-mnist": ROOT / "recipes/checkpoints/tiny-mnist.pt",
           "tiny-mnist-fast-ardiff": ROOT / "recipes/checkpoints/tiny-mnist-fast-ardiff.pt"}
-HOST_ENGINES = ("draft_step", "target_verify", "target_jacobi")
+HOST_ENGINES = ("draft_step", "target_verify", "target_jacobi")   # the engines whose host form differs
 
 
 def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row=None) -> list[dict]:
     from fastardiff.errors import FastardiffError
     from fastardiff.exporter.engine_modules import shape_profiles
     from fastardiff.exporter.head_engines import HEAD_ENGINES, head_profile
-    from fastardiff.exporter.targets import ExportOptions, engine_modules, resolve_options
+    from fastardiff.exporter.targets import ExportOptions, check_options, engine_modules, resolve_options
     from fastardiff.exporter.trt_target import TensorRTBuild, build_engine_file, export_engine_graph
 
     opts = resolve_options(ExportOptions(target="trt", precision=precision, kv_update=kv_update, gamma=args.gamma,
                                          trt_library=args.trt_library,
                                          compute_capabilities=tuple(args.compute_capability.split(","))
                                          if args.compute_capability else ()))
+    try:
+        check_options(ckpt.config, opts)
+    except FastardiffError as err:        # e.g. in-place fp16: recorded as not built, with the reason
+        row = {"engine": "(every engine)", "kv_update": kv_update, "precision": precision, "parsed": False,
+               "built": False, "error": str(err)}
+        if on_row is not None:
+            on_row(row)
+        return [row]
     built = TensorRTBuild(opts)
     modules, _ = engine_modules(ckpt, opts)
     profiles = shape_profiles(ckpt.config, opts.max_batch, opts.gamma)
@@ -49,7 +59,9 @@ def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row
     for name, module in modules.items():
         if name == "head_teacher" and not args.with_teacher:
             continue
-        if kv_update == "host" and name not in HOST_ENGINES:
+        if kv_update == "host" and precision == "fp32" and name not in HOST_ENGINES:
+            continue          # the same graph as the in-place fp32 build (the default at fp32)
+        if args.engines and name not in args.engines.split(","):
             continue
         profile = head_profile(ckpt.config, name, opts.max_batch, opts.gamma) if name in HEAD_ENGINES \
             else profiles[name]
@@ -64,6 +76,9 @@ def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row
         except FastardiffError as err:
             row["parsed"] = "could not parse" not in str(err)
             row["error"] = str(err)[:300]
+        except Exception as err:  # the ONNX export itself failed (torch.export / onnx): no graph to parse
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])[:240]   # no terminal colours
+            row["error"] = f"ONNX export failed: {type(err).__name__}: {first}"
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -74,15 +89,18 @@ def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row
     return rows
 
 
-def manifest_rows(engine_dir: Path) -> list[dict]:
-    """Rows from an export's manifest (every engine it built, with the export's own figures)."""
+def manifest_rows(spec: str) -> list[dict]:
+    """Rows from an export's manifest: DIR (every engine it built) or DIR:engine,engine (only those), with the
+    export's own figures."""
+    path, _, only = spec.partition(":")
+    engine_dir = Path(path)
     data = json.loads((engine_dir / "manifest.json").read_text())
     trt = data["export"]["trt"]
     model = data["config"].get("name", engine_dir.name)
     kv = "in-place" if data["export"].get("kv_update", "").startswith("in place") else "host"
     return [{"model": model, "engine": name, "kv_update": kv, "precision": data["precision"], "parsed": True,
              "built": True, "source": f"fastardiff-export manifest ({engine_dir.name})", **stats}
-            for name, stats in trt["engines"].items()]
+            for name, stats in trt["engines"].items() if not only or name in only.split(",")]
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -92,28 +110,35 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def markdown(result: dict) -> str:
+    """One row per engine build; engines taken from an export's manifest are marked (export), failures listed."""
     lines = ["| model | engine | KV update | precision | parsed | built | build s | MB | layers | plugin layers | "
              "KV-cache-update layers |", "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['engine']} | {r['kv_update']} | {r['precision']} | "
-                     f"{'yes' if r['parsed'] else 'no'} | {'yes' if r['built'] else 'no'} | {r.get('seconds', '-')} | "
-                     f"{r['bytes'] / 1e6:.1f} | {r.get('layers', '-')} | {r.get('plugin_layers', '-')} | "
-                     f"{r.get('kv_cache_update_layers', '-')} |" if r["built"] else
-                     f"| {r['model']} | {r['engine']} | {r['kv_update']} | {r['precision']} | "
-                     f"{'yes' if r['parsed'] else 'no'} | no | - | - | - | - | - |")
-    return "\n".join(lines) + "\n"
+    notes = []
+    order = {"in-place": 0, "host": 1}
+    rows = sorted(result["rows"], key=lambda r: (r["model"], order.get(r["kv_update"], 2), r["precision"]))
+    for r in rows:
+        name = r["engine"] + (" (export)" if r.get("source") else "")
+        head = f"| {r['model']} | {name} | {r['kv_update']} | {r['precision']} | {'yes' if r['parsed'] else 'no'} | "
+        if r["built"]:
+            lines.append(head + f"yes | {r['seconds']} | {r['bytes'] / 1e6:.1f} | {r['layers']} | "
+                         f"{r['plugin_layers']} | {r['kv_cache_update_layers']} |")
+        else:
+            lines.append(head + "no | - | - | - | - | - |")
+            notes.append(f"- {r['model']} {r['engine']} {r['kv_update']} {r['precision']}: {r.get('error', '')}")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--variants", default="in-place:fp32,in-place:fp16,host:fp32,host:fp16",
+    parser.add_argument("--variants", default="in-place:fp32,host:fp32,host:fp16",
                         help="KV-update:precision pairs, comma-separated")
-    parser.add_argument("--from-manifest", type=Path, action="append", default=[],
-                        help="also take the rows of this export's manifest (repeatable)")
+    parser.add_argument("--from-manifest", action="append", default=[], metavar="DIR[:ENGINES]",
+                        help="also take the rows of this export's manifest, or of the engines named (repeatable)")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--trt-library", default="tensorrt_rtx")
     parser.add_argument("--compute-capability", default="")
+    parser.add_argument("--engines", default="", help="only these engines (comma-separated; default all)")
     parser.add_argument("--with-teacher", action="store_true", help="also build the 100-step head_teacher")
     parser.add_argument("--from-json", type=Path, action="append", default=[],
                         help="also take the rows of an earlier run's JSON (repeatable: to merge runs)")
