@@ -38,7 +38,8 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
                    "one buffer per layer, TensorScatter bound by IOBinding, attention over the buffer; trt: the same "
                    "graph, TensorScatter parsed into IKVCacheUpdateLayer, TensorRT 10.15+; aoti: an in-place "
                    "scatter_) instead of the runtime writing them. 'auto': in-place for onnx (measured as fast at "
-                   "batch 1 and faster at batch 8) and trt (10.15+; host below), host for aoti.")
+                   "batch 1 and faster at batch 8) and trt (10.15+ / TensorRT-RTX; host below), host for aoti; host at "
+                   "fp16/bf16 (the cast graph would update a copy of the fp32 cache).")
 @click.option("--trt-library", type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]), default="auto",
               show_default=True,
               help="trt: TensorRT-RTX (builds on any machine, no GPU, for --compute-capability) or TensorRT (builds on "
