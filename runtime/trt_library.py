@@ -153,8 +153,9 @@ def parse_compute_capabilities(text: str | tuple | list | None) -> tuple[str, ..
     if bad or not items:
         named = ",".join(bad) or repr(text)
         raise FastardiffError(f"--compute-capability {named}: TensorRT-RTX builds for "
-                              f"{', '.join(sorted(known, key=lambda v: float(v)))} (comma-separated; default "
-                              f"{','.join(DEFAULT_COMPUTE_CAPABILITIES)})")
+                              f"{', '.join(sorted(known, key=float))} (comma-separated; default "
+                              f"{','.join(DEFAULT_COMPUTE_CAPABILITIES)}); for other GPUs (e.g. H100, 9.0) build "
+                              "with standard TensorRT on that GPU: --trt-library tensorrt")
     return tuple(dict.fromkeys(items))
 
 
