@@ -38,7 +38,7 @@ from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
 from .trt_library import TRT_LIBRARIES, TensorRTLibrary, import_library
 from .trt_rtx_runtime import RuntimeCache, check_compute_capability, check_engine_validity, manifest_library
-from .trt_rtx_runtime import runtime_cache_path
+from .trt_rtx_runtime import pad_cache_axis, runtime_cache_path, static_cache_length
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -395,22 +395,6 @@ def run_engine(runner: TensorRTRunner, entry, arrays: tuple, device_cache: bool)
         for target, staged in zip(given, per_layer):
             write_back(runner.torch, target, staged[:, :, :target.shape[2]])
     return outs[:len(outs) - 2 * layers]
-
-
-def static_cache_length(entry) -> int:
-    """The engine's static cache axis length (profile cache min = max, an in-place TensorRT-RTX engine), or 0."""
-    cache = (entry.profile or {}).get("cache")
-    return int(cache[0]) if entry.cache_layers and cache and cache[0] == cache[-1] else 0
-
-
-def pad_cache_axis(torch, layer, length: int):
-    """A copy of one cache layer [R, H, S, Dh] with its axis 2 grown to `length` (zeros past S)."""
-    if isinstance(layer, torch.Tensor):
-        out = layer.new_zeros((*layer.shape[:2], length, layer.shape[3]))
-    else:
-        out = np.zeros((*layer.shape[:2], length, layer.shape[3]), layer.dtype)
-    out[:, :, :layer.shape[2]] = layer
-    return out
 
 
 def load_tensorrt_engines(engine_dir, manifest: Manifest, **options) -> TensorRTEngines:

@@ -9,6 +9,8 @@ one file per engine and GPU, so a second load does not compile again. Before any
     unsupported compute capability, an old CUDA driver, too little memory, a damaged file).
 An engine that embeds the C++ plugin library needs Runtime.engine_host_code_allowed (off by default); it is turned
 on only for engines whose manifest records the embedded plugin, after their sha256 has been verified.
+An in-place engine's cache axis is static (its KV-cache-update layer needs that): static_cache_length reads it from
+the manifest entry and pad_cache_axis gives a shorter caller buffer that length for the call.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+
+import numpy as np
 
 from fastardiff.errors import EngineError
 
@@ -127,3 +131,19 @@ class RuntimeCache:
             log.warning("%s: runtime cache not kept (%s): the next load compiles again", self.label, err)
             return False
         return True
+
+
+def static_cache_length(entry) -> int:
+    """The engine's static cache axis length (profile cache min = max, an in-place TensorRT-RTX engine), or 0."""
+    cache = (entry.profile or {}).get("cache")
+    return int(cache[0]) if entry.cache_layers and cache and cache[0] == cache[-1] else 0
+
+
+def pad_cache_axis(torch, layer, length: int):
+    """A copy of one cache layer [R, H, S, Dh] with its axis 2 grown to `length` (zeros past S)."""
+    if isinstance(layer, torch.Tensor):
+        out = layer.new_zeros((*layer.shape[:2], length, layer.shape[3]))
+    else:
+        out = np.zeros((*layer.shape[:2], length, layer.shape[3]), layer.dtype)
+    out[:, :, :layer.shape[2]] = layer
+    return out
