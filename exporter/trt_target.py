@@ -46,8 +46,7 @@ from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
-from .trt_build import (attach_timing_cache, build_engine, configure_precision, make_progress_monitor,  # noqa: F401
-                        network_flags, save_timing_cache, timing_cache_path)
+from .trt_build import build_engine, timing_cache_path
 from .trt_onnx_fixes import sequences_to_slices, static_cache_axis
 
 log = logging.getLogger("fastardiff.export")
