@@ -15,6 +15,12 @@
 #                          batch 1/8/64
 #   pipeline-mar-*-aoti    the same on AOTInductor engines (CUDA), batch 1/8, in the     pipeline-mar-*-aoti.json
 #                          time left (compiling a 24/32-layer target takes minutes)
+#   trt-rtx-export         TensorRT-RTX engines built ahead of time for this GPU's       logs/trt-rtx-export.log
+#                          compute capability (skipped without tensorrt_rtx)
+#   trt-rtx-run / -again   those engines deserialised and run (validity check, JIT,       trt-rtx-run.png
+#                          runtime cache written; the second run reads the cache)
+#   ort-trt-rtx-ep         the onnx engines on ONNX Runtime's TensorRT-RTX plugin EP     ort-trt-rtx-ep.png
+#                          (skipped without onnxruntime-ep-nv-tensorrt-rtx)
 #   report                 measured copy bandwidth, target_verify step time / weight-    report.json, *.png
 #                          bandwidth floor per model, backend and batch; the plots
 #
@@ -322,6 +328,33 @@ if [[ "$DEVICE" == cuda ]]; then
     run_step "pipeline-$model-aoti" 150 "random weights, AOTInductor engines compiled for CUDA" \
       "${BENCH[@]}" --device cuda --config "$model" --no-torch --batch 1,8 --json "$OUT/pipeline-$model-aoti.json"
   done
+  # TensorRT for RTX: built here for this GPU, then loaded (validity, JIT, runtime cache in $XDG_CACHE_HOME) and run.
+  # Its engines carry the C++ plugin only where build/plugin/libfastardiff_trt_plugin.so was built (CMakeLists.txt,
+  # TensorRT headers); otherwise FASTARDIFF_TRT_PLUGIN must name it for the run steps.
+  if "$PYTHON" -c "import tensorrt_rtx" >/dev/null 2>&1; then
+    CC=$("$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+    export XDG_CACHE_HOME="$WORK/cache"
+    run_step trt-rtx-export 240 "TensorRT-RTX ahead-of-time build for compute capability $CC" \
+      "$PYTHON" -m fastardiff export --target trt --trt-library tensorrt_rtx --compute-capability "$CC" --gamma 2 \
+      --out "$WORK/trt-rtx"
+    run_step trt-rtx-run 120 "TensorRT-RTX engines run (first load: JIT, runtime cache written)" \
+      "$PYTHON" -m fastardiff run --engine "$WORK/trt-rtx" --prompt 3,7 --device cuda --gamma 2 \
+      --out "$OUT/trt-rtx-run.png"
+    run_step trt-rtx-run-again 90 "second load: the runtime cache of the first is read" \
+      "$PYTHON" -m fastardiff run --engine "$WORK/trt-rtx" --prompt 3,7 --device cuda --gamma 2 \
+      --out "$OUT/trt-rtx-run-again.png"
+  else
+    skip_step trt-rtx-export "tensorrt_rtx is not installed (pip install 'fastardiff[trt-rtx]')"
+  fi
+  if "$PYTHON" -c "import onnxruntime_ep_nv_tensorrt_rtx" >/dev/null 2>&1; then
+    run_step ort-trt-rtx-export 240 "onnx engines for ONNX Runtime's TensorRT-RTX EP" \
+      "$PYTHON" -m fastardiff export --target onnx --gamma 2 --out "$WORK/onnx"
+    run_step ort-trt-rtx-ep 150 "onnx engines on ONNX Runtime's TensorRT-RTX plugin EP (--device cuda)" \
+      "$PYTHON" -m fastardiff run --engine "$WORK/onnx" --prompt 3,7 --device cuda --gamma 2 \
+      --out "$OUT/ort-trt-rtx-ep.png"
+  else
+    skip_step ort-trt-rtx-ep "onnxruntime-ep-nv-tensorrt-rtx-cu12 is not installed"
+  fi
 elif [[ "${GPU_CHECK_DRY_PIPELINE:-0}" == 1 ]]; then
   run_step pipeline-dry-cpu 600 "dry run: random-weight tiny-mnist-small, torch on CPU (CPU figures)" \
     "$PYTHON" "$WORK/bench.py" pipeline --gamma 1 --jacobi none --repeats 1 --device cpu --config tiny-mnist-small \

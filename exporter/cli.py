@@ -38,11 +38,19 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
                    "one buffer per layer, TensorScatter bound by IOBinding, attention over the buffer; trt: the same "
                    "graph, TensorScatter parsed into IKVCacheUpdateLayer, TensorRT 10.15+; aoti: an in-place "
                    "scatter_) instead of the runtime writing them. 'auto': in-place for onnx (measured as fast at "
-                   "batch 1 and faster at batch 8) and trt (10.15+; host below), host for aoti.")
+                   "batch 1 and faster at batch 8) and trt (10.15+ / TensorRT-RTX; host below), host for aoti; host at "
+                   "fp16/bf16 (the cast graph would update a copy of the fp32 cache).")
+@click.option("--trt-library", type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]), default="auto",
+              show_default=True,
+              help="trt: TensorRT-RTX (builds on any machine, no GPU, for --compute-capability) or TensorRT (builds on "
+                   "and for the GPU here). auto: TensorRT where it is installed and a GPU is present, else TensorRT-RTX.")
+@click.option("--compute-capability", "compute_capabilities", default="", metavar="8.6,8.9,...",
+              help="trt with TensorRT-RTX: the GPU architectures to build for, comma-separated (default "
+                   "8.0,8.6,8.9,12.0: Ampere, Ada and Blackwell RTX).")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
 def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
-                   kv_update, verbose):
+                   kv_update, trt_library, compute_capabilities, verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
     if verbose:
@@ -64,7 +72,8 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     default_atol, default_rtol = DEFAULT_TOLERANCES[precision]
     opts = ExportOptions(target=target, precision=precision, device=device, max_batch=max_batch, gamma=gamma,
                          atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
-                         force=force, onnx_only=onnx_only, draft=draft, kv_update=kv_update)
+                         force=force, onnx_only=onnx_only, draft=draft, kv_update=kv_update, trt_library=trt_library,
+                         compute_capabilities=tuple(c for c in compute_capabilities.split(",") if c.strip()))
     manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")

@@ -42,7 +42,7 @@ TARGETS: dict[str, str] = {
 TARGET_LIBRARIES: dict[str, tuple[str, ...]] = {
     "onnx": ("torch", "onnx", "onnxscript", "onnxruntime"),
     "aoti": ("torch", "triton"),
-    "trt": ("torch", "onnx", "onnxscript", "tensorrt"),
+    "trt": ("torch", "onnx", "onnxscript", "tensorrt", "tensorrt_rtx_cu12", "tensorrt_rtx_cu13"),
 }
 # Optional python packages each target imports, and the pyproject extra that installs them.
 TARGET_DEPENDENCIES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -68,6 +68,9 @@ class ExportOptions:
     draft: bool = True            # False: no draft_step / draft_rollout engines (the engines serve --draft jacobi)
     kv_update: str = "auto"       # "in-place": the onnx / aoti AR engines write the KV cache (exporter/onnx_passes.py,
                                   # engine_modules.CacheUpdateInPlace); "auto": the target's KV_UPDATE_DEFAULT
+    trt_library: str = "auto"     # trt: tensorrt_rtx | tensorrt | auto (runtime/trt_library.py resolve_library)
+    compute_capabilities: tuple = ()   # trt with tensorrt_rtx: the GPUs built for ("8.6", ...); () = its default
+    trt_plugin: str = ""          # trt with tensorrt_rtx: sha256 of the C++ plugin library embedded ("" = none built)
 
 
 @dataclass
@@ -147,13 +150,36 @@ def installed_trt_version() -> str | None:
     return getattr(tensorrt, "__version__", None)
 
 
+def resolve_trt_options(opts: ExportOptions) -> ExportOptions:
+    """trt builds: `--trt-library auto` replaced by the library that builds, and its compute capabilities (what
+    the engine cache key records, with the library's version among the TARGET_LIBRARIES)."""
+    if opts.target != "trt" or opts.onnx_only:
+        return opts
+    from fastardiff.runtime import trt_library
+
+    from .trt_target import plugin_library_path
+
+    library = trt_library.resolve_library(opts.trt_library)
+    if not library.builds_without_gpu:
+        return dataclasses.replace(opts, trt_library=library.key, compute_capabilities=())
+    plugin = plugin_library_path()   # embedded where built: a rebuilt plugin is a different engine
+    return dataclasses.replace(opts, trt_library=library.key,
+                               compute_capabilities=trt_library.parse_compute_capabilities(opts.compute_capabilities),
+                               trt_plugin=sha256_file(plugin) if plugin.is_file() else "")
+
+
 def resolve_options(opts: ExportOptions) -> ExportOptions:
-    """`opts` with `--kv-update auto` replaced by the target's choice (what the engine cache key records)."""
+    """`opts` with `--kv-update auto` replaced by the target's choice and the TensorRT library resolved (what the
+    engine cache key records)."""
+    opts = resolve_trt_options(opts)
     if opts.kv_update != "auto":
         return opts
     choice = KV_UPDATE_DEFAULT.get(opts.target, "host")
-    if opts.target == "trt" and not opts.onnx_only and not trt_takes_in_place(installed_trt_version()):
+    if (opts.target == "trt" and not opts.onnx_only and opts.trt_library == "tensorrt"
+            and not trt_takes_in_place(installed_trt_version())):
         choice = "host"
+    if opts.precision != "fp32":
+        choice = "host"      # the in-place graphs update the fp32 interface buffers; a cast graph would update a copy
     return dataclasses.replace(opts, kv_update=choice)
 
 
@@ -175,7 +201,12 @@ def check_options(cfg: DriftARConfig, opts: ExportOptions) -> None:
     if opts.kv_update == "in-place" and opts.target not in ("onnx", "aoti", "trt"):
         raise FastardiffError(f"--kv-update in-place is built for --target onnx, aoti and trt; --target "
                               f"{opts.target} keeps --kv-update host")
-    if opts.kv_update == "in-place" and opts.target == "trt" and not opts.onnx_only:
+    if opts.kv_update == "in-place" and opts.target == "trt" and opts.precision != "fp32":
+        raise FastardiffError(f"--kv-update in-place with --precision {opts.precision} is not built for --target trt "
+                              "(the KV-cache-update layers would write a cast copy of the runtime's fp32 cache, not "
+                              "the cache itself); use --kv-update host (the default at this precision) or fp32")
+    if (opts.kv_update == "in-place" and opts.target == "trt" and not opts.onnx_only
+            and opts.trt_library == "tensorrt"):   # TensorRT-RTX takes TensorScatter in every release
         version = installed_trt_version()
         if not trt_takes_in_place(version):
             raise FastardiffError(f"--kv-update in-place needs TensorRT {'.'.join(map(str, TRT_IN_PLACE_VERSION))} "

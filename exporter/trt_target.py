@@ -1,23 +1,22 @@
 """`trt` target: ONNX with the entropy-attention layers as TensorRT plugin nodes, then TensorRT engines.
 
 Per engine: export ONNX with the plugin op (exporter/trt_graph.py: custom torch op -> fastardiff::EntropyAttention
-node, graph pass stamps plugin_namespace / plugin_version), check that every other node is a standard op, then
+node, graph pass stamps plugin_namespace / plugin_version), check that every other node is a standard op, rewrite
+what the TensorRT parser does not take (exporter/trt_onnx_fixes.py: torch.chunk's SplitToSequence -> Slice), then
 
   --onnx-only   stop there (backend "tensorrt-onnx"; the runtime refuses these with a message saying they need a
                 TensorRT build). Parity: the graph with the plugin nodes swapped back to the reference decomposition,
                 run by ONNX Runtime when it is installed (the plugin itself does not run).
-  otherwise     TensorRT Python API: plugin library registered before parsing, OnnxParser into a strongly typed
-                network, one optimisation profile (min/opt/max of batch, K, cache), a timing cache kept beside the
-                engine directory, a progress monitor; the serialised .engine is run by the tensorrt backend's
-                runner for parity. The manifest records the TensorRT version, the plugin library (copied into the
-                engine dir) with its sha256, and the GPU name / compute capability.
-
-Precision (TensorRT 10.x and 11.x alike): the network is strongly typed (NetworkDefinitionCreationFlag
-.STRONGLY_TYPED; 11.x is always strongly typed and ignores the flag), so every tensor keeps the type the ONNX
-graph gives it. An fp16/bf16 export is an fp16/bf16-typed graph (CastWrapper: weights and activations in that
-type, fp32 at the engine interface), checked by trt_graph.check_graph_precision; the FP16/BF16 builder flags are
-never set (deprecated since 10.12, gone in 11.x, refused with a strongly typed network). fp32 builds clear
-BuilderFlag.TF32 (on by default), or fp32 matmuls would round their inputs to 10-bit mantissas.
+  otherwise     build with the TensorRT library --trt-library picks (runtime/trt_library.py; exporter/trt_build.py):
+    tensorrt_rtx  TensorRT for RTX, on any machine, no GPU: the Python build-time creator of the plugin
+                  (exporter/trt_plugin_creator.py) registered before parsing, the in-place engines' cache axis made
+                  static (what its KV-cache-update layer needs), built for --compute-capability; the C++ plugin
+                  library, where it is built, embedded in every engine (plugins_to_serialize). Parity: the decomposed
+                  graph on ONNX Runtime, as for --onnx-only (nothing can run the engine without a GPU).
+    tensorrt      TensorRT 10.x / 11.x on the GPU at hand: the C++ plugin library registered, a timing cache kept
+                  beside the engine directory, the engine run by the tensorrt backend's runner for parity.
+The manifest records the library, its version, the compute capabilities (or the GPU), the plugin library and each
+engine's build seconds, bytes and layer counts (plugin and KV-cache-update layers) under export.trt.
 """
 from __future__ import annotations
 
@@ -27,13 +26,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 from torch import nn
 
 from fastardiff.errors import FastardiffError, MissingDependencyError
 from fastardiff.recipes.checkpoint import DriftARCheckpoint
 from fastardiff.runtime import backend_tensorrt as trt_backend
+from fastardiff.runtime import trt_library
 from fastardiff.runtime.manifest import sha256_file
 
 from . import trt_graph
@@ -47,11 +46,12 @@ from .parity import check_engine_parity, per_layer_runner
 from .head_engines import HEAD_ENGINES
 from .targets import (TARGET_LIBRARIES, ExportOptions, TargetResult, build_all_engines, dynamic_shapes, engine_layers,
                       library_versions, trace_inputs)
+from .trt_build import build_engine, timing_cache_path
+from .trt_onnx_fixes import sequences_to_slices, static_cache_axis
 
 log = logging.getLogger("fastardiff.export")
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
-WORKSPACE_BYTES = 1 << 30
 
 
 def plugin_library_path() -> Path:
@@ -60,12 +60,14 @@ def plugin_library_path() -> Path:
     return Path(env) if env else SOURCE_ROOT / "build" / "plugin" / trt_backend.PLUGIN_LIBRARY
 
 
-def require_tensorrt():
+def require_tensorrt(library: trt_library.TensorRTLibrary | None = None):
+    library = library or trt_library.TRT_LIBRARIES["tensorrt"]
     try:
-        return trt_backend.import_tensorrt("building TensorRT engines")
+        return trt_library.import_library(library, "building TensorRT engines")
     except MissingDependencyError as err:
         err.args = (f"{err.args[0]}. Without TensorRT, `fastardiff export --target trt --onnx-only` writes the "
-                    "plugin-bearing ONNX graphs to build on a TensorRT machine later",)
+                    "plugin-bearing ONNX graphs to build on a TensorRT machine later; `pip install "
+                    "'fastardiff[trt-rtx]'` builds TensorRT-RTX engines on any machine",)
         raise
 
 
@@ -108,12 +110,25 @@ def export_plugin_onnx(name: str, module: nn.Module, example: tuple, profile: Sh
     model = onnx.load(str(path))
     count = trt_graph.mark_plugin_nodes(model, expected=trt_graph.expected_plugin_nodes(module))
     trt_graph.check_plugin_graph(model)
+    slices = sequences_to_slices(model)      # torch.chunk's SplitToSequence/SequenceAt: the parser takes neither
+    if slices:
+        log.debug("%s: %d SequenceAt nodes rewritten to Slice", name, slices)
     trt_graph.check_graph_precision(model, precision, name)
     onnx.checker.check_model(model)
     tmp = path.with_suffix(".onnx.tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
     return count
+
+
+def make_cache_axis_static(path: Path, cache_layers: int, length: int) -> None:
+    """Fix the per-layer caches' sequence axis of the graph at `path` to `length` (rewritten atomically)."""
+    model = onnx.load(str(path))
+    static_cache_axis(model, cache_layers, length)
+    onnx.checker.check_model(model)
+    tmp = path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
 
 
 def decomposed_onnx_runner(path: Path, name: str, cache_layers: int = 0):
@@ -133,32 +148,11 @@ def decomposed_onnx_runner(path: Path, name: str, cache_layers: int = 0):
 
 # ---------------------------------------------------------------------------------------------- TensorRT
 
-def make_progress_monitor(trt):
-    """A trt.IProgressMonitor that logs TensorRT's build phases (top-level ones at INFO, nested at DEBUG)."""
-
-    class BuildProgress(trt.IProgressMonitor):
-        def __init__(self, label: str):
-            trt.IProgressMonitor.__init__(self)
-            self.label = label
-
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            level = logging.INFO if parent_phase is None else logging.DEBUG
-            log.log(level, "  %s: TensorRT %s (%d steps)", self.label, phase_name, num_steps)
-
-        def step_complete(self, phase_name, step):
-            log.debug("  %s: %s step %d", self.label, phase_name, step)
-            return True  # keep building
-
-        def phase_finish(self, phase_name):
-            log.debug("  %s: %s done", self.label, phase_name)
-
-    return BuildProgress
-
-
 def profile_shapes(config: dict, name: str, layers: int, profile: ShapeProfile,
                    cache_layers: int = 0) -> dict[str, tuple]:
     """Input name -> (min, opt, max) shapes of the engine's optimisation profile (cache_layers: per-layer buffers
-    k_cache_<l> / v_cache_<l> [B, H, S, Dh] in place of k_cache / v_cache [L, B, H, S, Dh])."""
+    k_cache_<l> / v_cache_<l> [B, H, S, Dh] in place of k_cache / v_cache [L, B, H, S, Dh]; a static cache axis is
+    a profile whose cache min = opt = max, static_profile)."""
     corners = [engine_input_shapes(config, name, layers, profile.batch[c], profile.new_tokens[c], profile.cache[c],
                                    ROLLOUT_GAMMA.get(name, 0), profile_proposals(c, profile.batch[c]))
                for c in range(3)]
@@ -177,87 +171,10 @@ def in_place_profile(profile: ShapeProfile) -> ShapeProfile:
     return dataclasses.replace(profile, cache=(lo, opt, hi + profile.new_tokens[2]))
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "unknown"
-
-
-def timing_cache_path(work_dir: Path, trt, gpu: dict) -> Path:
-    """Beside the engine directory (work_dir is a temp dir in the same parent), one file per TensorRT version and
-    GPU model (name and compute capability: two GPUs of one architecture time tactics differently)."""
-    cc = gpu.get("compute_capability", "unknown").replace(".", "")
-    return work_dir.parent / f".fastardiff-trt-timing-{trt.__version__}-{_slug(gpu.get('name', ''))}-sm{cc}.cache"
-
-
-def network_flags(trt) -> int:
-    """create_network flags for a strongly typed network. The enum value differs (10.x: STRONGLY_TYPED = 1 after
-    the deprecated EXPLICIT_BATCH; 11.x: 0, kept for compatibility and ignored), so the bit comes from the enum."""
-    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)  # no such flag: a TensorRT where strong typing is the only mode
-
-
-def configure_precision(trt, config, precision: str) -> None:
-    """The strongly typed network carries the precision; no FP16/BF16 flag. fp32: TF32 off (on by default)."""
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-
-
-def attach_timing_cache(config, path: Path, label: str):
-    """Attach the kept timing cache, or a fresh one when TensorRT refuses it (other GPU / TensorRT, or corrupt:
-    set_timing_cache returns False, create_timing_cache may return None). Returns the attached cache (keep it
-    alive until the build is done) or None when not even a fresh cache was accepted."""
-    blob = path.read_bytes() if path.exists() else b""
-    if blob:
-        cache = config.create_timing_cache(blob)
-        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-            return cache
-        log.warning("%s: TensorRT refused the timing cache '%s' (built on another GPU or TensorRT, or damaged); "
-                    "timing tactics from scratch with a fresh cache", label, path.name)
-    cache = config.create_timing_cache(b"")
-    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
-        return cache
-    log.warning("%s: TensorRT refused a fresh timing cache; building without one (tactic timings are not kept)",
-                label)
-    return None
-
-
-def save_timing_cache(config, path: Path, label: str) -> bool:
-    """Write the config's timing cache (atomically); False when there is none to write."""
-    cache = config.get_timing_cache()  # None when no cache is attached
-    blob = cache.serialize() if cache is not None else None
-    data = bytes(blob) if blob is not None else b""
-    if not data:
-        log.warning("%s: no timing cache to keep (TensorRT returned none); the next build times tactics again",
-                    label)
-        return False
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
-
-
-def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, precision: str,
-                 timing_cache: Path, label: str) -> None:
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise FastardiffError(f"TensorRT could not parse '{onnx_path.name}': {errors[:400]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    configure_precision(trt, config, precision)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache = attach_timing_cache(config, timing_cache, label)
-    config.progress_monitor = make_progress_monitor(trt)(label)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise FastardiffError(f"TensorRT failed to build '{label}' (see the TensorRT log above)")
-    engine_path.write_bytes(bytes(serialized))
-    if cache is not None:
-        save_timing_cache(config, timing_cache, label)
+def static_profile(profile: ShapeProfile) -> ShapeProfile:
+    """The in-place profile with the cache axis fixed at its longest (a library whose KV-cache-update layer needs
+    a static sequence axis, TensorRT-RTX): the runtime passes buffers of exactly that length."""
+    return dataclasses.replace(profile, cache=(profile.cache[2],) * 3)
 
 
 def tensorrt_runner(trt, logger, engine_path: Path, label: str, cache_layers: int = 0):
@@ -276,48 +193,137 @@ def tensorrt_runner(trt, logger, engine_path: Path, label: str, cache_layers: in
 
 # ---------------------------------------------------------------------------------------------- target
 
+class TensorRTBuild:
+    """What the non --onnx-only build needs, found before any export work (every missing piece reported first)."""
+
+    def __init__(self, opts: ExportOptions):
+        from .trt_plugin_creator import register_build_creator
+
+        self.library = trt_library.resolve_library(opts.trt_library)
+        self.trt = require_tensorrt(self.library)
+        self.gpu: dict = {}
+        self.capabilities: tuple[str, ...] = ()
+        if self.library.builds_without_gpu:
+            # the Python build-time creator makes the plugin layers; the C++ library, where it is built, is
+            # embedded in the engines so that they run without a separate plugin file
+            self.capabilities = trt_library.parse_compute_capabilities(opts.compute_capabilities)
+            path = plugin_library_path()
+            self.plugin = path if path.is_file() else None
+            if self.plugin is None:
+                log.info("TensorRT plugin library %s not built: engines carry the plugin layers' fields only; the "
+                         "runtime loads the plugin from FASTARDIFF_TRT_PLUGIN (%s)", path, trt_backend.BUILD_HINT)
+            register_build_creator(self.trt)
+        else:
+            self.plugin = require_plugin_library()
+            self.gpu = require_gpu()
+            trt_backend.load_plugin_library(self.trt, self.plugin)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.stats: dict[str, dict] = {}
+
+    @property
+    def version(self) -> str:
+        return self.trt.__version__
+
+    def profile(self, profile: ShapeProfile, cache_layers: int) -> ShapeProfile:
+        """The optimisation profile an engine is built for (in place: the runtime's whole buffer)."""
+        if not cache_layers:
+            return profile
+        room = in_place_profile(profile)
+        return static_profile(room) if self.library.static_kv_cache else room
+
+    def build(self, work_dir: Path, name: str, onnx_file: str, shapes: dict, precision: str) -> str:
+        engine_file = f"{name}.engine"
+        embed = self.plugin if self.library.builds_without_gpu else None
+        self.stats[name] = build_engine(self.trt, self.logger, work_dir / onnx_file, work_dir / engine_file, shapes,
+                                        precision, timing_cache_path(work_dir, self.trt, self.gpu), name,
+                                        self.library, self.capabilities, embed)
+        stats = self.stats[name]
+        log.info("  %s: built in %.1f s, %.1f MB, %d plugin / %d KV-cache-update layers", name, stats["seconds"],
+                 stats["bytes"] / 1e6, stats["plugin_layers"], stats["kv_cache_update_layers"])
+        return engine_file
+
+    def manifest_fields(self, work_dir: Path) -> dict:
+        """library / version / targets / per-engine figures (manifest.export.trt) and the plugin entry."""
+        fields = {"library": self.library.key, "version": self.version,
+                  "compute_capabilities": list(self.capabilities), "gpu": self.gpu, "engines": self.stats,
+                  "plugin_embedded": bool(self.library.builds_without_gpu and self.plugin is not None),
+                  "static_kv_cache": self.library.static_kv_cache}
+        if self.library.timing_cache:
+            fields["timing_cache"] = timing_cache_path(work_dir, self.trt, self.gpu).name
+        return fields
+
+
+@dataclasses.dataclass
+class EngineGraph:
+    """One engine's exported plugin graph and what its TensorRT build needs."""
+    name: str
+    onnx_file: str
+    layers: int              # KV-cache layers of the model it calls
+    cache_layers: int        # > 0: the in-place form (per-layer buffers)
+    profile: ShapeProfile    # the export's (what parity runs)
+    build_profile: ShapeProfile
+    plugin_nodes: int
+    io: dict                 # the manifest entry's own fields (in place: per-layer inputs/outputs, profile)
+
+
+def export_engine_graph(ckpt: DriftARCheckpoint, name: str, module: nn.Module, profile: ShapeProfile,
+                        work_dir: Path, opts: ExportOptions, built: TensorRTBuild | None) -> EngineGraph:
+    layers = engine_layers(ckpt, name)
+    cache_layers = layers if opts.kv_update == "in-place" and name in IN_PLACE_ENGINES else 0
+    build_profile, io = profile, {}
+    if cache_layers:     # what TensorRT is built for; parity runs the export's shapes
+        build_profile = built.profile(profile, cache_layers) if built else in_place_profile(profile)
+        inputs, outputs = per_layer_io(*ENGINE_IO[name], cache_layers)
+        io = {"inputs": inputs, "outputs": outputs, "cache_layers": cache_layers, "profile": build_profile}
+    example = trace_inputs(ckpt.config, name, layers, profile, "cpu")
+    count = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / f"{name}.onnx", opts.precision,
+                               cache_layers)
+    log.debug("%s: %d plugin nodes", name, count)
+    return EngineGraph(name, f"{name}.onnx", layers, cache_layers, profile, build_profile, count, io)
+
+
+def build_engine_file(built: TensorRTBuild, config: dict, graph: EngineGraph, work_dir: Path, precision: str) -> str:
+    """The TensorRT build of an exported graph (a static cache axis first where the library needs it)."""
+    if graph.cache_layers and built.library.static_kv_cache:
+        make_cache_axis_static(work_dir / graph.onnx_file, graph.cache_layers, graph.build_profile.cache[2])
+    shapes = profile_shapes(config, graph.name, graph.layers, graph.build_profile, graph.cache_layers)
+    return built.build(work_dir, graph.name, graph.onnx_file, shapes, precision)
+
+
+def graph_parity(graph: EngineGraph, reference: nn.Module, ckpt: DriftARCheckpoint, work_dir: Path,
+                 opts: ExportOptions, engine_built: bool) -> dict:
+    """Parity of the plugin graph swapped back to the reference, on ONNX Runtime (where no engine can run)."""
+    run, why_not = decomposed_onnx_runner(work_dir / graph.onnx_file, graph.name, graph.cache_layers)
+    if run is None:
+        log.warning("%s: parity not checked: %s", graph.name, why_not)
+        return {"skipped": why_not, "atol": opts.atol, "rtol": opts.rtol}
+    parity = check_engine_parity(graph.name, run, reference, ckpt.config, graph.layers, graph.profile, opts.atol,
+                                 opts.rtol)
+    parity["runtime"] = ("onnxruntime CPU on the plugin graph with EntropyAttention swapped back to the reference "
+                         "decomposition (the plugin itself did not run"
+                         + ("; the TensorRT engine did not run: no GPU" if engine_built else "") + ")")
+    return parity
+
+
 def build_trt(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> TargetResult:
     cfg = ckpt.config
-    trt = gpu = plugin = logger = None
-    if not opts.onnx_only:  # every missing piece is reported before any export work
-        trt = require_tensorrt()
-        plugin = require_plugin_library()
-        gpu = require_gpu()
-        trt_backend.load_plugin_library(trt, plugin)
-        logger = trt.Logger(trt.Logger.WARNING)
+    built = None if opts.onnx_only else TensorRTBuild(opts)
     plugin_counts: dict[str, int] = {}
 
     def build_one(name: str, module: nn.Module, reference: nn.Module, profile: ShapeProfile):
-        layers = engine_layers(ckpt, name)
-        cache_layers = layers if opts.kv_update == "in-place" and name in IN_PLACE_ENGINES else 0
-        onnx_file = f"{name}.onnx"
-        io = {}
-        build_profile = profile      # what TensorRT is built for; parity runs the export's shapes
-        if cache_layers:
-            build_profile = in_place_profile(profile)
-            inputs, outputs = per_layer_io(*ENGINE_IO[name], cache_layers)
-            io = {"inputs": inputs, "outputs": outputs, "cache_layers": cache_layers, "profile": build_profile}
-        example = trace_inputs(cfg, name, layers, profile, "cpu")
-        plugin_counts[name] = export_plugin_onnx(name, module.cpu(), example, profile, work_dir / onnx_file,
-                                                 opts.precision, cache_layers)
-        log.debug("%s: %d plugin nodes", name, plugin_counts[name])
-        if opts.onnx_only:
-            run, why_not = decomposed_onnx_runner(work_dir / onnx_file, name, cache_layers)
-            if run is None:
-                log.warning("%s: parity not checked: %s", name, why_not)
-                return onnx_file, {"skipped": why_not, "atol": opts.atol, "rtol": opts.rtol}, io
-            parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
-            parity["runtime"] = ("onnxruntime CPU on the plugin graph with EntropyAttention swapped back to the "
-                                 "reference decomposition (the plugin itself did not run)")
-            return onnx_file, parity, io
-        engine_file = f"{name}.engine"
-        shapes = profile_shapes(cfg.to_dict(), name, layers, build_profile, cache_layers)
-        build_engine(trt, logger, work_dir / onnx_file, work_dir / engine_file, shapes, opts.precision,
-                     timing_cache_path(work_dir, trt, gpu), name)
-        run = tensorrt_runner(trt, logger, work_dir / engine_file, name, cache_layers)
-        parity = check_engine_parity(name, run, reference, cfg, layers, profile, opts.atol, opts.rtol)
-        parity["runtime"] = f"tensorrt {trt.__version__} on {gpu['name']}"
-        return engine_file, parity, io
+        graph = export_engine_graph(ckpt, name, module, profile, work_dir, opts, built)
+        plugin_counts[name] = graph.plugin_nodes
+        if built is None or built.library.builds_without_gpu:   # nothing here can run an engine: the graph's parity
+            parity = graph_parity(graph, reference, ckpt, work_dir, opts, built is not None)
+            if built is None:
+                return graph.onnx_file, parity, graph.io
+        engine_file = build_engine_file(built, cfg.to_dict(), graph, work_dir, opts.precision)
+        if built.library.builds_without_gpu:
+            return engine_file, parity, graph.io
+        run = tensorrt_runner(built.trt, built.logger, work_dir / engine_file, name, graph.cache_layers)
+        parity = check_engine_parity(name, run, reference, cfg, graph.layers, profile, opts.atol, opts.rtol)
+        parity["runtime"] = f"tensorrt {built.version} on {built.gpu['name']}"
+        return engine_file, parity, graph.io
 
     engines = build_all_engines(ckpt, work_dir, opts, build_one)
     versions = library_versions(TARGET_LIBRARIES["trt"])
@@ -326,14 +332,16 @@ def build_trt(ckpt: DriftARCheckpoint, work_dir: Path, opts: ExportOptions) -> T
     extra = {"plugin_nodes": plugin_counts, "onnx_opset": 18,
              "kv_update": ("in place in the AR engines (per-layer buffers, TensorScatter -> IKVCacheUpdateLayer, "
                            "opset 24)" if opts.kv_update == "in-place" else "host")}
-    if opts.onnx_only:
+    if built is None:
         extra["note"] = ("ONNX graphs with TensorRT plugin nodes, not engines: build them with `fastardiff export "
-                         "--target trt` on a machine with TensorRT and a GPU")
+                         "--target trt` (TensorRT-RTX: on any machine; TensorRT: on the GPU machine)")
         return TargetResult(backend="tensorrt-onnx", engines=engines, library_versions=versions, plugin=identity,
                             extra=extra)
-    shutil.copy2(plugin, work_dir / trt_backend.PLUGIN_LIBRARY)
-    versions["tensorrt"] = trt.__version__
-    return TargetResult(backend="tensorrt", engines=engines, library_versions=versions, gpu=gpu,
-                        plugin={**identity, "file": trt_backend.PLUGIN_LIBRARY,
-                                "sha256": sha256_file(work_dir / trt_backend.PLUGIN_LIBRARY)},
-                        extra={**extra, "timing_cache": timing_cache_path(work_dir, trt, gpu).name})
+    versions[built.library.key] = built.version
+    plugin = dict(identity)
+    if built.plugin is not None:
+        shutil.copy2(built.plugin, work_dir / trt_backend.PLUGIN_LIBRARY)
+        plugin.update({"file": trt_backend.PLUGIN_LIBRARY,
+                       "sha256": sha256_file(work_dir / trt_backend.PLUGIN_LIBRARY)})
+    return TargetResult(backend="tensorrt", engines=engines, library_versions=versions, gpu=built.gpu, plugin=plugin,
+                        extra={**extra, "trt": built.manifest_fields(work_dir)})

@@ -14,6 +14,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
+from . import trt_rtx_ep
 from .denormals import DenormalFlush
 from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
 from .kv_cache import HostBufferPool, cache_device_for, loop_device_for, loop_noise_for
@@ -59,6 +60,8 @@ def device_providers(ort, device: str | None) -> list | None:
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     gpu = [p for p in GPU_PROVIDERS if p in available]
+    if not gpu and trt_rtx_ep.installed():     # ONNX Runtime's TensorRT-RTX plugin EP (runtime/trt_rtx_ep.py)
+        return [trt_rtx_ep.EP_PROVIDER]
     if not gpu:
         raise EngineError(f"--device {device}: this onnxruntime has no CUDA execution provider (available: "
                           f"{', '.join(available)}); install onnxruntime-gpu on a machine with CUDA, or run with "
@@ -153,10 +156,13 @@ class OnnxRuntimeEngines(EngineCalls):
         # the device loop / device caches (runtime/ort_tensors.py): torch tensors bound where they lie, on the CUDA
         # provider's GPU (on by default there, when torch is installed) or, asked for, on the CPU
         torch_device, stream = tensor_device(ort, providers, device_id, device_cache, device_loop)
+        rtx_ep = providers == [trt_rtx_ep.EP_PROVIDER]
+        if rtx_ep:        # attached to the session options (a plugin EP), not named in providers=
+            trt_rtx_ep.add_to_session(ort, options, device_id)
         self.sessions = {}
         for name in manifest.engines:
             entry = manifest.engines[name]
-            chosen = choose_providers(ort, manifest, name, providers, device_id, stream)
+            chosen = None if rtx_ep else choose_providers(ort, manifest, name, providers, device_id, stream)
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.engine_dir / entry.file), options,
                                                            providers=chosen)

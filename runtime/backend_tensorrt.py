@@ -36,6 +36,9 @@ from fastardiff.errors import EngineError, MissingDependencyError
 from .engine import EngineCalls, check_cache_room, per_layer_aliases
 from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
+from .trt_library import TRT_LIBRARIES, TensorRTLibrary, import_library
+from .trt_rtx_runtime import RuntimeCache, check_compute_capability, check_engine_validity, manifest_library
+from .trt_rtx_runtime import pad_cache_axis, runtime_cache_path, static_cache_length
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -46,15 +49,9 @@ BUILD_HINT = ("build it with `cmake -S . -B build/plugin -DTENSORRT_ROOT=/path/t
               "cmake --build build/plugin -j` (from the fastardiff source tree)")
 
 
-def import_tensorrt(purpose: str):
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependencyError("tensorrt", "trt", purpose) from None
-    if not hasattr(trt, "Builder"):  # the PyPI placeholder packages install a module without the API
-        raise MissingDependencyError("tensorrt", "trt", f"{purpose}; the installed 'tensorrt' is a placeholder "
-                                     "without the TensorRT API")
-    return trt
+def import_tensorrt(purpose: str, library: TensorRTLibrary | None = None):
+    """The library's module (standard TensorRT unless named): runtime/trt_library.py import_library."""
+    return import_library(library or TRT_LIBRARIES["tensorrt"], purpose)
 
 
 def find_plugin_library(engine_dir: Path, manifest: Manifest, plugin_path: str | Path | None = None) -> Path:
@@ -88,10 +85,12 @@ def current_gpu(torch) -> dict:
     return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def check_versions(trt, manifest: Manifest, engine_dir: Path) -> None:
-    built = manifest.library_versions.get("tensorrt")
+def check_versions(trt, manifest: Manifest, engine_dir: Path, library: TensorRTLibrary | None = None) -> None:
+    key = (library or TRT_LIBRARIES["tensorrt"]).key
+    built = manifest.library_versions.get(key)
+    name = "TensorRT-RTX" if key == "tensorrt_rtx" else "TensorRT"
     if built and built != trt.__version__:
-        raise EngineError(f"engines in '{engine_dir}' were built with TensorRT {built}, this is TensorRT "
+        raise EngineError(f"engines in '{engine_dir}' were built with {name} {built}, this is {name} "
                           f"{trt.__version__}; rebuild them here with `fastardiff export --target trt --force`")
 
 
@@ -115,10 +114,12 @@ class TensorRTRunner:
     `device` is "cuda" for TensorRT; tests pass "cpu" with a stand-in engine to check the binding logic."""
 
     def __init__(self, trt, torch, engine, stream, label: str, inputs=None, outputs=None, device: str = "cuda",
-                 aliases: dict | None = None):
+                 aliases: dict | None = None, runtime_config=None):
         self.trt, self.torch, self.engine, self.stream, self.label = trt, torch, engine, stream, label
         self.device = device
-        self.context = engine.create_execution_context()
+        # TensorRT-RTX: the context takes the IRuntimeConfig carrying the engine's runtime cache
+        self.context = (engine.create_execution_context() if runtime_config is None
+                        else engine.create_execution_context(runtime_config=runtime_config))
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for '{label}'")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -263,7 +264,8 @@ def write_back(torch, given, staged) -> None:
     if isinstance(given, torch.Tensor):
         given.copy_(staged)
     else:
-        np.copyto(given, staged.cpu().numpy().astype(given.dtype, copy=False))
+        host = staged if isinstance(staged, np.ndarray) else staged.cpu().numpy()
+        np.copyto(given, host.astype(given.dtype, copy=False))
 
 
 def run_for_loop(runner: TensorRTRunner, arrays, keep: int) -> list:
@@ -296,40 +298,71 @@ class TensorRTEngines(EngineCalls):
         if device is not None and not device.startswith("cuda"):
             raise EngineError(f"--device {device}: TensorRT engines run on a CUDA GPU only; use --device cuda, or "
                               "export `--target onnx` to run on the CPU")
-        trt = import_tensorrt("running TensorRT engines")
+        library = manifest_library(manifest)
+        trt = import_tensorrt("running TensorRT engines", library)
         if other:
             log.debug("tensorrt backend ignores options %s", sorted(other))
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         if verify:
             verify_engine_files(self.engine_dir, manifest)
-        check_versions(trt, manifest, self.engine_dir)
-        plugin = find_plugin_library(self.engine_dir, manifest, plugin_path)
+        check_versions(trt, manifest, self.engine_dir, library)
+        embedded = library.builds_without_gpu and bool((manifest.export.get("trt") or {}).get("plugin_embedded"))
+        plugin = None if embedded and not (plugin_path or os.environ.get("FASTARDIFF_TRT_PLUGIN")) else \
+            find_plugin_library(self.engine_dir, manifest, plugin_path)
         try:
             import torch
         except ImportError:
             raise MissingDependencyError("torch", "export", "TensorRT device buffers") from None
-        self.gpu = check_gpu(torch, manifest, self.engine_dir)
-        load_plugin_library(trt, plugin)
+        if library.builds_without_gpu:      # portable engines: any GPU of the compute capabilities built for
+            if not torch.cuda.is_available():
+                raise EngineError(f"TensorRT-RTX engines in '{engine_dir}' need an NVIDIA RTX / Ampere-or-later GPU "
+                                  "and torch sees none; export `--target onnx` to run on the CPU")
+            self.gpu = current_gpu(torch)
+            check_compute_capability(manifest, self.gpu, self.engine_dir)
+        else:                               # standard TensorRT: engines are for the GPU they were built on
+            self.gpu = check_gpu(torch, manifest, self.engine_dir)
+        if plugin is not None:
+            load_plugin_library(trt, plugin)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if embedded:     # the engines carry the plugin library (sha256-verified above with the engine files)
+            self.runtime.engine_host_code_allowed = True
         self.stream = torch.cuda.Stream()
         # the KV caches (device_cache) and the loop's buffers and outputs (device_loop) on the GPU, by default:
         # bound by address where they lie, so a call moves no cache (runtime/kv_cache.py, runtime/arrays.py)
         self.cache_device = cache_device_for("cuda", True if device_loop else device_cache)
         self.loop_device = loop_device_for(self.cache_device, device_loop)
         self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
-        self.runners = {}
+        self.runners, self.runtime_caches = {}, []
         for name in manifest.engines:
-            engine = deserialize_engine(trt, self.runtime, self.engine_dir / manifest.engines[name].file)
             entry = manifest.engines[name]
+            path = self.engine_dir / entry.file
+            config = None
+            if library.builds_without_gpu:
+                check_engine_validity(trt, self.runtime, path.read_bytes(), path, self.gpu)
+            engine = deserialize_engine(trt, self.runtime, path)
+            if library.builds_without_gpu:  # JIT kernels kept in the user's cache dir across runs
+                cache = RuntimeCache(engine, runtime_cache_path(entry.sha256, self.gpu, trt.__version__), name)
+                self.runtime_caches.append(cache)
+                config = cache.config
             self.runners[name] = TensorRTRunner(trt, torch, engine, self.stream, name, entry.inputs, entry.outputs,
-                                                aliases=per_layer_aliases(entry.cache_layers))
+                                                aliases=per_layer_aliases(entry.cache_layers), runtime_config=config)
         # engines that update the caches they are given (one buffer per layer, bound in place): the loop passes
         # its whole buffer (room for the fed positions) and leaves its own write out
         self._cache_layers = {n: e.cache_layers for n, e in manifest.engines.items() if e.cache_layers}
         self.kv_in_place = frozenset(self._cache_layers)
         self.needs_cache_room = bool(self._cache_layers)
+
+    def save_runtime_caches(self) -> int:
+        """Keep the TensorRT-RTX runtime caches (JIT kernels) in the user's cache dir; returns how many were kept."""
+        return sum(cache.save() for cache in self.runtime_caches)
+
+    def __del__(self):
+        try:
+            self.save_runtime_caches()
+        except Exception:   # interpreter shutdown: the next load compiles again
+            pass
 
     @property
     def cache_limit(self) -> float:
@@ -352,7 +385,15 @@ def run_engine(runner: TensorRTRunner, entry, arrays: tuple, device_cache: bool)
     tokens, lengths, k_cache, v_cache, *rest = arrays
     check_cache_room(runner.label, tokens, lengths, k_cache)
     per_layer = [cache[layer] for cache in (k_cache, v_cache) for layer in range(layers)]
+    static = static_cache_length(entry)
+    padded = static and k_cache.shape[3] != static
+    if padded:   # a static cache axis (TensorRT-RTX) longer than the caller's buffer: run on a padded copy
+        per_layer = [pad_cache_axis(runner.torch, c, static) for c in per_layer]
     outs = run_for_loop(runner, (tokens, lengths, *per_layer, *rest), keep + 2 * layers)
+    if padded:
+        given = [cache[layer] for cache in (k_cache, v_cache) for layer in range(layers)]
+        for target, staged in zip(given, per_layer):
+            write_back(runner.torch, target, staged[:, :, :target.shape[2]])
     return outs[:len(outs) - 2 * layers]
 
 

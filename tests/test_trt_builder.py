@@ -1,7 +1,8 @@
-"""The TensorRT engine builder (exporter/trt_target.build_engine) and the runtime's engine runner driven through
-recorded stand-ins of the TensorRT Python API, in its 10.16 and its 11.1 surface (tests/trt_standin.py): TensorRT
-cannot be installed here, so this checks call sequences, flags, profiles, timing-cache handling, streams and
-buffer binding, not TensorRT itself."""
+"""The standard-TensorRT engine builder (exporter/trt_build.build_engine) and the runtime's engine runner driven
+through recorded stand-ins of the TensorRT Python API, in its 10.16 and its 11.1 surface (tests/trt_standin.py):
+standard TensorRT builds and runs only on a GPU, so this checks call sequences, flags, profiles, timing-cache
+handling, streams and buffer binding, not TensorRT itself. TensorRT-RTX, which builds without a GPU, is tested for
+real in tests/test_trt_rtx.py."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ def draft_shapes(tiny_config):
 
 
 def build(trt, tmp_path, shapes, precision="fp32", kept=b"previous"):
-    from fastardiff.exporter.trt_target import build_engine
+    from fastardiff.exporter.trt_build import build_engine
 
     cache = tmp_path / ".timing.cache"
     if kept is not None:
@@ -53,10 +54,10 @@ def test_build_engine_strongly_typed_without_precision_flags(tmp_path, draft_sha
 def test_standin_refuses_precision_flags_on_a_strongly_typed_network(tmp_path, draft_shapes, monkeypatch):
     """The stand-in is strict where TensorRT is: 10.x fails the build with FP16 set, 11.x has no FP16 flag."""
     from fastardiff.errors import FastardiffError
-    from fastardiff.exporter import trt_target
+    from fastardiff.exporter import trt_build
 
     old = StandInTensorRT("10.16")
-    monkeypatch.setattr(trt_target, "configure_precision",
+    monkeypatch.setattr(trt_build, "configure_precision",
                         lambda trt, config, precision: config.set_flag(trt.BuilderFlag.FP16))
     with pytest.raises(FastardiffError, match="failed to build 'draft_step'"):
         build(old, tmp_path, draft_shapes, "fp16")
@@ -90,7 +91,7 @@ def test_timing_cache_falls_back_to_a_fresh_cache(tmp_path, draft_shapes, caplog
 
 
 def test_timing_cache_file_is_keyed_by_gpu_name(tmp_path):
-    from fastardiff.exporter.trt_target import timing_cache_path
+    from fastardiff.exporter.trt_build import timing_cache_path
 
     trt = StandInTensorRT("11.1")
     h100 = timing_cache_path(tmp_path / "work", trt, {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
@@ -101,7 +102,7 @@ def test_timing_cache_file_is_keyed_by_gpu_name(tmp_path):
 
 def test_build_engine_reports_parser_errors(tmp_path):
     from fastardiff.errors import FastardiffError
-    from fastardiff.exporter.trt_target import build_engine
+    from fastardiff.exporter.trt_build import build_engine
 
     with pytest.raises(FastardiffError, match="could not parse 'm.onnx'.*Plugin not found"):
         build_engine(StandInTensorRT(parse_ok=False), "logger", tmp_path / "m.onnx", tmp_path / "m.engine", {},

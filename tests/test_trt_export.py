@@ -253,7 +253,8 @@ def test_target_trt_without_tensorrt_says_onnx_only(random_checkpoint_path, tmp_
 
     out = tmp_path / "engines"
     with pytest.raises(SystemExit) as exc:
-        main(["export", "--target", "trt", "--ckpt", str(random_checkpoint_path), "--out", str(out)])
+        main(["export", "--target", "trt", "--ckpt", str(random_checkpoint_path), "--out", str(out),
+              "--trt-library", "tensorrt"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "tensorrt" in err and "--onnx-only" in err and "pip install 'fastardiff[trt]'" in err
@@ -340,7 +341,7 @@ def test_target_trt_without_plugin_library_names_cmake(random_checkpoint_path, t
     out = tmp_path / "engines"
     missing = "nowhere/libfastardiff_trt_plugin.so' not found.*cmake -S . -B build/plugin"
     with pytest.raises(FastardiffError, match=missing):
-        export_engines(random_checkpoint_path, out, ExportOptions(target="trt"))
+        export_engines(random_checkpoint_path, out, ExportOptions(target="trt", trt_library="tensorrt"))
     assert not out.exists()
 
 

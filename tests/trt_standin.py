@@ -112,6 +112,8 @@ class StandInTensorRT:
                 return self.cache  # None while no cache is attached
 
         class Network:
+            num_layers = 0      # nothing is parsed: the layer census (trt_build.count_layers) counts none
+
             def __init__(self, flags):
                 self.flags = flags
                 bit = 1 << int(rec.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -156,6 +158,7 @@ class StandInTensorRT:
                 return "In node 7 (FallbackPluginImporter): Plugin not found"
 
         self.MemoryPoolType, self.IProgressMonitor = MemoryPoolType, IProgressMonitor
+        self.LayerType = enum.Enum("LayerType", ["PLUGIN_V3", "KV_CACHE_UPDATE", "MATRIX_MULTIPLY"])
         self.Builder, self.OnnxParser = Builder, OnnxParser
 
 
