@@ -148,6 +148,11 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
                      "(use --force to rebuild)", out, opts.target)
             return manifest, True
 
+    if model is not None:   # --gamma auto's Jacobi figures (deterministic from the weights: not in the cache key)
+        from .foreign.engines import calibrate_jacobi
+
+        log.info("measuring Jacobi tokens per target call for --gamma auto (torch backend)")
+        calibrate_jacobi(ckpt)
     log.info("exporting %s (%s, config %s) to %s: target %s, %s, %s, batch <= %d, gamma %d",
              ckpt_path, cfg.name, cfg.config_hash(), out, opts.target, opts.precision, opts.device, opts.max_batch,
              opts.gamma)

@@ -190,11 +190,17 @@ def test_diagonal_residual_is_exact():
 
 @pytest.fixture(scope="session")
 def onnx_engines(trained_small, tmp_path_factory):
+    from fastardiff.exporter.foreign import engines as foreign_engines
     from fastardiff.exporter.foreign import export_foreign
 
     ref, path, _ = trained_small
     out = tmp_path_factory.mktemp("xt-onnx") / "engines"
-    manifest, hit = export_foreign(ref, path, out, target="onnx", max_batch=8, gamma=4)
+    saved = foreign_engines.JACOBI_WINDOWS, foreign_engines.CALIBRATION_IMAGES
+    foreign_engines.JACOBI_WINDOWS, foreign_engines.CALIBRATION_IMAGES = (2, 4), 10   # the quick calibration
+    try:
+        manifest, hit = export_foreign(ref, path, out, target="onnx", max_batch=8, gamma=4)
+    finally:
+        foreign_engines.JACOBI_WINDOWS, foreign_engines.CALIBRATION_IMAGES = saved
     assert not hit
     return out, manifest
 
@@ -207,6 +213,8 @@ def test_onnx_export_passes_every_parity_gate(onnx_engines):
     for name, entry in data["engines"].items():
         assert entry["parity"]["outputs"] and all(v["mismatches"] == 0 for v in entry["parity"]["outputs"].values())
     assert data["config"]["variance_floor"] == 1e-5 and data["config"]["library"] == "x-transformers"
+    per_call = data["calibration"]["extra"]["jacobi_tokens_per_call"]["1"]   # --gamma auto's Jacobi figures
+    assert set(per_call) == {"2", "4"} and all(t >= 1.0 for t in per_call.values())
 
 
 def test_run_on_onnx_engines_matches_library(onnx_engines, library_tokens, tmp_path, capsys):
@@ -216,6 +224,9 @@ def test_run_on_onnx_engines_matches_library(onnx_engines, library_tokens, tmp_p
     code, _, err = run_cli(["run", "--engine", str(out), "--prompt", "three,7", "--mode", "target", "--out",
                             str(tmp_path / "t.png")], capsys)
     assert code == 0 and (tmp_path / "t.png").stat().st_size > 0, err
+    code, out_text, err = run_cli(["run", "--engine", str(out), "--prompt", "1", "--gamma", "auto", "--out",
+                                   str(tmp_path / "a.png"), "-v"], capsys)        # plans from the calibration
+    assert code == 0 and "gamma auto:" in out_text + err and "jacobi" in out_text + err, err
     classes, reference = library_tokens
     engines = load_engines(out)
     target, _ = our_tokens(engines, classes, mode="target", seed=21)

@@ -150,3 +150,23 @@ def library_parity(adapter: nn.Module, cfg: ForeignGaussianConfig, atol: float, 
 def foreign_modules(ckpt: ForeignCheckpoint, gammas=()) -> dict[str, nn.Module]:
     """The family's export adapter (exporter/targets.py FAMILY_ADAPTERS): no draft, no in-graph Jacobi."""
     return {"target_verify": ForeignVerify(ckpt.target).eval(), "decoder": ckpt.decoder}
+
+
+JACOBI_WINDOWS = (2, 4, 8, 12, 16)
+CALIBRATION_IMAGES = 50
+
+
+def calibrate_jacobi(ckpt: ForeignCheckpoint, images: int | None = None, seed: int = 0) -> dict:
+    """`--gamma auto`'s Jacobi figures for a foreign model, measured at export (its weights file is the user's and
+    is never rewritten): tokens per target call of the real Jacobi loop (torch backend, coupled) per window,
+    written into the manifest's calibration.extra like `fastardiff calibrate` does for fastardiff's own models."""
+    from fastardiff.exporter.calibrate import measure_jacobi_tokens
+
+    images = images or CALIBRATION_IMAGES
+    windows = tuple(w for w in JACOBI_WINDOWS if w + 1 <= ckpt.config.num_tokens)
+    per_call = measure_jacobi_tokens(ckpt, windows, images, scales=(1.0,), seed=seed)
+    ckpt.calibration.extra = {**ckpt.calibration.extra, "jacobi_tokens_per_call": per_call,
+                              "jacobi_calibration": {"windows": list(windows), "images": images, "seed": seed,
+                                                     "coupling": True, "eta": 0.0,
+                                                     "loop": "runtime (torch backend), at export"}}
+    return per_call
