@@ -77,7 +77,7 @@ def adapt(spec, ref: str):
     try:
         from .hf import LIBRARY as HF, HFCausalAR, is_hf_backbone
         if is_hf_backbone(model):
-            return HF, HFCausalAR(model, spec.head, spec.start_tokens, spec.variance_floor)
+            return HF, HFCausalAR(model, spec.head, spec.embed, spec.start_tokens, spec.variance_floor)
     except ImportError:
         pass
     raise CheckpointError(f"--model '{ref}' returned a {type(model).__name__}, which no fastardiff adapter knows; "
@@ -89,9 +89,9 @@ def load_foreign(ref: str, weights, atol: float = 1e-4, rtol: float = 1e-3) -> F
     """Build the user's model with its factory, load its weights (tensors only), adapt it and check the adapter
     against the library's own forward."""
     spec = build_foreign(ref)
+    library, adapter = adapt(spec, ref)          # refuses what it cannot reproduce before any weights are read
     state = read_state_dict(weights)
-    load_state(spec.model if spec.head is None else _with_head(spec), state, weights)
-    library, adapter = adapt(spec, ref)
+    load_state(spec.model if library != "transformers" else _with_head(spec), state, weights)
     adapter = adapter.eval().requires_grad_(False)
     arch = adapter.architecture()
     cfg = foreign_config(spec, library, ref, adapter.num_layers, adapter.kv_heads, adapter.head_dim, arch)
@@ -104,9 +104,9 @@ def load_foreign(ref: str, weights, atol: float = 1e-4, rtol: float = 1e-3) -> F
 
 
 def _with_head(spec) -> nn.Module:
-    """Backbone + head as one module for loading: keys 'model.*' and 'head.*'."""
+    """Backbone, embedding and head as one module for loading: keys 'model.*', 'embed.*' and 'head.*'."""
     holder = nn.Module()
-    holder.model, holder.head = spec.model, spec.head
+    holder.model, holder.embed, holder.head = spec.model, spec.embed, spec.head
     return holder
 
 

@@ -26,7 +26,9 @@ class ForeignModel:
     """What a factory returns. `model`: the library's module (weights are loaded into it); `start_tokens`
     [num_classes, token_dim]: the token fed at position 0 for each class (the prompt); `head` (Hugging Face
     backbones): the per-token head mapping a hidden state [..., hidden] to (mean, log-variance) [..., 2 D] of
-    the next token; `variance_floor`: the variance the library clamps at before its square root when sampling."""
+    the next token, and `embed` its token embedding (token [..., D] -> inputs_embeds); `variance_floor`: the variance
+    the library clamps at before its square root when sampling. Weights of a Hugging Face model are one state dict
+    with keys 'model.*', 'embed.*' and 'head.*'."""
 
     model: object
     image_size: int
@@ -35,6 +37,7 @@ class ForeignModel:
     channels: int = 1
     class_names: tuple = ()
     head: object = None
+    embed: object = None
     variance_floor: float = 1e-5
     dataset: str = "mnist"
 
