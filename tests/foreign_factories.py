@@ -48,3 +48,11 @@ def point_estimate():               # probabilistic=False: no per-token distribu
 
 def not_a_spec():
     return torch.nn.Linear(2, 2)
+
+
+def llama_without_head():           # a Hugging Face backbone with no per-token head: refused
+    from fastardiff.recipes import hf_llama_mnist
+
+    spec = hf_llama_mnist.digits()
+    spec.head = None
+    return spec
