@@ -233,3 +233,21 @@ def test_run_on_onnx_engines_matches_library(onnx_engines, library_tokens, tmp_p
     assert two_sample_pvalue(target, reference) > 1e-3
     jacobi, _ = our_tokens(engines, classes, mode="speculative", draft="jacobi", gamma=4, seed=22)
     assert two_sample_pvalue(jacobi, reference) > 1e-3
+
+
+def test_feed_past_the_sequence_end_reads_clamped_positions(tmp_path):
+    """Ragged Jacobi rounds pad a row's feed past its end (junk positions past the absolute-position table): the
+    adapter runs, and the row's real position gives the same output as a feed that stops there."""
+    from fastardiff.exporter.foreign import load_foreign
+
+    spec = __import__("foreign_factories").absolute_layernorm()
+    torch.save(spec.model.state_dict(), tmp_path / "w.pt")
+    ckpt = load_foreign("foreign_factories:absolute_layernorm", tmp_path / "w.pt")
+    model, cfg = ckpt.target, ckpt.config
+    length = cfg.seq_len - 1                                   # the last position of the table
+    cache = torch.randn(model.num_layers, 1, model.kv_heads, length, model.head_dim)
+    tokens = torch.randn(1, 4, cfg.token_dim)
+    with torch.no_grad():
+        padded = model(tokens, torch.tensor([length]), cache, cache, torch.tensor([3]))[0]
+        alone = model(tokens[:, :1], torch.tensor([length]), cache, cache, torch.tensor([3]))[0]
+    assert torch.allclose(padded[:, :1], alone, atol=1e-5)

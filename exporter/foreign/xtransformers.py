@@ -180,10 +180,11 @@ class XTransformersAR(nn.Module):
         start = self.start_tokens[cond.clamp(0, self.start_tokens.shape[0] - 1)].unsqueeze(1)
         x = torch.where((positions < 1).unsqueeze(-1), start.to(tokens.dtype), tokens)
         x = net.project_in(x)
-        if not isinstance(net.pos_emb, nn.Module) or layers.disable_abs_pos_emb:
-            pass                                                       # no absolute positions (always(0))
-        else:
-            x = x + net.pos_emb(x, pos=positions)
+        if isinstance(net.pos_emb, nn.Module) and not layers.disable_abs_pos_emb:   # else always(0): none
+            # a feed padded past a row's end (ragged Jacobi rounds) reads junk positions, never used: clamped into
+            # the table, as the library's own positions always are
+            limit = getattr(net.pos_emb, "max_seq_len", None)
+            x = x + net.pos_emb(x, pos=positions if limit is None else positions.clamp(max=limit - 1))
         x = net.post_emb_norm(x)
         new_k, new_v = [], []
         a = 0
