@@ -36,13 +36,15 @@ def library_sampler(ref: str, weights: str):
 
     from transformers import DynamicCache
 
+    from fastardiff.recipes.hf_llama_mnist import cache_argument as kwargs
+
     backbone, embed, head = adapter.backbone, adapter.embed, adapter.head
 
     @torch.no_grad()
     def sample(classes):
         cache, x, out = DynamicCache(), start[classes].unsqueeze(1), []
         for _ in range(n):
-            hidden = backbone(inputs_embeds=embed(x), past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = backbone(inputs_embeds=embed(x), use_cache=True, **kwargs(backbone, cache)).last_hidden_state
             mean, log_var = head(hidden[:, -1:]).chunk(2, dim=-1)
             x = mean + log_var.exp().clamp(min=cfg.variance_floor).sqrt() * torch.randn_like(mean)
             out.append(x)

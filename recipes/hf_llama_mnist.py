@@ -84,6 +84,15 @@ def train(holder, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0, 
     return float(loss.detach())
 
 
+def cache_argument(backbone, cache) -> dict:
+    """The backbone's KV-cache keyword: `cache` where this transformers release has it (5.25 deprecates
+    `past_key_values`, to be removed in 5.40), else `past_key_values`."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def sample(holder, classes: torch.Tensor, tokens: int, temperature: float = 1.0, floor: float = 1e-5):
     """The reference sampler on the library's side: the backbone with its own DynamicCache, one token per call,
@@ -94,7 +103,8 @@ def sample(holder, classes: torch.Tensor, tokens: int, temperature: float = 1.0,
     x = class_start_tokens()[classes].unsqueeze(1)
     out = []
     for _ in range(tokens):
-        hidden = holder.model(inputs_embeds=holder.embed(x), past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = holder.model(inputs_embeds=holder.embed(x), use_cache=True,
+                              **cache_argument(holder.model, cache)).last_hidden_state
         mean, log_var = holder.head(hidden[:, -1:]).chunk(2, dim=-1)
         x = mean + log_var.exp().clamp(min=floor).sqrt() * temperature * torch.randn_like(mean)
         out.append(x)
