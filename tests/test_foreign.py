@@ -251,3 +251,21 @@ def test_feed_past_the_sequence_end_reads_clamped_positions(tmp_path):
         padded = model(tokens, torch.tensor([length]), cache, cache, torch.tensor([3]))[0]
         alone = model(tokens[:, :1], torch.tensor([length]), cache, cache, torch.tensor([3]))[0]
     assert torch.allclose(padded[:, :1], alone, atol=1e-5)
+
+
+def test_onnx_export_renames_internal_values_named_like_outputs(tmp_path):
+    """A library's RMSNorm computes x.mean(-1): the exporter names that value 'mean', the engine's output name; the
+    export renames the internal one, so the file loads (else: 'Duplicate definition of name (mean)')."""
+    import onnxruntime as ort
+
+    from fastardiff.exporter.onnx_target import export_onnx_file
+
+    class Norm(torch.nn.Module):
+        def forward(self, tokens):
+            return tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.randn(2, 3, 4)
+    path = export_onnx_file(Norm(), (x,), tmp_path / "n.onnx", ["tokens"], ["mean"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, = session.run(["mean"], {"tokens": x.numpy()})
+    assert np.allclose(got, Norm()(x).numpy(), atol=1e-6)
