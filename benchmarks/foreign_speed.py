@@ -4,20 +4,28 @@ Repeats are interleaved (library, engines A target, engines A auto, engines B ta
 slows down slows every contender alike; the table gives the median images/s and the ratio to the library.
 
     python benchmarks/foreign_speed.py --model fastardiff.recipes.xtransformers_mnist:digits --ckpt xt.pt \
-        --engines xt-onnx xt-aoti --batch 8 --repeats 5 --json foreign-speed.json
+        --engines xt-onnx xt-aoti --batch 8 --repeats 5 --threads 1 --json foreign-speed.json
 
-Measure on a quiet machine only (no other heavy process): the numbers are ratios of wall-clock times.
+Every contender gets the same CPU threads (--threads: torch's for the library's sampler, OpenMP's for AOTInductor,
+ONNX Runtime's intra-op threads). Measure on a quiet machine only (no other heavy process): OpenMP threads that
+spin-wait on a loaded machine slow a call 50x, and the numbers are ratios of wall-clock times.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+if __name__ == "__main__":   # OpenMP reads its thread count once, at the first import of torch
+    _threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "1"
+    os.environ["OMP_NUM_THREADS"] = _threads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def library_sampler(ref: str, weights: str):
@@ -53,13 +61,16 @@ def library_sampler(ref: str, weights: str):
     return "transformers forward + DynamicCache", sample
 
 
-def engine_runs(engine_dir: str, batch: int, seed: int):
+def engine_runs(engine_dir: str, batch: int, seed: int, threads: int):
     """[(name, fn(classes) -> images)]: target-only, and what --gamma auto picks on these engines."""
     from fastardiff.runtime.engine import load_engines
     from fastardiff.runtime.gamma_auto import choose_gamma
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
-    engines = load_engines(engine_dir)
+    from fastardiff.runtime.manifest import load_manifest
+
+    backend = load_manifest(engine_dir).backend
+    engines = load_engines(engine_dir, **({"threads": threads} if backend == "onnxruntime" else {}))
     label = f"{Path(engine_dir).name} ({engines.manifest.backend})"
     choice = choose_gamma(engines, batch, 1.0)
     runs = [(f"{label} target-only", GenerationConfig(mode="target", seed=seed))]
@@ -78,7 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--engines", nargs="+", required=True, help="engine dirs exported from it (onnx, aoti, ...)")
     parser.add_argument("--batch", type=int, default=8, help="images per timed call")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the library's sampler)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of every contender")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -88,7 +99,7 @@ def main(argv=None) -> None:
     contenders = [(lib_name, lambda c: lib(torch.from_numpy(c)))]
     choices = {}
     for d in args.engines:
-        runs, choice = engine_runs(d, args.batch, args.seed)
+        runs, choice = engine_runs(d, args.batch, args.seed, args.threads)
         contenders += runs
         choices[d] = choice.to_dict()
     for _, fn in contenders:                # warm-up: first calls load kernels, allocate, compile
