@@ -56,6 +56,8 @@ def engine_code_hash() -> str:
     for name in ("diffusion_head.py", "fast_ardiff.py"):   # the diffusion-head family's sampler and networks
         if (recipes / name).is_file():
             digest.update((recipes / name).read_bytes())
+    for adapter in sorted((Path(__file__).parent / "foreign").glob("*.py")):   # foreign models' adapters
+        digest.update(adapter.read_bytes())
     return digest.hexdigest()[:16]
 
 
