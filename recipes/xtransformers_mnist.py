@@ -5,7 +5,7 @@ Each sequence is [start token of the class, x_0 .. x_{N-1}]: the start token (`c
 pattern in token space) is the prompt, as `generate(start_tokens, N)` takes it. Tokens are the project's identity
 patch tokens (recipes/data.py: 32x32 padded digits in [-1, 1], 4x4 patches, N = 64, D = 16).
 
-    python -m fastardiff.recipes.xtransformers_mnist --out xt-digits.pt            # train (minutes on a CPU)
+    python -m fastardiff.recipes.xtransformers_mnist --out xt-digits.pt    # train (1200 steps: 20 min, busy 2-core CPU)
     fastardiff-export --model fastardiff.recipes.xtransformers_mnist:digits --ckpt xt-digits.pt --target onnx --out xt
     fastardiff-run --engine xt --prompt 3,7 --mode target
 """
