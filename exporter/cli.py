@@ -15,6 +15,10 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
 @click.command("export")
 @click.option("--ckpt", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="Checkpoint .pt file (default: the shipped tiny-mnist model).")
+@click.option("--model", "model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+              help="A model trained elsewhere: the factory (your code, imported by module path) that builds it; "
+                   "--ckpt is then its state dict (.pt, loaded as tensors only, or .safetensors). See "
+                   "docs/export-your-model.md.")
 @click.option("--target", required=True, metavar="onnx|aoti|trt", help="Engine format to build.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Engine directory to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
@@ -49,7 +53,7 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
                    "8.0,8.6,8.9,12.0: Ampere, Ada and Blackwell RTX).")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
-def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
+def export_command(ckpt, model, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
                    kv_update, trt_library, compute_capabilities, verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
@@ -74,7 +78,9 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
                          atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
                          force=force, onnx_only=onnx_only, draft=draft, kv_update=kv_update, trt_library=trt_library,
                          compute_capabilities=tuple(c for c in compute_capabilities.split(",") if c.strip()))
-    manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
+    if model is not None and ckpt is None:
+        raise FastardiffError("--model needs --ckpt: the state dict of the model its factory builds")
+    manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts, model=model)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
     listed = [n for n in ENGINE_NAMES if n in manifest.engines]   # the core engines first, then the others

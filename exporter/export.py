@@ -8,6 +8,7 @@ removed only after the rename succeeded, so a failed export never leaves a half-
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,6 +56,8 @@ def engine_code_hash() -> str:
     for name in ("diffusion_head.py", "fast_ardiff.py"):   # the diffusion-head family's sampler and networks
         if (recipes / name).is_file():
             digest.update((recipes / name).read_bytes())
+    for adapter in sorted((Path(__file__).parent / "foreign").glob("*.py")):   # foreign models' adapters
+        digest.update(adapter.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -112,16 +115,28 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) -> tuple[Manifest, bool]:
-    """Build (or reuse) the engines of `ckpt_path` for `opts.target` in `out`. Returns (manifest, cache_hit)."""
+def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
+                   model: str | None = None) -> tuple[Manifest, bool]:
+    """Build (or reuse) the engines of `ckpt_path` for `opts.target` in `out`. Returns (manifest, cache_hit).
+    model: a foreign model's factory `package.module:function` (exporter/foreign); ckpt_path is then its weights."""
     from fastardiff.recipes.checkpoint import load_checkpoint
 
     out = Path(out)
     build = get_target(opts.target)          # unknown target / missing dependency fail before any work
+    if model is not None:   # foreign engines: no draft (yet), the cache written by the runtime (host update)
+        opts = dataclasses.replace(opts, draft=False, kv_update="host" if opts.kv_update == "auto" else opts.kv_update)
+        if opts.kv_update != "host":
+            raise FastardiffError("--kv-update in-place is built for fastardiff's own models; a foreign model's "
+                                  "engines use --kv-update host (the default for --model)")
     opts = resolve_options(opts)
     gpu = _gpu_identity(opts.device)
     check_output_dir(out)
-    ckpt = load_checkpoint(ckpt_path)
+    if model is not None:
+        from .foreign import load_foreign
+
+        ckpt = load_foreign(model, ckpt_path, opts.atol, opts.rtol)
+    else:
+        ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.config
     ckpt_sha = sha256_file(ckpt_path)
     versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
@@ -135,6 +150,11 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
                      "(use --force to rebuild)", out, opts.target)
             return manifest, True
 
+    if model is not None:   # --gamma auto's Jacobi figures (deterministic from the weights: not in the cache key)
+        from .foreign.engines import calibrate_jacobi
+
+        log.info("measuring Jacobi tokens per target call for --gamma auto (torch backend)")
+        calibrate_jacobi(ckpt)
     log.info("exporting %s (%s, config %s) to %s: target %s, %s, %s, batch <= %d, gamma %d",
              ckpt_path, cfg.name, cfg.config_hash(), out, opts.target, opts.precision, opts.device, opts.max_batch,
              opts.gamma)
@@ -152,7 +172,7 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
                 gpu=result.gpu or gpu, plugin=result.plugin,
                 export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
                         "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
-                        "seconds": round(time.perf_counter() - start, 2),
+                        "seconds": round(time.perf_counter() - start, 2), **_foreign_export(ckpt),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
             write_manifest(tmp, manifest)
             verify_engine_files(tmp, load_manifest(tmp))
@@ -163,3 +183,10 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions) 
             raise
     log.info("wrote %s engines and %s to %s in %.1f s", opts.target, MANIFEST_NAME, out, time.perf_counter() - start)
     return manifest, False
+
+
+def _foreign_export(ckpt) -> dict:
+    """manifest.export fields of a foreign model: its factory and the adapter's parity with the library's forward."""
+    parity = ckpt.meta.get("library_parity") if isinstance(getattr(ckpt, "meta", None), dict) else None
+    return {} if parity is None else {"model": ckpt.config.factory, "library": ckpt.config.library,
+                                      "library_parity": parity}

@@ -73,8 +73,21 @@ def export_onnx_file(module: nn.Module, example_inputs: tuple, path: str | Path,
             module, tuple(example_inputs), None, input_names=list(input_names), output_names=list(output_names),
             dynamic_shapes=dynamic_shapes, custom_translation_table=custom_translation_table, opset_version=opset,
             dynamo=True, external_data=False, optimize=optimize, verbose=verbose, report=False)
+    _rename_shadowed_outputs(program.model.graph, output_names)
     program.save(str(path), external_data=False)
     return path
+
+
+def _rename_shadowed_outputs(graph, output_names: Sequence[str]) -> None:
+    """An internal value named like a graph output (the exporter names a `.mean()` node 'mean', as in a library's
+    RMSNorm) would define that name twice: rename the internal one."""
+    outputs = {id(v) for v in graph.outputs}
+    names = set(output_names)
+    for node in graph:
+        for value in node.outputs:
+            if value.name in names and id(value) not in outputs:
+                value.name = f"{value.name}__internal_{len(names)}"
+                names.add(value.name)
 
 
 def ort_providers(device: str) -> list[str]:

@@ -218,8 +218,9 @@ def engine_layers(ckpt: DriftARCheckpoint, name: str) -> int:
     """Number of KV-cache layers an engine takes (0 for the decoder)."""
     if name in ROLLOUT_GAMMA:
         return ckpt.draft.num_layers
-    return {"draft_step": ckpt.draft.num_layers, "target_verify": ckpt.target.num_layers,
-            "target_jacobi": ckpt.target.num_layers}.get(name, 0)
+    if name == "draft_step":
+        return ckpt.draft.num_layers
+    return ckpt.target.num_layers if name in ("target_verify", "target_jacobi") else 0
 
 
 class CastWrapper(nn.Module):
@@ -271,6 +272,9 @@ FAMILY_ADAPTERS: dict[str, Callable[..., dict[str, nn.Module]]] = {
     "drift-ar": lambda ckpt, gammas=(): make_engine_modules(
         ckpt.target, ckpt.draft, ckpt.decoder, ckpt.config.sigma_params(ckpt.calibration.e_max), gammas),
     "fast-ardiff": fast_ardiff_modules,
+    # models trained elsewhere (exporter/foreign): their adapter's target_verify and the patch decoder
+    "foreign-gaussian": lambda ckpt, gammas=(): __import__("fastardiff.exporter.foreign.engines",
+                                                           fromlist=["foreign_modules"]).foreign_modules(ckpt, gammas),
 }
 
 

@@ -37,3 +37,13 @@ def gaussian_logpdf(x: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> np.nd
     d = x.shape[-1]
     sq = np.sum((x - mean) ** 2, axis=-1)
     return -0.5 * sq / sigma**2 - d * np.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+
+
+def diagonal_gaussian(params: np.ndarray, variance_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The foreign-gaussian family's token N(mean, diag(sigma^2)) from an engine's output [..., 2D] = [mean, log
+    variance]: (mean [..., D], sigma [..., D]) with sigma = sqrt(max(exp(log variance), floor)), in float64 (the
+    clamp is the library's own before its square root: x-transformers samples N(mean, sqrt(max(var, 1e-5))))."""
+    params = np.asarray(params, np.float64)
+    dim = params.shape[-1] // 2
+    log_var = np.maximum(params[..., dim:], math.log(variance_floor))
+    return params[..., :dim], np.exp(0.5 * log_var)

@@ -125,7 +125,7 @@ def jacobi_rounds(target, seq, token_entropy: np.ndarray, n: np.ndarray, total: 
     arrays = target.arrays
     B, D, L = seq.shape[0], seq.shape[-1], window
     guess_mean = arrays.zeros((B, total + L + 1, D))      # q of the guess at token index j, column j
-    guess_sigma = arrays.ones((B, total + L + 1))
+    guess_sigma = arrays.ones((B, total + L + 1) + ((D,) if target.rule.diagonal else ()))   # [.., D]: diagonal
     have = np.zeros(B, np.int64)                        # guesses in each window (none before the first round)
     seq_windows, out_windows = arrays.windows(seq, L), arrays.windows(seq, L + 1)
     entropy_windows = windows(token_entropy, L + 1)

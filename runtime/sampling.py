@@ -13,6 +13,14 @@ variation distance from p is bounded by that probability. Nothing ever returns z
 `reflected_residual` draws the same residual law from the rejected draft itself (its mirror image across the
 midplane of p and q, then the same rejection loop with a corrected rule; its entry and exit odds are the same
 product): Jacobi decoding uses it so that a replaced guess stays near the one the later slots were conditioned on.
+
+Diagonal covariances (the foreign-gaussian family: N(mean, diag(sigma^2)), sigma [..., D] instead of [...]): every
+function here takes either form (`per_dimension`). The acceptance test and the rejection-from-p residual are exact
+for any densities. The reflected residual stays exact by whitening with each Gaussian's own per-dimension scale:
+g(x) = mu_p + sigma_p * R((x - mu_q) / sigma_q), R the reflection across the hyperplane normal to
+u = (mu_q - mu_p) / sqrt(sigma_p sigma_q), pushes q onto p for any R (R preserves N(0, I)), and its correction
+rule (r(y) / h(y) = (1 - q(y)/p(y))+ / (1 - p(x')/q(x'))+, x' = g^-1(y)) holds for any map pushing q onto p; with
+equal isotropic widths it is the isotropic rule's mirror image.
 """
 from __future__ import annotations
 
@@ -37,8 +45,28 @@ FIRST_CHUNK = 16
 REFLECTED_FIRST_CHUNK = 64
 
 
+def per_dimension(sigma, like) -> bool:
+    """Whether `sigma` is a per-dimension (diagonal) scale of the tokens `like` [..., D]: one axis more than an
+    isotropic scale has."""
+    return np.ndim(sigma) == np.ndim(like)
+
+
+def scale_of(sigma, like):
+    """sigma broadcastable against `like` [..., D]: as it is when diagonal, with a trailing axis when isotropic."""
+    return sigma if per_dimension(sigma, like) else sigma[..., None]
+
+
+def reflect(z, u):
+    """z reflected across the hyperplane normal to u (both [..., D]); z itself where u == 0."""
+    uu = np.add.reduce(u * u, axis=-1)
+    along = np.divide(2 * np.add.reduce(z * u, axis=-1), uu, out=np.zeros(np.broadcast_shapes(uu.shape, z.shape[:-1])),
+                      where=uu > 0)
+    return z - along[..., None] * u
+
+
 class TokenDistribution(NamedTuple):
-    """N(mean, sigma^2 I) per token: mean [..., D], sigma [...], entropy [...] (the entropy that set sigma).
+    """N(mean, sigma^2 I) per token: mean [..., D], sigma [...] (or [..., D]: N(mean, diag(sigma^2)), the
+    foreign-gaussian family), entropy [...] (the entropy that set sigma).
     log_offset [...] (None: 0) is added to the token's log-density in the acceptance test: a diffusion-head family
     (runtime/token_rules.py) scores its final-step Gaussian times prod_t sigma_t^-D of its earlier steps (CSpD)."""
 
@@ -80,12 +108,15 @@ def token_distribution(mean, entropy, sigma_params: SigmaParams, temperature: fl
 
 
 def sample_gaussian(rng: np.random.Generator, mean: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    return mean + sigma[..., None] * rng.standard_normal(mean.shape)
+    return mean + scale_of(sigma, mean) * rng.standard_normal(mean.shape)
 
 
 def log_density(x: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """log N(x; mean, sigma^2 I) summed over the last axis, in float64."""
     d = x.shape[-1]
+    if per_dimension(sigma, x):
+        return (-0.5 * np.add.reduce(((x - mean) / sigma) ** 2, axis=-1)
+                - np.add.reduce(np.log(np.broadcast_to(sigma, x.shape)), axis=-1) - 0.5 * d * math.log(2 * math.pi))
     sq = np.add.reduce((x - mean) ** 2, axis=-1)  # = np.sum without its Python wrapper
     return -0.5 * sq / sigma**2 - d * np.log(sigma) - 0.5 * d * math.log(2 * math.pi)
 
@@ -95,6 +126,13 @@ def log_density_ratio(x: np.ndarray, a_mean, a_sigma, b_mean, b_sigma, inner_tem
     as log_density(x, a) - log_density(x, b), with the shared 2*pi terms cancelled exactly (fewer operations).
     inner_temperature != 1 divides the quadratic terms by its square (CSpD's tempered ratio; not a density ratio)."""
     d = x.shape[-1]
+    if per_dimension(a_sigma, x) or per_dimension(b_sigma, x):      # diagonal covariances
+        a_s, b_s = scale_of(a_sigma, x), scale_of(b_sigma, x)
+        quadratic = 0.5 * (np.add.reduce(((x - b_mean) / b_s) ** 2, axis=-1)
+                           - np.add.reduce(((x - a_mean) / a_s) ** 2, axis=-1))
+        if inner_temperature != 1.0:
+            quadratic = quadratic / inner_temperature ** 2
+        return quadratic + np.add.reduce(np.log(np.broadcast_to(b_s / a_s, x.shape)), axis=-1)
     a = np.add.reduce((x - a_mean) ** 2, axis=-1)
     b = np.add.reduce((x - b_mean) ** 2, axis=-1)
     quadratic = 0.5 * (b / b_sigma**2 - a / a_sigma**2)
@@ -122,7 +160,7 @@ def sample_residual(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_sigma,
     kept = rng.random(f.shape) < f - g
     hit = kept.any(axis=1)
     first = kept.argmax(axis=1)
-    out = p_mean + p_sigma[:, None] * z[np.arange(rows), first]
+    out = p_mean + scale_of(p_sigma, p_mean) * z[np.arange(rows), first]
     if hit.all():
         return out
     miss = np.flatnonzero(~hit)
@@ -140,6 +178,8 @@ def residual_ratios(z, p_mean, p_sigma, q_mean, q_sigma, shift=0.0, reflected: b
     second stage with f - g, and its mirror image (z = R e0, x' = the rejected x) when coin * g < f: the same
     formulas as the target_jacobi graph's."""
     d = q_mean - p_mean
+    if per_dimension(p_sigma, z):
+        return _diagonal_residual_ratios(z, d, p_sigma, q_sigma, shift, reflected)
     zz, dz, dd = (np.add.reduce(a * b, axis=-1) for a, b in ((z, z), (z, d), (d, d)))     # [T, C], [T, C], [T, 1]
     log_width = z.shape[-1] * np.log(p_sigma / q_sigma)                          # log (sigma_p / sigma_q)^D
     # |y - mu_q|^2 = sigma_p^2 |z|^2 - 2 sigma_p z.d + |d|^2: no proposal y is formed (few array operations)
@@ -148,6 +188,20 @@ def residual_ratios(z, p_mean, p_sigma, q_mean, q_sigma, shift=0.0, reflected: b
     if not reflected:
         return f, 0.0
     log_p_over_q = 0.5 * (zz - (dd - 2 * q_sigma * dz + q_sigma**2 * zz) / p_sigma**2) - log_width   # at g^-1(y)
+    return f, -np.expm1(np.minimum(log_p_over_q, 0.0))
+
+
+def _diagonal_residual_ratios(z, d, p_sigma, q_sigma, shift, reflected: bool):
+    """residual_ratios for diagonal scales p_sigma, q_sigma [T, 1, D]: y = mu_p + sigma_p z, and with `reflected`
+    x' = mu_q + sigma_q R z (R: the reflection of the whitened mirror map, module docstring)."""
+    zz = np.add.reduce(z * z, axis=-1)
+    log_width = np.add.reduce(np.log(p_sigma / q_sigma), axis=-1)                # log prod (sigma_p / sigma_q)
+    log_q_over_p = 0.5 * (zz - np.add.reduce(((p_sigma * z - d) / q_sigma) ** 2, axis=-1)) + log_width - shift
+    f = -np.expm1(np.minimum(log_q_over_p, 0.0))
+    if not reflected:
+        return f, 0.0
+    rz = reflect(z, d / np.sqrt(p_sigma * q_sigma))
+    log_p_over_q = 0.5 * (zz - np.add.reduce(((q_sigma * rz + d) / p_sigma) ** 2, axis=-1)) - log_width
     return f, -np.expm1(np.minimum(log_p_over_q, 0.0))
 
 
@@ -167,14 +221,17 @@ def reflected_residual(rng: np.random.Generator, x, p_mean, p_sigma, q_mean, q_s
     nearly the token they were conditioned on: the Jacobi loop's next guesses there pass more often."""
     rows = len(x)
     d = q_mean - p_mean
-    e0 = (x - q_mean) / q_sigma[:, None]                        # x = mu_q + sigma_q e0
-    dd = np.add.reduce(d * d, axis=-1)
-    mirror = np.divide(2 * np.add.reduce(e0 * d, axis=-1), dd, out=np.zeros(rows), where=dd > 0)
-    z0 = e0 - mirror[:, None] * d                               # R e0: y0 = mu_p + sigma_p z0, g^-1(y0) = x
+    e0 = (x - q_mean) / scale_of(q_sigma, x)                    # x = mu_q + sigma_q e0
+    if per_dimension(p_sigma, x):                               # diagonal: the whitened mirror (module docstring)
+        z0 = reflect(e0, d / np.sqrt(p_sigma * q_sigma))
+    else:
+        dd = np.add.reduce(d * d, axis=-1)
+        mirror = np.divide(2 * np.add.reduce(e0 * d, axis=-1), dd, out=np.zeros(rows), where=dd > 0)
+        z0 = e0 - mirror[:, None] * d                           # R e0: y0 = mu_p + sigma_p z0, g^-1(y0) = x
     f, g = residual_ratios(z0[:, None], p_mean[:, None], p_sigma[:, None], q_mean[:, None], q_sigma[:, None],
                            reflected=True)
     keep = rng.random(rows) * g[:, 0] < f[:, 0]
-    y0 = p_mean + p_sigma[:, None] * z0
+    y0 = p_mean + scale_of(p_sigma, p_mean) * z0
     miss = np.flatnonzero(~keep)
     if miss.size:
         y0[miss] = sample_residual(rng, p_mean[miss], p_sigma[miss], q_mean[miss], q_sigma[miss], max_proposals,
@@ -198,7 +255,7 @@ def _sample_residual_loop(rng: np.random.Generator, p_mean, p_sigma, q_mean, q_s
             pm, ps, qm, qs, sh = (p_mean[todo, None], p_sigma[todo, None], q_mean[todo, None], q_sigma[todo, None],
                                   shift[todo, None])
         z = rng.standard_normal((todo.size, chunk, dim))
-        y = pm + ps[..., None] * z
+        y = pm + scale_of(ps, pm) * z
         f, g = residual_ratios(z, pm, ps, qm, qs, sh, reflected)
         weight = f - g                                               # [T, chunk]
         kept = rng.random(weight.shape) < weight

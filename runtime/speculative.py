@@ -26,9 +26,9 @@ from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, Model
                          check_request, in_engine_acceptance, on_accelerator, verify_limit)
 from .jacobi import accept_drafts_in_engine, jacobi_rounds
 from .kv_cache import windows
-from .sampling import TokenDistribution, accept_drafts, sample_gaussian
+from .sampling import TokenDistribution, accept_drafts, sample_gaussian, scale_of
 from .stats import RunStats
-from .token_rules import token_rules
+from .token_rules import EXACT_GAUSSIAN_FAMILIES, token_rules
 
 
 def jacobi_cache_capacity(shape: ModelShape, window: int, batch: int, cache_limit) -> int | None:
@@ -162,7 +162,7 @@ def sample_first_slot(arrays, rng: np.random.Generator, p: TokenDistribution):
     """x ~ p at each row's first slot, wherever `arrays` keeps the loop (sampling.sample_gaussian's draw: the same
     float64 normals from rng on the host path)."""
     mean = p.mean[:, 0]
-    return mean + p.sigma[:, 0, None] * arrays.normal(rng, tuple(mean.shape), np.float64)
+    return mean + scale_of(p.sigma[:, 0], mean) * arrays.normal(rng, tuple(mean.shape), np.float64)
 
 
 def loop_arrays(engines, gen: GenerationConfig, rng: np.random.Generator, jacobi: bool, model_on_device: bool):
@@ -230,7 +230,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
-    if gen.mode == "speculative" and gen.draft == "jacobi" and engines.manifest.family != "drift-ar":
+    if gen.mode == "speculative" and gen.draft == "jacobi" and engines.manifest.family not in EXACT_GAUSSIAN_FAMILIES:
         raise GenerationError(f"--draft jacobi needs explicit Gaussian tokens (family drift-ar); these engines are "
                               f"of family '{engines.manifest.family}': use --draft model or --mode target")
     needs_draft = gen.mode == "draft" or (gen.mode == "speculative" and gen.draft == "model")

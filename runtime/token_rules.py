@@ -26,7 +26,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, FastardiffError
 
-from .distribution import SigmaParams
+from .distribution import SigmaParams, diagonal_gaussian
 from .sampling import TokenDistribution, token_distribution
 
 HEAD_PREFIX = "head_"
@@ -34,6 +34,7 @@ HEAD_PREFIX = "head_"
 
 class GaussianTokens:
     exact = True
+    diagonal = False          # sigma [...] per token (isotropic); DiagonalGaussianTokens: [..., D]
 
     def __init__(self, sigma: SigmaParams, temperature: float):
         self.sigma, self.temperature = sigma, temperature
@@ -42,7 +43,25 @@ class GaussianTokens:
         return token_distribution(mean, entropy, self.sigma, self.temperature)
 
 
+class DiagonalGaussianTokens:
+    """foreign-gaussian: the engine's `mean` output is [mean, log variance] [..., 2D]; the token is
+    N(mean, diag(T^2 max(var, floor))) (T: the temperature, scaling the standard deviation as the libraries do)."""
+    exact = True
+    diagonal = True
+
+    def __init__(self, variance_floor: float, temperature: float):
+        self.variance_floor, self.temperature = variance_floor, temperature
+
+    def distribution(self, params, entropy, samples, first_token) -> TokenDistribution:
+        mean, sigma = diagonal_gaussian(params, self.variance_floor)
+        if self.temperature != 1.0:
+            sigma = sigma * self.temperature
+        return TokenDistribution(mean, sigma, entropy)
+
+
 class DiffusionHeadTokens:
+    diagonal = False
+
     def __init__(self, head: Callable, trajectory: np.ndarray, temperature: float, stats, score_offset: bool = True):
         """trajectory [B, columns, S, D] float32: the noise of token j of sample b is trajectory[b, j].
         score_offset: CSpD's earlier-step sigma factor enters the ratio (False: the exact conditional rule)."""
@@ -95,8 +114,18 @@ def diffusion_head_rules(engines, gen, rng, batch: int, columns: int, stats):
             DiffusionHeadTokens(head, target_noise, gen.temperature, stats, cspd))
 
 
+def diagonal_gaussian_rules(engines, gen, rng, batch: int, columns: int, stats):
+    if gen.cfg_scale != 1.0:
+        raise FastardiffError("classifier-free guidance needs a model trained with a null class; this model "
+                              f"(family '{engines.manifest.family}') has none: drop --cfg")
+    rule = DiagonalGaussianTokens(float(engines.manifest.config.get("variance_floor", 1e-5)), gen.temperature)
+    return rule, rule
+
+
 # family (manifest.family) -> factory(engines, gen, rng, batch, token columns, stats) -> (draft rule, target rule)
-TOKEN_RULES: dict[str, Callable] = {"drift-ar": gaussian_rules, "fast-ardiff": diffusion_head_rules}
+TOKEN_RULES: dict[str, Callable] = {"drift-ar": gaussian_rules, "fast-ardiff": diffusion_head_rules,
+                                    "foreign-gaussian": diagonal_gaussian_rules}
+EXACT_GAUSSIAN_FAMILIES = ("drift-ar", "foreign-gaussian")   # explicit Gaussian tokens: Jacobi decoding is exact
 
 
 def token_rules(engines, gen, rng, batch: int, columns: int, stats):
