@@ -56,8 +56,12 @@ def engine_code_hash() -> str:
     for name in ("diffusion_head.py", "fast_ardiff.py"):   # the diffusion-head family's sampler and networks
         if (recipes / name).is_file():
             digest.update((recipes / name).read_bytes())
-    for adapter in sorted((Path(__file__).parent / "foreign").glob("*.py")):   # foreign models' adapters
-        digest.update(adapter.read_bytes())
+    here = Path(__file__).parent
+    # the targets' builders (graph fixes, TensorRT builds, plugin creator) and foreign models' adapters: a change
+    # to how an engine is built rebuilds it too
+    builders = [*here.glob("*_target.py"), *here.glob("trt_*.py"), *(here / "foreign").glob("*.py")]
+    for source in sorted(builders):
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
