@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from fastardiff.errors import FastardiffError
 
+from .capabilities import device_type  # noqa: F401  (re-exported)
+
 MODES = ("speculative", "target", "draft")
 DRAFTS = ("model", "jacobi")
 # diffusion-head families' acceptance ratio (runtime/token_rules.py): "cspd" the paper's (final-step density ratio
@@ -100,18 +102,9 @@ def verify_limit(engines) -> int | None:
 
 
 def on_accelerator(engines) -> bool:
-    """Whether the engines compute on a GPU: TensorRT, ONNX Runtime's CUDA / TensorRT providers, a CUDA device or
-    device caches on one (what the in-graph sampling's sizing follows: jacobi.residual_proposals)."""
-    if engines.manifest.backend == "tensorrt":
-        return True
-    if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in getattr(engines, "providers", ())):
-        return True
-    return device_type(getattr(engines, "cache_device", None) or getattr(engines, "device", None)) == "cuda"
-
-
-def device_type(device) -> str:
-    """'cpu', 'cuda', ... of a torch device or a device string ('cpu' for None)."""
-    return str(getattr(device, "type", device) or "cpu").split(":")[0]
+    """Whether the engines compute on a GPU (what the in-graph sampling's sizing follows: jacobi.residual_proposals;
+    declared by the backend: runtime/capabilities.py)."""
+    return engines.capabilities.accelerator
 
 
 def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
@@ -127,8 +120,8 @@ def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
     able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
             and "target_jacobi" in engines.manifest.engines)
     if gen.engine_acceptance is None:     # where the loop runs on the device, or the caches live on an accelerator
-        caches_on_accelerator = device_type(getattr(engines, "cache_device", None)) != "cpu"
-        return able and (getattr(engines, "loop_device", None) is not None or caches_on_accelerator)
+        caps = engines.capabilities
+        return able and (caps.loop_device is not None or device_type(caps.cache_device) != "cpu")
     if not able:
         raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
                               "target_jacobi (re-export them); leave it to the default or turn it off")

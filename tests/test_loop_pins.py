@@ -9,6 +9,7 @@ command that records them there:  .venv/bin/python tests/test_loop_pins.py  (pri
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 
@@ -60,6 +61,7 @@ class WithoutJacobiEngine:
 
     def __init__(self, engines):
         self.inner = engines
+        self.capabilities = dataclasses.replace(engines.capabilities, target_jacobi=False)
 
     def __getattr__(self, name):
         if name == "target_jacobi":

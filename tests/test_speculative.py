@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastardiff.recipes.two_sample import two_sample_pvalue
+from fastardiff.runtime.capabilities import EngineCapabilities
 from fastardiff.runtime.engine import DraftOutput
 from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate, generate_tokens
 from fastardiff.runtime.stats import RunStats
@@ -159,7 +160,7 @@ def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkp
 
     engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True, loop_noise=noise)
     assert in_engine_acceptance(engines, GenerationConfig(draft="model"))     # device caches: accepted in-engine
-    assert engines.loop_device is not None            # and the loop's buffers and outputs on the device too
+    assert engines.capabilities.loop_device is not None   # and the loop's buffers and outputs on the device too
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
     if noise == "device":           # reproducible from the seed, and not the host-noise run's numbers
@@ -204,6 +205,7 @@ class HostResolved:
 
     def __init__(self, engines):
         self.inner = engines
+        self.capabilities = dataclasses.replace(engines.capabilities, target_jacobi=False)
 
     def __getattr__(self, name):
         if name == "target_jacobi":
@@ -223,6 +225,7 @@ class RecordingEngines:
             self.manifest.config["draft_layers"] = self.manifest.config["target_layers"]
         self.draft_is_target = draft_is_target
         self.calls = []
+        self.capabilities = EngineCapabilities.host()    # plain host engines: no rollout, no target_jacobi
 
     def draft_step(self, tokens, lengths, k, v, cond):
         if self.draft_is_target:
@@ -483,7 +486,7 @@ def test_engine_acceptance_choice_and_its_errors(shipped_engines):
     assert not in_engine_acceptance(shipped_engines, GenerationConfig(mode="target", engine_acceptance=True))
     manifest = shipped_engines.manifest
     no_jacobi = SimpleNamespace(manifest=SimpleNamespace(family="drift-ar", engines={"target_verify": None}),
-                                cache_device="cuda")
+                                capabilities=EngineCapabilities.host(cache_device="cuda"))
     heads = SimpleNamespace(manifest=SimpleNamespace(family="fast-ardiff", engines=manifest.engines))
     for engines, gen in ((no_jacobi, GenerationConfig(engine_acceptance=True)),
                          (heads, GenerationConfig(engine_acceptance=True)),
