@@ -39,6 +39,8 @@ class GenerationConfig:
     acceptance: str = "cspd"      # diffusion-head families: the acceptance ratio (ACCEPTANCE_RULES)
     engine_acceptance: bool | None = None   # model draft: accept in the target_jacobi engine (None: on device
                                             # backends only; speculative.in_engine_acceptance)
+    alternative: str | None = None  # a proposal the run re-checks while it generates and switches to when measured
+                                    # faster ("target", "jacobi:<L>", "model:<g>"; runtime/adaptive.py); None: off
 
 
 @dataclass(frozen=True)

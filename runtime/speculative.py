@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from fastardiff.errors import EngineError
 
+from .adaptive import Adapter, measured_rounds, parse_label
 from .ar_engine import AREngine
 from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
@@ -39,9 +40,11 @@ def jacobi_cache_capacity(shape: ModelShape, window: int, batch: int, cache_limi
 
 
 def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.random.Generator,
-                    stats: RunStats) -> tuple[np.ndarray, np.ndarray]:
+                    stats: RunStats, adapter: Adapter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sample tokens [B, n, D] and the target entropy of each token [B, n] for class ids `classes`: fast-ardiff's
-    Algorithm 1, each round one proposal kind's propose / verify / accept / roll back (runtime/proposals.py)."""
+    Algorithm 1, each round one proposal kind's propose / verify / accept / roll back (runtime/proposals.py);
+    with gen.alternative, `adapter` (one for the whole run) switches kinds as the measured rates say
+    (runtime/adaptive.py)."""
     loop, proposals = start_loop(engines, np.asarray(classes, np.int64), gen, rng, stats)
     # the eta prefill (fast-ardiff Algorithm 1) spares the model draft the first tokens; off by default: on the
     # shipped model the draft's acceptance is the same with and without it (measured), so it only costs target
@@ -50,8 +53,10 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         steps = SingleModel(loop)
         for _ in range(min(loop.total, round(gen.eta / 100 * loop.shape.num_tokens))):
             steps.round(np.arange(loop.B))
-    while (act := loop.active()).size:
-        proposals[0].round(act)
+    if len(proposals) == 1:
+        measured_rounds(loop, proposals[0], stats)
+    else:
+        (adapter or Adapter()).run(loop, *proposals, stats)
     stats.tokens += loop.B * loop.total
     loop.release()
     return loop.tokens()
@@ -59,12 +64,14 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
 
 def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.random.Generator,
                stats: RunStats) -> tuple[TokenLoop, list[Proposal]]:
-    """The run's buffers, its AR engines with their caches, and its proposal kinds (the one the request asks
-    for)."""
+    """The run's buffers, its AR engines with their caches, and its proposal kinds: the one the request asks
+    for, then the alternative it adapts to (gen.alternative), if any."""
     caps, m = engines.capabilities, engines.manifest
     shape = ModelShape.from_config(m.config)
     total = check_request(gen, shape)
     B, specs = len(classes), [(proposal_kind(gen), gen.gamma)]
+    if gen.alternative is not None and (alt := check_alternative(engines, gen)) not in specs:
+        specs.append(alt)
     G = max(g for _, g in specs)                      # the widest proposal: its spare positions
     draft_rule, target_rule = token_rules(engines, gen, rng, B, shape.num_tokens + G + 1, stats)
     # model-draft rounds verify and accept in one target_jacobi call where the engines have one (in_engine_acceptance)
@@ -104,6 +111,18 @@ def speculating(gen: GenerationConfig, draft: str, gamma: int) -> GenerationConf
     return dataclasses.replace(gen, mode="speculative", draft=draft, gamma=gamma)
 
 
+def check_alternative(engines, gen: GenerationConfig) -> tuple[str, int]:
+    """(kind, gamma) of gen.alternative, which these engines and this request can run (GenerationError)."""
+    kind, g = parse_label(gen.alternative)
+    if gen.mode == "draft":
+        raise GenerationError("a draft-only run does not adapt (it is a test reference); drop the alternative")
+    if kind != "target":
+        check_request(speculating(gen, kind, g), ModelShape.from_config(engines.manifest.config),
+                      verify_limit(engines))
+        check_proposal(engines, kind)
+    return (kind, g) if kind != "target" else ("target", gen.gamma)
+
+
 def check_proposal(engines, draft: str) -> None:
     """Whether these engines can propose with `draft` (GenerationError naming the fix)."""
     if draft == "jacobi" and engines.manifest.family != "drift-ar":
@@ -137,16 +156,22 @@ def rollout_capacity(manifest, gamma: int) -> int:
 
 
 def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = None,
-             max_batch: int | None = None, on_images=None) -> tuple[np.ndarray | None, RunStats]:
+             max_batch: int | None = None, on_images=None, adapter: Adapter | None = None
+             ) -> tuple[np.ndarray | None, RunStats]:
     """Tokens for every class id (in engine-sized chunks), then the decoder when all N tokens were asked for.
     Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats).
     on_images(images, first): called with each decoded chunk and the index of its first image instead of keeping
-    it (a large run streams its images to disk); the returned images are then None. Same images either way."""
+    it (a large run streams its images to disk); the returned images are then None. Same images either way.
+    adapter: the switching state of gen.alternative (runtime/adaptive.py; a serving replica keeps one per plan
+    across requests); None: a fresh one for this run."""
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     if gen.mode != "target":
         check_proposal(engines, "model" if gen.mode == "draft" else gen.draft)
+    if gen.alternative is not None:
+        check_alternative(engines, gen)
+        adapter = adapter or Adapter()            # one for the run: a switch carries over to the next chunk
     per_call = 2 if gen.cfg_scale != 1.0 else 1
     chunk = max(1, (max_batch or engines.manifest.max_batch) // per_call)
     rng = np.random.default_rng(gen.seed)
@@ -155,7 +180,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     starts = range(0, len(classes), chunk)
     for lo in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, leave=False):
         part = classes[lo: lo + chunk]
-        tokens, entropy = generate_tokens(engines, part, gen, rng, stats)
+        tokens, entropy = generate_tokens(engines, part, gen, rng, stats, adapter)
         if gen.num_tokens is not None:
             outputs.append(tokens)
             continue

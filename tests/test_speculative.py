@@ -494,3 +494,47 @@ def test_engine_acceptance_choice_and_its_errors(shipped_engines):
         with pytest.raises(GenerationError, match="engine acceptance needs a drift-ar model"):
             in_engine_acceptance(engines, gen)
     assert not in_engine_acceptance(no_jacobi, GenerationConfig())         # auto: quietly off where it cannot run
+
+
+SWITCH_EVERY_PROBE = dict(first_probe=1, probe_rounds=2, min_gap=1, budget=1e9, margin=0.0, z=0.0)
+
+
+@pytest.mark.parametrize("plan,alternative,gamma", [("jacobi", "target", 8), ("target", "jacobi:6", 4),
+                                                    ("model", "target", 3)])
+def test_runs_that_switch_mid_image_are_indistinguishable_from_target_only(shipped_engines, target_only_tokens,
+                                                                          plan, alternative, gamma):
+    """A policy that switches at the end of every probe (margin 0) changes the proposal kind every few rounds of
+    every image, both ways (target-only <-> Jacobi, target-only <-> the model draft, whose cache then catches
+    up): the samples stay target-only's."""
+    from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
+
+    gen = GenerationConfig(mode="target" if plan == "target" else "speculative", draft="jacobi" if plan == "jacobi"
+                           else "model", gamma=gamma, alternative=alternative, early_stop="off", seed=21,
+                           num_tokens=STAT_TOKENS)
+    adapter = Adapter(AdaptPolicy(**SWITCH_EVERY_PROBE))
+    tokens, stats = generate(shipped_engines, np.arange(STAT_BATCH) % 10, gen, adapter=adapter)
+    assert len(stats.switches) >= 4 and len(stats.mode_rates) == 2, stats.switches
+    assert two_sample_pvalue(tokens, target_only_tokens(1.0)) > 1e-3
+
+
+def test_a_broken_proposal_on_the_switching_path_is_caught(shipped_engines, target_only_tokens, monkeypatch):
+    """The same test has power on that path: Jacobi windows entered after target-only rounds whose guesses are
+    recorded with half the sigma they were drawn from (a wrong q) are told apart from target-only."""
+    import fastardiff.runtime.jacobi as jacobi
+    from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
+
+    def misrecorded(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond, window):
+        token = first[:, None] + np.arange(window)[None, :]
+        r, c = np.nonzero((token > verified[:, None]) & (token < total))
+        rows, token = act[r], token[r, c]
+        mean, sigma = prior[0][rows, token], prior[1][rows, token]
+        seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
+        guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
+
+    monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded)
+    gen = GenerationConfig(mode="target", gamma=6, alternative="jacobi:6", early_stop="off", seed=22,
+                           num_tokens=STAT_TOKENS)
+    tokens, stats = generate(shipped_engines, np.arange(STAT_BATCH) % 10, gen,
+                             adapter=Adapter(AdaptPolicy(**SWITCH_EVERY_PROBE)))
+    assert len(stats.switches) >= 4
+    assert two_sample_pvalue(tokens, target_only_tokens(1.0)) < 1e-4

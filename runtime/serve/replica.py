@@ -59,6 +59,9 @@ class Generator:
         self.max_batch = max_batch
         self._choices: dict = {}
         self._choice_lock = threading.Lock()
+        # the switching state of each planned request kind (runtime/adaptive.py): what one request measured and
+        # switched to goes on in the next ones (a race between concurrent requests only moves a probe)
+        self._adapters: dict = {}
         self._choice(1.0, DEFAULT_DRAFTS)
         # every request held runs at once: a request waiting for a thread would hold up the merged calls
         self._pool = ThreadPoolExecutor(max_ongoing, thread_name_prefix="fastardiff-generate")
@@ -127,13 +130,22 @@ class Generator:
                          self._choices[key].reason, source)
             return self._choices[key]
 
+    def _adapter(self, gen):
+        if gen.alternative is None:
+            return None
+        from fastardiff.runtime.adaptive import Adapter
+
+        key = (gen.mode, gen.draft, gen.gamma, gen.alternative, gen.cfg_scale)
+        with self._choice_lock:
+            return self._adapters.setdefault(key, Adapter())
+
     def _generate(self, classes, gen, choice) -> dict:
         from fastardiff.runtime.images import to_uint8
         from fastardiff.runtime.speculative import generate
 
         try:
             with self.merger.join() as engines:
-                images, stats = generate(engines, classes, gen)
+                images, stats = generate(engines, classes, gen, adapter=self._adapter(gen))
         except FastardiffError as err:
             return {"error": str(err), "status": 500 if isinstance(err, EngineError) else 400}
         except Exception as err:  # noqa: BLE001 - one line to the client, the traceback to the replica's log
