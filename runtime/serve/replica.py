@@ -42,7 +42,7 @@ class Generator:
     """One replica (a Ray Serve deployment class; see app.py for its options)."""
 
     def __init__(self, engine_dir: str, max_batch: int, batch_wait_s: float, max_ongoing: int,
-                 threads: int | None = None):
+                 threads: int | None = None, adapt: bool = False):
         from ray import serve
 
         from fastardiff.runtime.engine import load_engines
@@ -59,8 +59,11 @@ class Generator:
         self.max_batch = max_batch
         self._choices: dict = {}
         self._choice_lock = threading.Lock()
-        # the switching state of each planned request kind (runtime/adaptive.py): what one request measured and
-        # switched to goes on in the next ones (a race between concurrent requests only moves a probe)
+        # adapt: requests planned by --gamma auto switch proposal kinds as measured (runtime/adaptive.py), each kind
+        # keeping its switching state across requests (a race between concurrent requests only moves a probe). Off
+        # by default: a switch point depends on timing, and a replica promises the same images for the same
+        # request alone or batched with others; every request's stats carry its mode_rates either way
+        self.adapt = adapt
         self._adapters: dict = {}
         self._choice(1.0, DEFAULT_DRAFTS)
         # every request held runs at once: a request waiting for a thread would hold up the merged calls
@@ -109,7 +112,8 @@ class Generator:
 
         return plan_generation(self.engines, len(job["classes"]), job["gamma"], job["draft"], job["coupling"] == "on",
                                job["early_stop"], job["mode"], job["temperature"], job["cfg_scale"], job["eta"],
-                               job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts))
+                               job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts),
+                               adapt=self.adapt)
 
     def _choice(self, cfg_scale: float, drafts: tuple):
         """`--gamma auto` for this replica: once per guidance scale and draft set, at the batch a busy replica runs
