@@ -266,7 +266,7 @@ def pipeline_command(ckpt, engine_dir, aoti_dir, no_torch, batches, repeats, gam
                         rows += head_family_rows(name, engines, batch, repeats, g, early_stop, seed,
                                                  quality_images, scorer)
                     continue
-                available = sorted(getattr(engines, "rollouts", {}) or {})
+                available = sorted(engines.capabilities.rollout_gammas)
                 gammas = _gammas(gamma, available)
                 if "draft_step" not in engines.manifest.engines:   # a --no-draft export: no model-draft rows
                     gammas = []

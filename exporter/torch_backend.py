@@ -13,6 +13,7 @@ import torch
 
 from fastardiff.errors import FastardiffError
 from fastardiff.recipes.checkpoint import load_checkpoint
+from fastardiff.runtime.capabilities import EngineCapabilities, accelerator_for
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 from fastardiff.runtime.kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from fastardiff.runtime.manifest import EngineEntry, Manifest
@@ -57,9 +58,7 @@ class TorchEngines:
         self.device = torch.device(device)
         # device_loop (None: on for CUDA; True needs the device caches and turns them on): the loop keeps its token
         # buffer on the device too and every engine output stays there (runtime/arrays.py)
-        self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
-        self.loop_device = loop_device_for(self.cache_device, device_loop)
-        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
+        cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         # cuda_graphs: the AR engines' calls replay one captured CUDA graph per shape bucket (runtime/cuda_graphs.py);
         # they need the caches on the device, passed whole (a static shape: no prefix views). graph_capture: the
         # capture function (the tests' stand-in; CUDA's by default)
@@ -70,13 +69,19 @@ class TorchEngines:
                                       "drop cuda_graphs or run on cuda")
             from fastardiff.runtime.cuda_graphs import GraphedCalls, cuda_capture
 
-            self.cache_device = self.device
+            cache_device = self.device
             self.graphs = GraphedCalls(lambda name, *a: self.modules[name](*a), graph_capture or cuda_capture)
         modules = FAMILY_ADAPTERS[ckpt.config.family](ckpt, range(1, max_gamma + 1))
         self.modules = {k: m.to(self.device) for k, m in modules.items()}
         self.manifest = checkpoint_manifest(ckpt, modules, str(self.device), max_batch, max_gamma)
         self.rollouts = {ROLLOUT_GAMMA[n]: self._rollout_caller(n) for n in modules if n in ROLLOUT_GAMMA}
-        self.cache_views = self.graphs is None
+        loop_device = loop_device_for(cache_device, device_loop)
+        self.capabilities = EngineCapabilities(
+            cache_views=self.graphs is None, cache_limit=None, kv_in_place=frozenset(), needs_cache_room=False,
+            cache_device=cache_device, cache_pool=None, loop_device=loop_device,
+            loop_noise=loop_noise_for(loop_device, loop_noise),   # runtime/arrays.py
+            rollout_gammas=frozenset(self.rollouts), target_jacobi="target_jacobi" in self.modules,
+            accelerator=accelerator_for("torch", device=self.device, cache_device=cache_device))
 
     def _ar_call(self, name: str, *inputs: torch.Tensor):
         """An AR engine module's call, through its CUDA graph bucket when graphs are on."""
@@ -118,7 +123,7 @@ class TorchEngines:
         loop's caches live on the device, and every output when the loop does (its tokens come as tensors)."""
         if isinstance(tokens, torch.Tensor):
             return [t.float() if t.is_floating_point() else t for t in out]
-        keep = 2 if self.cache_device is not None else 0
+        keep = 2 if self.capabilities.cache_device is not None else 0
         host = [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out[:len(out) - keep]]
         return host + [t.float() for t in out[len(out) - keep:]]
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
+from .capabilities import EngineCapabilities, accelerator_for
 from .engine import IN_PLACE_ENGINES, EngineCalls, check_cache_room
 from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, verify_engine_files
@@ -58,20 +59,24 @@ class AotiEngines(EngineCalls):
 
             self.graphs = GraphedCalls(lambda name, *a: self.runners[name](*a), graph_capture or cuda_capture)
             device_cache = True
-        self.cache_device = cache_device_for(self.device, True if device_loop else device_cache)
+        cache_device = cache_device_for(self.device, True if device_loop else device_cache)
         # device_loop (None: on for CUDA): the loop's token buffer and every engine output stay on the device too
         # (runtime/arrays.py); a round reads back only its bookkeeping
-        self.loop_device = loop_device_for(self.cache_device, device_loop)
-        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
+        loop_device = loop_device_for(cache_device, device_loop)
         # `--kv-update in-place` engines write the fed positions into the caches they are given: the loop's own
         # buffers when they are shared (numpy on the CPU: torch.from_numpy shares it) or on the device; a CUDA run
         # without the device cache updates a transient device copy, so the caller writes the cache all the same
         # (as with in_place=False)
         scatters = manifest.export.get("kv_update") == "in-place"
-        self.needs_cache_room = scatters
-        writes_shared = self.graphs is None and (self.device == "cpu" or self.cache_device is not None)
-        self.kv_in_place = frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines) \
-            if scatters and in_place and writes_shared else frozenset()
+        writes_shared = self.graphs is None and (self.device == "cpu" or cache_device is not None)
+        self.capabilities = EngineCapabilities(
+            cache_views=False, cache_limit=None,
+            kv_in_place=frozenset(n for n in IN_PLACE_ENGINES if n in manifest.engines)
+            if scatters and in_place and writes_shared else frozenset(),
+            needs_cache_room=scatters, cache_device=cache_device, cache_pool=None, loop_device=loop_device,
+            loop_noise=loop_noise_for(loop_device, loop_noise),   # runtime/arrays.py
+            rollout_gammas=frozenset(manifest.rollout_engines()), target_jacobi="target_jacobi" in manifest.engines,
+            accelerator=accelerator_for("aoti", device=self.device, cache_device=cache_device))
         self.runners = {}
         for name in manifest.engines:
             path = self.engine_dir / manifest.engines[name].file
@@ -89,7 +94,7 @@ class AotiEngines(EngineCalls):
         return self.torch.from_numpy(a).to(self.device)
 
     def _run(self, name: str, arrays) -> list[np.ndarray]:
-        if self.needs_cache_room and name in IN_PLACE_ENGINES:
+        if self.capabilities.needs_cache_room and name in IN_PLACE_ENGINES:
             check_cache_room(name, arrays[0], arrays[1], arrays[2])
         with self.torch.no_grad():
             inputs = [self._tensor(a) for a in arrays]
@@ -98,7 +103,8 @@ class AotiEngines(EngineCalls):
         # an AR engine's new keys/values (its last two outputs) stay on the device with a device cache
         if isinstance(arrays[0], self.torch.Tensor) and name != "decoder":   # the device loop's call: all stay
             return [o.detach() for o in out]
-        keep = 2 if self.cache_device is not None and self.manifest.engines[name].outputs[-1] == "new_v" else 0
+        device_cache = self.capabilities.cache_device is not None
+        keep = 2 if device_cache and self.manifest.engines[name].outputs[-1] == "new_v" else 0
         return [o.detach().cpu().numpy() for o in out[:len(out) - keep]] + [o.detach() for o in out[len(out) - keep:]]
 
 

@@ -16,6 +16,7 @@ from fastardiff.errors import EngineError, MissingDependencyError
 
 from . import trt_rtx_ep
 from .denormals import DenormalFlush
+from .capabilities import EngineCapabilities, accelerator_for
 from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
 from .kv_cache import HostBufferPool, cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, verify_engine_files
@@ -174,13 +175,11 @@ class OnnxRuntimeEngines(EngineCalls):
         # (manifest cache_layers; exporter/onnx_passes.py), bound to the layers of the caller's [L, R, H, S, Dh]
         # buffer (in_place=False: run them as plain calls, the caller writes the cache)
         self._cache_layers = {n: e.cache_layers for n, e in manifest.engines.items() if e.cache_layers}
-        self.kv_in_place = frozenset(self._cache_layers if in_place else ())
-        # their caches must hold the fed positions (the scatter writes them there, bound or not)
-        self.needs_cache_room = bool(self._cache_layers)
-        self._bindings = {n: self.sessions[n].io_binding()._iobinding for n in self.kv_in_place}
+        kv_in_place = frozenset(self._cache_layers if in_place else ())
+        self._bindings = {n: self.sessions[n].io_binding()._iobinding for n in kv_in_place}
         self._bound_caches: dict = {}     # engine -> (k, v addresses and shapes) its cache bindings point at
         # engine -> {input: (array, address, shape, dtype)} of the array each input binding points at
-        self._bound_inputs: dict = {n: {} for n in self.kv_in_place}
+        self._bound_inputs: dict = {n: {} for n in kv_in_place}
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._contract_outputs = {n: e.outputs[:len(e.outputs) - 2 * e.cache_layers]
                                   for n, e in manifest.engines.items()}
@@ -188,34 +187,31 @@ class OnnxRuntimeEngines(EngineCalls):
                               for n, e in manifest.engines.items()}
         self.providers = self.sessions["target_verify"].get_providers()
         self.denormals = DenormalFlush(flush_denormals and self.providers[0] == "CPUExecutionProvider")
-        self.cache_device = self.loop_device = self._tensors = None
+        cache_device = loop_device = self._tensors = None
         if torch_device is not None:
             from .ort_tensors import TensorCalls
 
-            self.cache_device = cache_device_for(torch_device, True if device_loop else device_cache)
-            self.loop_device = loop_device_for(self.cache_device, device_loop)
-            if self.cache_device is not None:
+            cache_device = cache_device_for(torch_device, True if device_loop else device_cache)
+            loop_device = loop_device_for(cache_device, device_loop)
+            if cache_device is not None:
                 import torch
 
-                self._tensors = TensorCalls(ort, torch, self.sessions, manifest, self.cache_device)
-        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)
-        # host caches: the same buffers run after run keep the cache bindings above (kv_cache.HostBufferPool)
-        self.cache_pool = HostBufferPool() if self.cache_device is None else None
+                self._tensors = TensorCalls(ort, torch, self.sessions, manifest, cache_device)
+        self.capabilities = EngineCapabilities(
+            cache_views=False, cache_limit=ort_cache_limit(manifest, self.providers), kv_in_place=kv_in_place,
+            # the in-place engines' caches must hold the fed positions (the scatter writes them there, bound or not)
+            needs_cache_room=bool(self._cache_layers), cache_device=cache_device,
+            # host caches: the same buffers run after run keep the cache bindings above (kv_cache.HostBufferPool)
+            cache_pool=HostBufferPool() if cache_device is None else None,
+            loop_device=loop_device, loop_noise=loop_noise_for(loop_device, loop_noise),
+            rollout_gammas=frozenset(manifest.rollout_engines()), target_jacobi="target_jacobi" in manifest.engines,
+            accelerator=accelerator_for("onnxruntime", self.providers, cache_device=cache_device))
         log.debug("onnxruntime engines from %s on %s", self.engine_dir, self.providers)
 
     @property
     def flush_denormals(self) -> bool:
         """Whether engine calls run with denormals flushed (asked for, the CPU provider, a platform that can)."""
         return self.denormals.available
-
-    @property
-    def cache_limit(self) -> float:
-        """The longest KV cache axis the target engines accept: any (inf) on the CPU and CUDA providers, which run
-        the graph's dynamic axes as they are; the exported shape profile's under the TensorRT provider."""
-        if "TensorrtExecutionProvider" not in self.providers:
-            return math.inf
-        cache = self.manifest.engines["target_verify"].profile.get("cache")
-        return int(cache[-1]) if cache else 0      # unknown: only the prefix a call reads
 
     def _check_io(self, name: str) -> None:
         session, entry = self.sessions[name], self.manifest.engines[name]
@@ -230,7 +226,7 @@ class OnnxRuntimeEngines(EngineCalls):
             entry = self.manifest.engines[name]
             keep = 2 if "new_v" in entry.outputs else 0
             with self.denormals:
-                return self._tensors.run(name, arrays, name in self.kv_in_place, keep)
+                return self._tensors.run(name, arrays, name in self.capabilities.kv_in_place, keep)
         arrays = [a if type(a) is np.ndarray and a.dtype in _ENGINE_DTYPES and a.flags.c_contiguous
                   else np.ascontiguousarray(a, dtype=np.int64 if np.asarray(a).dtype.kind in "iu" else np.float32)
                   for a in arrays]
@@ -242,7 +238,7 @@ class OnnxRuntimeEngines(EngineCalls):
         tokens, lengths, k_cache, v_cache, *rest = arrays        # the contract's order (runtime/engine.py)
         check_cache_room(name, tokens, lengths, k_cache)
         feed = dict(zip(self._plain_inputs[name], (tokens, lengths, *rest)))
-        if name in self.kv_in_place:
+        if name in self.capabilities.kv_in_place:
             return self._run_in_place(name, feed, k_cache, v_cache, layers)
         feed.update({f"{c}_{layer}": cache[layer] for c, cache in (("k_cache", k_cache), ("v_cache", v_cache))
                      for layer in range(layers)})
@@ -287,6 +283,15 @@ class OnnxRuntimeEngines(EngineCalls):
             self.sessions[name]._sess.run_with_iobinding(binding, None)
         values = binding.get_outputs()
         return [values[i].numpy() for i in range(len(contract))]
+
+
+def ort_cache_limit(manifest: Manifest, providers) -> float:
+    """The longest KV cache axis the target engines accept: any (inf) on the CPU and CUDA providers, which run the
+    graph's dynamic axes as they are; the exported shape profile's under the TensorRT provider."""
+    if "TensorrtExecutionProvider" not in providers:
+        return math.inf
+    cache = manifest.engines["target_verify"].profile.get("cache")
+    return int(cache[-1]) if cache else 0      # unknown: only the prefix a call reads
 
 
 def load_onnxruntime_engines(engine_dir, manifest: Manifest, **options) -> OnnxRuntimeEngines:

@@ -33,6 +33,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError, MissingDependencyError
 
+from .capabilities import EngineCapabilities
 from .engine import EngineCalls, check_cache_room, per_layer_aliases
 from .kv_cache import cache_device_for, loop_device_for, loop_noise_for
 from .manifest import Manifest, sha256_file, verify_engine_files
@@ -331,9 +332,8 @@ class TensorRTEngines(EngineCalls):
         self.stream = torch.cuda.Stream()
         # the KV caches (device_cache) and the loop's buffers and outputs (device_loop) on the GPU, by default:
         # bound by address where they lie, so a call moves no cache (runtime/kv_cache.py, runtime/arrays.py)
-        self.cache_device = cache_device_for("cuda", True if device_loop else device_cache)
-        self.loop_device = loop_device_for(self.cache_device, device_loop)
-        self.loop_noise = loop_noise_for(self.loop_device, loop_noise)   # runtime/arrays.py
+        cache_device = cache_device_for("cuda", True if device_loop else device_cache)
+        loop_device = loop_device_for(cache_device, device_loop)
         self.runners, self.runtime_caches = {}, []
         for name in manifest.engines:
             entry = manifest.engines[name]
@@ -351,8 +351,14 @@ class TensorRTEngines(EngineCalls):
         # engines that update the caches they are given (one buffer per layer, bound in place): the loop passes
         # its whole buffer (room for the fed positions) and leaves its own write out
         self._cache_layers = {n: e.cache_layers for n, e in manifest.engines.items() if e.cache_layers}
-        self.kv_in_place = frozenset(self._cache_layers)
-        self.needs_cache_room = bool(self._cache_layers)
+        cache = manifest.engines["target_verify"].profile.get("cache")   # the optimisation profile's longest axis
+        self.capabilities = EngineCapabilities(
+            cache_views=False, cache_limit=int(cache[-1]) if cache else 0,
+            kv_in_place=frozenset(self._cache_layers), needs_cache_room=bool(self._cache_layers),
+            cache_device=cache_device, cache_pool=None, loop_device=loop_device,
+            loop_noise=loop_noise_for(loop_device, loop_noise),   # runtime/arrays.py
+            rollout_gammas=frozenset(manifest.rollout_engines()), target_jacobi="target_jacobi" in manifest.engines,
+            accelerator=True)
 
     def save_runtime_caches(self) -> int:
         """Keep the TensorRT-RTX runtime caches (JIT kernels) in the user's cache dir; returns how many were kept."""
@@ -364,14 +370,9 @@ class TensorRTEngines(EngineCalls):
         except Exception:   # interpreter shutdown: the next load compiles again
             pass
 
-    @property
-    def cache_limit(self) -> float:
-        """The longest KV cache axis the target engines' optimisation profile takes."""
-        cache = self.manifest.engines["target_verify"].profile.get("cache")
-        return int(cache[-1]) if cache else 0
-
     def _run(self, name: str, arrays: tuple) -> list:
-        return run_engine(self.runners[name], self.manifest.engines[name], arrays, self.cache_device is not None)
+        return run_engine(self.runners[name], self.manifest.engines[name], arrays,
+                          self.capabilities.cache_device is not None)
 
 
 def run_engine(runner: TensorRTRunner, entry, arrays: tuple, device_cache: bool) -> list:

@@ -78,9 +78,14 @@ ETA = Number(float, 0.0, 100.0, high_open=True)
 @click.option("--replan", is_flag=True,
               help="--gamma auto: time the engines again even when a cached plan matches these engines, this "
                    "machine and this request (plans are cached per user, see runtime/plan_cache.py).")
+@click.option("--adapt", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="--gamma auto: while generating, measure the planned proposal kind, now and then re-check its best "
+                   "alternative, and switch when it is measured faster (docs/gamma-auto.md); an explicit --gamma "
+                   "never adapts.")
 @verbose_option()
 def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, early_stop, mode, temperature, cfg_scale, eta, seed,
-                out, out_dir, stats_json, device, head, shared_noise, inner_temperature, acceptance, threads, replan):
+                out, out_dir, stats_json, device, head, shared_noise, inner_temperature, acceptance, threads, replan,
+                adapt):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
     from fastardiff.runtime.images import StagedOutputs, StreamedImages, check_destination
     from fastardiff.runtime.speculative import generate
@@ -112,7 +117,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
                                        ("inner_temperature", inner_temperature), ("acceptance", acceptance))
                     if v is not None}
     gen, choice = plan_generation(engines, len(classes), gamma, draft, coupling == "on", early_stop, mode,
-                                  temperature, cfg_scale, eta, seed, choose, head_options)
+                                  temperature, cfg_scale, eta, seed, choose, head_options, adapt == "on")
     log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
              gen.mode, gen.draft, gen.gamma, early_stop)
     with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
@@ -147,12 +152,13 @@ def request_classes(prompt, class_names, num_images, max_images: int = MAX_IMAGE
 
 def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool, early_stop: str, mode: str,
                     temperature: float, cfg_scale: float, eta: float, seed: int, choose,
-                    head_options: dict | None = None):
+                    head_options: dict | None = None, adapt: bool = True):
     """(GenerationConfig, GammaChoice or None) of a request, checked against the model and its engines; shared by
     `fastardiff run` and `fastardiff serve`. gamma 'auto' in speculative mode is `choose(batch, cfg_scale,
     drafts, head_options)` (a GammaChoice; it may choose target-only), else the engines' exported gamma; draft 'auto' is the
     model draft where the engines have one (Jacobi otherwise; only the model draft for diffusion-head families).
-    head_options (head, shared_noise, inner_temperature, acceptance) apply to diffusion-head families only."""
+    head_options (head, shared_noise, inner_temperature, acceptance) apply to diffusion-head families only.
+    adapt: a planned run re-checks the plan's alternative while it generates (runtime/adaptive.py)."""
     from fastardiff.runtime.generation import check_draft_supported
     from fastardiff.runtime.manifest import HEAD_FAMILIES
     from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
@@ -179,8 +185,14 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
         gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
     if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
         draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
+    alternative = None
+    if adapt and choice is not None:
+        from fastardiff.runtime.adaptive import alternative_for
+
+        alternative = alternative_for(choice, engines.manifest)
     gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft, coupling=coupling, early_stop=early_stop,
-                           temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed, **head_options)
+                           temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed, alternative=alternative,
+                           **head_options)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     return gen, choice
 

@@ -6,8 +6,9 @@ All arrays are numpy (the runtime owns host buffers; a GPU backend may keep devi
   target_verify(same inputs with the target's cache) -> mean[B,K,D], entropy[B,K], new_k, new_v
   decoder(tokens[B,N,D], entropy[B,N], cond[B]) -> image[B,C,H,W] in [-1, 1]
 Engines exported with `--kv-update in-place` also write new_k / new_v into the k_cache / v_cache they are given
-(at each row's length); such a backend lists them in `kv_in_place` and sets `needs_cache_room` (caches passed to
-them must hold the fed positions: the loop passes its whole buffer and then skips its own write).
+(at each row's length); such a backend lists them in its capabilities' `kv_in_place` and sets `needs_cache_room`
+(caches passed to them must hold the fed positions: the loop passes its whole buffer and then skips its own write).
+What a backend offers the loop is declared once, in `engines.capabilities` (runtime/capabilities.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from fastardiff.errors import EngineError
 
+from .capabilities import EngineCapabilities
 from .manifest import JACOBI_RESIDUAL, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class JacobiOutput(NamedTuple):
 
 class Engines(Protocol):
     manifest: Manifest
+    capabilities: EngineCapabilities     # what the loop may rely on (runtime/capabilities.py), filled once
 
     def draft_step(self, tokens, lengths, k_cache, v_cache, cond) -> DraftOutput: ...
 
@@ -101,12 +104,12 @@ class Engines(Protocol):
 
     def decoder(self, tokens, entropy, cond) -> np.ndarray: ...
 
-    # optional: gamma -> draft_rollout(tokens, lengths, k_cache, v_cache, cond, noise, threshold, max_drafts,
-    # temperature[1], cfg_scale[1]) -> RolloutOutput; absent or empty: the loop drafts with draft_step calls
-    # rollouts: dict
-    # optional: target_jacobi(tokens, lengths, k_cache, v_cache, cond, guess_mean, guess_sigma, num_guesses,
-    # coins, noise, residual_noise, residual_coins, temperature[1], cfg_scale[1], coupling[1])
-    # -> JacobiOutput (one whole Jacobi round in-graph); None: the loop resolves rounds on the host
+    # rollouts[g] for every g in capabilities.rollout_gammas: draft_rollout(tokens, lengths, k_cache, v_cache, cond,
+    # noise, threshold, max_drafts, temperature[1], cfg_scale[1]) -> RolloutOutput; for other gammas the loop
+    # drafts with draft_step calls
+    # target_jacobi where capabilities.target_jacobi: (tokens, lengths, k_cache, v_cache, cond, guess_mean,
+    # guess_sigma, num_guesses, coins, noise, residual_noise, residual_coins, temperature[1], cfg_scale[1],
+    # coupling[1]) -> JacobiOutput (one whole Jacobi round in-graph); else the loop resolves rounds on the host
 
 
 # backend name (as written in manifest.backend) -> "module:factory"; factory(engine_dir, manifest) -> Engines.

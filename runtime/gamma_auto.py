@@ -145,7 +145,7 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     # inputs shaped as the loop feeds them: the whole cache buffer (half of it valid), token-like values
     rng = np.random.default_rng(0)
 
-    device = getattr(engines, "cache_device", None)    # caches where the loop keeps them (runtime/kv_cache.py)
+    device = engines.capabilities.cache_device    # caches where the loop keeps them (runtime/kv_cache.py)
 
     def cache(layers, capacity):
         a = rng.standard_normal((layers, rows, shape.heads, capacity, shape.head_dim), dtype=np.float32)
@@ -164,7 +164,7 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     calls = {"step": verify(1)}
     for k in sorted({g + 1 for g in gammas} | set(verify_widths)):
         calls[("verify", k)] = verify(k)
-    rollouts = getattr(engines, "rollouts", {})
+    rollouts = engines.rollouts if engines.capabilities.rollout_gammas else {}
     scalars = (np.ones(1, np.float32), np.full(1, cfg_scale, np.float32))
 
     def rollout(fn, g):
@@ -178,7 +178,7 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
     for g in gammas:
         if g in rollouts:
             calls[("rollout", g)] = rollout(rollouts[g], g)
-    jacobi = getattr(engines, "target_jacobi", None) if jacobi_windows else None
+    jacobi = engines.target_jacobi if jacobi_windows and engines.capabilities.target_jacobi else None
     if jacobi is not None:
         from .generation import on_accelerator
         from .jacobi import residual_proposals
@@ -190,7 +190,7 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
                         np.full((batch, w), 0.5, np.float32), np.zeros((batch, w + 1, d), np.float32),
                         np.zeros((batch, w + 1, c, d), np.float32), np.full((batch, w + 1, c), 0.5, np.float32))
             tokens = rng.standard_normal((rows, w + 1, shape.token_dim), dtype=np.float32)
-            room = jacobi_cache_capacity(shape, w, batch, getattr(engines, "cache_limit", None))
+            room = jacobi_cache_capacity(shape, w, batch, engines.capabilities.cache_limit)
             kv = t_cache if room is None else cache(shape.target_layers, room)
             return lambda: jacobi(tokens, lengths, kv, kv, cond, *sampling, *scalars, flag)
 
@@ -278,7 +278,7 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
         if "draft_step" not in manifest.engines or "model" not in drafts:
             return GammaChoice(None, "no draft model in these engines; target-only")
         return choose_by_runs(engines, batch, cfg_scale, margin, dict(options or {}))
-    gammas = sorted(getattr(engines, "rollouts", {}) or {}) if "model" in drafts else []
+    gammas = sorted(engines.capabilities.rollout_gammas) if "model" in drafts else []
     curve = acceptance_curve(manifest.calibration, cfg_scale) if gammas else None
     limit = min(verify_limit(engines) or 1 << 30, ModelShape.from_config(manifest.config).num_tokens)
     windows = {w: t for w, t in (jacobi_tokens(manifest.calibration, cfg_scale) or {}).items() if w + 1 <= limit} \

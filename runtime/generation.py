@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from fastardiff.errors import FastardiffError
 
+from .capabilities import device_type  # noqa: F401  (re-exported)
+
+# explicit Gaussian tokens (entropy-derived isotropic, or a foreign model's diagonal): Jacobi decoding is exact
+EXACT_GAUSSIAN_FAMILIES = ("drift-ar", "foreign-gaussian")
+
 MODES = ("speculative", "target", "draft")
 DRAFTS = ("model", "jacobi")
 # diffusion-head families' acceptance ratio (runtime/token_rules.py): "cspd" the paper's (final-step density ratio
@@ -37,6 +42,8 @@ class GenerationConfig:
     acceptance: str = "cspd"      # diffusion-head families: the acceptance ratio (ACCEPTANCE_RULES)
     engine_acceptance: bool | None = None   # model draft: accept in the target_jacobi engine (None: on device
                                             # backends only; speculative.in_engine_acceptance)
+    alternative: str | None = None  # a proposal the run re-checks while it generates and switches to when measured
+                                    # faster ("target", "jacobi:<L>", "model:<g>"; runtime/adaptive.py); None: off
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,14 @@ def check_draft_supported(manifest, mode: str, draft: str) -> None:
     cached plan's choice): GenerationError, naming the option and the fix, where these engines cannot run it."""
     if mode != "speculative":
         return
-    if draft == "jacobi" and manifest.family != "drift-ar":
-        raise GenerationError(f"--draft jacobi needs explicit Gaussian tokens (family drift-ar); these engines are "
-                              f"of family '{manifest.family}': use --draft model or --mode target")
+    if draft == "jacobi" and manifest.family not in EXACT_GAUSSIAN_FAMILIES:
+        raise GenerationError(f"--draft jacobi needs explicit Gaussian tokens (family "
+                              f"{' or '.join(EXACT_GAUSSIAN_FAMILIES)}); these engines are of family "
+                              f"'{manifest.family}': use --draft model or --mode target")
     if draft == "model" and "draft_step" not in manifest.engines:
-        raise GenerationError("these engines have no draft model (exported with --no-draft); run with "
-                              "--draft jacobi or --mode target, or re-export without --no-draft")
+        fix = ("a model exported with --model has no draft model yet" if manifest.family == "foreign-gaussian"
+               else "re-export without --no-draft")
+        raise GenerationError(f"these engines have no draft model: run with --draft jacobi or --mode target ({fix})")
 
 
 def verify_limit(engines) -> int | None:
@@ -113,18 +122,9 @@ def verify_limit(engines) -> int | None:
 
 
 def on_accelerator(engines) -> bool:
-    """Whether the engines compute on a GPU: TensorRT, ONNX Runtime's CUDA / TensorRT providers, a CUDA device or
-    device caches on one (what the in-graph sampling's sizing follows: jacobi.residual_proposals)."""
-    if engines.manifest.backend == "tensorrt":
-        return True
-    if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in getattr(engines, "providers", ())):
-        return True
-    return device_type(getattr(engines, "cache_device", None) or getattr(engines, "device", None)) == "cuda"
-
-
-def device_type(device) -> str:
-    """'cpu', 'cuda', ... of a torch device or a device string ('cpu' for None)."""
-    return str(getattr(device, "type", device) or "cpu").split(":")[0]
+    """Whether the engines compute on a GPU (what the in-graph sampling's sizing follows: jacobi.residual_proposals;
+    declared by the backend: runtime/capabilities.py)."""
+    return engines.capabilities.accelerator
 
 
 def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
@@ -140,8 +140,8 @@ def in_engine_acceptance(engines, gen: GenerationConfig) -> bool:
     able = (engines.manifest.family == "drift-ar" and gen.inner_temperature == 1.0
             and "target_jacobi" in engines.manifest.engines)
     if gen.engine_acceptance is None:     # where the loop runs on the device, or the caches live on an accelerator
-        caches_on_accelerator = device_type(getattr(engines, "cache_device", None)) != "cpu"
-        return able and (getattr(engines, "loop_device", None) is not None or caches_on_accelerator)
+        caps = engines.capabilities
+        return able and (caps.loop_device is not None or device_type(caps.cache_device) != "cpu")
     if not able:
         raise GenerationError("engine acceptance needs a drift-ar model, inner temperature 1 and engines with "
                               "target_jacobi (re-export them); leave it to the default or turn it off")

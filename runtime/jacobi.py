@@ -23,12 +23,14 @@ Why it is exact: a guess is examined only once every slot before it is accepted,
 coupling coin entered anything that decided those slots (the verify is causal, acceptance goes left to right,
 and the proposal p_new of a slot depends on inputs before it only). So given the accepted prefix and its
 recorded q, each guess is distributed as q, and the accept/residual rule returns exactly the target's p.
+
+The rounds themselves (the guess windows, one call per round, the prior past the verified span) are the `Jacobi`
+proposal kind in runtime/proposals.py; this file holds their sampling.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .kv_cache import windows
 from .sampling import TokenDistribution, log_density_ratio, reflected_residual, sample_gaussian, sample_residual
 
 
@@ -100,89 +102,6 @@ def resolve_slots(rng: np.random.Generator, guesses: np.ndarray, k: np.ndarray, 
             out[r, c] = reflected_residual(rng, guesses[r, j], p.mean[r, j], p.sigma[r, j], q.mean[r, j],
                                            q.sigma[r, j])
     return accepted, out, mean[:, 1:], sigma[:, 1:]
-
-
-def jacobi_rounds(target, seq, token_entropy: np.ndarray, n: np.ndarray, total: int, n_cond: int,
-                  window: int, coupling: bool, rng: np.random.Generator, stats, engine=None,
-                  accelerator: bool = False, prior=None) -> None:
-    """Run Jacobi rounds until every sample has `total` tokens; fills seq / token_entropy in place like the
-    model-draft loop (seq needs window + 1 spare positions per row, token_entropy window + 1 spare columns).
-
-    With `engine` (the target_jacobi engine) a round with guesses is one engine call that also samples: the
-    rule above in-graph, fed the round's uniforms and normals from `rng`; only a residual slot none of its
-    in-graph proposals served is finished here (the same rejection sampler, continued). Without it
-    (or in a round without guesses) the round is a target_verify call and `resolve_slots` (on the host).
-    seq and the guesses live where target.arrays keeps them (runtime/arrays.py); a round reads back its accepted
-    counts, residual misses and entropies in one transfer.
-
-    prior: (mean [B, N, D], sigma [B, N]) on the host, each row's first-window proposal (Manifest.jacobi_prior at
-    the row's class and temperature): the first round then verifies guesses for tokens 0 .. L - 1 drawn from it
-    (fed [condition slot, guesses]) instead of a plain target step whose one token's p proposes every guess of
-    the next window (a guess drawn from token 0's wide p never passed token 1's test: that round made one token
-    every time, shipped model). Needs n_cond == 1 (the feed is then [last position before the guesses, guesses])."""
-    from .ar_engine import round_results
-
-    arrays = target.arrays
-    B, D, L = seq.shape[0], seq.shape[-1], window
-    guess_mean = arrays.zeros((B, total + L + 1, D))      # q of the guess at token index j, column j
-    guess_sigma = arrays.ones((B, total + L + 1) + ((D,) if target.rule.diagonal else ()))   # [.., D]: diagonal
-    have = np.zeros(B, np.int64)                        # guesses in each window (none before the first round)
-    seq_windows, out_windows = arrays.windows(seq, L), arrays.windows(seq, L + 1)
-    entropy_windows = windows(token_entropy, L + 1)
-    mean_windows, sigma_windows = arrays.windows(guess_mean, L), arrays.windows(guess_sigma, L)
-    coupling_flag = np.array([1.0 if coupling else 0.0], np.float32)
-    if prior is not None and n_cond == 1 and not n.any():     # the first window: every guess from the prior
-        propose_from_prior(arrays, rng, prior, seq, guess_mean, guess_sigma, np.arange(B), np.zeros(B, np.int64),
-                           np.full(B, -1), total, n_cond, L)
-        have[:] = L
-    while (act := np.flatnonzero(n < total)).size:
-        na = n[act]
-        base = n_cond + na                                # position of token na, the first one this round makes
-        # guesses verified (0: a plain target step); the widest feed must fit every row's cache (rows near the end
-        # beside rows with room: fewer guesses tested, never a feed shifted back over cached positions)
-        k = np.minimum(have[act], np.minimum(total - 1 - na, target.cache.capacity - int(base.max())))
-        kmax = int(k.max())
-        q_mean, q_sigma = mean_windows[act, na][:, :kmax], sigma_windows[act, na][:, :kmax]
-        if engine is not None and kmax:
-            R, C = len(act), residual_proposals(len(act), accelerator)
-            # the feed's own arrays, refilled every round (arrays.kept: the engine's bindings stay)
-            q_mean, q_sigma = arrays.kept_copy("q_mean", q_mean), arrays.kept_copy("q_sigma", q_sigma)
-            sampling = (q_mean, q_sigma, arrays.kept_copy("k", k), arrays.uniform(rng, (R, kmax), "coins"),
-                        arrays.normal(rng, (R, L + 1, D), kept="noise"),
-                        arrays.normal(rng, (R, L + 1, C, D), kept="residual_noise"),
-                        arrays.uniform(rng, (R, L + 1, C), "residual_coins"))
-            res = target.jacobi(engine, seq, act, base + k, sampling, coupling_flag)
-            accepted, miss, entropy = round_results(arrays, (target,), res.accepted, res.residual_miss,
-                                                    res.slot_entropy)
-            accepted, out = accepted.astype(np.int64), res.tokens_out
-            next_mean, next_sigma = res.slot_mean[:, 1:], res.slot_sigma[:, 1:]
-            if miss.any():
-                r, c = np.nonzero(miss)
-                out = finish_residuals(rng, arrays, out, res, r, c, accepted, q_mean, q_sigma)
-        else:
-            p, _ = target.predict(seq, act, base - 1, base + k, kmax + 1)
-            guesses = seq_windows[act, base][:, :kmax]    # copies (fancy index): the window is rewritten below
-            if arrays.on_device:                          # a round without in-graph sampling runs on the host
-                *p_host, guesses, q_mean, q_sigma = round_results(arrays, (target,), p.mean, p.sigma, p.entropy,
-                                                                  guesses, q_mean, q_sigma)
-                p = TokenDistribution(*p_host)
-            accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, k, p,
-                                                                 TokenDistribution(q_mean, q_sigma, None), L,
-                                                                 coupling)
-            entropy = p.entropy
-            if arrays.on_device:
-                out, next_mean, next_sigma = (arrays.to_device(np.asarray(a, np.float32))
-                                              for a in (out, next_mean, next_sigma))
-        out_windows[act, base + accepted] = out          # the emitted token, then the next window's guesses
-        entropy_windows[act, na, :kmax + 1] = entropy    # slots past `accepted` are rewritten later
-        first = na + accepted + 1
-        mean_windows[act, first], sigma_windows[act, first] = next_mean, next_sigma
-        if prior is not None:       # the new window's positions past the verified span: from the prior
-            propose_from_prior(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, na + k, total, n_cond, L)
-        n[act] = first
-        have[act] = L
-        target.rollback(act, base + accepted)            # = n_cond + n - 1: the new token is not fed yet
-        stats.record_round(k, accepted)
 
 
 def propose_from_prior(arrays, rng: np.random.Generator, prior, seq, guess_mean, guess_sigma, act: np.ndarray,

@@ -163,7 +163,7 @@ def check_choice(engines, choice: GammaChoice, drafts) -> None:
     check_draft_supported(manifest, "speculative", choice.draft)
     check_request(GenerationConfig(gamma=choice.gamma, draft=choice.draft), ModelShape.from_config(manifest.config),
                   verify_limit(engines))
-    lengths = set(getattr(engines, "rollouts", {}) or {}) or set(range(1, int(getattr(manifest, "gamma", 0)) + 1))
+    lengths = set(engines.capabilities.rollout_gammas) or set(range(1, int(getattr(manifest, "gamma", 0)) + 1))
     if choice.draft == "model" and choice.gamma not in lengths:
         raise GenerationError(f"model gamma {choice.gamma}, where these engines draft {sorted(lengths)}")
 

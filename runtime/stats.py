@@ -46,6 +46,11 @@ class RunStats:
     gamma_choice: dict | None = None   # what --gamma auto chose and why
     position_proposed: list = field(default_factory=list)
     position_accepted: list = field(default_factory=list)
+    # what the run measured of each proposal kind it ran ("target", "jacobi:<L>", "model:<g>", "rollout:<g>"):
+    # {"tokens": tokens made, "seconds": wall seconds of those rounds (engine + host)}, and every switch of kind
+    # while it ran: {"round", "from", "to", "reason"} (runtime/adaptive.py)
+    mode_rates: dict = field(default_factory=dict)
+    switches: list = field(default_factory=list)
 
     def record_round(self, proposed, accepted) -> None:
         """One verify per row: `proposed` [R] drafts (or Jacobi guesses) tested, `accepted` [R] of them kept;
@@ -99,13 +104,20 @@ class RunStats:
             **({"gamma_choice": self.gamma_choice} if self.gamma_choice else {}),
             **({"position_acceptance": [round(a, 4) for a in self.position_acceptance()]}
                if self.track_positions else {}),
+            "mode_rates": {label: {"tokens": int(r["tokens"]), "seconds": round(r["seconds"], 6)}
+                           for label, r in self.mode_rates.items()},
+            "switches": [dict(s) for s in self.switches],
             "total_seconds": round(self.total_seconds, 6),
         }
 
     def table(self) -> str:
         s = self.summary()
-        rows = [(k, v) for k, v in s.items() if k != "seconds"]
+        rows = [(k, v) for k, v in s.items() if k not in ("seconds", "mode_rates", "switches")]
         rows += [(f"time {k} (s)", v) for k, v in s["seconds"].items()]
+        rows += [(f"rate {label}", f"{r['tokens']} tokens in {r['seconds']:.4f} s"
+                  + (f" ({r['tokens'] / r['seconds']:.1f} tokens/s)" if r["seconds"] > 0 else ""))
+                 for label, r in s["mode_rates"].items()]
+        rows += [(f"switch at round {w['round']}", f"{w['from']} -> {w['to']}: {w['reason']}") for w in s["switches"]]
         width = max(len(k) for k, _ in rows)
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
         return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)

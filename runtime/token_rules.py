@@ -125,7 +125,6 @@ def diagonal_gaussian_rules(engines, gen, rng, batch: int, columns: int, stats):
 # family (manifest.family) -> factory(engines, gen, rng, batch, token columns, stats) -> (draft rule, target rule)
 TOKEN_RULES: dict[str, Callable] = {"drift-ar": gaussian_rules, "fast-ardiff": diffusion_head_rules,
                                     "foreign-gaussian": diagonal_gaussian_rules}
-EXACT_GAUSSIAN_FAMILIES = ("drift-ar", "foreign-gaussian")   # explicit Gaussian tokens: Jacobi decoding is exact
 
 
 def token_rules(engines, gen, rng, batch: int, columns: int, stats):

@@ -3,7 +3,7 @@ ONNX and AOTI backend tests)."""
 import numpy as np
 import torch
 
-TIMING_KEYS = ("seconds", "total_seconds")
+TIMING_KEYS = ("seconds", "total_seconds", "mode_rates")   # mode_rates: tokens and seconds
 
 
 def generate_on_both(engines_a, engines_b, classes, gen, max_batch=8):

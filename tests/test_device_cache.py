@@ -41,7 +41,7 @@ def test_torch_backend_device_cache_runs_equal_host_cache_runs(random_checkpoint
 
     device, host = (TorchEngines(random_checkpoint, max_gamma=4, device_cache=True),
                     TorchEngines(random_checkpoint, max_gamma=4))
-    assert device.cache_device is not None and host.cache_device is None
+    assert device.capabilities.cache_device is not None and host.capabilities.cache_device is None
     out = device.target_verify(*_verify_inputs(device))
     assert isinstance(out.new_k, torch.Tensor) and isinstance(out.mean, np.ndarray)
     if gen.get("draft") == "model":      # --gamma auto's warm-up times calls on caches where the loop keeps them
@@ -87,7 +87,8 @@ def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpo
 
     host = TorchEngines(random_checkpoint, max_gamma=4, device_cache=True, device_loop=False)
     device = TorchEngines(random_checkpoint, max_gamma=4, device_loop=True)
-    assert host.loop_device is None and device.loop_device is not None and device.cache_device is not None
+    assert host.capabilities.loop_device is None
+    assert device.capabilities.loop_device is not None and device.capabilities.cache_device is not None
     readbacks, finishes = count_readbacks(monkeypatch)
     # the model draft accepted in the engine on both (the device loop's default; asked for on the host loop)
     config = GenerationConfig(**{"seed": 3, "engine_acceptance": True, **gen})
@@ -97,7 +98,7 @@ def test_device_loop_equals_host_loop_with_one_readback_per_round(random_checkpo
     finishes.clear()
     b, sb = generate(device, classes, config)
     np.testing.assert_array_equal(a, b)
-    timing = ("seconds", "total_seconds")
+    timing = ("seconds", "total_seconds", "mode_rates")
     assert {k: v for k, v in sa.summary().items() if k not in timing} == \
         {k: v for k, v in sb.summary().items() if k not in timing}
     assert len(readbacks) == sb.target_calls + 1 + len(finishes)
@@ -176,7 +177,7 @@ def test_torch_backend_with_cuda_graphs_runs_equal_eager_runs(random_checkpoint)
 
     graphed = TorchEngines(random_checkpoint, max_gamma=3, cuda_graphs=True, graph_capture=EagerCapture())
     eager = TorchEngines(random_checkpoint, max_gamma=3)
-    assert graphed.cache_device is not None and not graphed.cache_views
+    assert graphed.capabilities.cache_device is not None and not graphed.capabilities.cache_views
     for gen in (GenerationConfig(mode="target", seed=5),
                 GenerationConfig(gamma=3, seed=5, early_stop="off", engine_acceptance=True),
                 GenerationConfig(draft="jacobi", gamma=3, seed=5)):
@@ -206,8 +207,9 @@ def test_onnxruntime_device_loop_equals_numpy_loop(shared_onnx_export, gen, monk
     host = load_engines(engine_dir)
     caches = load_engines(engine_dir, device_cache=True, device_loop=False)
     device = load_engines(engine_dir, device_loop=True)
-    assert host.loop_device is None and host.cache_device is None and caches.loop_device is None
-    assert device.loop_device == device.cache_device == torch.device("cpu") and device.kv_in_place
+    assert host.capabilities.loop_device is None and host.capabilities.cache_device is None
+    assert caches.capabilities.loop_device is None and device.capabilities.kv_in_place
+    assert device.capabilities.loop_device == device.capabilities.cache_device == torch.device("cpu")
     readbacks, finishes = count_readbacks(monkeypatch)
     config = GenerationConfig(**{"seed": 4, "engine_acceptance": True, "num_tokens": 20, **gen})
     classes = np.array([3, 0, 9])
@@ -218,7 +220,7 @@ def test_onnxruntime_device_loop_equals_numpy_loop(shared_onnx_export, gen, monk
     b, sb = generate(device, classes, config)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
-    timing = ("seconds", "total_seconds")
+    timing = ("seconds", "total_seconds", "mode_rates")
     assert {k: v for k, v in sa.summary().items() if k not in timing} == \
         {k: v for k, v in sb.summary().items() if k not in timing}
     assert len(readbacks) == sb.target_calls + 1 + len(finishes)

@@ -122,7 +122,8 @@ def test_aoti_in_place_engines_update_the_callers_buffer(aoti_in_place_dir, rand
     from fastardiff.errors import EngineError
 
     engines = load_engines(aoti_in_place_dir)
-    assert engines.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and engines.needs_cache_room
+    caps = engines.capabilities
+    assert caps.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and caps.needs_cache_room
     assert engines.manifest.export["kv_update"] == "in-place"
     cfg = random_checkpoint.config
     tokens, lengths, k, v, cond = (x.numpy() for x in example_inputs(cfg, "target_verify", cfg.target_layers, 3, 4,
@@ -151,7 +152,7 @@ def test_aoti_in_place_runs_equal_host_written_runs(aoti_in_place_dir):
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     engines, plain = load_engines(aoti_in_place_dir), load_engines(aoti_in_place_dir, in_place=False)
-    assert plain.kv_in_place == frozenset()
+    assert plain.capabilities.kv_in_place == frozenset()
     for gen in (GenerationConfig(mode="target", seed=1), GenerationConfig(draft="jacobi", gamma=2, seed=1,
                                                                           cfg_scale=1.5),
                 GenerationConfig(draft="model", gamma=1, seed=1, early_stop="off")):
@@ -167,8 +168,10 @@ def test_aoti_device_cache_runs_equal_host_cache_runs(aoti_in_place_dir):
 
     device, host = load_engines(aoti_in_place_dir, device_cache=True), load_engines(aoti_in_place_dir)
     loop = load_engines(aoti_in_place_dir, device_loop=True)     # the loop's buffers and outputs there too
-    assert device.cache_device is not None and host.cache_device is None and device.kv_in_place
-    assert device.loop_device is None and loop.loop_device is not None and loop.cache_device is not None
+    on_device, on_host, device_loop = device.capabilities, host.capabilities, loop.capabilities
+    assert on_device.cache_device is not None and on_host.cache_device is None and on_device.kv_in_place
+    assert on_device.loop_device is None
+    assert device_loop.loop_device is not None and device_loop.cache_device is not None
     for gen in (GenerationConfig(mode="target", seed=2), GenerationConfig(draft="jacobi", gamma=2, seed=2,
                                                                           cfg_scale=1.5),
                 GenerationConfig(draft="model", gamma=1, seed=2, early_stop="off", engine_acceptance=True)):
@@ -189,7 +192,7 @@ def test_aoti_cuda_graph_runs_equal_plain_runs(aoti_in_place_dir):
 
     graphed = load_engines(aoti_in_place_dir, cuda_graphs=True, graph_capture=EagerCapture())
     plain = load_engines(aoti_in_place_dir)
-    assert graphed.cache_device is not None and graphed.kv_in_place == frozenset()
+    assert graphed.capabilities.cache_device is not None and graphed.capabilities.kv_in_place == frozenset()
     for gen in (GenerationConfig(mode="target", seed=4), GenerationConfig(draft="jacobi", gamma=2, seed=4,
                                                                           cfg_scale=1.5),
                 GenerationConfig(draft="model", gamma=1, seed=4, early_stop="off", engine_acceptance=False)):

@@ -4,6 +4,7 @@ One real ONNX export per session (the `onnx_engine_dir` fixture); orchestration 
 use a fast in-test target that copies those engine files, so they exercise export.py without re-tracing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -273,7 +274,7 @@ def test_onnxruntime_backend_matches_torch_on_ragged_inputs(onnx_engine_dir, exp
     ckpt = load_checkpoint(export_ckpt_path)
     engines = load_engines(onnx_engine_dir)
     assert isinstance(engines, OnnxRuntimeEngines) and "CPUExecutionProvider" in engines.providers
-    assert engines.needs_cache_room       # the default onnx export: in place (host-write engines: below)
+    assert engines.capabilities.needs_cache_room       # the default onnx export: in place (host-write engines: below)
     cap = tiny_config.seq_len
     for name, layers, (b, k, s) in [("draft_step", tiny_config.draft_layers, (5, 1, 37)),
                                     ("target_verify", tiny_config.target_layers, (7, 5, 50)),
@@ -581,13 +582,14 @@ def test_ar_engines_update_the_cache_in_place(in_place_engine_dir, shipped_check
 
     engines = load_engines(in_place_engine_dir)
     manifest = engines.manifest
-    assert engines.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and engines.needs_cache_room
-    assert all(manifest.engines[n].outputs == ENGINE_IO[n][1] for n in manifest.engines if n not in engines.kv_in_place)
+    caps = engines.capabilities
+    assert caps.kv_in_place == {"draft_step", "target_verify", "target_jacobi"} and caps.needs_cache_room
+    assert all(manifest.engines[n].outputs == ENGINE_IO[n][1] for n in manifest.engines if n not in caps.kv_in_place)
     ckpt = shipped_checkpoint
     modules = make_engine_modules(ckpt.target, ckpt.draft, ckpt.decoder,
                                   SigmaParams.from_config(manifest.config, manifest.calibration))
     cfg = ckpt.config
-    for name in sorted(engines.kv_in_place):
+    for name in sorted(engines.capabilities.kv_in_place):
         layers = cfg.draft_layers if name == "draft_step" else cfg.target_layers
         entry = manifest.engines[name]
         assert (entry.inputs, entry.outputs) == per_layer_io(*ENGINE_IO[name], layers) and entry.cache_layers == layers
@@ -634,7 +636,7 @@ def test_host_write_engines_take_prefix_views_and_equal_in_place_engines(host_en
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     host = load_engines(host_engine_dir)
-    assert host.kv_in_place == frozenset() and not host.needs_cache_room
+    assert host.capabilities.kv_in_place == frozenset() and not host.capabilities.needs_cache_room
     assert all(e.cache_layers == 0 and (e.inputs, e.outputs) == tuple(map(list, ENGINE_IO[n]))
                for n, e in host.manifest.engines.items())
     cfg = shipped_checkpoint.config
@@ -710,17 +712,19 @@ def test_runs_reuse_pooled_cache_buffers_and_equal_unpooled_runs(in_place_engine
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     engines = load_engines(in_place_engine_dir)
-    assert isinstance(engines.cache_pool, HostBufferPool)
+    assert isinstance(engines.capabilities.cache_pool, HostBufferPool)
     for settings in ({"mode": "target"}, {"mode": "speculative", "draft": "jacobi", "gamma": 3},
                      {"mode": "speculative", "draft": "model", "gamma": 2, "cfg_scale": 2.0}):
         gen = GenerationConfig(seed=5, **settings)
         pooled = [generate(engines, np.array([2, 7]), gen)[0] for _ in range(2)]
-        free = {key: [k.ctypes.data for k, _ in pairs] for key, pairs in engines.cache_pool._free.items()}
+        free = {key: [k.ctypes.data for k, _ in pairs] for key, pairs in engines.capabilities.cache_pool._free.items()}
         again = generate(engines, np.array([2, 7]), gen)[0]
-        assert free == {key: [k.ctypes.data for k, _ in pairs] for key, pairs in engines.cache_pool._free.items()}
-        engines.cache_pool, pool = None, engines.cache_pool
+        assert free == {key: [k.ctypes.data for k, _ in pairs]
+                        for key, pairs in engines.capabilities.cache_pool._free.items()}
+        pooled_caps = engines.capabilities
+        engines.capabilities = dataclasses.replace(pooled_caps, cache_pool=None)
         fresh = generate(engines, np.array([2, 7]), gen)[0]
-        engines.cache_pool = pool
+        engines.capabilities = pooled_caps
         for tokens in (*pooled, again):
             np.testing.assert_array_equal(tokens, fresh)
         assert free, settings
@@ -751,7 +755,7 @@ def test_in_place_runs_leave_out_the_host_write_and_equal_host_written_runs(in_p
 
     engines = load_engines(in_place_engine_dir)
     plain = load_engines(in_place_engine_dir, in_place=False)
-    assert plain.kv_in_place == frozenset() and plain.needs_cache_room
+    assert plain.capabilities.kv_in_place == frozenset() and plain.capabilities.needs_cache_room
     writes = []
     real_write = kv_cache.KVCache.write
     monkeypatch.setattr(kv_cache.KVCache, "write", lambda self, *a: (writes.append(1), real_write(self, *a)))

@@ -251,8 +251,11 @@ def test_rows_near_the_end_do_not_narrow_the_others_windows(random_checkpoint, r
 
 def test_jacobi_needs_no_draft_engine(random_engines):
     """Engines with only target_verify and decoder run --draft jacobi (the draft is never touched)."""
+    from fastardiff.runtime.capabilities import EngineCapabilities
+
     class TargetOnly:
         manifest = random_engines.manifest
+        capabilities = EngineCapabilities.host()
         target_verify = staticmethod(random_engines.target_verify)
         decoder = staticmethod(random_engines.decoder)
 
@@ -420,20 +423,15 @@ def test_residual_slots_the_graph_could_not_serve_are_finished_on_the_host(rando
 def test_in_graph_proposals_follow_where_the_engines_compute():
     """CPU engines get few in-graph residual proposals (their tensor work is paid per call, a host finish is cheap);
     GPU engines many for few rows (free there, a host finish costs a sync)."""
-    from types import SimpleNamespace
-
-    from fastardiff.runtime.generation import on_accelerator
+    from fastardiff.runtime.capabilities import accelerator_for
     from fastardiff.runtime.jacobi import CPU_RESIDUAL_PROPOSALS, residual_proposals
 
-    def engines(backend="onnxruntime", **attrs):
-        return SimpleNamespace(manifest=SimpleNamespace(backend=backend), **attrs)
-
-    assert not on_accelerator(engines(providers=["CPUExecutionProvider"]))
-    assert not on_accelerator(engines("aoti", device="cpu", cache_device=None))
-    assert on_accelerator(engines(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
-    assert on_accelerator(engines("tensorrt"))
-    assert on_accelerator(engines("aoti", device="cuda:0", cache_device=None))
-    assert on_accelerator(engines("torch", device=torch.device("cuda", 0), cache_device=torch.device("cuda", 0)))
+    assert not accelerator_for("onnxruntime", providers=["CPUExecutionProvider"])
+    assert not accelerator_for("aoti", device="cpu", cache_device=None)
+    assert accelerator_for("onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert accelerator_for("tensorrt")
+    assert accelerator_for("aoti", device="cuda:0", cache_device=None)
+    assert accelerator_for("torch", device=torch.device("cuda", 0), cache_device=torch.device("cuda", 0))
     assert residual_proposals(1) == residual_proposals(8) == CPU_RESIDUAL_PROPOSALS
     assert residual_proposals(1, accelerator=True) == 16 and residual_proposals(64, accelerator=True) == 2
 

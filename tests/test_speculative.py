@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastardiff.recipes.two_sample import two_sample_pvalue
+from fastardiff.runtime.capabilities import EngineCapabilities
 from fastardiff.runtime.engine import DraftOutput
 from fastardiff.runtime.speculative import GenerationConfig, GenerationError, generate, generate_tokens
 from fastardiff.runtime.stats import RunStats
@@ -159,7 +160,7 @@ def test_device_cache_runs_are_indistinguishable_from_target_only(shipped_checkp
 
     engines = TorchEngines(shipped_checkpoint, max_batch=2 * STAT_BATCH, device_loop=True, loop_noise=noise)
     assert in_engine_acceptance(engines, GenerationConfig(draft="model"))     # device caches: accepted in-engine
-    assert engines.loop_device is not None            # and the loop's buffers and outputs on the device too
+    assert engines.capabilities.loop_device is not None   # and the loop's buffers and outputs on the device too
     spec, stats = first_tokens(engines, "speculative", seed=9, early_stop="context", cfg_scale=2.0, draft="model",
                                gamma=4, num_tokens=16)
     if noise == "device":           # reproducible from the seed, and not the host-noise run's numbers
@@ -204,6 +205,7 @@ class HostResolved:
 
     def __init__(self, engines):
         self.inner = engines
+        self.capabilities = dataclasses.replace(engines.capabilities, target_jacobi=False)
 
     def __getattr__(self, name):
         if name == "target_jacobi":
@@ -223,6 +225,7 @@ class RecordingEngines:
             self.manifest.config["draft_layers"] = self.manifest.config["target_layers"]
         self.draft_is_target = draft_is_target
         self.calls = []
+        self.capabilities = EngineCapabilities.host()    # plain host engines: no rollout, no target_jacobi
 
     def draft_step(self, tokens, lengths, k, v, cond):
         if self.draft_is_target:
@@ -483,7 +486,7 @@ def test_engine_acceptance_choice_and_its_errors(shipped_engines):
     assert not in_engine_acceptance(shipped_engines, GenerationConfig(mode="target", engine_acceptance=True))
     manifest = shipped_engines.manifest
     no_jacobi = SimpleNamespace(manifest=SimpleNamespace(family="drift-ar", engines={"target_verify": None}),
-                                cache_device="cuda")
+                                capabilities=EngineCapabilities.host(cache_device="cuda"))
     heads = SimpleNamespace(manifest=SimpleNamespace(family="fast-ardiff", engines=manifest.engines))
     for engines, gen in ((no_jacobi, GenerationConfig(engine_acceptance=True)),
                          (heads, GenerationConfig(engine_acceptance=True)),
@@ -491,3 +494,47 @@ def test_engine_acceptance_choice_and_its_errors(shipped_engines):
         with pytest.raises(GenerationError, match="engine acceptance needs a drift-ar model"):
             in_engine_acceptance(engines, gen)
     assert not in_engine_acceptance(no_jacobi, GenerationConfig())         # auto: quietly off where it cannot run
+
+
+SWITCH_EVERY_PROBE = dict(first_probe=1, probe_rounds=2, min_gap=1, budget=1e9, margin=0.0, z=0.0)
+
+
+@pytest.mark.parametrize("plan,alternative,gamma", [("jacobi", "target", 8), ("target", "jacobi:6", 4),
+                                                    ("model", "target", 3)])
+def test_runs_that_switch_mid_image_are_indistinguishable_from_target_only(shipped_engines, target_only_tokens,
+                                                                          plan, alternative, gamma):
+    """A policy that switches at the end of every probe (margin 0) changes the proposal kind every few rounds of
+    every image, both ways (target-only <-> Jacobi, target-only <-> the model draft, whose cache then catches
+    up): the samples stay target-only's."""
+    from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
+
+    gen = GenerationConfig(mode="target" if plan == "target" else "speculative", draft="jacobi" if plan == "jacobi"
+                           else "model", gamma=gamma, alternative=alternative, early_stop="off", seed=21,
+                           num_tokens=STAT_TOKENS)
+    adapter = Adapter(AdaptPolicy(**SWITCH_EVERY_PROBE))
+    tokens, stats = generate(shipped_engines, np.arange(STAT_BATCH) % 10, gen, adapter=adapter)
+    assert len(stats.switches) >= 4 and len(stats.mode_rates) == 2, stats.switches
+    assert two_sample_pvalue(tokens, target_only_tokens(1.0)) > 1e-3
+
+
+def test_a_broken_proposal_on_the_switching_path_is_caught(shipped_engines, target_only_tokens, monkeypatch):
+    """The same test has power on that path: Jacobi windows entered after target-only rounds whose guesses are
+    recorded with half the sigma they were drawn from (a wrong q) are told apart from target-only."""
+    import fastardiff.runtime.jacobi as jacobi
+    from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
+
+    def misrecorded(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond, window):
+        token = first[:, None] + np.arange(window)[None, :]
+        r, c = np.nonzero((token > verified[:, None]) & (token < total))
+        rows, token = act[r], token[r, c]
+        mean, sigma = prior[0][rows, token], prior[1][rows, token]
+        seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
+        guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
+
+    monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded)
+    gen = GenerationConfig(mode="target", gamma=6, alternative="jacobi:6", early_stop="off", seed=22,
+                           num_tokens=STAT_TOKENS)
+    tokens, stats = generate(shipped_engines, np.arange(STAT_BATCH) % 10, gen,
+                             adapter=Adapter(AdaptPolicy(**SWITCH_EVERY_PROBE)))
+    assert len(stats.switches) >= 4
+    assert two_sample_pvalue(tokens, target_only_tokens(1.0)) < 1e-4

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastardiff.runtime.capabilities import EngineCapabilities
 from fastardiff.runtime.engine import DraftOutput, JacobiOutput, RolloutOutput, VerifyOutput
 
 ALIGN = 4          # rows x tokens of every engine call is a multiple of this
@@ -75,8 +76,9 @@ class EngineCallMerger:
         self._pending: list[_Call] = []
         self._cv = threading.Condition()
         self._exclusive = None                    # the view that plans: its calls run alone, the others wait
-        self._rollouts = getattr(engines, "rollouts", {}) or {}
-        self._jacobi = getattr(engines, "target_jacobi", None)
+        caps = engines.capabilities          # what the engines offer (runtime/capabilities.py)
+        self._rollouts = engines.rollouts if caps.rollout_gammas else {}
+        self._jacobi = engines.target_jacobi if caps.target_jacobi else None
 
     def rows(self, name: str) -> int:
         return self.limits.get(name, self.manifest.max_batch)
@@ -273,12 +275,14 @@ class MergedEngines:
         # what plan_cache keys a plan on: the engines' execution providers and threads
         self.providers = getattr(merger.engines, "providers", [])
         self.threads = getattr(merger.engines, "threads", None)
-        # the longest cache axis the engines take (runtime/speculative.py AREngine): every request shapes its
-        # calls as the engines alone would, so requests of any batch size still merge
-        self.cache_limit = getattr(merger.engines, "cache_limit", None)
-        # engines that scatter the fed positions into the cache need caches with room for them (never a prefix);
-        # the write itself stays the requests' (a merged call's cache is a concatenated copy)
-        self.needs_cache_room = getattr(merger.engines, "needs_cache_room", False)
+        # every request shapes its calls as the engines alone would (the same cache_limit and needs_cache_room:
+        # runtime/ar_engine.py), so requests of any batch size still merge; on host buffers of its own (a merged
+        # call's cache is a concatenated copy: the cache write stays the request's, never in place)
+        inner = merger.engines.capabilities
+        self.capabilities = EngineCapabilities.host(
+            cache_limit=inner.cache_limit, needs_cache_room=inner.needs_cache_room,
+            rollout_gammas=frozenset(merger._rollouts), target_jacobi=merger._jacobi is not None,
+            accelerator=inner.accelerator)
         self.calls = 0
         self.merged = 0
 

@@ -49,7 +49,7 @@ class Generator:
     """One replica (a Ray Serve deployment class; see app.py for its options)."""
 
     def __init__(self, engine_dir: str, max_batch: int, batch_wait_s: float, max_ongoing: int,
-                 threads: int | None = None):
+                 threads: int | None = None, adapt: bool = False):
         from ray import serve
 
         from fastardiff.runtime.engine import load_engines
@@ -66,6 +66,12 @@ class Generator:
         self._choices: dict = {}
         self._choice_lock = threading.Lock()
         self.plans = 0                            # --gamma auto plans made (timed or read from the plan cache)
+        # adapt: requests planned by --gamma auto switch proposal kinds as measured (runtime/adaptive.py), each kind
+        # keeping its switching state across requests (a race between concurrent requests only moves a probe). Off
+        # by default: a switch point depends on timing, and a replica promises the same images for the same
+        # request alone or batched with others; every request's stats carry its mode_rates either way
+        self.adapt = adapt
+        self._adapters: dict = {}
         self._choice(1.0, DEFAULT_DRAFTS)
         # every request held runs at once: a request waiting for a thread would hold up the merged calls
         self._pool = ThreadPoolExecutor(max_ongoing, thread_name_prefix="fastardiff-generate")
@@ -113,7 +119,8 @@ class Generator:
 
         return plan_generation(self.engines, len(job["classes"]), job["gamma"], job["draft"], job["coupling"] == "on",
                                job["early_stop"], job["mode"], job["temperature"], job["cfg_scale"], job["eta"],
-                               job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts))
+                               job["seed"], lambda batch, cfg, drafts, options: self._choice(cfg, drafts),
+                               adapt=self.adapt)
 
     def _choice(self, cfg_scale: float, drafts: tuple):
         """`--gamma auto` for this replica: once per guidance scale and draft set, measured at the batch of a busy
@@ -144,13 +151,22 @@ class Generator:
         rows = self.merger.rows("target_verify") // (2 if cfg_scale != 1.0 else 1)
         return max(1, min(self.max_batch, rows))
 
+    def _adapter(self, gen):
+        if gen.alternative is None:
+            return None
+        from fastardiff.runtime.adaptive import Adapter
+
+        key = (gen.mode, gen.draft, gen.gamma, gen.alternative, gen.cfg_scale)
+        with self._choice_lock:
+            return self._adapters.setdefault(key, Adapter())
+
     def _generate(self, classes, gen, choice) -> dict:
         from fastardiff.runtime.images import to_uint8
         from fastardiff.runtime.speculative import generate
 
         try:
             with self.merger.join(guided=gen.cfg_scale != 1.0) as engines:
-                images, stats = generate(engines, classes, gen)
+                images, stats = generate(engines, classes, gen, adapter=self._adapter(gen))
         except FastardiffError as err:
             if isinstance(err, EngineError):
                 log.exception("generation failed")

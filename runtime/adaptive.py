@@ -1,0 +1,222 @@
+"""A generation that follows the machine (`--gamma auto` plans are a starting point, not a verdict).
+
+The plan (runtime/gamma_auto.py) picks a proposal kind from a short timing; a busy or quiet spell during that
+timing can pick the wrong one. So while it generates, a run measures what it runs (wall seconds and tokens of
+every round, by proposal kind: `RunStats.mode_rates`), now and then runs a few rounds of one alternative (the best
+speculative kind of the plan while running target-only, target-only steps while speculating: a probe), and
+switches kind when the alternative is measured faster by a margin and with confidence (`AdaptPolicy`), recorded in
+`RunStats.switches`. Switching is changing the proposal object between rounds (runtime/proposals.py): every kind
+samples the target's distribution given the accepted prefix, so the output distribution is the same whatever the
+switches (tests/test_adaptive.py checks it).
+
+Labels (RunStats, GenerationConfig.alternative): "target", "jacobi:<L>", "model:<g>" (draft_step calls),
+"rollout:<g>" (draft_rollout calls).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .generation import EXACT_GAUSSIAN_FAMILIES, GenerationError
+
+
+def parse_label(label: str) -> tuple[str, int]:
+    """(kind, gamma) of a proposal label: ("target", 0), ("jacobi", L) or ("model", g) (model: and rollout: both)."""
+    kind, _, g = str(label).partition(":")
+    if kind == "target" and not g:
+        return "target", 0
+    if kind in ("jacobi", "model", "rollout") and g.isdigit() and int(g) >= 1:
+        return ("jacobi" if kind == "jacobi" else "model"), int(g)
+    raise GenerationError(f"unknown proposal '{label}' to adapt to; use target, jacobi:<L>, model:<g> or "
+                          "rollout:<g> (L, g positive)")
+
+
+def alternative_for(choice, manifest) -> str | None:
+    """What a run planned by `choice` (a GammaChoice) re-checks while it generates: target-only steps when the plan
+    speculates; when it runs target-only, the candidate measured fastest in whole-image runs (else predicted
+    fastest) that these engines can run; None when there is none."""
+    if choice.gamma is not None:
+        return "target"
+    runnable = [c for c in choice.candidates if c.get("gamma") and (
+        c.get("draft") == "jacobi" and manifest.family in EXACT_GAUSSIAN_FAMILIES
+        or c.get("draft", "model") == "model" and "draft_step" in manifest.engines)]
+    measured = [c for c in runnable if "measured_speedup" in c]
+    pool = measured or runnable
+    if not pool:
+        return None
+    best = max(pool, key=lambda c: c["measured_speedup"] if measured else c["speedup"])
+    return f"{best.get('draft', 'model')}:{int(best['gamma'])}"
+
+
+@dataclass(frozen=True)
+class AdaptPolicy:
+    first_probe: int = 4        # rounds of the planned kind before the first probe
+    probe_rounds: int = 4       # rounds of the alternative in a probe (its first is not scored: the switch's cost)
+    min_gap: int = 4            # rounds of the current kind between two probes at least
+    budget: float = 0.05        # what probes may cost: their expected loss (time beyond what the current kind
+                                # would have taken for the same tokens) at most this fraction of the run's time
+    margin: float = 1.10        # switch only to a kind measured this much faster (tokens per second) ...
+    z: float = 2.0              # ... by this many standard errors of the difference (noise does not flap)
+    window: int = 16            # scored rounds kept per kind (older ones fade: the machine changes)
+
+    def __post_init__(self):
+        if self.probe_rounds < 2 or self.first_probe < 0 or self.min_gap < 0 or self.window < 2 or self.budget < 0:
+            raise ValueError(f"bad adaptation policy {self}")
+
+
+# the alternative's speed relative to the current kind before it is measured: target-only steps beside a planned
+# speculation are guessed at half its rate (a probe of them is priced as a loss), a speculative kind beside
+# target-only at par (probed at once: that is the switch the plan may have missed)
+PRIOR_RATIO = {"target": 0.5}
+
+
+class Estimate:
+    """Seconds per token (per row of the round) of one proposal kind over its recent scored rounds: the ratio of
+    sums and its standard error (the ratio estimator's, from per-round residuals; infinite below two rounds)."""
+
+    def __init__(self, window: int):
+        self.rounds: deque = deque(maxlen=window)
+
+    def add(self, tokens: float, seconds: float) -> None:
+        if tokens > 0:
+            self.rounds.append((tokens, seconds))
+
+    def clear(self) -> None:
+        self.rounds.clear()
+
+    def value(self) -> tuple[float, float]:
+        n = len(self.rounds)
+        if not n:
+            return math.inf, math.inf
+        tokens, seconds = np.array(self.rounds, np.float64).T
+        m = seconds.sum() / tokens.sum()
+        if n < 2:
+            return m, math.inf
+        residual = seconds - m * tokens
+        return m, math.sqrt((residual ** 2).sum() / (n * (n - 1))) / tokens.mean()
+
+
+class Adapter:
+    """The switching of one run (or one serving replica's requests of one plan): which kind runs each round, the
+    probes, the estimates, the decisions. It outlives a chunk of the batch: the kind a run switched to goes on in
+    its next chunk, and the estimates with it. clock: seconds (time.perf_counter; a test's counted cost model).
+
+    When to probe: after `first_probe` rounds, and then whenever the probes' accumulated loss plus the next
+    probe's expected loss stays within `budget` of the run's time so far (a probe that lost much delays the next
+    one; a probe of a kind about as fast as the current one costs nothing and may come every `min_gap` rounds)."""
+
+    def __init__(self, policy: AdaptPolicy | None = None, clock=time.perf_counter):
+        self.policy, self.clock = policy or AdaptPolicy(), clock
+        self.current: str | None = None        # the label running between probes (None: the plan's, at the start)
+        self.estimates: dict[str, Estimate] = {}
+        self.rounds = 0                        # rounds run by this adapter (RunStats.switches' round)
+        self.elapsed = 0.0                     # seconds of every round so far
+        self.loss = 0.0                        # seconds the probes cost beyond the current kind's rate
+        self.gap = self.policy.first_probe     # rounds of the current kind until a probe may start
+
+    def estimate(self, label: str) -> Estimate:
+        if label not in self.estimates:
+            self.estimates[label] = Estimate(self.policy.window)
+        return self.estimates[label]
+
+    def run(self, loop, plan, alternative, stats) -> None:
+        """Every round of `loop` until its rows are done, on the planned kind or the alternative (two proposal
+        objects over the same loop)."""
+        kinds = {plan.label: plan, alternative.label: alternative}
+        if self.current not in kinds:
+            self.current = plan.label
+        current = kinds[self.current]
+        other = alternative if current is plan else plan
+        probing, scored, probe_seconds = 0, True, 0.0
+        clock, policy = self.clock, self.policy
+        while (act := loop.active()).size:
+            if not probing and self.gap <= 0 and loop.total - int(loop.n[act].min()) > policy.probe_rounds \
+                    and self.loss + self.expected_loss(current.label, other.label) <= policy.budget * self.elapsed:
+                probing, scored, probe_seconds = policy.probe_rounds, False, 0.0
+                other.enter(act)
+            running = other if probing else current
+            began = clock()
+            tokens = int(running.round(act).sum())
+            seconds = clock() - began
+            record_rate(stats, running.label, tokens, seconds)
+            if scored:      # per row: rows a probe left ragged finish apart (rounds of fewer rows) in any kind
+                self.estimate(running.label).add(tokens / len(act), seconds)
+            scored = True
+            self.rounds += 1
+            self.elapsed += seconds
+            if not probing:
+                self.gap -= 1
+                continue
+            probing -= 1
+            probe_seconds += seconds
+            if probing:
+                continue
+            self.loss += probe_seconds * max(0.0, 1.0 - self.ratio(other.label, current.label))
+            verdict = self.decide(current.label, other.label)
+            if verdict == "switch":
+                stats.switches.append({"round": self.rounds, "from": current.label, "to": other.label,
+                                       "reason": self.reason(other.label, current.label)})
+                self.estimate(current.label).clear()      # re-measured at its next probe
+                current, other = other, current
+                self.current = current.label
+            else:
+                current.enter(act := loop.active())
+                scored = False
+            self.gap = policy.min_gap
+
+    def ratio(self, other: str, current: str) -> float:
+        """`other`'s token rate over `current`'s: measured where both are, else PRIOR_RATIO."""
+        m_c, _ = self.estimate(current).value()
+        m_o, _ = self.estimate(other).value()
+        if math.isfinite(m_c) and math.isfinite(m_o) and m_o > 0:
+            return m_c / m_o
+        return PRIOR_RATIO.get(other, 1.0)
+
+    def expected_loss(self, current: str, other: str) -> float:
+        """Seconds a probe of `other` is expected to cost beyond running `current`: its rounds' time (as the
+        current kind's rounds take) times the share of it the slower rate wastes."""
+        rounds = self.estimate(current).rounds
+        per_round = sum(s for _, s in rounds) / len(rounds) if rounds else 0.0
+        return self.policy.probe_rounds * per_round * max(0.0, 1.0 - self.ratio(other, current))
+
+    def decide(self, current: str, other: str) -> str:
+        """"switch" when `other` is faster than `current` by the margin, z standard errors clear; "slower" when
+        its measured rate does not even clear the margin; else "unsure": promising but not yet certain (its rounds
+        are kept and pooled with the next probe's)."""
+        m_c, se_c = self.estimate(current).value()
+        m_o, se_o = self.estimate(other).value()
+        margin = self.policy.margin
+        if not (math.isfinite(m_c) and math.isfinite(m_o)):
+            return "unsure"
+        gain = m_c - margin * m_o                # seconds per token saved beyond the margin
+        if gain <= 0:
+            return "slower"
+        noise = self.policy.z * math.hypot(se_c, margin * se_o) if self.policy.z else 0.0
+        return "switch" if gain > noise else "unsure"
+
+    def reason(self, to: str, frm: str) -> str:
+        m_t, _ = self.estimate(to).value()
+        m_f, _ = self.estimate(frm).value()
+        return (f"{to} measured {m_f / m_t:.2f}x the token rate of {frm} ({1e3 * m_t:.3f} vs {1e3 * m_f:.3f} ms "
+                f"per token, margin {self.policy.margin:.2f}x)")
+
+
+def record_rate(stats, label: str, tokens: int, seconds: float) -> None:
+    rate = stats.mode_rates.get(label)
+    if rate is None:
+        rate = stats.mode_rates[label] = {"tokens": 0, "seconds": 0.0}
+    rate["tokens"] += tokens
+    rate["seconds"] += seconds
+
+
+def measured_rounds(loop, proposal, stats, clock=time.perf_counter) -> None:
+    """Every round of `loop` on one proposal kind, its tokens and seconds recorded (RunStats.mode_rates)."""
+    label = proposal.label
+    while (act := loop.active()).size:
+        began = clock()
+        tokens = proposal.round(act)
+        record_rate(stats, label, int(tokens.sum()), clock() - began)
