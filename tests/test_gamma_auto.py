@@ -88,6 +88,7 @@ def test_no_calibration_or_no_rollouts_runs_target_only(random_checkpoint):
     assert choice.gamma is None and "acceptance" in choice.reason
     engines = _engines_with_curve(random_checkpoint, [0.9] * 8)
     engines.rollouts = {}
+    engines.capabilities = dataclasses.replace(engines.capabilities, rollout_gammas=frozenset())
     assert choose_gamma(engines, batch=1, cfg_scale=1.0).gamma is None
 
 

@@ -39,8 +39,7 @@ class RowSpy:
         self.target_jacobi = self._spy(engines.target_jacobi, "target_jacobi") if engines.target_jacobi else None
         for name in ("draft_step", "target_verify", "decoder"):
             setattr(self, name, self._spy(getattr(engines, name), name))
-        self.cache_limit = getattr(engines, "cache_limit", None)
-        self.needs_cache_room = getattr(engines, "needs_cache_room", False)
+        self.capabilities = engines.capabilities    # the same rows and rounds, every call spied
 
     def _spy(self, fn, name):
         def call(*arrays):
