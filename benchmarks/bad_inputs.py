@@ -44,16 +44,19 @@ class Outcome:
     traceback: bool
     wrote: list
     seconds: float
+    group: str = "cli"
+    want_exit: int = 2              # 128 + signal for the interrupt cases
+    want_line: str = "error: "      # the one line the command must print ("interrupted by " for signals)
 
     @property
     def problems(self) -> list[str]:
         found = []
         if self.traceback:
             found.append("traceback")
-        if self.exit != 2:
-            found.append(f"exit status {self.exit} (want 2)")
+        if self.exit != self.want_exit:
+            found.append(f"exit status {self.exit} (want {self.want_exit})")
         if self.error_lines != 1:
-            found.append(f"{self.error_lines} `error:` lines (want 1)")
+            found.append(f"{self.error_lines} `{self.want_line.strip()}` lines (want 1)")
         if self.wrote:
             found.append(f"wrote {', '.join(self.wrote[:4])}")
         return found
@@ -140,6 +143,51 @@ def make_fixtures(work: Path, env: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# case groups: each a section of the report. A group module (benchmarks/bad_inputs_*.py, named in GROUP_MODULES)
+# defines `GROUP`, a dict of CaseGroup's fields: its fixtures (made once in the shared temporary directory, after
+# the base fixtures) and its cases, as tuples (area, what, argv[, signal, ready glob]).
+
+
+@dataclass
+class Case:
+    area: str
+    what: str
+    argv: list                      # argv[0]: a console script in .venv/bin
+    signal: int = 0                 # send this signal once `ready` (a glob under the work dir) matches
+    ready: str = ""
+
+
+@dataclass
+class CaseGroup:
+    name: str
+    title: str
+    about: str                      # a paragraph of the report: what the group's fixtures are
+    cases: object                   # (unwritable path) -> list of Case or (area, what, argv)
+    fixtures: object = None         # (work dir, env) -> None
+
+
+GROUPS: dict[str, CaseGroup] = {}
+GROUP_MODULES = ("bad_inputs_hostile",)     # further groups: add their module here
+
+
+def register(group: CaseGroup) -> CaseGroup:
+    GROUPS[group.name] = group
+    return group
+
+
+def load_groups() -> list[CaseGroup]:
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for module in GROUP_MODULES:
+        register(CaseGroup(**importlib.import_module(module).GROUP))
+    return list(GROUPS.values())
+
+
+def as_case(item) -> Case:
+    return Case(*item)
+
+
 # cases: (area, what, argv) with argv[0] a console script in .venv/bin
 
 
@@ -299,26 +347,55 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return seen
 
 
-def run_case(number: int, area: str, what: str, argv: list[str], work: Path, env: dict) -> Outcome:
+def _default_signals() -> None:
+    """In the child: the signal's default disposition, even where this script runs as a background job (whose
+    children start with SIGINT ignored, which a command rightly keeps)."""
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def _interrupt(proc: subprocess.Popen, case: Case, work: Path) -> None:
+    """Send case.signal once case.ready matches under work (polled, bounded by CASE_TIMEOUT_S)."""
+    deadline = time.time() + CASE_TIMEOUT_S
+    while proc.poll() is None and time.time() < deadline:
+        if list(work.glob(case.ready)):
+            proc.send_signal(case.signal)
+            return
+        time.sleep(0.05)
+
+
+def run_case(number: int, case: Case, work: Path, env: dict, group: str = "cli") -> Outcome:
     before = snapshot(work)
     started = time.time()
+    proc = subprocess.Popen([str(BIN / case.argv[0])] + case.argv[1:], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_default_signals if case.signal else None)
+    if case.signal:
+        _interrupt(proc, case, work)
     try:
-        done = subprocess.run([str(BIN / argv[0])] + argv[1:], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        code, output = done.returncode, done.stderr + "\n" + done.stdout
-    except subprocess.TimeoutExpired as err:
-        code, output = -1, f"timed out after {CASE_TIMEOUT_S} s\n{err.stderr or ''}"
+        out, err = proc.communicate(timeout=CASE_TIMEOUT_S)
+        code, output = proc.returncode, err + "\n" + out
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        code, output = -1, f"timed out after {CASE_TIMEOUT_S} s\n{err or ''}"
     after = snapshot(work)
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
+    want_line = "interrupted by " if case.signal else "error: "
+    errors = [line for line in lines if line.startswith(want_line)]
+    if case.signal:      # an interrupted run must print no error line besides its one `interrupted` line
+        errors += [line for line in lines if line.startswith(("error: ", "internal error"))]
     message = errors[0] if errors else next((line for line in lines if "error" in line.lower()),
                                             lines[0] if lines else "(no output)")
-    return Outcome(number, area, what, shlex.join(argv), code, message, len(errors), TRACEBACK in output, changed,
-                   round(time.time() - started, 1))
+    return Outcome(number, case.area, case.what, shlex.join(case.argv), code, message, len(errors),
+                   TRACEBACK in output, changed, round(time.time() - started, 1), group,
+                   128 + case.signal if case.signal else 2, want_line)
 
 
-def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
+def markdown(outcomes: list[Outcome], unwritable: str, seconds: float, groups: list[CaseGroup]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -327,7 +404,9 @@ def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
         "# Bad inputs: one `error:` line, exit status 2, no traceback, nothing written",
         "",
         f"Generated by `python benchmarks/bad_inputs.py` ({len(outcomes)} cases, {seconds:.0f} s, "
-        f"{'all pass' if not bad else f'{len(bad)} FAIL'}). Each command ran as a subprocess of the installed console "
+        f"{'all pass' if not bad else f'{len(bad)} FAIL'}). Interrupted commands (the signal cases) must instead exit "
+        "with 128 + the signal's number and print one `interrupted by SIG...` line; every case must leave the "
+        "directory as it found it. Each command ran as a subprocess of the installed console "
         "script in a fresh temporary directory holding a random `tiny-mnist-small` checkpoint (`random.pt`), its ONNX "
         "export (`eng`, `--no-draft --gamma 1`), broken copies of that export (`eng-*`), a text file as a checkpoint "
         "(`notckpt.pt`), a foreign torch file (`foreign.pt`), a regular file `afile` and a directory `adir`. "
@@ -335,12 +414,18 @@ def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
         f"({'a path under a regular file: this ran as root, which writes through permission bits' if unwritable.startswith('afile') else 'a directory with mode 0555'}). "
         "CUDA was hidden from the commands. *wrote files?* compares a listing of the whole temporary directory "
         "(sizes and modification times, the plan cache included) before and after each command.",
-        "",
-        "| # | bad input | command | exit | message | traceback? | wrote files? |",
-        "|---|---|---|---|---|---|---|",
     ]
-    rows = [f"| {o.number} | {o.area}: {cell(o.what)} | `{cell(o.command)}` | {o.exit} | {cell(o.message)} | "
-            f"{'yes' if o.traceback else 'no'} | {cell(', '.join(o.wrote)) if o.wrote else 'no'} |" for o in outcomes]
+    rows = []
+    for group in groups:
+        mine = [o for o in outcomes if o.group == group.name]
+        if not mine:
+            continue
+        rows += ["", f"## {group.title}", "", group.about, "",
+                 "| # | bad input | command | exit | message | traceback? | wrote files? |",
+                 "|---|---|---|---|---|---|---|"]
+        rows += [f"| {o.number} | {o.area}: {cell(o.what)} | `{cell(o.command)}` | {o.exit} | {cell(o.message)} | "
+                 f"{'yes' if o.traceback else 'no'} | {cell(', '.join(o.wrote)) if o.wrote else 'no'} |"
+                 for o in mine]
     tail = ["", "Failures:", ""] + [f"- #{o.number} {o.what}: {'; '.join(o.problems)}" for o in bad] if bad else []
     return "\n".join(head + rows + tail) + "\n"
 
@@ -353,15 +438,21 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     started = time.time()
+    groups = load_groups()
     work = Path(tempfile.mkdtemp(prefix="fastardiff-bad-inputs-"))
     env = dict(os.environ, FASTARDIFF_CACHE_DIR=str(work / "plan-cache"), CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     outcomes = []
     try:
         unwritable = make_fixtures(work, env)
-        selected = [c for c in cases(unwritable) if not args.only or args.only in c[0] or args.only in c[1]]
-        for number, (area, what, argv) in enumerate(selected, 1):
-            outcome = run_case(number, area, what, argv, work, env)
+        selected = []
+        for group in groups:
+            if group.fixtures is not None:
+                group.fixtures(work, env)
+            selected += [(group.name, c) for c in map(as_case, group.cases(unwritable))
+                         if not args.only or args.only in c.area or args.only in c.what]
+        for number, (group_name, case) in enumerate(selected, 1):
+            outcome = run_case(number, case, work, env, group_name)
             outcomes.append(outcome)
             status = "ok  " if not outcome.problems else "FAIL"
             print(f"{status} {number:3d} {outcome.seconds:5.1f}s exit {outcome.exit} {outcome.command}\n"
@@ -375,7 +466,7 @@ def main(argv=None) -> int:
         else:
             print(f"kept {work}")
     seconds = time.time() - started
-    Path(args.md).write_text(markdown(outcomes, unwritable, seconds))
+    Path(args.md).write_text(markdown(outcomes, unwritable, seconds, groups))
     Path(args.json).write_text(json.dumps({"unwritable": unwritable, "seconds": round(seconds, 1),
                                            "cases": [dict(asdict(o), problems=o.problems) for o in outcomes]},
                                           indent=1) + "\n")
@@ -383,6 +474,10 @@ def main(argv=None) -> int:
     print(f"{len(outcomes) - len(failed)} of {len(outcomes)} cases pass; {seconds:.0f} s; wrote {args.md}, {args.json}")
     return 1 if failed else 0
 
+
+register(CaseGroup("cli", "The command line: options, paths, checkpoints, manifests",
+                   "The console scripts with bad options, missing or foreign files, broken engine directories and "
+                   "unwritable destinations.", cases))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,7 +65,15 @@ def export_command(ckpt, target, out, precision, device, max_batch, gamma, atol,
     opts = ExportOptions(target=target, precision=precision, device=device, max_batch=max_batch, gamma=gamma,
                          atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
                          force=force, onnx_only=onnx_only, draft=draft, kv_update=kv_update)
-    manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts)
+    from pathlib import Path
+
+    from fastardiff.runtime.files import RunInputs, protected
+
+    ckpt = ckpt or default_checkpoint_path()
+    inputs = RunInputs().add(ckpt, "the checkpoint").add(Path(ckpt).with_suffix(".json"), "the checkpoint's JSON")
+    inputs.refuse_output(out, "--out", is_dir=True)       # the export replaces --out whole: no input may be in it
+    with protected(inputs):
+        manifest, hit = export_engines(ckpt, out, opts)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
     listed = [n for n in ENGINE_NAMES if n in manifest.engines]   # the core engines first, then the others

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .generation import next_round, round_limit
 from .kv_cache import windows
 from .sampling import TokenDistribution, log_density_ratio, reflected_residual, sample_gaussian, sample_residual
 
@@ -135,7 +136,9 @@ def jacobi_rounds(target, seq, token_entropy: np.ndarray, n: np.ndarray, total: 
         propose_from_prior(arrays, rng, prior, seq, guess_mean, guess_sigma, np.arange(B), np.zeros(B, np.int64),
                            np.full(B, -1), total, n_cond, L)
         have[:] = L
+    rounds, limit = 0, round_limit(n, total)
     while (act := np.flatnonzero(n < total)).size:
+        rounds = next_round(rounds, limit, "Jacobi")
         na = n[act]
         base = n_cond + na                                # position of token na, the first one this round makes
         # guesses verified (0: a plain target step); the widest feed must fit every row's cache (rows near the end

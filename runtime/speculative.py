@@ -23,7 +23,8 @@ from .ar_engine import AREngine, round_results
 from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
-                         check_request, in_engine_acceptance, on_accelerator, verify_limit)
+                         check_request, in_engine_acceptance, next_round, on_accelerator, round_limit,
+                         samples_per_call, verify_limit)
 from .jacobi import accept_drafts_in_engine, jacobi_rounds
 from .kv_cache import windows
 from .sampling import TokenDistribution, accept_drafts, sample_gaussian
@@ -106,7 +107,9 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
         jacobi_rounds(target, seq, token_entropy, n, total, nc, G, gen.coupling, rng, stats,
                       getattr(engines, "target_jacobi", None), accelerator, prior)
 
+    rounds, limit = 0, round_limit(n, total)
     while (act := np.flatnonzero(n < total)).size:
+        rounds = next_round(rounds, limit, "speculative")
         R = len(act)
         na = n[act]
         base = nc + na                                 # position of token na[r], the first one this round makes
@@ -237,8 +240,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     if needs_draft and "draft_step" not in engines.manifest.engines:
         raise GenerationError("these engines have no draft model (exported with --no-draft); run with "
                               "--draft jacobi or --mode target, or re-export without --no-draft")
-    per_call = 2 if gen.cfg_scale != 1.0 else 1
-    chunk = max(1, (max_batch or engines.manifest.max_batch) // per_call)
+    chunk = samples_per_call(engines, gen.cfg_scale, max_batch)   # every call fits the engines' batch profile
     rng = np.random.default_rng(gen.seed)
     started = time.perf_counter()
     outputs = []
