@@ -2,6 +2,11 @@
 no traceback, and nothing written.
 
     python benchmarks/bad_inputs.py            # writes docs/bad-inputs.md and docs/bad-inputs.json
+    python benchmarks/bad_inputs.py --render   # the Markdown again from the JSON (no commands run)
+
+The cases come in groups, one section of the report each, registered from their own modules (GROUP_MODULES):
+bad_inputs_cli.py (options, paths, checkpoints, manifests) and bad_inputs_hostile.py (outputs over inputs, FIFOs,
+absurd manifests, foreign checkpoints, small engines, signals). A group brings its own fixtures and cases.
 
 In a fresh temporary directory it saves a small random checkpoint (the `tiny-mnist-small` preset, as the tests'
 `random_checkpoint` fixture), exports it once to ONNX with `fastardiff-export` (about a minute on 2 cores), derives
@@ -167,7 +172,7 @@ class CaseGroup:
 
 
 GROUPS: dict[str, CaseGroup] = {}
-GROUP_MODULES = ("bad_inputs_hostile",)     # further groups: add their module here
+GROUP_MODULES = ("bad_inputs_cli", "bad_inputs_hostile")     # further groups: add their module here
 
 
 def register(group: CaseGroup) -> CaseGroup:
@@ -186,149 +191,6 @@ def load_groups() -> list[CaseGroup]:
 
 def as_case(item) -> Case:
     return Case(*item)
-
-
-# cases: (area, what, argv) with argv[0] a console script in .venv/bin
-
-
-def cases(ro: str) -> list[tuple[str, str, list[str]]]:
-    run = ["fastardiff-run"]
-    eng = run + ["--engine", "eng", "--prompt", "3"]
-    ck = run + ["--ckpt", "random.pt", "--prompt", "3"]
-    exp = ["fastardiff-export", "--ckpt", "random.pt", "--target", "onnx"]
-    fa = ["fastardiff"]
-    pipe = fa + ["bench", "pipeline", "--ckpt", "random.pt", "--no-export"]
-    serve = fa + ["serve", "--engine", "eng"]
-    return [
-        ("run", "missing checkpoint", run + ["--ckpt", "missing.pt", "--prompt", "3"]),
-        ("run", "text file as --ckpt", run + ["--ckpt", "notckpt.pt", "--prompt", "3"]),
-        ("run", "foreign torch file as --ckpt", run + ["--ckpt", "foreign.pt", "--prompt", "3"]),
-        ("run", "both --engine and --ckpt", eng + ["--ckpt", "random.pt"]),
-        ("run", "engine dir missing", run + ["--engine", "nodir", "--prompt", "3"]),
-        ("run", "engine dir without manifest", run + ["--engine", "eng-nomanifest", "--prompt", "3"]),
-        ("run", "--engine names a file", run + ["--engine", "afile", "--prompt", "3"]),
-        ("run", "manifest not valid JSON", run + ["--engine", "eng-badjson", "--prompt", "3"]),
-        ("run", "manifest field missing (config.width)", run + ["--engine", "eng-nowidth", "--prompt", "3"]),
-        ("run", "manifest field wrong type (heads 'four')", run + ["--engine", "eng-texthead", "--prompt", "3"]),
-        ("run", "manifest field out of range (max_batch 0)", run + ["--engine", "eng-batch0", "--prompt", "3"]),
-        ("run", "manifest e_max NaN", run + ["--engine", "eng-nanemax", "--prompt", "3"]),
-        ("run", "unknown manifest format version", run + ["--engine", "eng-v2", "--prompt", "3"]),
-        ("run", "heads not dividing width", run + ["--engine", "eng-heads5", "--prompt", "3"]),
-        ("run", "unknown backend in manifest", run + ["--engine", "eng-tflite", "--prompt", "3"]),
-        ("run", "tampered engine file", run + ["--engine", "eng-tampered", "--prompt", "3"]),
-        ("run", "unknown prompt class", run + ["--engine", "eng", "--prompt", "eleven"]),
-        ("run", "empty prompt", run + ["--engine", "eng", "--prompt", " , "]),
-        ("run", "temperature NaN", eng + ["--temperature", "nan"]),
-        ("run", "temperature inf", eng + ["--temperature", "inf"]),
-        ("run", "temperature negative", eng + ["--temperature", "-1"]),
-        ("run", "temperature zero", eng + ["--temperature", "0"]),
-        ("run", "guidance scale NaN", eng + ["--cfg", "nan"]),
-        ("run", "guidance scale too large", eng + ["--cfg-scale", "1e9"]),
-        ("run", "negative seed", eng + ["--seed", "-1"]),
-        ("run", "seed beyond 2^32-1", eng + ["--seed", "4294967296"]),
-        ("run", "num-images 0", eng + ["--num-images", "0"]),
-        ("run", "num-images huge", eng + ["--num-images", "1000000000"]),
-        ("run", "gamma 0", eng + ["--gamma", "0"]),
-        ("run", "gamma not a number", eng + ["--gamma", "lots"]),
-        ("run", "gamma longer than the image", eng + ["--gamma", "99"]),
-        ("run", "eta 100", eng + ["--eta", "100"]),
-        ("run", "eta negative", eng + ["--eta", "-1"]),
-        ("run", "threads negative", eng + ["--threads", "-2"]),
-        ("run", "unwritable --out", eng + ["--out", f"{ro}/x.png"]),
-        ("run", "unwritable --out-dir", eng + ["--out-dir", f"{ro}/imgs"]),
-        ("run", "unwritable --stats-json", eng + ["--stats-json", f"{ro}/s.json"]),
-        ("run", "--out is an existing directory", eng + ["--out", "adir"]),
-        ("run", "--out-dir is an existing file", eng + ["--out-dir", "afile"]),
-        ("run", "--out and --stats-json the same", eng + ["--out", "same", "--stats-json", "same"]),
-        ("run", "unknown --device", ck + ["--device", "tpu"]),
-        ("run", "--device cuda without CUDA", ck + ["--device", "cuda"]),
-        ("run", "--device cuda with ONNX engines, no CUDA provider", eng + ["--device", "cuda"]),
-        ("run", "unknown --device with --engine", eng + ["--device", "tpu"]),
-        ("run", "directory as --ckpt", run + ["--ckpt", "eng", "--prompt", "3"]),
-        ("run", "--head on a drift-ar model", eng + ["--head", "student"]),
-        ("run", "--inner-temperature NaN", eng + ["--inner-temperature", "nan"]),
-        ("run", "--acceptance on a drift-ar model", eng + ["--acceptance", "conditional"]),
-        ("run", "unknown --acceptance", eng + ["--acceptance", "exact"]),
-        ("run", "unknown --backend option", eng + ["--backend", "tensorrt"]),
-        ("run", "unknown --mode", eng + ["--mode", "fast"]),
-        ("run", "via `fastardiff run`: missing engine dir", fa + ["run", "--engine", "nodir", "--prompt", "3"]),
-        ("export", "unknown --target", ["fastardiff-export", "--ckpt", "random.pt", "--target", "tflite", "--out", "e1"]),
-        ("export", "missing checkpoint", ["fastardiff-export", "--ckpt", "missing.pt", "--target", "onnx", "--out", "e1"]),
-        ("export", "missing checkpoint, --out in new dirs", ["fastardiff-export", "--ckpt", "missing.pt", "--target",
-                                                            "onnx", "--out", "new/sub/e1"]),
-        ("export", "text file as --ckpt", ["fastardiff-export", "--ckpt", "notckpt.pt", "--target", "onnx", "--out", "e1"]),
-        ("export", "foreign torch file as --ckpt", ["fastardiff-export", "--ckpt", "foreign.pt", "--target", "onnx",
-                                                    "--out", "e1"]),
-        ("export", "--out under a regular file", exp + ["--out", "afile/e1"]),
-        ("export", "--out in an unwritable directory", exp + ["--out", f"{ro}/e1"]),
-        ("export", "--out is a non-engine dir with files", exp + ["--out", "notes"]),
-        ("export", "--atol NaN", exp + ["--out", "e1", "--atol", "nan"]),
-        ("export", "--batch 0", exp + ["--out", "e1", "--batch", "0"]),
-        ("export", "--gamma 0", exp + ["--out", "e1", "--gamma", "0"]),
-        ("export", "unknown --precision", exp + ["--out", "e1", "--precision", "fp8"]),
-        ("export", "--device cuda without CUDA", exp + ["--out", "e1", "--device", "cuda"]),
-        ("export", "unknown --device", exp + ["--out", "e1", "--device", "tpu"]),
-        ("export", "unknown --kv-update", exp + ["--out", "e1", "--kv-update", "device"]),
-        ("export", "--kv-update in-place for a trt build without TensorRT",
-         ["fastardiff-export", "--ckpt", "random.pt", "--target", "trt", "--kv-update", "in-place", "--out", "e1"]),
-        ("export", "aoti --device cuda without CUDA", ["fastardiff-export", "--ckpt", "random.pt", "--target", "aoti",
-                                                       "--out", "e1", "--device", "cuda"]),
-        ("export", "via `fastardiff export`: unknown --target", fa + ["export", "--target", "tflite", "--out", "e1"]),
-        ("info", "missing checkpoint", fa + ["info", "--ckpt", "missing.pt"]),
-        ("info", "text file as --ckpt", fa + ["info", "--ckpt", "notckpt.pt"]),
-        ("info", "foreign torch file as --ckpt", fa + ["info", "--ckpt", "foreign.pt"]),
-        ("info", "directory as --ckpt", fa + ["info", "--ckpt", "adir"]),
-        ("eval", "--n 0", fa + ["eval", "--ckpt", "random.pt", "--n", "0"]),
-        ("eval", "--temperature NaN", fa + ["eval", "--ckpt", "random.pt", "--temperature", "nan"]),
-        ("eval", "--cfg-scale negative", fa + ["eval", "--ckpt", "random.pt", "--cfg-scale", "-2"]),
-        ("eval", "unwritable --grid", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--grid", f"{ro}/g.png"]),
-        ("eval", "missing classifier", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--classifier", "nope.pt"]),
-        ("eval", "text file as --ckpt", fa + ["eval", "--ckpt", "notckpt.pt", "--n", "4"]),
-        ("eval", "foreign torch file as --ckpt", fa + ["eval", "--ckpt", "foreign.pt", "--n", "4"]),
-        ("bench", "pipeline --batch 0", pipe + ["--batch", "0"]),
-        ("bench", "pipeline --batch not a list", pipe + ["--batch", "1,x"]),
-        ("bench", "pipeline --gamma 0", pipe + ["--gamma", "0"]),
-        ("bench", "pipeline --jacobi -1", pipe + ["--jacobi", "-1"]),
-        ("bench", "pipeline --device cuda without CUDA", pipe + ["--device", "cuda"]),
-        ("bench", "pipeline unknown --config preset", fa + ["bench", "pipeline", "--config", "nope-like", "--no-torch"]),
-        ("bench", "pipeline missing --engine dir", pipe + ["--engine", "nodir", "--no-torch"]),
-        ("bench", "pipeline tampered --engine", pipe + ["--engine", "eng-tampered", "--no-torch"]),
-        ("bench", "pipeline --engine of another checkpoint", fa + ["bench", "pipeline", "--engine", "eng",
-                                                                   "--no-torch"]),
-        ("bench", "pipeline unwritable --json", pipe + ["--json", f"{ro}/b.json"]),
-        ("bench", "pipeline --repeats 0", pipe + ["--repeats", "0"]),
-        ("bench", "kernels without CUDA", fa + ["bench", "kernels"]),
-        ("bench", "kernels --n not a list", fa + ["bench", "kernels", "--n", "x"]),
-        ("bench", "kernels --dtype unknown", fa + ["bench", "kernels", "--dtype", "int4"]),
-        ("serve", "--replicas 0", serve + ["--replicas", "0"]),
-        ("serve", "--port 70000", serve + ["--port", "70000"]),
-        ("serve", "--timeout 0", serve + ["--timeout", "0"]),
-        ("serve", "--max-batch NaN", serve + ["--max-batch", "nan"]),
-        ("serve", "missing engine dir", fa + ["serve", "--engine", "nodir"]),
-        ("serve", "engine dir without manifest", fa + ["serve", "--engine", "eng-nomanifest"]),
-        ("serve", "tampered engine file", fa + ["serve", "--engine", "eng-tampered"]),
-        ("serve", "empty --host", serve + ["--host", " "]),
-        ("serve", "empty --address", serve + ["--address", " "]),
-        ("serve", "--num-gpus negative", serve + ["--num-gpus", "-1"]),
-        ("train", "unknown --recipe", fa + ["train", "--recipe", "nope", "--out", "t1"]),
-        ("train", "--out under a regular file", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "afile/t1"]),
-        ("train", "--steps 0", fa + ["train", "--out", "t1", "--steps", "0"]),
-        ("train", "--resume without a saved state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "t1",
-                                                          "--resume"]),
-        ("train", "--resume from a corrupt state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "badstate",
-                                                         "--resume"]),
-        ("train", "recipe without shipped data", fa + ["train", "--recipe", "mar-b-like", "--out", "t1"]),
-        ("train", "unknown fast-ardiff --stages", fa + ["train", "--recipe", "tiny-mnist-fast-ardiff-small", "--out",
-                                                        "t1", "--stages", "teacher,nope"]),
-        ("train", "draft-onpolicy --init not a checkpoint", fa + ["train", "--stage", "draft-onpolicy", "--init",
-                                                                  "notckpt.pt", "--out", "t1"]),
-        ("calibrate", "missing checkpoint", fa + ["calibrate", "--ckpt", "missing.pt"]),
-        ("calibrate", "text file as --ckpt", fa + ["calibrate", "--ckpt", "notckpt.pt"]),
-        ("calibrate", "--gamma 0", fa + ["calibrate", "--ckpt", "random.pt", "--gamma", "0"]),
-        ("calibrate", "--cfg-scales NaN", fa + ["calibrate", "--ckpt", "random.pt", "--cfg-scales", "nan"]),
-        ("calibrate", "foreign torch file as --ckpt", fa + ["calibrate", "--ckpt", "foreign.pt"]),
-        ("group", "unknown subcommand", fa + ["generate"]),
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,6 +276,24 @@ def markdown(outcomes: list[Outcome], unwritable: str, seconds: float, groups: l
         f"({'a path under a regular file: this ran as root, which writes through permission bits' if unwritable.startswith('afile') else 'a directory with mode 0555'}). "
         "CUDA was hidden from the commands. *wrote files?* compares a listing of the whole temporary directory "
         "(sizes and modification times, the plan cache included) before and after each command.",
+        "",
+        "What every command guarantees, besides the one-line errors:",
+        "",
+        "- **Inputs are never outputs.** An `--out`, `--out-dir` image, `--stats-json`, `--grid` or export/training "
+        "`--out` that is one of the command's own inputs (the checkpoint and its JSON, the manifest, an engine file, "
+        "the plugin library, a cached `--gamma auto` plan) is refused before any work: by resolved path and by file "
+        "identity, so hard links and symlinks count, and a directory the command replaces or fills (export, train) "
+        "must not hold one. The write primitives check the same set again as they write (`runtime/files.py`).",
+        "- **Only regular files are read.** A FIFO, socket or device given as a checkpoint, manifest or engine file is "
+        "refused from a `stat` (it is never opened, so nothing blocks).",
+        "- **Signals leave nothing.** SIGTERM, SIGINT or SIGHUP stop a run or an export through its clean-up paths: "
+        "staged images, statistics and temporary engine directories are removed, nothing reaches a destination, "
+        "the directories it created are gone; one line `interrupted by SIG...`, exit status 128 + the signal.",
+        "- **Engine calls fit the engines.** Images are split into calls of at most `Manifest.max_batch_rows` rows "
+        "(the export's `--batch` and every engine's batch profile); a request one call cannot hold (guidance's two "
+        "rows per image on engines exported for batch 1) is refused before generating.",
+        "- **Manifests are bounded.** Sizes, statistics and `E_max / tau_sigma` have upper bounds far above any real "
+        "model, and the config's heads, widths, token and layer counts must match the engine files' inputs.",
     ]
     rows = []
     for group in groups:
@@ -436,7 +316,14 @@ def main(argv=None) -> int:
     parser.add_argument("--md", default=str(REPO / "docs" / "bad-inputs.md"))
     parser.add_argument("--json", default=str(REPO / "docs" / "bad-inputs.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--render", action="store_true", help="only write --md again from the cases in --json")
     args = parser.parse_args(argv)
+    if args.render:
+        record = json.loads(Path(args.json).read_text())
+        fields = set(Outcome.__dataclass_fields__)
+        outcomes = [Outcome(**{k: v for k, v in c.items() if k in fields}) for c in record["cases"]]
+        Path(args.md).write_text(markdown(outcomes, record["unwritable"], record["seconds"], load_groups()))
+        return 0
     started = time.time()
     groups = load_groups()
     work = Path(tempfile.mkdtemp(prefix="fastardiff-bad-inputs-"))
@@ -474,10 +361,6 @@ def main(argv=None) -> int:
     print(f"{len(outcomes) - len(failed)} of {len(outcomes)} cases pass; {seconds:.0f} s; wrote {args.md}, {args.json}")
     return 1 if failed else 0
 
-
-register(CaseGroup("cli", "The command line: options, paths, checkpoints, manifests",
-                   "The console scripts with bad options, missing or foreign files, broken engine directories and "
-                   "unwritable destinations.", cases))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,15 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter messages), else absolute."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 class RunInputs:
     """The files one command reads: `add(path, what)`; `refuse_output(path, option)` raises OutputError if writing
     `path` would replace one of them (same resolved path or same file), and with `is_dir` (a directory the command
@@ -108,6 +117,7 @@ class RunInputs:
         if found is None:
             return
         where, what, inside = found
+        where = _shown(where)
         if inside:
             raise OutputError(f"{option} '{path}' contains {what} '{where}', which this command reads and the output "
                               "would replace; choose another directory")

@@ -127,7 +127,9 @@ def rows_per_image(cfg_scale: float) -> int:
 def samples_per_call(engines, cfg_scale: float, max_batch: int | None = None) -> int:
     """Images per engine call that fit the engines' profile (Manifest.max_batch_rows, and `max_batch` rows when
     given); GenerationError before any work when not even one image fits (guidance on engines exported for batch
-    1: the two rows of an image share each call)."""
+    1: the two rows of an image share each call). Reproducibility: one seed's random stream is drawn call after
+    call, so a run equals every run of the same engine files split into the same number of images per call;
+    split differently, the same seed gives other, equally distributed images."""
     rows = engines.manifest.max_batch_rows
     if max_batch is not None:
         rows = min(rows, int(max_batch))

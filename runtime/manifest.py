@@ -325,6 +325,12 @@ def _schema():
                                       "engine has kind 'head'")
             if self.family in HEAD_FAMILIES and "z_dim" not in self.config.model_extra:
                 raise _bad("config.z_dim", f"is missing: family '{self.family}' needs the width of its AR output")
+            for name, e in self.engines.items():     # in-place engines: one cache buffer per layer of their model
+                layers = {"target": self.config.target_layers, "draft": self.config.draft_layers}.get(name.split("_")[0])
+                if e.cache_layers and layers is not None and e.cache_layers != layers:
+                    which = "target_layers" if name.startswith("target") else "draft_layers"
+                    raise _bad(f"config.{which}", f"is {layers} but engine '{name}' has {e.cache_layers} per-layer "
+                                                  "caches: the manifest does not describe its engine files")
             files = [Path(e.file).as_posix() for e in self.engines.values()]
             if len(set(files)) != len(files):
                 raise _bad("engines", "two engines name the same file")

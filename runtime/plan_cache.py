@@ -105,6 +105,8 @@ def load_plan(key: dict | None, now: float | None = None) -> GammaChoice | None:
         return None
     path = plan_path(key)
     try:
+        if path.exists() and not path.is_file():      # stat only: a FIFO or a device there would block the read
+            raise ValueError("not a regular file")
         record = json.loads(path.read_text())
         if not isinstance(record, dict):
             raise ValueError(f"a JSON {type(record).__name__}, not a plan record")

@@ -434,3 +434,17 @@ def test_both_decoding_loops_are_bounded(module, settings, engines_copy, monkeyp
     monkeypatch.setattr(importlib.import_module(f"fastardiff.runtime.{module}"), "round_limit", lambda n, total: 2)
     with pytest.raises(LoopStalled, match="ran 2 rounds"):
         generate(load_engines(engines_copy), np.array([3]), GenerationConfig(seed=0, **settings))
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_where_the_plan_cache_reads_costs_only_a_retiming(tmp_path, monkeypatch):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    from fastardiff.runtime import plan_cache
+
+    monkeypatch.setenv("FASTARDIFF_CACHE_DIR", str(tmp_path))
+    key = {"engines": "test", "batch": 1}
+    path = plan_cache.plan_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    assert plan_cache.load_plan(key) is None
