@@ -2,6 +2,11 @@
 no traceback, and nothing written.
 
     python benchmarks/bad_inputs.py            # writes docs/bad-inputs.md and docs/bad-inputs.json
+    python benchmarks/bad_inputs.py --render   # the Markdown again from the JSON (no commands run)
+
+The cases come in groups, one section of the report each, registered from their own modules (GROUP_MODULES):
+bad_inputs_cli.py (options, paths, checkpoints, manifests) and bad_inputs_hostile.py (outputs over inputs, FIFOs,
+absurd manifests, foreign checkpoints, small engines, signals). A group brings its own fixtures and cases.
 
 In a fresh temporary directory it saves a small random checkpoint (the `tiny-mnist-small` preset, as the tests'
 `random_checkpoint` fixture), exports it once to ONNX with `fastardiff-export` (about a minute on 2 cores), derives
@@ -44,16 +49,19 @@ class Outcome:
     traceback: bool
     wrote: list
     seconds: float
+    group: str = "cli"
+    want_exit: int = 2              # 128 + signal for the interrupt cases
+    want_line: str = "error: "      # the one line the command must print ("interrupted by " for signals)
 
     @property
     def problems(self) -> list[str]:
         found = []
         if self.traceback:
             found.append("traceback")
-        if self.exit != 2:
-            found.append(f"exit status {self.exit} (want 2)")
+        if self.exit != self.want_exit:
+            found.append(f"exit status {self.exit} (want {self.want_exit})")
         if self.error_lines != 1:
-            found.append(f"{self.error_lines} `error:` lines (want 1)")
+            found.append(f"{self.error_lines} `{self.want_line.strip()}` lines (want 1)")
         if self.wrote:
             found.append(f"wrote {', '.join(self.wrote[:4])}")
         return found
@@ -140,147 +148,49 @@ def make_fixtures(work: Path, env: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cases: (area, what, argv) with argv[0] a console script in .venv/bin
+# case groups: each a section of the report. A group module (benchmarks/bad_inputs_*.py, named in GROUP_MODULES)
+# defines `GROUP`, a dict of CaseGroup's fields: its fixtures (made once in the shared temporary directory, after
+# the base fixtures) and its cases, as tuples (area, what, argv[, signal, ready glob]).
 
 
-def cases(ro: str) -> list[tuple[str, str, list[str]]]:
-    run = ["fastardiff-run"]
-    eng = run + ["--engine", "eng", "--prompt", "3"]
-    ck = run + ["--ckpt", "random.pt", "--prompt", "3"]
-    exp = ["fastardiff-export", "--ckpt", "random.pt", "--target", "onnx"]
-    fa = ["fastardiff"]
-    pipe = fa + ["bench", "pipeline", "--ckpt", "random.pt", "--no-export"]
-    serve = fa + ["serve", "--engine", "eng"]
-    return [
-        ("run", "missing checkpoint", run + ["--ckpt", "missing.pt", "--prompt", "3"]),
-        ("run", "text file as --ckpt", run + ["--ckpt", "notckpt.pt", "--prompt", "3"]),
-        ("run", "foreign torch file as --ckpt", run + ["--ckpt", "foreign.pt", "--prompt", "3"]),
-        ("run", "both --engine and --ckpt", eng + ["--ckpt", "random.pt"]),
-        ("run", "engine dir missing", run + ["--engine", "nodir", "--prompt", "3"]),
-        ("run", "engine dir without manifest", run + ["--engine", "eng-nomanifest", "--prompt", "3"]),
-        ("run", "--engine names a file", run + ["--engine", "afile", "--prompt", "3"]),
-        ("run", "manifest not valid JSON", run + ["--engine", "eng-badjson", "--prompt", "3"]),
-        ("run", "manifest field missing (config.width)", run + ["--engine", "eng-nowidth", "--prompt", "3"]),
-        ("run", "manifest field wrong type (heads 'four')", run + ["--engine", "eng-texthead", "--prompt", "3"]),
-        ("run", "manifest field out of range (max_batch 0)", run + ["--engine", "eng-batch0", "--prompt", "3"]),
-        ("run", "manifest e_max NaN", run + ["--engine", "eng-nanemax", "--prompt", "3"]),
-        ("run", "unknown manifest format version", run + ["--engine", "eng-v2", "--prompt", "3"]),
-        ("run", "heads not dividing width", run + ["--engine", "eng-heads5", "--prompt", "3"]),
-        ("run", "unknown backend in manifest", run + ["--engine", "eng-tflite", "--prompt", "3"]),
-        ("run", "tampered engine file", run + ["--engine", "eng-tampered", "--prompt", "3"]),
-        ("run", "unknown prompt class", run + ["--engine", "eng", "--prompt", "eleven"]),
-        ("run", "empty prompt", run + ["--engine", "eng", "--prompt", " , "]),
-        ("run", "temperature NaN", eng + ["--temperature", "nan"]),
-        ("run", "temperature inf", eng + ["--temperature", "inf"]),
-        ("run", "temperature negative", eng + ["--temperature", "-1"]),
-        ("run", "temperature zero", eng + ["--temperature", "0"]),
-        ("run", "guidance scale NaN", eng + ["--cfg", "nan"]),
-        ("run", "guidance scale too large", eng + ["--cfg-scale", "1e9"]),
-        ("run", "negative seed", eng + ["--seed", "-1"]),
-        ("run", "seed beyond 2^32-1", eng + ["--seed", "4294967296"]),
-        ("run", "num-images 0", eng + ["--num-images", "0"]),
-        ("run", "num-images huge", eng + ["--num-images", "1000000000"]),
-        ("run", "gamma 0", eng + ["--gamma", "0"]),
-        ("run", "gamma not a number", eng + ["--gamma", "lots"]),
-        ("run", "gamma longer than the image", eng + ["--gamma", "99"]),
-        ("run", "eta 100", eng + ["--eta", "100"]),
-        ("run", "eta negative", eng + ["--eta", "-1"]),
-        ("run", "threads negative", eng + ["--threads", "-2"]),
-        ("run", "unwritable --out", eng + ["--out", f"{ro}/x.png"]),
-        ("run", "unwritable --out-dir", eng + ["--out-dir", f"{ro}/imgs"]),
-        ("run", "unwritable --stats-json", eng + ["--stats-json", f"{ro}/s.json"]),
-        ("run", "--out is an existing directory", eng + ["--out", "adir"]),
-        ("run", "--out-dir is an existing file", eng + ["--out-dir", "afile"]),
-        ("run", "--out and --stats-json the same", eng + ["--out", "same", "--stats-json", "same"]),
-        ("run", "unknown --device", ck + ["--device", "tpu"]),
-        ("run", "--device cuda without CUDA", ck + ["--device", "cuda"]),
-        ("run", "--device cuda with ONNX engines, no CUDA provider", eng + ["--device", "cuda"]),
-        ("run", "unknown --device with --engine", eng + ["--device", "tpu"]),
-        ("run", "directory as --ckpt", run + ["--ckpt", "eng", "--prompt", "3"]),
-        ("run", "--head on a drift-ar model", eng + ["--head", "student"]),
-        ("run", "--inner-temperature NaN", eng + ["--inner-temperature", "nan"]),
-        ("run", "--acceptance on a drift-ar model", eng + ["--acceptance", "conditional"]),
-        ("run", "unknown --acceptance", eng + ["--acceptance", "exact"]),
-        ("run", "unknown --backend option", eng + ["--backend", "tensorrt"]),
-        ("run", "unknown --mode", eng + ["--mode", "fast"]),
-        ("run", "via `fastardiff run`: missing engine dir", fa + ["run", "--engine", "nodir", "--prompt", "3"]),
-        ("export", "unknown --target", ["fastardiff-export", "--ckpt", "random.pt", "--target", "tflite", "--out", "e1"]),
-        ("export", "missing checkpoint", ["fastardiff-export", "--ckpt", "missing.pt", "--target", "onnx", "--out", "e1"]),
-        ("export", "missing checkpoint, --out in new dirs", ["fastardiff-export", "--ckpt", "missing.pt", "--target",
-                                                            "onnx", "--out", "new/sub/e1"]),
-        ("export", "text file as --ckpt", ["fastardiff-export", "--ckpt", "notckpt.pt", "--target", "onnx", "--out", "e1"]),
-        ("export", "foreign torch file as --ckpt", ["fastardiff-export", "--ckpt", "foreign.pt", "--target", "onnx",
-                                                    "--out", "e1"]),
-        ("export", "--out under a regular file", exp + ["--out", "afile/e1"]),
-        ("export", "--out in an unwritable directory", exp + ["--out", f"{ro}/e1"]),
-        ("export", "--out is a non-engine dir with files", exp + ["--out", "notes"]),
-        ("export", "--atol NaN", exp + ["--out", "e1", "--atol", "nan"]),
-        ("export", "--batch 0", exp + ["--out", "e1", "--batch", "0"]),
-        ("export", "--gamma 0", exp + ["--out", "e1", "--gamma", "0"]),
-        ("export", "unknown --precision", exp + ["--out", "e1", "--precision", "fp8"]),
-        ("export", "--device cuda without CUDA", exp + ["--out", "e1", "--device", "cuda"]),
-        ("export", "unknown --device", exp + ["--out", "e1", "--device", "tpu"]),
-        ("export", "unknown --kv-update", exp + ["--out", "e1", "--kv-update", "device"]),
-        ("export", "--kv-update in-place for a trt build without TensorRT",
-         ["fastardiff-export", "--ckpt", "random.pt", "--target", "trt", "--kv-update", "in-place", "--out", "e1"]),
-        ("export", "aoti --device cuda without CUDA", ["fastardiff-export", "--ckpt", "random.pt", "--target", "aoti",
-                                                       "--out", "e1", "--device", "cuda"]),
-        ("export", "via `fastardiff export`: unknown --target", fa + ["export", "--target", "tflite", "--out", "e1"]),
-        ("info", "missing checkpoint", fa + ["info", "--ckpt", "missing.pt"]),
-        ("info", "text file as --ckpt", fa + ["info", "--ckpt", "notckpt.pt"]),
-        ("info", "foreign torch file as --ckpt", fa + ["info", "--ckpt", "foreign.pt"]),
-        ("info", "directory as --ckpt", fa + ["info", "--ckpt", "adir"]),
-        ("eval", "--n 0", fa + ["eval", "--ckpt", "random.pt", "--n", "0"]),
-        ("eval", "--temperature NaN", fa + ["eval", "--ckpt", "random.pt", "--temperature", "nan"]),
-        ("eval", "--cfg-scale negative", fa + ["eval", "--ckpt", "random.pt", "--cfg-scale", "-2"]),
-        ("eval", "unwritable --grid", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--grid", f"{ro}/g.png"]),
-        ("eval", "missing classifier", fa + ["eval", "--ckpt", "random.pt", "--n", "4", "--classifier", "nope.pt"]),
-        ("eval", "text file as --ckpt", fa + ["eval", "--ckpt", "notckpt.pt", "--n", "4"]),
-        ("eval", "foreign torch file as --ckpt", fa + ["eval", "--ckpt", "foreign.pt", "--n", "4"]),
-        ("bench", "pipeline --batch 0", pipe + ["--batch", "0"]),
-        ("bench", "pipeline --batch not a list", pipe + ["--batch", "1,x"]),
-        ("bench", "pipeline --gamma 0", pipe + ["--gamma", "0"]),
-        ("bench", "pipeline --jacobi -1", pipe + ["--jacobi", "-1"]),
-        ("bench", "pipeline --device cuda without CUDA", pipe + ["--device", "cuda"]),
-        ("bench", "pipeline unknown --config preset", fa + ["bench", "pipeline", "--config", "nope-like", "--no-torch"]),
-        ("bench", "pipeline missing --engine dir", pipe + ["--engine", "nodir", "--no-torch"]),
-        ("bench", "pipeline tampered --engine", pipe + ["--engine", "eng-tampered", "--no-torch"]),
-        ("bench", "pipeline --engine of another checkpoint", fa + ["bench", "pipeline", "--engine", "eng",
-                                                                   "--no-torch"]),
-        ("bench", "pipeline unwritable --json", pipe + ["--json", f"{ro}/b.json"]),
-        ("bench", "pipeline --repeats 0", pipe + ["--repeats", "0"]),
-        ("bench", "kernels without CUDA", fa + ["bench", "kernels"]),
-        ("bench", "kernels --n not a list", fa + ["bench", "kernels", "--n", "x"]),
-        ("bench", "kernels --dtype unknown", fa + ["bench", "kernels", "--dtype", "int4"]),
-        ("serve", "--replicas 0", serve + ["--replicas", "0"]),
-        ("serve", "--port 70000", serve + ["--port", "70000"]),
-        ("serve", "--timeout 0", serve + ["--timeout", "0"]),
-        ("serve", "--max-batch NaN", serve + ["--max-batch", "nan"]),
-        ("serve", "missing engine dir", fa + ["serve", "--engine", "nodir"]),
-        ("serve", "engine dir without manifest", fa + ["serve", "--engine", "eng-nomanifest"]),
-        ("serve", "tampered engine file", fa + ["serve", "--engine", "eng-tampered"]),
-        ("serve", "empty --host", serve + ["--host", " "]),
-        ("serve", "empty --address", serve + ["--address", " "]),
-        ("serve", "--num-gpus negative", serve + ["--num-gpus", "-1"]),
-        ("train", "unknown --recipe", fa + ["train", "--recipe", "nope", "--out", "t1"]),
-        ("train", "--out under a regular file", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "afile/t1"]),
-        ("train", "--steps 0", fa + ["train", "--out", "t1", "--steps", "0"]),
-        ("train", "--resume without a saved state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "t1",
-                                                          "--resume"]),
-        ("train", "--resume from a corrupt state", fa + ["train", "--recipe", "tiny-mnist-small", "--out", "badstate",
-                                                         "--resume"]),
-        ("train", "recipe without shipped data", fa + ["train", "--recipe", "mar-b-like", "--out", "t1"]),
-        ("train", "unknown fast-ardiff --stages", fa + ["train", "--recipe", "tiny-mnist-fast-ardiff-small", "--out",
-                                                        "t1", "--stages", "teacher,nope"]),
-        ("train", "draft-onpolicy --init not a checkpoint", fa + ["train", "--stage", "draft-onpolicy", "--init",
-                                                                  "notckpt.pt", "--out", "t1"]),
-        ("calibrate", "missing checkpoint", fa + ["calibrate", "--ckpt", "missing.pt"]),
-        ("calibrate", "text file as --ckpt", fa + ["calibrate", "--ckpt", "notckpt.pt"]),
-        ("calibrate", "--gamma 0", fa + ["calibrate", "--ckpt", "random.pt", "--gamma", "0"]),
-        ("calibrate", "--cfg-scales NaN", fa + ["calibrate", "--ckpt", "random.pt", "--cfg-scales", "nan"]),
-        ("calibrate", "foreign torch file as --ckpt", fa + ["calibrate", "--ckpt", "foreign.pt"]),
-        ("group", "unknown subcommand", fa + ["generate"]),
-    ]
+@dataclass
+class Case:
+    area: str
+    what: str
+    argv: list                      # argv[0]: a console script in .venv/bin
+    signal: int = 0                 # send this signal once `ready` (a glob under the work dir) matches
+    ready: str = ""
+
+
+@dataclass
+class CaseGroup:
+    name: str
+    title: str
+    about: str                      # a paragraph of the report: what the group's fixtures are
+    cases: object                   # (unwritable path) -> list of Case or (area, what, argv)
+    fixtures: object = None         # (work dir, env) -> None
+
+
+GROUPS: dict[str, CaseGroup] = {}
+GROUP_MODULES = ("bad_inputs_cli", "bad_inputs_hostile")     # further groups: add their module here
+
+
+def register(group: CaseGroup) -> CaseGroup:
+    GROUPS[group.name] = group
+    return group
+
+
+def load_groups() -> list[CaseGroup]:
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for module in GROUP_MODULES:
+        register(CaseGroup(**importlib.import_module(module).GROUP))
+    return list(GROUPS.values())
+
+
+def as_case(item) -> Case:
+    return Case(*item)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,26 +209,55 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return seen
 
 
-def run_case(number: int, area: str, what: str, argv: list[str], work: Path, env: dict) -> Outcome:
+def _default_signals() -> None:
+    """In the child: the signal's default disposition, even where this script runs as a background job (whose
+    children start with SIGINT ignored, which a command rightly keeps)."""
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def _interrupt(proc: subprocess.Popen, case: Case, work: Path) -> None:
+    """Send case.signal once case.ready matches under work (polled, bounded by CASE_TIMEOUT_S)."""
+    deadline = time.time() + CASE_TIMEOUT_S
+    while proc.poll() is None and time.time() < deadline:
+        if list(work.glob(case.ready)):
+            proc.send_signal(case.signal)
+            return
+        time.sleep(0.05)
+
+
+def run_case(number: int, case: Case, work: Path, env: dict, group: str = "cli") -> Outcome:
     before = snapshot(work)
     started = time.time()
+    proc = subprocess.Popen([str(BIN / case.argv[0])] + case.argv[1:], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_default_signals if case.signal else None)
+    if case.signal:
+        _interrupt(proc, case, work)
     try:
-        done = subprocess.run([str(BIN / argv[0])] + argv[1:], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        code, output = done.returncode, done.stderr + "\n" + done.stdout
-    except subprocess.TimeoutExpired as err:
-        code, output = -1, f"timed out after {CASE_TIMEOUT_S} s\n{err.stderr or ''}"
+        out, err = proc.communicate(timeout=CASE_TIMEOUT_S)
+        code, output = proc.returncode, err + "\n" + out
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        code, output = -1, f"timed out after {CASE_TIMEOUT_S} s\n{err or ''}"
     after = snapshot(work)
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
+    want_line = "interrupted by " if case.signal else "error: "
+    errors = [line for line in lines if line.startswith(want_line)]
+    if case.signal:      # an interrupted run must print no error line besides its one `interrupted` line
+        errors += [line for line in lines if line.startswith(("error: ", "internal error"))]
     message = errors[0] if errors else next((line for line in lines if "error" in line.lower()),
                                             lines[0] if lines else "(no output)")
-    return Outcome(number, area, what, shlex.join(argv), code, message, len(errors), TRACEBACK in output, changed,
-                   round(time.time() - started, 1))
+    return Outcome(number, case.area, case.what, shlex.join(case.argv), code, message, len(errors),
+                   TRACEBACK in output, changed, round(time.time() - started, 1), group,
+                   128 + case.signal if case.signal else 2, want_line)
 
 
-def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
+def markdown(outcomes: list[Outcome], unwritable: str, seconds: float, groups: list[CaseGroup]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -327,7 +266,9 @@ def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
         "# Bad inputs: one `error:` line, exit status 2, no traceback, nothing written",
         "",
         f"Generated by `python benchmarks/bad_inputs.py` ({len(outcomes)} cases, {seconds:.0f} s, "
-        f"{'all pass' if not bad else f'{len(bad)} FAIL'}). Each command ran as a subprocess of the installed console "
+        f"{'all pass' if not bad else f'{len(bad)} FAIL'}). Interrupted commands (the signal cases) must instead exit "
+        "with 128 + the signal's number and print one `interrupted by SIG...` line; every case must leave the "
+        "directory as it found it. Each command ran as a subprocess of the installed console "
         "script in a fresh temporary directory holding a random `tiny-mnist-small` checkpoint (`random.pt`), its ONNX "
         "export (`eng`, `--no-draft --gamma 1`), broken copies of that export (`eng-*`), a text file as a checkpoint "
         "(`notckpt.pt`), a foreign torch file (`foreign.pt`), a regular file `afile` and a directory `adir`. "
@@ -336,11 +277,35 @@ def markdown(outcomes: list[Outcome], unwritable: str, seconds: float) -> str:
         "CUDA was hidden from the commands. *wrote files?* compares a listing of the whole temporary directory "
         "(sizes and modification times, the plan cache included) before and after each command.",
         "",
-        "| # | bad input | command | exit | message | traceback? | wrote files? |",
-        "|---|---|---|---|---|---|---|",
+        "What every command guarantees, besides the one-line errors:",
+        "",
+        "- **Inputs are never outputs.** An `--out`, `--out-dir` image, `--stats-json`, `--grid` or export/training "
+        "`--out` that is one of the command's own inputs (the checkpoint and its JSON, the manifest, an engine file, "
+        "the plugin library, a cached `--gamma auto` plan) is refused before any work: by resolved path and by file "
+        "identity, so hard links and symlinks count, and a directory the command replaces or fills (export, train) "
+        "must not hold one. The write primitives check the same set again as they write (`runtime/files.py`).",
+        "- **Only regular files are read.** A FIFO, socket or device given as a checkpoint, manifest or engine file is "
+        "refused from a `stat` (it is never opened, so nothing blocks).",
+        "- **Signals leave nothing.** SIGTERM, SIGINT or SIGHUP stop a run or an export through its clean-up paths: "
+        "staged images, statistics and temporary engine directories are removed, nothing reaches a destination, "
+        "the directories it created are gone; one line `interrupted by SIG...`, exit status 128 + the signal.",
+        "- **Engine calls fit the engines.** Images are split into calls of at most `Manifest.max_batch_rows` rows "
+        "(the export's `--batch` and every engine's batch profile); a request one call cannot hold (guidance's two "
+        "rows per image on engines exported for batch 1) is refused before generating.",
+        "- **Manifests are bounded.** Sizes, statistics and `E_max / tau_sigma` have upper bounds far above any real "
+        "model, and the config's heads, widths, token and layer counts must match the engine files' inputs.",
     ]
-    rows = [f"| {o.number} | {o.area}: {cell(o.what)} | `{cell(o.command)}` | {o.exit} | {cell(o.message)} | "
-            f"{'yes' if o.traceback else 'no'} | {cell(', '.join(o.wrote)) if o.wrote else 'no'} |" for o in outcomes]
+    rows = []
+    for group in groups:
+        mine = [o for o in outcomes if o.group == group.name]
+        if not mine:
+            continue
+        rows += ["", f"## {group.title}", "", group.about, "",
+                 "| # | bad input | command | exit | message | traceback? | wrote files? |",
+                 "|---|---|---|---|---|---|---|"]
+        rows += [f"| {o.number} | {o.area}: {cell(o.what)} | `{cell(o.command)}` | {o.exit} | {cell(o.message)} | "
+                 f"{'yes' if o.traceback else 'no'} | {cell(', '.join(o.wrote)) if o.wrote else 'no'} |"
+                 for o in mine]
     tail = ["", "Failures:", ""] + [f"- #{o.number} {o.what}: {'; '.join(o.problems)}" for o in bad] if bad else []
     return "\n".join(head + rows + tail) + "\n"
 
@@ -351,17 +316,30 @@ def main(argv=None) -> int:
     parser.add_argument("--md", default=str(REPO / "docs" / "bad-inputs.md"))
     parser.add_argument("--json", default=str(REPO / "docs" / "bad-inputs.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--render", action="store_true", help="only write --md again from the cases in --json")
     args = parser.parse_args(argv)
+    if args.render:
+        record = json.loads(Path(args.json).read_text())
+        fields = set(Outcome.__dataclass_fields__)
+        outcomes = [Outcome(**{k: v for k, v in c.items() if k in fields}) for c in record["cases"]]
+        Path(args.md).write_text(markdown(outcomes, record["unwritable"], record["seconds"], load_groups()))
+        return 0
     started = time.time()
+    groups = load_groups()
     work = Path(tempfile.mkdtemp(prefix="fastardiff-bad-inputs-"))
     env = dict(os.environ, FASTARDIFF_CACHE_DIR=str(work / "plan-cache"), CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     outcomes = []
     try:
         unwritable = make_fixtures(work, env)
-        selected = [c for c in cases(unwritable) if not args.only or args.only in c[0] or args.only in c[1]]
-        for number, (area, what, argv) in enumerate(selected, 1):
-            outcome = run_case(number, area, what, argv, work, env)
+        selected = []
+        for group in groups:
+            if group.fixtures is not None:
+                group.fixtures(work, env)
+            selected += [(group.name, c) for c in map(as_case, group.cases(unwritable))
+                         if not args.only or args.only in c.area or args.only in c.what]
+        for number, (group_name, case) in enumerate(selected, 1):
+            outcome = run_case(number, case, work, env, group_name)
             outcomes.append(outcome)
             status = "ok  " if not outcome.problems else "FAIL"
             print(f"{status} {number:3d} {outcome.seconds:5.1f}s exit {outcome.exit} {outcome.command}\n"
@@ -375,7 +353,7 @@ def main(argv=None) -> int:
         else:
             print(f"kept {work}")
     seconds = time.time() - started
-    Path(args.md).write_text(markdown(outcomes, unwritable, seconds))
+    Path(args.md).write_text(markdown(outcomes, unwritable, seconds, groups))
     Path(args.json).write_text(json.dumps({"unwritable": unwritable, "seconds": round(seconds, 1),
                                            "cases": [dict(asdict(o), problems=o.problems) for o in outcomes]},
                                           indent=1) + "\n")

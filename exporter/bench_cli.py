@@ -338,14 +338,19 @@ def random_checkpoint(config_name: str, seed: int, path: Path) -> Path:
     return save_checkpoint(path, DriftARCheckpoint(cfg, Calibration(), target, draft, decoder).eval())
 
 
+MAX_LENGTH = 32     # the longest draft / Jacobi window an export builds engines for (`fastardiff-export --gamma`)
+
+
 def _lengths(spec: str, option: str, forms: str, what: str) -> list[int]:
-    """A comma-separated list of lengths >= 1, sorted and deduplicated, or one error line naming `option`."""
+    """A comma-separated list of lengths in [1, MAX_LENGTH], sorted and deduplicated, or one error line naming
+    `option` (its own name: the lengths become the export's --gamma, whose error would name the wrong option)."""
     try:
         values = sorted({int(v) for v in str(spec).split(",") if v.strip()})
     except ValueError:
         raise FastardiffError(f"{option} '{spec}' must be {forms}") from None
-    if not values or min(values) < 1:
-        raise FastardiffError(f"{option} '{spec}': {what} must be >= 1")
+    if not values or min(values) < 1 or max(values) > MAX_LENGTH:
+        raise FastardiffError(f"{option} '{spec}': {what} must be in 1..{MAX_LENGTH} (and below the model's tokens "
+                              "per image)")
     return values
 
 

@@ -99,6 +99,32 @@ def measure_jacobi_tokens(ckpt, windows=(2, 4, 8, 12, 16), images: int = 100, sc
     return out
 
 
+MAX_CFG_SCALE = 20.0
+
+
+def check_calibration_request(model, ckpt, gamma: int, windows) -> None:
+    """FastardiffError (before any measuring, so the checkpoint is never rewritten) unless the checkpoint is of the
+    family these measurements run (drift-ar: the Gaussian draft and Jacobi loops of the torch reference backend)
+    and every length fits its image: a draft of gamma tokens and a Jacobi window of L verify gamma + 1 / L + 1
+    tokens in one call, at most the model's N tokens."""
+    from fastardiff.errors import FastardiffError
+
+    family = getattr(model, "family", "drift-ar")
+    if family != "drift-ar":
+        raise FastardiffError(f"'{ckpt}' is a {family} checkpoint; `fastardiff calibrate` measures drift-ar models "
+                              "(Gaussian draft acceptance and Jacobi windows), pass a drift-ar checkpoint such as "
+                              "recipes/checkpoints/tiny-mnist.pt")
+    n = model.config.num_tokens
+    if gamma + 1 > n:
+        raise FastardiffError(f"--gamma {gamma} is out of range for this model: a draft verifies gamma + 1 tokens in "
+                              f"one call and an image has N = {n}; use 1..{n - 1}")
+    too_long = [w for w in windows if w + 1 > n]
+    if too_long:
+        raise FastardiffError(f"--jacobi-windows: window {too_long[0]} is out of range for this model: a window of L "
+                              f"verifies L + 1 tokens in one call and an image has N = {n}; use lengths in "
+                              f"1..{n - 1}")
+
+
 @click.command("calibrate")
 @click.option("--ckpt", type=click.Path(dir_okay=False, exists=True), required=True,
               help="Checkpoint to calibrate (rewritten in place, atomically).")
@@ -122,8 +148,9 @@ def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads, measure, j
         scales = [float(s) for s in cfg_scales.split(",") if s.strip()]
     except ValueError:
         raise FastardiffError(f"--cfg-scales '{cfg_scales}' is not a comma-separated list of numbers") from None
-    if not scales or not all(np.isfinite(scales)) or min(scales) < 0:
-        raise FastardiffError(f"--cfg-scales '{cfg_scales}' needs finite, non-negative numbers, e.g. 1,2")
+    if not scales or not all(np.isfinite(scales)) or min(scales) < 0 or max(scales) > MAX_CFG_SCALE:
+        raise FastardiffError(f"--cfg-scales '{cfg_scales}' needs finite numbers in [0, {MAX_CFG_SCALE:g}] (as "
+                              "`fastardiff run --cfg-scale`), e.g. 1,2")
     try:
         windows = sorted({int(w) for w in jacobi_windows.split(",") if w.strip()})
     except ValueError:
@@ -133,7 +160,8 @@ def calibrate_command(ckpt, gamma, images, cfg_scales, seed, threads, measure, j
         raise FastardiffError(f"--jacobi-windows '{jacobi_windows}': window lengths must be >= 1, e.g. 2,4,8")
     torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
-    extra = dict(model.calibration.extra)
+    check_calibration_request(model, ckpt, gamma, windows if measure in ("all", "jacobi") else [])
+    extra = dict(model.calibration.extra)     # nothing below rewrites the checkpoint until every measure is done
     if measure in ("all", "model"):
         curves = measure_position_acceptance(model, gamma, images, scales, seed)
         extra["acceptance_by_position"] = curves

@@ -80,7 +80,15 @@ def export_command(ckpt, model, target, out, precision, device, max_batch, gamma
                          compute_capabilities=tuple(c for c in compute_capabilities.split(",") if c.strip()))
     if model is not None and ckpt is None:
         raise FastardiffError("--model needs --ckpt: the state dict of the model its factory builds")
-    manifest, hit = export_engines(ckpt or default_checkpoint_path(), out, opts, model=model)
+    from pathlib import Path
+
+    from fastardiff.runtime.files import RunInputs, protected
+
+    ckpt = ckpt or default_checkpoint_path()
+    inputs = RunInputs().add(ckpt, "the checkpoint").add(Path(ckpt).with_suffix(".json"), "the checkpoint's JSON")
+    inputs.refuse_output(out, "--out", is_dir=True)       # the export replaces --out whole: no input may be in it
+    with protected(inputs):
+        manifest, hit = export_engines(ckpt, out, opts, model=model)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
     listed = [n for n in ENGINE_NAMES if n in manifest.engines]   # the core engines first, then the others

@@ -4,7 +4,10 @@ so `fastardiff run` on ONNX engines never imports torch.
 Every entry point (`fastardiff`, `fastardiff-export`, `fastardiff-run`) runs through `_invoke`:
   - a user error (FastardiffError, a bad option, an unusable file) prints one line `error: ...`, exit status 2;
   - anything unexpected prints one line `internal error: <type>: <message> (run with -v for the traceback)`,
-    exit status 1, and with -v the traceback as well.
+    exit status 1, and with -v the traceback as well;
+  - SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the command through the same clean-up paths as an error (staged files
+    and temporary directories removed, nothing renamed into place), then one line `interrupted by SIG...`, exit
+    status 128 + the signal's number.
 Before a subcommand's body runs, the optional packages it needs are checked (REQUIREMENTS), and a missing one is
 an error naming the pyproject extra that installs it.
 """
@@ -14,6 +17,7 @@ import functools
 import importlib
 import logging
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -48,6 +52,51 @@ REQUIREMENTS: dict[str, tuple] = {
 }
 
 _state = {"verbose": 0}
+INTERRUPTS = ("SIGTERM", "SIGINT", "SIGHUP")      # signals that stop a command cleanly (exit status 128 + signal)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by a stopping signal. A BaseException (as KeyboardInterrupt): `except Exception`
+    does not swallow it, while every `except BaseException` / `finally` / `with` clean-up on the way out runs
+    (staged outputs and temporary directories removed, nothing renamed into place)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_raise_interrupted():
+    """While the block runs, SIGTERM / SIGINT / SIGHUP raise Interrupted once; a repeat during the clean-up is
+    ignored (the clean-up finishes). A signal the process was started ignoring (nohup's SIGHUP, SIGINT of a
+    background job) stays ignored. Main thread only (signal handlers can only be set there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    for name in INTERRUPTS:
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) is signal.SIG_IGN:    # ignored (nohup, `cmd &`): it stays so
+            continue
+        try:
+            previous[number] = signal.signal(number, handler)
+        except (OSError, ValueError):
+            pass
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _with_requirements(path: str, command: click.Command) -> click.Command:
@@ -137,19 +186,39 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _interrupted(signum: int):
+    """One line, exit status 128 + signal: the command stopped, and what it had not finished is gone."""
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    try:
+        click.echo(f"interrupted by {name}: stopped; unfinished outputs were removed, nothing half-written was "
+                   "left", err=True)
+    except OSError:
+        pass
+    sys.exit(128 + signum)
+
+
 def _invoke(command, args=None, prog_name: str = "fastardiff") -> None:
     """Run a click command (or a zero-argument function returning one) with the error conventions above."""
     args = list(sys.argv[1:] if args is None else args)
     _state["verbose"] = 0
     try:
-        if not isinstance(command, click.Command):
-            command = command()
-        command.main(args=args, prog_name=prog_name, standalone_mode=False)
+        with signals_raise_interrupted():
+            if not isinstance(command, click.Command):
+                command = command()
+            command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except Interrupted as err:
+        _interrupted(err.signum)
     except FastardiffError as err:
         _fail(str(err))
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as err:     # click's own Ctrl-C (a prompt): as SIGINT
+        if isinstance(err.__context__, Interrupted):
+            _interrupted(err.__context__.signum)
+        _interrupted(2)
     except click.exceptions.NoArgsIsHelpError as err:  # a bare group: its help, as click prints it
         err.show()
         sys.exit(err.exit_code)
@@ -159,8 +228,10 @@ def _invoke(command, args=None, prog_name: str = "fastardiff") -> None:
         _fail(err.format_message() + hint)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
-    except (BrokenPipeError, KeyboardInterrupt):
-        sys.exit(130)
+    except KeyboardInterrupt:
+        _interrupted(2)
+    except BrokenPipeError:
+        sys.exit(141)                                    # 128 + SIGPIPE: the reader went away
     except MemoryError:
         _fail("out of memory; ask for fewer images per run (--num-images) or a smaller batch", 1)
     except OSError as err:                               # the environment: permissions, a full disk, a bad path

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fastardiff.errors import CheckpointError
+from fastardiff.runtime.files import InputFileError, check_write, regular_file
 from fastardiff.runtime.manifest import sha256_file as file_sha256  # noqa: F401  (one hashing helper)
 
 from .config import Calibration, DriftARConfig
@@ -38,6 +39,7 @@ class DriftARCheckpoint:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    check_write(path)                            # never an input of the running command (runtime/files.py)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -54,6 +56,7 @@ def write_checkpoint(path: str | Path, family: str, config, calibration, meta: d
     """The checkpoint format of every family: a weights_only-loadable torch file of the header, config,
     calibration, meta and each module's state_dict, with the header part written as JSON beside it."""
     path = Path(path)
+    check_write(path.with_suffix(".json"))
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "family": family,
                "config": config.to_dict(), "calibration": calibration.to_dict(), "meta": meta}
     payload.update({name: module.state_dict() for name, module in modules.items()})
@@ -92,6 +95,10 @@ def read_payload(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> 
                               "(the shipped default is recipes/checkpoints/tiny-mnist.pt)")
     if path.is_dir():
         raise CheckpointError(f"'{path}' is a directory; pass the checkpoint file itself (e.g. {path}/model.pt)")
+    try:     # stat, never open, a FIFO or a device: reading one would block or drain it
+        regular_file(path, "checkpoint", "pass a .pt file written by `fastardiff train`")
+    except InputFileError as err:
+        raise CheckpointError(str(err)) from None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt / foreign files

@@ -80,6 +80,7 @@ def train_command(**options):
     For a fast-ardiff recipe: the target AR + teacher head, the draft, and the head's CD -> DMD distillation
     (--init: a fast-ardiff checkpoint to start from instead of the teacher stage)."""
     from fastardiff.runtime.atomic import created_dirs_removed_on_failure
+    from fastardiff.runtime.files import RunInputs, protected
     from fastardiff.runtime.images import check_destination
 
     from .config import CONFIGS
@@ -87,8 +88,14 @@ def train_command(**options):
     if options["recipe"] not in CONFIGS:
         raise FastardiffError(f"unknown --recipe '{options['recipe']}'; known: {', '.join(sorted(CONFIGS))}")
     check_destination(options["out_dir"], "--out", is_dir=True)
-    with created_dirs_removed_on_failure(options["out_dir"]):   # a refused run leaves no empty --out behind
-        _train(**options)
+    inputs = RunInputs()
+    for option in ("init_ckpt", "init_decoder", "grow_target_from"):
+        if options[option] is not None:
+            what = f"--{option.replace('_ckpt', '').replace('_', '-')} checkpoint"
+            inputs.add(options[option], what).add(Path(options[option]).with_suffix(".json"), f"the {what}'s JSON")
+    inputs.refuse_output(options["out_dir"], "--out", is_dir=True)   # the outputs of a training go into --out
+    with protected(inputs), created_dirs_removed_on_failure(options["out_dir"]):   # a refused run leaves no
+        _train(**options)                                                            # empty --out behind
 
 
 def _train(stage, init_ckpt, samples, lr, residual_contexts, recipe, out_dir, steps, target_fraction, classifier_steps,
@@ -176,6 +183,10 @@ def eval_command(ckpt, classifier_path, n, seed, temperature, cfg_scale, grid, a
 
     if grid:
         check_destination(grid, "--grid")       # before minutes of sampling
+        from fastardiff.runtime.files import RunInputs
+
+        RunInputs().add(ckpt, "the checkpoint").add(classifier_path, "the digit classifier").refuse_output(grid,
+                                                                                                         "--grid")
     if not Path(classifier_path).is_file():
         raise FastardiffError(f"digit classifier '{classifier_path}' does not exist; pass --classifier with the "
                               "digit-classifier.pt written by `fastardiff train`")
@@ -236,7 +247,7 @@ def info_command(ckpt, as_json):
         "files": {str(path): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}},
         "meta": model.meta,
     }
-    if side.exists():
+    if side.is_file():          # (stat: a FIFO beside it is not read)
         info["files"][str(side)] = {"bytes": side.stat().st_size, "sha256": file_sha256(side)}
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))

@@ -177,6 +177,11 @@ def distill_draft(init: str | Path, out: str | Path, s: DistillSettings, progres
     start = time.time()
     ckpt = load_checkpoint(init)
     cfg = ckpt.config
+    if getattr(ckpt, "family", "drift-ar") != "drift-ar":
+        raise FastardiffError(f"'{init}' is a {ckpt.family} checkpoint; --stage draft-onpolicy fine-tunes the Gaussian "
+                              "draft of a drift-ar checkpoint: pass one as --init (e.g. recipes/checkpoints/"
+                              "tiny-mnist.pt), or train a fast-ardiff draft with --recipe tiny-mnist-fast-ardiff "
+                              "--stages draft")
     if cfg.dataset != "mnist":
         raise FastardiffError(f"'{init}' is a '{cfg.name}' model ({cfg.dataset}); only the tiny-mnist recipes "
                               "are trainable here")

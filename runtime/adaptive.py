@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .generation import EXACT_GAUSSIAN_FAMILIES, GenerationError
+from .generation import EXACT_GAUSSIAN_FAMILIES, GenerationError, next_round, round_limit
 
 
 def parse_label(label: str) -> tuple[str, int]:
@@ -133,7 +133,9 @@ class Adapter:
         other = alternative if current is plan else plan
         probing, scored, probe_seconds = 0, True, 0.0
         clock, policy = self.clock, self.policy
+        rounds, limit = 0, round_limit(loop.n, loop.total)
         while (act := loop.active()).size:
+            rounds = next_round(rounds, limit, "adaptive")
             if not probing and self.gap <= 0 and loop.total - int(loop.n[act].min()) > policy.probe_rounds \
                     and self.loss + self.expected_loss(current.label, other.label) <= policy.budget * self.elapsed:
                 probing, scored, probe_seconds = policy.probe_rounds, False, 0.0
@@ -216,7 +218,9 @@ def record_rate(stats, label: str, tokens: int, seconds: float) -> None:
 def measured_rounds(loop, proposal, stats, clock=time.perf_counter) -> None:
     """Every round of `loop` on one proposal kind, its tokens and seconds recorded (RunStats.mode_rates)."""
     label = proposal.label
+    rounds, limit = 0, round_limit(loop.n, loop.total)
     while (act := loop.active()).size:
+        rounds = next_round(rounds, limit, proposal.label)
         began = clock()
         tokens = proposal.round(act)
         record_rate(stats, label, int(tokens.sum()), clock() - began)

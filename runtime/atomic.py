@@ -9,7 +9,11 @@ from pathlib import Path
 
 def replace_keeping_backup(src: Path, dst: Path, backup: Path) -> Path | None:
     """Rename src onto dst; an existing dst is first moved to `backup` (returned, else None) and moved back if
-    the rename fails, so dst is never lost. The caller removes or restores the backup afterwards."""
+    the rename fails, so dst is never lost. The caller removes or restores the backup afterwards. dst must not be
+    an input of the running command (runtime/files.py check_write: a directory must not hold one)."""
+    from .files import check_write
+
+    check_write(dst, is_dir=Path(src).is_dir())
     moved = None
     if dst.exists():
         os.replace(dst, backup)

@@ -19,7 +19,7 @@ from .denormals import DenormalFlush
 from .capabilities import EngineCapabilities, accelerator_for
 from .engine import EngineCalls, check_cache_room, per_layer_cache_inputs
 from .kv_cache import HostBufferPool, cache_device_for, loop_device_for, loop_noise_for
-from .manifest import Manifest, verify_engine_files
+from .manifest import Manifest, check_input_dims, verify_engine_files
 
 log = logging.getLogger("fastardiff.runtime")
 
@@ -220,6 +220,7 @@ class OnnxRuntimeEngines(EngineCalls):
         if got_in != list(entry.inputs) or got_out != list(entry.outputs):
             raise EngineError(f"engine '{name}' has inputs {got_in} / outputs {got_out}, the manifest says "
                               f"{entry.inputs} / {entry.outputs}; re-export")
+        check_input_dims(self.manifest, name, {i.name: i.shape for i in session.get_inputs()})
 
     def _run(self, name: str, arrays) -> list[np.ndarray]:
         if self._tensors is not None and any(type(a) is not np.ndarray for a in arrays[:4]):

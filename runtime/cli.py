@@ -87,6 +87,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
                 out, out_dir, stats_json, device, head, shared_noise, inner_temperature, acceptance, threads, replan,
                 adapt):
     """Generate images: draft, verify in parallel, accept exactly; then the one-step decoder."""
+    from fastardiff.runtime.files import protected
     from fastardiff.runtime.images import StagedOutputs, StreamedImages, check_destination
     from fastardiff.runtime.speculative import generate
 
@@ -98,6 +99,9 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
     check_outputs(out, out_dir, stats_json, check_destination)   # before any engine is loaded
     engines = _load(engine_dir, ckpt, device, **({} if threads is None else {"threads": threads}))
     classes = request_classes(prompt, engines.manifest.config["class_names"], num_images)
+    names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
+    inputs = run_inputs(engine_dir, ckpt, engines.manifest)
+    refuse_overwriting_inputs(inputs, out, out_dir, stats_json, names)   # before any generating
 
     planned = {}     # the plan cache key of this run's --gamma auto plan, which the run's rates then correct
 
@@ -118,10 +122,10 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
                     if v is not None}
     gen, choice = plan_generation(engines, len(classes), gamma, draft, coupling == "on", early_stop, mode,
                                   temperature, cfg_scale, eta, seed, choose, head_options, adapt == "on")
-    log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), classes,
+    shown = ", ".join(map(str, classes[:16])) + (", ..." if len(classes) > 16 else "")
+    log.info("generating %d image(s) for classes %s (%s, %s draft, gamma=%d, early stop %s)", len(classes), shown,
              gen.mode, gen.draft, gen.gamma, early_stop)
-    with StagedOutputs() as staged:      # nothing reaches the destinations unless every output was written
-        names = [f"{i:04d}-{engines.manifest.config['class_names'][c]}" for i, c in enumerate(classes)]
+    with protected(inputs), StagedOutputs() as staged:   # nothing reaches the destinations unless every output
         written = StreamedImages(staged, out, out_dir, names)    # single images staged as each chunk decodes
         _, stats = generate(engines, classes, gen, on_images=written.add)
         written.finish()
@@ -161,7 +165,8 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
     adapt: a planned run re-checks the plan's alternative while it generates (runtime/adaptive.py)."""
     from fastardiff.runtime.generation import check_draft_supported
     from fastardiff.runtime.manifest import HEAD_FAMILIES
-    from fastardiff.runtime.speculative import GenerationConfig, ModelShape, check_request, verify_limit
+    from fastardiff.runtime.speculative import (GenerationConfig, ModelShape, check_request, samples_per_call,
+                                                verify_limit)
 
     if draft != "auto":    # a proposal kind asked for by name: refused where the engines cannot run it, any --gamma
         check_draft_supported(engines.manifest, mode, draft)
@@ -175,10 +180,10 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
     if family in HEAD_FAMILIES and draft == "auto":
         draft = "model"
     choice = None
+    per_call = samples_per_call(engines, cfg_scale)     # refuses a request no engine call can hold, before any work
     if gamma == "auto":
         if mode == "speculative":
-            per_call = 2 if cfg_scale != 1.0 else 1
-            batch = max(1, min(num_images, engines.manifest.max_batch // per_call))
+            batch = max(1, min(num_images, per_call))
             choice = choose(batch, cfg_scale, ("model", "jacobi") if draft == "auto" else (draft,), head_options)
             mode = choice.mode
             draft = choice.draft if choice.gamma else draft
@@ -209,6 +214,46 @@ def check_outputs(out, out_dir, stats_json, check_destination) -> None:
         check_destination(stats_json, "--stats-json")
     if out is not None and stats_json is not None and Path(out).resolve() == Path(stats_json).resolve():
         raise FastardiffError(f"--out and --stats-json both name '{out}'; give them different paths")
+
+
+def run_inputs(engine_dir, ckpt, manifest):
+    """Every file a run reads: the checkpoint (and its JSON beside it), or the manifest, engine files and plugin
+    library of the engine directory; and the `--gamma auto` plans of the plan cache."""
+    from pathlib import Path
+
+    from fastardiff.runtime.files import RunInputs
+    from fastardiff.runtime.manifest import MANIFEST_NAME
+    from fastardiff.runtime.plan_cache import cache_dir
+
+    inputs = RunInputs()
+    if ckpt is not None:
+        inputs.add(ckpt, "the checkpoint").add(Path(ckpt).with_suffix(".json"), "the checkpoint's JSON")
+    if engine_dir is not None:
+        inputs.add(Path(engine_dir) / MANIFEST_NAME, "the engine manifest")
+        inputs.add_dir_files(engine_dir, [e.file for e in manifest.engines.values()], "an engine file")
+        if (manifest.plugin or {}).get("file"):
+            inputs.add(Path(engine_dir) / manifest.plugin["file"], "the engines' plugin library")
+    plans = cache_dir()
+    if plans.is_dir():
+        inputs.add_dir_files(plans, sorted(p.name for p in plans.iterdir() if p.suffix == ".json"),
+                             "a cached --gamma auto plan")
+    return inputs
+
+
+def refuse_overwriting_inputs(inputs, out, out_dir, stats_json, names) -> None:
+    """OutputError if --out, --stats-json or any single image --out-dir would get (names: the images' names, as
+    StreamedImages writes them) is one of the run's inputs (same path or same file: links count)."""
+    from pathlib import Path
+
+    from fastardiff.runtime.images import safe_name
+
+    if out is not None:
+        inputs.refuse_output(out, "--out")
+    if stats_json is not None:
+        inputs.refuse_output(stats_json, "--stats-json")
+    if out_dir is not None:
+        for name in names:
+            inputs.refuse_output(Path(out_dir) / f"{safe_name(name)}.png", "--out-dir")
 
 
 def parse_gamma(value) -> int | str:

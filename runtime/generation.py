@@ -20,6 +20,10 @@ DRAFTS = ("model", "jacobi")
 ACCEPTANCE_RULES = ("cspd", "conditional")
 
 
+# the smallest --temperature: temperature x sigma stays a normal float32 for any sigma a model has (>= 1e-30)
+MIN_TEMPERATURE = 1e-6
+
+
 class GenerationError(FastardiffError):
     """A generation request the model or its engines cannot serve (gamma, token count, batch)."""
 
@@ -88,8 +92,10 @@ def check_request(gen: GenerationConfig, shape: ModelShape, max_verify_tokens: i
                               f"model/engine allows (N = {shape.num_tokens}); use --gamma {limit} or less")
     if not 0 <= gen.eta < 100:
         raise GenerationError(f"--eta is a percentage of tokens in [0, 100) (got {gen.eta})")
-    if gen.temperature <= 0:
-        raise GenerationError(f"--temperature must be positive (got {gen.temperature})")
+    if not gen.temperature >= MIN_TEMPERATURE:
+        raise GenerationError(f"--temperature {gen.temperature:g} is below {MIN_TEMPERATURE:g}: the tokens' sigma "
+                              f"(temperature x the model's sigma) would underflow in float32 (a diffusion head's "
+                              f"sigma to 0); use --temperature {MIN_TEMPERATURE:g} or more")
     if gen.acceptance not in ACCEPTANCE_RULES:
         raise GenerationError(f"unknown --acceptance '{gen.acceptance}'; choose one of {', '.join(ACCEPTANCE_RULES)}")
     if gen.acceptance == "conditional" and (not gen.shared_noise or gen.inner_temperature != 1.0):
@@ -112,6 +118,50 @@ def check_draft_supported(manifest, mode: str, draft: str) -> None:
         fix = ("a model exported with --model has no draft model yet" if manifest.family == "foreign-gaussian"
                else "re-export without --no-draft")
         raise GenerationError(f"these engines have no draft model: run with --draft jacobi or --mode target ({fix})")
+
+
+class LoopStalled(RuntimeError):
+    """A decoding loop ran more rounds than it has tokens to make: a bug (every round emits a token per row)."""
+
+
+def round_limit(n, total) -> int:
+    """The most rounds a loop may take from lengths `n` to `total`: every round emits at least one token per
+    unfinished row, so one per missing token (and one to spare)."""
+    import numpy as np
+
+    return int(np.max(np.asarray(total) - np.asarray(n), initial=0)) + 1
+
+
+def next_round(rounds: int, limit: int, loop: str) -> int:
+    """rounds + 1, or LoopStalled once past `limit` (round_limit): a stuck loop fails, never spins forever."""
+    if rounds >= limit:
+        raise LoopStalled(f"the {loop} loop ran {rounds} rounds without finishing its images (at most {limit}: every "
+                          "round emits a token per unfinished image); this is a bug, please report it with the "
+                          "command that ran")
+    return rounds + 1
+
+
+def rows_per_image(cfg_scale: float) -> int:
+    """Engine rows one image takes in a call: 2 with guidance (conditional and unconditional), else 1."""
+    return 2 if cfg_scale != 1.0 else 1
+
+
+def samples_per_call(engines, cfg_scale: float, max_batch: int | None = None) -> int:
+    """Images per engine call that fit the engines' profile (Manifest.max_batch_rows, and `max_batch` rows when
+    given); GenerationError before any work when not even one image fits (guidance on engines exported for batch
+    1: the two rows of an image share each call). Reproducibility: one seed's random stream is drawn call after
+    call, so a run equals every run of the same engine files split into the same number of images per call;
+    split differently, the same seed gives other, equally distributed images."""
+    rows = engines.manifest.max_batch_rows
+    if max_batch is not None:
+        rows = min(rows, int(max_batch))
+    per_image = rows_per_image(cfg_scale)
+    if rows < per_image:
+        raise GenerationError(f"--cfg-scale {cfg_scale:g} puts {per_image} rows (conditional and unconditional) of "
+                              f"each image into one engine call, but these engines take at most {rows} row(s) per "
+                              f"call (exported with --batch {rows}); re-export them with `fastardiff-export --batch "
+                              f"{per_image}` or more, or run with --cfg-scale 1")
+    return rows // per_image
 
 
 def verify_limit(engines) -> int | None:

@@ -20,6 +20,7 @@ import numpy as np
 from fastardiff.errors import OutputError
 
 from .atomic import missing_dirs, replace_keeping_backup
+from .files import check_write
 
 STAGE_PREFIX = ".fastardiff-stage-"
 
@@ -134,6 +135,7 @@ class StagedOutputs:
 
     def path_for(self, final: str | Path) -> Path:
         final = Path(final)
+        check_write(final)                       # never an input of the running command (runtime/files.py)
         absolute = Path(os.path.abspath(final))
         if absolute in self._finals:
             raise OutputError(f"two outputs of this run would both be written to '{final}'; give them "

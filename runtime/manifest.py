@@ -31,6 +31,14 @@ JACOBI_RESIDUAL = "reflected"
 JACOBI_PRIOR = "jacobi_prior"      # calibration.extra key of the first Jacobi window's proposal (Manifest.jacobi_prior)
 
 
+# Upper bounds of the manifest's sizes and statistics: far above any real model (the paper's largest: 256 tokens of
+# 16, width ~1280, 40 layers), low enough that nothing derived from them overflows or asks for absurd memory.
+# A causal-normalized entropy lies in [0, 1]; E_max / tau_sigma is an exponent of sigma(E) (float32 overflows past 88).
+LIMITS = {"image_size": 16384, "channels": 64, "dim": 65536, "classes": 1_000_000, "n_cond": 4096, "width": 65536,
+          "heads": 1024, "mlp_ratio": 64, "layers": 1024, "tokens": 65536, "batch": 4096, "profile": 1 << 20,
+          "steps": 10000, "sigma": 1000.0, "entropy": 64.0, "exponent": 80.0, "statistic": 1000.0}
+
+
 @dataclass
 class EngineEntry:
     file: str                      # relative to the engine dir, never absolute, never '..'
@@ -84,6 +92,15 @@ class Manifest:
         prior = decode_prior(table, (shape.num_classes, shape.num_tokens, shape.token_dim))
         self.__dict__["_jacobi_prior"] = (table, prior)
         return prior
+
+    @property
+    def max_batch_rows(self) -> int:
+        """The most rows one engine call takes: `max_batch` and the top of every engine's batch profile (an engine
+        exported for batch 1 takes one row). Guidance puts two rows (conditional, unconditional) of each image into
+        a call, so a call holds max_batch_rows // 2 guided images (runtime/generation.py samples_per_call)."""
+        tops = [int(e.profile["batch"][-1]) for e in self.engines.values()
+                if isinstance(e, EngineEntry) and e.profile.get("batch")]
+        return max(1, min([int(self.max_batch), *tops]))
 
     def rollout_engines(self) -> dict[int, str]:
         """gamma -> engine name of every draft_rollout engine."""
@@ -168,30 +185,35 @@ def _schema():
     Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     RelFile = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_relative_file)]
 
+    def Sized(high):              # a positive int no larger than `high` (LIMITS: past them no engine is real)
+        return Annotated[int, Field(ge=1, le=high)]
+
+    Bounded = Annotated[float, Field(ge=-LIMITS["statistic"], le=LIMITS["statistic"], allow_inf_nan=False)]
+
     class ModelConfig(BaseModel):
         model_config = open_
         name: Text
         family: Text
         dataset: str
-        image_size: PosInt
-        channels: PosInt
-        patch: PosInt
-        token_dim: PosInt
-        num_classes: PosInt
+        image_size: Sized(LIMITS["image_size"])
+        channels: Sized(LIMITS["channels"])
+        patch: Sized(LIMITS["image_size"])
+        token_dim: Sized(LIMITS["dim"])
+        num_classes: Sized(LIMITS["classes"])
         class_names: Annotated[list[Text], Field(min_length=1)]
-        n_cond: PosInt
-        width: PosInt
-        heads: PosInt
-        mlp_ratio: PosInt
-        target_layers: Annotated[int, Field(ge=2)]
-        draft_layers: PosInt
+        n_cond: Sized(LIMITS["n_cond"])
+        width: Sized(LIMITS["width"])
+        heads: Sized(LIMITS["heads"])
+        mlp_ratio: Sized(LIMITS["mlp_ratio"])
+        target_layers: Annotated[int, Field(ge=2, le=LIMITS["layers"])]
+        draft_layers: Sized(LIMITS["layers"])
         shallow_layer: NonNegInt
-        decoder_width: PosInt
-        decoder_layers: PosInt
-        decoder_heads: PosInt
-        sigma_max: PosFinite
-        tau_sigma: PosFinite
-        sigma_min: PosFinite
+        decoder_width: Sized(LIMITS["width"])
+        decoder_layers: Sized(LIMITS["layers"])
+        decoder_heads: Sized(LIMITS["heads"])
+        sigma_max: Annotated[float, Field(gt=0, le=LIMITS["sigma"], allow_inf_nan=False)]
+        tau_sigma: Annotated[float, Field(gt=0, le=LIMITS["sigma"], allow_inf_nan=False)]
+        sigma_min: Annotated[float, Field(gt=0, le=LIMITS["sigma"], allow_inf_nan=False)]
 
         @model_validator(mode="after")
         def consistent(self):
@@ -212,17 +234,23 @@ def _schema():
                 raise _bad("sigma_min", f"{self.sigma_min} must be below sigma_max ({self.sigma_max})")
             if (self.image_size // self.patch) ** 2 < 2:
                 raise _bad("patch", f"{self.patch} leaves fewer than 2 tokens in an image of {self.image_size} px")
+            if (self.image_size // self.patch) ** 2 > LIMITS["tokens"]:
+                raise _bad("patch", f"{self.patch} makes {(self.image_size // self.patch) ** 2} tokens per image of "
+                                    f"{self.image_size} px, more than {LIMITS['tokens']}")
+            z_dim = self.model_extra.get("z_dim") if self.model_extra else None
+            if z_dim is not None and (type(z_dim) is not int or not 1 <= z_dim <= LIMITS["dim"]):
+                raise _bad("z_dim", f"must be an integer in [1, {LIMITS['dim']}] (got {z_dim!r})")
             return self
 
     class CalibrationModel(BaseModel):
         model_config = open_
-        e_max: PosFinite
-        target_mean: Finite
-        target_std: NonNegFinite
-        draft_shallow_mean: Finite
-        draft_shallow_std: NonNegFinite
-        tau_static: Finite
-        tau_global: Finite
+        e_max: Annotated[float, Field(gt=0, le=LIMITS["entropy"], allow_inf_nan=False)]
+        target_mean: Bounded
+        target_std: Annotated[float, Field(ge=0, le=LIMITS["statistic"], allow_inf_nan=False)]
+        draft_shallow_mean: Bounded
+        draft_shallow_std: Annotated[float, Field(ge=0, le=LIMITS["statistic"], allow_inf_nan=False)]
+        tau_static: Bounded
+        tau_global: Bounded
         extra: dict = {}
 
     class EngineModel(BaseModel):
@@ -231,12 +259,13 @@ def _schema():
         sha256: Sha256
         inputs: list[Text] = []
         outputs: list[Text] = []
-        profile: dict[Text, Annotated[list[NonNegInt], Field(min_length=1, max_length=3)]] = {}
+        profile: dict[Text, Annotated[list[Annotated[int, Field(ge=0, le=LIMITS["profile"])]],
+                                      Field(min_length=1, max_length=3)]] = {}
         parity: dict = {}
         kind: str = ""
-        gamma: NonNegInt = 0
-        steps: NonNegInt = 0
-        cache_layers: NonNegInt = 0
+        gamma: Annotated[int, Field(ge=0, le=LIMITS["tokens"])] = 0
+        steps: Annotated[int, Field(ge=0, le=LIMITS["steps"])] = 0
+        cache_layers: Annotated[int, Field(ge=0, le=LIMITS["layers"])] = 0
         residual: Annotated[str, Field(max_length=64)] = ""
 
         @model_validator(mode="after")
@@ -268,8 +297,8 @@ def _schema():
         engines: Annotated[dict[Text, EngineModel], Field(min_length=1)]
         precision: Literal[PRECISIONS] = "fp32"
         device: Text = "cpu"
-        gamma: PosInt = 4
-        max_batch: PosInt = 8
+        gamma: Sized(LIMITS["tokens"]) = 4
+        max_batch: Sized(LIMITS["batch"]) = 8
         config_hash: str = ""
         library_versions: dict[str, Optional[str]] = {}
         gpu: dict = {}
@@ -296,10 +325,20 @@ def _schema():
                                       "engine has kind 'head'")
             if self.family in HEAD_FAMILIES and "z_dim" not in self.config.model_extra:
                 raise _bad("config.z_dim", f"is missing: family '{self.family}' needs the width of its AR output")
+            for name, e in self.engines.items():     # in-place engines: one cache buffer per layer of their model
+                layers = {"target": self.config.target_layers, "draft": self.config.draft_layers}.get(name.split("_")[0])
+                if e.cache_layers and layers is not None and e.cache_layers != layers:
+                    which = "target_layers" if name.startswith("target") else "draft_layers"
+                    raise _bad(f"config.{which}", f"is {layers} but engine '{name}' has {e.cache_layers} per-layer "
+                                                  "caches: the manifest does not describe its engine files")
             files = [Path(e.file).as_posix() for e in self.engines.values()]
             if len(set(files)) != len(files):
                 raise _bad("engines", "two engines name the same file")
             n = (self.config.image_size // self.config.patch) ** 2
+            ratio = self.calibration.e_max / self.config.tau_sigma
+            if ratio > LIMITS["exponent"]:      # sigma(E) divides by e^(E_max / tau_sigma) - 1: it must stay finite
+                raise _bad("calibration.e_max", f"{self.calibration.e_max:g} over config.tau_sigma "
+                           f"{self.config.tau_sigma:g} is {ratio:g}; sigma(E) needs it at most {LIMITS['exponent']}")
             if self.gamma + 1 > n:
                 raise _bad("gamma", f"{self.gamma} needs {self.gamma + 1} tokens per verify but the model has N = {n}")
             return self
@@ -376,9 +415,10 @@ def load_manifest(engine_dir: str | Path) -> Manifest:
         raise EngineError(f"engine directory '{engine_dir}' does not exist; create it with "
                           f"`fastardiff-export --ckpt MODEL.pt --target onnx --out {engine_dir}`")
     path = engine_dir / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():
         raise EngineError(f"'{engine_dir}' has no {MANIFEST_NAME}, so it is not an engine directory; "
                           "export one with `fastardiff-export`")
+    _regular(path, "manifest")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -389,10 +429,23 @@ def load_manifest(engine_dir: str | Path) -> Manifest:
         raise EngineError(f"{path} is nested too deeply to be a manifest; {REEXPORT}") from None
     manifest = Manifest.from_dict(data, str(path))
     for name, entry in manifest.engines.items():
-        if not (engine_dir / entry.file).is_file():
+        if not (engine_dir / entry.file).exists():
             raise EngineError(f"{path}: field 'engines.{name}.file' names '{entry.file}', which is missing from "
                               f"'{engine_dir}'; {REEXPORT}")
+        _regular(engine_dir / entry.file, f"engine file of '{name}'")
+    if (manifest.plugin or {}).get("file") and (engine_dir / manifest.plugin["file"]).exists():
+        _regular(engine_dir / manifest.plugin["file"], "plugin library")
     return manifest
+
+
+def _regular(path: Path, what: str) -> None:
+    """EngineError unless `path` is a regular file (stat only: a FIFO is never opened)."""
+    from .files import InputFileError, regular_file
+
+    try:
+        regular_file(path, what, REEXPORT)
+    except InputFileError as err:
+        raise EngineError(str(err)) from None
 
 
 def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
@@ -403,8 +456,9 @@ def verify_engine_files(engine_dir: str | Path, manifest: Manifest) -> None:
             raise EngineError(f"manifest in '{engine_dir}' has no '{name}' engine; re-export")
     for name, entry in manifest.engines.items():
         path = engine_dir / entry.file
-        if not path.is_file():
+        if not path.exists():
             raise EngineError(f"engine file '{path}' named by the manifest is missing; re-export with --force")
+        _regular(path, f"engine file of '{name}'")
         if sha256_file(path) != entry.sha256:
             raise EngineError(f"engine file '{path}' does not match the sha256 in the manifest (modified or "
                               "stale); re-export with `fastardiff-export --force`")
@@ -414,3 +468,40 @@ def write_manifest(engine_dir: str | Path, manifest: Manifest) -> Path:
     path = Path(engine_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     return path
+
+
+def config_dims(config: dict, engine: str, name: str, rank: int) -> dict[int, tuple[int, str]]:
+    """axis -> (size, config field) that the model config fixes for input `name` (of `rank` axes) of `engine`:
+    token and head dims, KV heads and layers, the decoder's token count (the axes that batch, K and the cache length
+    leave free)."""
+    n_tokens = (config["image_size"] // config["patch"]) ** 2
+    heads, head_dim = config["heads"], config["width"] // config["heads"]
+    layers = config["target_layers"] if engine.startswith("target") else config["draft_layers"]
+    token_dim = (config["token_dim"], "token_dim")
+    if engine == "decoder":
+        return {"tokens": {1: (n_tokens, "image_size / patch squared"), 2: token_dim},
+                "entropy": {1: (n_tokens, "image_size / patch squared")}}.get(name, {})
+    if name in ("tokens", "guess_mean", "noise", "traj_noise", "residual_noise"):
+        return {rank - 1: token_dim}
+    if name == "z" and "z_dim" in config:
+        return {rank - 1: (config["z_dim"], "z_dim")}
+    if name in ("k_cache", "v_cache") and rank == 5:
+        return {0: (layers, "target_layers" if engine.startswith("target") else "draft_layers"),
+                2: (heads, "heads"), 4: (head_dim, "width / heads")}
+    if name.startswith(("k_cache_", "v_cache_")) and rank == 4:
+        return {1: (heads, "heads"), 3: (head_dim, "width / heads")}
+    return {}
+
+
+def check_input_dims(manifest: Manifest, engine: str, shapes: dict) -> None:
+    """EngineError unless every input dim the model config fixes matches the engine file's (`shapes`: input name ->
+    its dims, ints where static, anything else where dynamic): a manifest whose config does not describe its engine
+    files (heads, widths, token counts) is refused at load, not in the middle of a run."""
+    for name, dims in shapes.items():
+        dims = list(dims or ())
+        for axis, (size, field_name) in config_dims(manifest.config, engine, name, len(dims)).items():
+            got = dims[axis] if axis < len(dims) else None
+            if isinstance(got, int) and got != size:
+                raise EngineError(f"engine '{engine}' input '{name}' has {got} on axis {axis}, but the manifest's "
+                                  f"config gives {size} (config.{field_name}): the manifest does not describe these "
+                                  f"engine files; {REEXPORT}")

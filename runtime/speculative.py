@@ -25,7 +25,8 @@ from .ar_engine import AREngine
 from .arrays import DeviceArrays, HostArrays
 from .early_stop import EarlyStop
 from .generation import (DRAFTS, MODES, GenerationConfig, GenerationError, ModelShape,  # noqa: F401  (re-exported)
-                         check_draft_supported, check_request, in_engine_acceptance, on_accelerator, verify_limit)
+                         check_draft_supported, check_request, in_engine_acceptance, on_accelerator, samples_per_call,
+                         verify_limit)
 from .proposals import PROPOSALS, ModelDraft, Proposal, ProposalEngines, SingleModel, TokenLoop
 from .stats import RunStats
 from .token_rules import token_rules
@@ -167,8 +168,7 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
     if gen.alternative is not None:
         check_alternative(engines, gen)
         adapter = adapter or Adapter()            # one for the run: a switch carries over to the next chunk
-    per_call = 2 if gen.cfg_scale != 1.0 else 1
-    chunk = max(1, (max_batch or engines.manifest.max_batch) // per_call)
+    chunk = samples_per_call(engines, gen.cfg_scale, max_batch)   # every call fits the engines' batch profile
     rng = np.random.default_rng(gen.seed)
     started = time.perf_counter()
     outputs = []

@@ -129,6 +129,9 @@ class RunStats:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    from .files import check_write
+
+    check_write(path)                            # never an input of the running command (runtime/files.py)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -102,6 +102,39 @@ def test_denormal_flush_is_scoped_to_the_block_and_the_thread():
         assert not off.available and not _denormal_reads_zero()
 
 
+def test_denormal_flush_restores_an_environment_changed_after_its_first_use():
+    """The caller's floating-point environment is read at every outermost entry, not once: a rounding mode the
+    caller sets after the flush object was first used is what every later exit puts back (and the caller's
+    original one after it is restored)."""
+    import ctypes
+    import ctypes.util
+
+    from fastardiff.runtime.denormals import DenormalFlush
+
+    flush = DenormalFlush()
+    if not flush.available:
+        pytest.skip("no fenv control for this platform (Linux x86-64 / aarch64 only)")
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    upward = {"x86_64": 0x800, "aarch64": 0x400000}.get(__import__("platform").machine().lower())
+    if upward is None:
+        pytest.skip("rounding-mode constants known for x86-64 / aarch64 only")
+    original = libm.fegetround()
+    with flush:                                   # the first use: buffers made, the environment of then read
+        pass
+    try:
+        assert libm.fesetround(upward) == 0       # the caller changes its environment after that first use
+        for _ in range(2):
+            with flush:
+                assert _denormal_reads_zero()
+            assert libm.fegetround() == upward and not _denormal_reads_zero()
+    finally:
+        libm.fesetround(original)
+    assert libm.fegetround() == original
+    with flush:
+        pass
+    assert libm.fegetround() == original and not _denormal_reads_zero()
+
+
 def test_fused_log_ratio_equals_difference_of_log_densities():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 4, 16)) * 2
@@ -154,3 +187,94 @@ def test_running_entropy_mean_is_only_kept_for_context(mode):
     context.observe_target(np.arange(2), np.array([[5.0, 5.0], [5.0, 5.0]]), np.array([2, 1]))
     ema0 = 0.4 / 0.8
     np.testing.assert_allclose(context.target_ema, [0.9 * (0.9 * ema0 + 0.5) + 0.5, 0.9 * ema0 + 0.5])
+
+
+class _CountingBinding:
+    """An engine's IOBinding with its bind calls counted per input name (the real one does the work)."""
+
+    def __init__(self, real):
+        self.real, self.inputs = real, {}
+
+    def bind_input(self, name, *args):
+        self.inputs[name] = self.inputs.get(name, 0) + 1
+        return self.real.bind_input(name, *args)
+
+    def bind_output(self, name, *args):
+        return self.real.bind_output(name, *args)
+
+    def get_outputs(self):
+        return self.real.get_outputs()
+
+
+class _CountingSession:
+    def __init__(self, real):
+        self.real, self.runs = real, 0
+
+    def run_with_iobinding(self, binding, options):
+        self.runs += 1
+        return self.real.run_with_iobinding(binding.real, options)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def counted_engines(shared_onnx_export):
+    """The shared in-place ONNX engines with every in-place engine's bind and run calls counted."""
+    from fastardiff.runtime.engine import load_engines
+
+    engines = load_engines(shared_onnx_export[0])
+    assert {"target_verify", "target_jacobi"} <= engines.kv_in_place
+    for name in engines.kv_in_place:
+        engines._bindings[name] = _CountingBinding(engines._bindings[name])
+        engines.sessions[name]._sess = _CountingSession(engines.sessions[name]._sess)
+    return engines
+
+
+def _counts(engines, reset: bool = False) -> dict:
+    out = {}
+    for name in engines.kv_in_place:
+        binding, session = engines._bindings[name], engines.sessions[name]._sess
+        out[name] = (session.runs, dict(binding.inputs))
+        if reset:
+            binding.inputs.clear()
+            session.runs = 0
+    return out
+
+
+@pytest.mark.parametrize("settings", [{"mode": "target"}, {"draft": "jacobi", "gamma": 3},
+                                      {"draft": "model", "gamma": 2}])
+def test_in_place_cache_bindings_are_made_once_and_kept_run_after_run(counted_engines, settings):
+    """The 2L per-layer cache bindings of an in-place engine are made at its first call on a buffer and kept for
+    every later call (the loop passes its one buffer); the next run takes the same pooled buffer
+    (kv_cache.HostBufferPool), so it binds no cache at all. Counted on the engines' own IOBinding."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    layers = {n: e.cache_layers for n, e in counted_engines.manifest.engines.items()}
+    gen = GenerationConfig(seed=1, **settings)
+    for run in range(3):
+        _counts(counted_engines, reset=True)
+        generate(counted_engines, np.array([3]), gen)
+        used = {n: c for n, c in _counts(counted_engines).items() if c[0]}
+        assert used and max(runs for runs, _ in used.values()) > 4, used
+        for name, (runs, inputs) in used.items():
+            cache = sum(v for k, v in inputs.items() if k.startswith(("k_cache_", "v_cache_")))
+            assert cache == (2 * layers[name] if run == 0 else 0), (run, name, runs, inputs)
+
+
+def test_jacobi_rounds_reuse_their_kept_feed_arrays(counted_engines):
+    """A Jacobi round fills its per-round target_jacobi inputs into the arrays HostArrays.kept hands out (the same
+    array while the shape holds), so their bindings are kept: each is bound at most once per feed shape (the
+    guesses tested grow up to the window, so at most gamma shapes), not once per call. Only the token window and
+    the lengths (views into the run's buffers, at a new place each round) are bound every call."""
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    gamma = 3
+    _counts(counted_engines, reset=True)
+    generate(counted_engines, np.array([5]), GenerationConfig(draft="jacobi", gamma=gamma, seed=2))
+    runs, inputs = _counts(counted_engines)["target_jacobi"]
+    per_round = {k: v for k, v in inputs.items() if not k.startswith(("k_cache_", "v_cache_"))
+                 and k not in ("tokens", "lengths")}
+    assert runs > 4 * gamma and {"guess_mean", "coins", "noise", "residual_noise"} <= set(per_round), inputs
+    assert max(per_round.values()) <= gamma, (runs, per_round)
+    assert inputs["tokens"] == runs                               # the control: a fresh view is bound each call
