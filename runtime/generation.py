@@ -115,9 +115,11 @@ def check_draft_supported(manifest, mode: str, draft: str) -> None:
                               f"{' or '.join(EXACT_GAUSSIAN_FAMILIES)}); these engines are of family "
                               f"'{manifest.family}': use --draft model or --mode target")
     if draft == "model" and "draft_step" not in manifest.engines:
-        fix = ("a model exported with --model has no draft model yet" if manifest.family == "foreign-gaussian"
-               else "re-export without --no-draft")
-        raise GenerationError(f"these engines have no draft model: run with --draft jacobi or --mode target ({fix})")
+        if manifest.family == "foreign-gaussian":
+            raise GenerationError("these engines have no draft model (a model exported with --model comes without "
+                                  "one); run with --draft jacobi or --mode target")
+        raise GenerationError("these engines have no draft model (exported with --no-draft); run with "
+                              "--draft jacobi or --mode target, or re-export without --no-draft")
 
 
 class LoopStalled(RuntimeError):

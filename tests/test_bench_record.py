@@ -10,6 +10,7 @@ from cli_runner import run_cli
 from fastardiff.errors import FastardiffError
 from fastardiff.exporter import bench_record
 from fastardiff.exporter.bench_record import append_run, load_history, make_run, plot_latest
+from fastardiff.runtime.capabilities import EngineCapabilities
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,7 @@ def test_a_history_that_does_not_parse_is_refused_and_left_as_it_was(tmp_path):
 class FakeEngines:
     """What `bench pipeline` reads of an engine set before it times anything."""
     rollouts = {4: None}
+    capabilities = EngineCapabilities.host(rollout_gammas=frozenset({4}))
     manifest = SimpleNamespace(export={}, max_batch=8, family="drift-ar", engines={"draft_step": {}},
                                config={"name": "tiny-mnist", "num_classes": 10})
 

@@ -785,12 +785,12 @@ def test_kv_update_in_place_on_trt_follows_the_tensorrt_version(tiny_config, mon
     from fastardiff.exporter.targets import ExportOptions
 
     monkeypatch.setattr(targets, "installed_trt_version", lambda: "10.14.1")
-    assert targets.resolve_options(ExportOptions(target="trt")).kv_update == "host"
-    assert targets.resolve_options(ExportOptions(target="trt", onnx_only=True)).kv_update == "in-place"
+    assert targets.resolve_options(ExportOptions(target="trt", trt_library="tensorrt")).kv_update == "host"
+    assert targets.resolve_options(ExportOptions(target="trt", trt_library="tensorrt", onnx_only=True)).kv_update == "in-place"
     with pytest.raises(FastardiffError, match=r"needs TensorRT 10\.15 or later.*TensorRT 10\.14\.1.*--kv-update host"):
-        targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place"))
-    targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place", onnx_only=True))
+        targets.check_options(tiny_config, ExportOptions(target="trt", trt_library="tensorrt", kv_update="in-place"))
+    targets.check_options(tiny_config, ExportOptions(target="trt", trt_library="tensorrt", kv_update="in-place", onnx_only=True))
     for version in ("10.15.0", "11.1.0"):
         monkeypatch.setattr(targets, "installed_trt_version", lambda: version)
-        assert targets.resolve_options(ExportOptions(target="trt")).kv_update == "in-place"
-        targets.check_options(tiny_config, ExportOptions(target="trt", kv_update="in-place"))
+        assert targets.resolve_options(ExportOptions(target="trt", trt_library="tensorrt")).kv_update == "in-place"
+        targets.check_options(tiny_config, ExportOptions(target="trt", trt_library="tensorrt", kv_update="in-place"))

@@ -155,6 +155,18 @@ PINS['numpy 2.4.6, torch 2.13.0+cpu, onnxruntime 1.32.0, cpu AVX512'] = {'fast-a
 BACKENDS = ("torch", "torch-device-loop", "onnxruntime")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The digests are recorded with one intra-op thread: torch's CPU kernels split their reductions by thread
+    count (2 threads give other float bits), and another test in the same worker may have changed the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pins():
     table = PINS.get(fingerprint())
@@ -213,6 +225,10 @@ def record() -> dict:
 
 if __name__ == "__main__":
     import pprint
+
+    import torch
+
+    torch.set_num_threads(1)
 
     print(f"PINS[{fingerprint()!r}] = ", end="")
     pprint.pprint(record(), width=110)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastardiff.runtime.capabilities import EngineCapabilities
 from fastardiff.runtime.gamma_auto import GammaChoice
 from fastardiff.runtime.plan_cache import (MAX_AGE_S, MIN_EVIDENCE_TOKENS, cached_choice, load_plan, plan_key,
                                            plan_path, store_plan, update_from_run)
@@ -26,7 +27,8 @@ def stub_engines(sha="ab" * 32, calibration=None, family="drift-ar", names=("tar
     manifest = SimpleNamespace(engines=dict.fromkeys(names, entry), backend="onnxruntime", device="cpu",
                                calibration=calibration or {"e_max": 1.0}, family=family, config=CONFIG, gamma=4)
     return SimpleNamespace(manifest=manifest, providers=["CPUExecutionProvider"], threads=1,
-                           rollouts=dict.fromkeys(rollouts))
+                           rollouts=dict.fromkeys(rollouts),
+                           capabilities=EngineCapabilities.host(rollout_gammas=frozenset(rollouts)))
 
 
 def jacobi_choice():

@@ -97,8 +97,11 @@ class FakeEngines:
     """Enough of the Engines protocol for the run CLI above `generate` (which tests replace)."""
 
     def __init__(self, manifest: Manifest):
+        from fastardiff.runtime.capabilities import EngineCapabilities
+
         self.manifest = manifest
         self.rollouts = {}
+        self.capabilities = EngineCapabilities.host()
 
 
 def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None):

@@ -224,8 +224,8 @@ def counted_engines(shared_onnx_export):
     from fastardiff.runtime.engine import load_engines
 
     engines = load_engines(shared_onnx_export[0])
-    assert {"target_verify", "target_jacobi"} <= engines.kv_in_place
-    for name in engines.kv_in_place:
+    assert {"target_verify", "target_jacobi"} <= engines.capabilities.kv_in_place
+    for name in engines.capabilities.kv_in_place:
         engines._bindings[name] = _CountingBinding(engines._bindings[name])
         engines.sessions[name]._sess = _CountingSession(engines.sessions[name]._sess)
     return engines
@@ -233,7 +233,7 @@ def counted_engines(shared_onnx_export):
 
 def _counts(engines, reset: bool = False) -> dict:
     out = {}
-    for name in engines.kv_in_place:
+    for name in engines.capabilities.kv_in_place:
         binding, session = engines._bindings[name], engines.sessions[name]._sess
         out[name] = (session.runs, dict(binding.inputs))
         if reset:
