@@ -9,7 +9,6 @@ command that records them there:  .venv/bin/python tests/test_loop_pins.py  (pri
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 
@@ -19,6 +18,7 @@ import pytest
 from fastardiff.runtime.generation import GenerationConfig
 from fastardiff.runtime.speculative import generate
 from fastardiff.runtime.stats import RunStats
+from test_speculative import HostResolved   # the engines without target_jacobi: rounds resolved on the host
 
 CLASSES = np.array([3, 7, 1])
 COUNTERS = ("target_calls", "target_rows", "draft_calls", "verifies", "drafts_proposed", "drafts_accepted",
@@ -56,19 +56,6 @@ def fingerprint() -> str:
             f"cpu {torch.backends.cpu.get_cpu_capability()}")
 
 
-class WithoutJacobiEngine:
-    """The engines without their target_jacobi engine: Jacobi rounds resolved on the host."""
-
-    def __init__(self, engines):
-        self.inner = engines
-        self.capabilities = dataclasses.replace(engines.capabilities, target_jacobi=False)
-
-    def __getattr__(self, name):
-        if name == "target_jacobi":
-            return None
-        return getattr(self.inner, name)
-
-
 def digest(engines, run: dict, seed: int) -> str:
     run = dict(run)
     image, host_rounds = run.pop("image", False), run.pop("host_rounds", False)
@@ -76,7 +63,7 @@ def digest(engines, run: dict, seed: int) -> str:
         run.setdefault("num_tokens", 64)
     gen = GenerationConfig(seed=seed, **run)
     stats = RunStats()
-    out, stats = generate(WithoutJacobiEngine(engines) if host_rounds else engines, CLASSES, gen, stats)
+    out, stats = generate(HostResolved(engines) if host_rounds else engines, CLASSES, gen, stats)
     h = hashlib.sha256(np.ascontiguousarray(out, np.float32).tobytes())
     h.update(repr([getattr(stats, c) for c in COUNTERS]).encode())
     return h.hexdigest()[:16]

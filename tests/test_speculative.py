@@ -114,6 +114,17 @@ class WithCalibration:
         return getattr(self.inner, name)
 
 
+def misrecorded_prior_proposal(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond,
+                               window):
+    """jacobi.propose_from_prior with a wrong q: guesses drawn from the prior, recorded with half its sigma."""
+    token = first[:, None] + np.arange(window)[None, :]
+    r, c = np.nonzero((token > verified[:, None]) & (token < total))
+    rows, token = act[r], token[r, c]
+    mean, sigma = prior[0][rows, token], prior[1][rows, token]
+    seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
+    guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
+
+
 @pytest.mark.parametrize("prior_kind", ["shifted", "misrecorded"])
 def test_jacobi_guesses_from_any_prior_are_exact_and_a_misrecorded_q_is_caught(shipped_engines, target_only_tokens,
                                                                               monkeypatch, prior_kind):
@@ -128,16 +139,7 @@ def test_jacobi_guesses_from_any_prior_are_exact_and_a_misrecorded_q_is_caught(s
     mean, sigma = shipped_engines.manifest.jacobi_prior
     table = encode_prior(mean + 0.15, 2 * sigma)         # the same proposal for both: recorded right or wrong
     if prior_kind == "misrecorded":
-        def misrecorded(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond,
-                        window):           # drawn from the prior, recorded with half its sigma
-            token = first[:, None] + np.arange(window)[None, :]
-            r, c = np.nonzero((token > verified[:, None]) & (token < total))
-            rows, token = act[r], token[r, c]
-            mean, sigma = prior[0][rows, token], prior[1][rows, token]
-            seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
-            guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
-
-        monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded)
+        monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded_prior_proposal)
     engines = WithCalibration(shipped_engines, jacobi_prior=table)
     spec, stats = first_tokens(engines, "speculative", seed=8, draft="jacobi", gamma=8, num_tokens=16)
     p = two_sample_pvalue(spec, target_only_tokens(1.0)[:, :16])
@@ -523,15 +525,7 @@ def test_a_broken_proposal_on_the_switching_path_is_caught(shipped_engines, targ
     import fastardiff.runtime.jacobi as jacobi
     from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
 
-    def misrecorded(arrays, rng, prior, seq, guess_mean, guess_sigma, act, first, verified, total, n_cond, window):
-        token = first[:, None] + np.arange(window)[None, :]
-        r, c = np.nonzero((token > verified[:, None]) & (token < total))
-        rows, token = act[r], token[r, c]
-        mean, sigma = prior[0][rows, token], prior[1][rows, token]
-        seq[rows, n_cond + token] = mean + sigma[:, None] * arrays.normal(rng, mean.shape)
-        guess_mean[rows, token], guess_sigma[rows, token] = mean, 0.5 * sigma
-
-    monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded)
+    monkeypatch.setattr(jacobi, "propose_from_prior", misrecorded_prior_proposal)
     gen = GenerationConfig(mode="target", gamma=6, alternative="jacobi:6", early_stop="off", seed=22,
                            num_tokens=STAT_TOKENS)
     tokens, stats = generate(shipped_engines, np.arange(STAT_BATCH) % 10, gen,
