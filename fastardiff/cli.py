@@ -202,15 +202,33 @@ def _interrupted(signum: int):
     sys.exit(128 + signum)
 
 
+def _interruption(err: BaseException) -> "Interrupted | None":
+    """The Interrupted in `err`'s cause/context chain, if any: a library (torch's exporter, say) that catches every
+    BaseException and raises its own error would otherwise turn a stopping signal into an ordinary failure."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _invoke(command, args=None, prog_name: str = "fastardiff") -> None:
     """Run a click command (or a zero-argument function returning one) with the error conventions above."""
     args = list(sys.argv[1:] if args is None else args)
     _state["verbose"] = 0
     try:
         with signals_raise_interrupted():
-            if not isinstance(command, click.Command):
-                command = command()
-            command.main(args=args, prog_name=prog_name, standalone_mode=False)
+            try:
+                if not isinstance(command, click.Command):
+                    command = command()
+                command.main(args=args, prog_name=prog_name, standalone_mode=False)
+            except Exception as err:    # a library that wrapped the signal's Interrupted in its own error
+                interrupted = _interruption(err)
+                if interrupted is None:
+                    raise
+                raise interrupted from err
     except Interrupted as err:
         _interrupted(err.signum)
     except FastardiffError as err:
