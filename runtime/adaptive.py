@@ -76,28 +76,38 @@ PRIOR_RATIO = {"target": 0.5}
 
 class Estimate:
     """Seconds per token (per row of the round) of one proposal kind over its recent scored rounds: the ratio of
-    sums and its standard error (the ratio estimator's, from per-round residuals; infinite below two rounds)."""
+    sums and its standard error (the ratio estimator's, from per-round residuals; infinite below two rounds).
+    Each round keeps its row count: a round of few rows (a ragged batch's tail) costs less per row than a full
+    one, so kinds are compared over rounds of about the same rows (`value(rows)`); mixing them judged Jacobi L8
+    1.43x faster than target-only at 16 images where whole runs measured 0.92-1.07x."""
 
     def __init__(self, window: int):
         self.rounds: deque = deque(maxlen=window)
 
-    def add(self, tokens: float, seconds: float) -> None:
+    def add(self, tokens: float, seconds: float, rows: int = 1) -> None:
         if tokens > 0:
-            self.rounds.append((tokens, seconds))
+            self.rounds.append((tokens, seconds, rows))
 
     def clear(self) -> None:
         self.rounds.clear()
 
-    def value(self) -> tuple[float, float]:
-        n = len(self.rounds)
+    def value(self, rows: int | None = None) -> tuple[float, float]:
+        """(seconds per token per row, its standard error) over the kept rounds of `rows` rows within ROW_MATCH
+        (None: every kept round)."""
+        kept = [(t, s) for t, s, r in self.rounds if rows is None or rows * ROW_MATCH <= r <= rows / ROW_MATCH]
+        n = len(kept)
         if not n:
             return math.inf, math.inf
-        tokens, seconds = np.array(self.rounds, np.float64).T
+        tokens, seconds = np.array(kept, np.float64).T
         m = seconds.sum() / tokens.sum()
         if n < 2:
             return m, math.inf
         residual = seconds - m * tokens
         return m, math.sqrt((residual ** 2).sum() / (n * (n - 1))) / tokens.mean()
+
+
+# rounds compared with a probe's: at least this fraction of its rows and at most its rows over this fraction
+ROW_MATCH = 0.75
 
 
 class Adapter:
@@ -131,14 +141,15 @@ class Adapter:
             self.current = plan.label
         current = kinds[self.current]
         other = alternative if current is plan else plan
-        probing, scored, probe_seconds = 0, True, 0.0
+        probing, scored, probe_seconds, rows = 0, True, 0.0, None
         clock, policy = self.clock, self.policy
         rounds, limit = 0, round_limit(loop.n, loop.total)
         while (act := loop.active()).size:
             rounds = next_round(rounds, limit, "adaptive")
             if not probing and self.gap <= 0 and loop.total - int(loop.n[act].min()) > policy.probe_rounds \
-                    and self.loss + self.expected_loss(current.label, other.label) <= policy.budget * self.elapsed:
-                probing, scored, probe_seconds = policy.probe_rounds, False, 0.0
+                    and self.loss + self.expected_loss(current.label, other.label, act.size) \
+                    <= policy.budget * self.elapsed:
+                probing, scored, probe_seconds, rows = policy.probe_rounds, False, 0.0, act.size
                 other.enter(act)
             running = other if probing else current
             began = clock()
@@ -146,7 +157,7 @@ class Adapter:
             seconds = clock() - began
             record_rate(stats, running.label, tokens, seconds)
             if scored:      # per row: rows a probe left ragged finish apart (rounds of fewer rows) in any kind
-                self.estimate(running.label).add(tokens / len(act), seconds)
+                self.estimate(running.label).add(tokens / len(act), seconds, len(act))
             scored = True
             self.rounds += 1
             self.elapsed += seconds
@@ -157,11 +168,11 @@ class Adapter:
             probe_seconds += seconds
             if probing:
                 continue
-            self.loss += probe_seconds * max(0.0, 1.0 - self.ratio(other.label, current.label))
-            verdict = self.decide(current.label, other.label)
+            self.loss += probe_seconds * max(0.0, 1.0 - self.ratio(other.label, current.label, rows))
+            verdict = self.decide(current.label, other.label, rows)
             if verdict == "switch":
                 stats.switches.append({"round": self.rounds, "from": current.label, "to": other.label,
-                                       "reason": self.reason(other.label, current.label)})
+                                       "reason": self.reason(other.label, current.label, rows)})
                 self.estimate(current.label).clear()      # re-measured at its next probe
                 current, other = other, current
                 self.current = current.label
@@ -170,27 +181,29 @@ class Adapter:
                 scored = False
             self.gap = policy.min_gap
 
-    def ratio(self, other: str, current: str) -> float:
-        """`other`'s token rate over `current`'s: measured where both are, else PRIOR_RATIO."""
-        m_c, _ = self.estimate(current).value()
-        m_o, _ = self.estimate(other).value()
+    def ratio(self, other: str, current: str, rows: int | None = None) -> float:
+        """`other`'s token rate over `current`'s in rounds of about `rows` rows: measured where both are, else
+        PRIOR_RATIO."""
+        m_c, _ = self.estimate(current).value(rows)
+        m_o, _ = self.estimate(other).value(rows)
         if math.isfinite(m_c) and math.isfinite(m_o) and m_o > 0:
             return m_c / m_o
         return PRIOR_RATIO.get(other, 1.0)
 
-    def expected_loss(self, current: str, other: str) -> float:
-        """Seconds a probe of `other` is expected to cost beyond running `current`: its rounds' time (as the
-        current kind's rounds take) times the share of it the slower rate wastes."""
+    def expected_loss(self, current: str, other: str, rows: int | None = None) -> float:
+        """Seconds a probe of `other` over `rows` rows is expected to cost beyond running `current`: its rounds'
+        time (as the current kind's rounds take) times the share of it the slower rate wastes."""
         rounds = self.estimate(current).rounds
-        per_round = sum(s for _, s in rounds) / len(rounds) if rounds else 0.0
-        return self.policy.probe_rounds * per_round * max(0.0, 1.0 - self.ratio(other, current))
+        per_round = sum(s for _, s, _ in rounds) / len(rounds) if rounds else 0.0
+        return self.policy.probe_rounds * per_round * max(0.0, 1.0 - self.ratio(other, current, rows))
 
-    def decide(self, current: str, other: str) -> str:
-        """"switch" when `other` is faster than `current` by the margin, z standard errors clear; "slower" when
-        its measured rate does not even clear the margin; else "unsure": promising but not yet certain (its rounds
-        are kept and pooled with the next probe's)."""
-        m_c, se_c = self.estimate(current).value()
-        m_o, se_o = self.estimate(other).value()
+    def decide(self, current: str, other: str, rows: int | None = None) -> str:
+        """"switch" when `other` is faster than `current` by the margin, z standard errors clear, in rounds of
+        about `rows` rows (the probe's); "slower" when its measured rate does not even clear the margin; else
+        "unsure": promising but not yet certain, or not measured at these rows (its rounds are kept and pooled with
+        the next probe's)."""
+        m_c, se_c = self.estimate(current).value(rows)
+        m_o, se_o = self.estimate(other).value(rows)
         margin = self.policy.margin
         if not (math.isfinite(m_c) and math.isfinite(m_o)):
             return "unsure"
@@ -200,11 +213,11 @@ class Adapter:
         noise = self.policy.z * math.hypot(se_c, margin * se_o) if self.policy.z else 0.0
         return "switch" if gain > noise else "unsure"
 
-    def reason(self, to: str, frm: str) -> str:
-        m_t, _ = self.estimate(to).value()
-        m_f, _ = self.estimate(frm).value()
+    def reason(self, to: str, frm: str, rows: int | None = None) -> str:
+        m_t, _ = self.estimate(to).value(rows)
+        m_f, _ = self.estimate(frm).value(rows)
         return (f"{to} measured {m_f / m_t:.2f}x the token rate of {frm} ({1e3 * m_t:.3f} vs {1e3 * m_f:.3f} ms "
-                f"per token, margin {self.policy.margin:.2f}x)")
+                f"per token per row, rounds of ~{rows} rows, margin {self.policy.margin:.2f}x)")
 
 
 def record_rate(stats, label: str, tokens: int, seconds: float) -> None:

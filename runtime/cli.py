@@ -127,7 +127,7 @@ def run_command(engine_dir, ckpt, prompt, num_images, gamma, draft, coupling, ea
              gen.mode, gen.draft, gen.gamma, early_stop)
     with protected(inputs), StagedOutputs() as staged:   # nothing reaches the destinations unless every output
         written = StreamedImages(staged, out, out_dir, names)    # single images staged as each chunk decodes
-        _, stats = generate(engines, classes, gen, on_images=written.add)
+        _, stats = generate(engines, classes, gen, on_images=written.add, warm=True)
         written.finish()
         if stats_json:
             if choice is not None:

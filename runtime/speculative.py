@@ -152,15 +152,45 @@ def rollout_capacity(manifest, gamma: int) -> int:
     return int(cache[-1]) if cache else shape.seq_len + gamma
 
 
+def warm_up(engines, classes: np.ndarray, gen: GenerationConfig, chunk: int) -> dict:
+    """Every engine call shape a run's first rounds use, called once before the run is timed: each proposal kind
+    the run may use (the planned one, and gen.alternative) for a short prefix at the first chunk's batch, then the
+    decoder. In a fresh process the first call of an engine at a shape is slower (ONNX Runtime plans and allocates
+    its memory for the shape; the pooled KV buffers are mapped and bound): measured ~3-4 ms of a 1-image run's
+    ~9 ms (Jacobi) or ~18 ms (target-only) on the shipped model, which a cached-plan run paid and a freshly planned
+    one (warm from the plan's timing) did not. Its own random stream and statistics: the run's images are the
+    same with and without it. Returns {seconds, target_calls, draft_calls, decode_calls} (RunStats.warm_up)."""
+    started = time.perf_counter()
+    part = np.asarray(classes, np.int64)[:chunk]
+    shape = ModelShape.from_config(engines.manifest.config)
+    kinds = [gen]
+    if gen.alternative is not None:
+        kind, g = check_alternative(engines, gen)
+        kinds.append(dataclasses.replace(gen, mode="target") if kind == "target" else speculating(gen, kind, g))
+    stats = RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
+    for kind in kinds:      # a first round and a full-window one (two steps for target-only): the run's first shapes
+        tokens = kind.gamma + 2 if kind.mode != "target" else 2
+        generate_tokens(engines, part, dataclasses.replace(kind, num_tokens=min(shape.num_tokens, tokens),
+                                                           alternative=None), np.random.default_rng(0), stats)
+    if gen.num_tokens is None:
+        engines.decoder(np.zeros((len(part), shape.num_tokens, shape.token_dim), np.float32),
+                        np.zeros((len(part), shape.num_tokens), np.float32), part)
+        stats.decode_calls += 1
+    return {"seconds": round(time.perf_counter() - started, 6), "target_calls": stats.target_calls,
+            "draft_calls": stats.draft_calls, "decode_calls": stats.decode_calls}
+
+
 def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = None,
-             max_batch: int | None = None, on_images=None, adapter: Adapter | None = None
+             max_batch: int | None = None, on_images=None, adapter: Adapter | None = None, warm: bool = False
              ) -> tuple[np.ndarray | None, RunStats]:
     """Tokens for every class id (in engine-sized chunks), then the decoder when all N tokens were asked for.
     Returns (images [B, C, H, W] in [-1, 1], or tokens [B, n, D] when gen.num_tokens is set; stats).
     on_images(images, first): called with each decoded chunk and the index of its first image instead of keeping
     it (a large run streams its images to disk); the returned images are then None. Same images either way.
     adapter: the switching state of gen.alternative (runtime/adaptive.py; a serving replica keeps one per plan
-    across requests); None: a fresh one for this run."""
+    across requests); None: a fresh one for this run.
+    warm: call every engine at the run's first shapes before the timing starts (warm_up; a command's one run in a
+    fresh process: its stats then say what the warm-up took, outside total_seconds)."""
     stats = stats or RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     classes = np.asarray(classes, np.int64)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
@@ -170,6 +200,8 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
         check_alternative(engines, gen)
         adapter = adapter or Adapter()            # one for the run: a switch carries over to the next chunk
     chunk = samples_per_call(engines, gen.cfg_scale, max_batch)   # every call fits the engines' batch profile
+    if warm:
+        stats.warm_up = warm_up(engines, classes, gen, chunk)
     rng = np.random.default_rng(gen.seed)
     started = time.perf_counter()
     outputs = []

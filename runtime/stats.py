@@ -51,6 +51,9 @@ class RunStats:
     # while it ran: {"round", "from", "to", "reason"} (runtime/adaptive.py)
     mode_rates: dict = field(default_factory=dict)
     switches: list = field(default_factory=list)
+    # the warm-up before the timed generation (runtime/speculative.py warm_up): its seconds and engine calls, outside
+    # total_seconds; None: no warm-up ran
+    warm_up: dict | None = None
 
     def record_round(self, proposed, accepted) -> None:
         """One verify per row: `proposed` [R] drafts (or Jacobi guesses) tested, `accepted` [R] of them kept;
@@ -107,12 +110,17 @@ class RunStats:
             "mode_rates": {label: {"tokens": int(r["tokens"]), "seconds": round(r["seconds"], 6)}
                            for label, r in self.mode_rates.items()},
             "switches": [dict(s) for s in self.switches],
+            **({"warm_up": dict(self.warm_up)} if self.warm_up else {}),
             "total_seconds": round(self.total_seconds, 6),
         }
 
     def table(self) -> str:
         s = self.summary()
-        rows = [(k, v) for k, v in s.items() if k not in ("seconds", "mode_rates", "switches")]
+        rows = [(k, v) for k, v in s.items() if k not in ("seconds", "mode_rates", "switches", "warm_up")]
+        if s.get("warm_up"):
+            w = s["warm_up"]
+            rows.append(("warm-up (not in total)", f"{w['seconds']:.4f} s, {w['target_calls']} target / "
+                                                   f"{w['draft_calls']} draft / {w['decode_calls']} decoder call(s)"))
         rows += [(f"time {k} (s)", v) for k, v in s["seconds"].items()]
         rows += [(f"rate {label}", f"{r['tokens']} tokens in {r['seconds']:.4f} s"
                   + (f" ({r['tokens'] / r['seconds']:.1f} tokens/s)" if r["seconds"] > 0 else ""))

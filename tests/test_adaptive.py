@@ -111,8 +111,8 @@ def test_switch_rounds_fall_in_the_right_phase(engines):
     calls_at_round = []
 
     class Recording(Adapter):
-        def decide(self, current, other):
-            verdict = super().decide(current, other)
+        def decide(self, current, other, rows=None):
+            verdict = super().decide(current, other, rows)
             if verdict == "switch":
                 calls_at_round.append(costed.calls)
             return verdict
@@ -165,11 +165,14 @@ def test_estimates_and_labels():
     e = Estimate(4)
     assert e.value() == (np.inf, np.inf)
     for tokens, seconds in ((2, 1.0), (4, 2.0), (2, 1.0)):
-        e.add(tokens, seconds)
+        e.add(tokens, seconds, rows=8)
     m, se = e.value()
     assert m == pytest.approx(0.5) and se == pytest.approx(0.0)
-    e.add(1, 3.0)
+    e.add(1, 3.0, rows=8)
     assert e.value()[1] > 0
+    e.add(10, 0.1, rows=2)                   # a ragged tail's round: compared only with rounds of about 2 rows
+    assert e.value(8) == e.value(7) != e.value() and e.value(2) == (pytest.approx(0.01), np.inf)
+    assert e.value(4) == (np.inf, np.inf)
     assert parse_label("target") == ("target", 0) and parse_label("jacobi:8") == ("jacobi", 8)
     assert parse_label("rollout:3") == parse_label("model:3") == ("model", 3)
     for bad in ("jacobi", "model:0", "target:2", "draft:2"):

@@ -277,9 +277,10 @@ def _target_plan():
 
 def test_a_run_that_contradicts_the_plan_corrects_it(cache, caplog):
     """Rates measured in the same run decide: a speculative mode that ran the margin faster than the planned
-    target-only replaces it (and back: target-only faster than the planned speculation); the loop's switch to a
-    mode it then ran counts; a contradiction inside the margin or on too few tokens changes nothing. Every run's
-    rates are kept in the plan (observed)."""
+    target-only replaces it (and back: target-only faster than the planned speculation); a contradiction inside
+    the margin or on too few tokens changes nothing. The loop's own switch never rewrites the plan: with
+    whole-run rates inside the margin the plan stays (its probes judged short stretches), without rates of the
+    planned mode the plan is marked stale and timed again. Every run's rates are kept in the plan (observed)."""
     key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
     store_plan(key, _target_plan())
     enough = MIN_EVIDENCE_TOKENS
@@ -296,10 +297,14 @@ def test_a_run_that_contradicts_the_plan_corrects_it(cache, caplog):
     assert record["observed"]["jacobi:12"]["runs"] == 3 and record["observed"]["target"]["tokens"] == 600
     back = update_from_run(key, fixed, _rates(target=(enough, 5.0), jacobi_12=(200, 5.5)))     # busy again
     assert back.gamma is None and load_plan(key).gamma is None
-    switched = update_from_run(key, back, {**_rates(target=(8, 5.0), rollout_2=(300, 4.0)),
-                                           "switches": [{"round": 3, "from": "target", "to": "rollout:2",
-                                                         "reason": "measured faster"}]})
-    assert (switched.draft, switched.gamma) == ("model", 2) and load_plan(key).gamma == 2
+    moved = [{"round": 3, "from": "target", "to": "jacobi:12", "reason": "measured faster"}]
+    close = update_from_run(key, back, {**_rates(target=(200, 5.0), jacobi_12=(enough, 4.6)), "switches": moved})
+    assert close.gamma is None and load_plan(key).gamma is None          # 1.09x over the whole run: kept
+    moved = [{"round": 3, "from": "target", "to": "rollout:2", "reason": "measured faster"}]
+    with caplog.at_level(logging.INFO, logger="fastardiff.runtime"):
+        switched = update_from_run(key, back, {**_rates(target=(8, 5.0), rollout_2=(300, 4.0)), "switches": moved})
+    assert switched.gamma is None and load_plan(key) is None            # stale: the next run times again
+    assert "switched from the planned target to model:2" in caplog.text
 
 
 def test_a_plan_whose_mode_drifted_is_timed_again(cache, caplog):
@@ -371,7 +376,7 @@ def test_a_stale_plan_is_corrected_within_one_run(shared_onnx_export, cache, tmp
             return {**super().summary(), "mode_rates": self.rates, **({"switches": self.switches}
                                                                       if self.switches else {})}
 
-    def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+    def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None, warm=False):
         if gen.num_tokens is not None:                       # --gamma auto's whole-image check
             planned_runs.append(gen)
             stats = stats or RunStats()

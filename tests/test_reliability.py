@@ -104,7 +104,7 @@ class FakeEngines:
         self.capabilities = EngineCapabilities.host()
 
 
-def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+def fake_generate(engines, classes, gen, stats=None, max_batch=None, on_images=None, warm=False):
     """Images in [-1, 1] shaped like the model's, without running any engine; like `generate`, handed to
     on_images (one chunk) instead of returned when it is given."""
     c = engines.manifest.config

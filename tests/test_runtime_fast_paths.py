@@ -278,3 +278,37 @@ def test_jacobi_rounds_reuse_their_kept_feed_arrays(counted_engines):
     assert runs > 4 * gamma and {"guess_mean", "coins", "noise", "residual_noise"} <= set(per_round), inputs
     assert max(per_round.values()) <= gamma, (runs, per_round)
     assert inputs["tokens"] == runs                               # the control: a fresh view is bound each call
+
+
+def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines, monkeypatch):
+    """generate(warm=True) (what `fastardiff run` asks for) calls every proposal kind the run may use (the plan and
+    its alternative) before the timer starts: the timed run then makes no cache binding at all (its pooled
+    buffers are the warm-up's, already bound) and its images are the very ones of an unwarmed run (the warm-up
+    has its own random stream). Counted on the engines' own IOBinding; the control, without the warm-up, binds."""
+    from fastardiff.runtime import speculative
+    from fastardiff.runtime.speculative import GenerationConfig, generate
+
+    real, seen = speculative.warm_up, []
+
+    def counted_warm_up(*args):
+        out = real(*args)
+        seen.append(_counts(counted_engines, reset=True))
+        return out
+
+    monkeypatch.setattr(speculative, "warm_up", counted_warm_up)
+    gen = GenerationConfig(draft="jacobi", gamma=3, seed=4, alternative="target")
+    classes = np.array([2])              # one image: no ragged rows (a subset of rows is a copy, bound each call)
+    counted_engines.capabilities.cache_pool._free.clear()               # a fresh process: nothing pooled yet
+    _counts(counted_engines, reset=True)
+    warmed, stats = generate(counted_engines, classes, gen, warm=True)
+    assert len(seen) == 1 and stats.warm_up["target_calls"] >= 2 + 2 and stats.warm_up["decode_calls"] == 1
+    assert seen[0]["target_jacobi"][0] > 0 and seen[0]["target_verify"][0] > 0      # both kinds warmed
+    timed = _counts(counted_engines)
+    assert timed["target_jacobi"][0] > 0
+    for name, (runs, inputs) in timed.items():
+        assert not any(k.startswith(("k_cache_", "v_cache_")) for k in inputs), (name, inputs)
+    counted_engines.capabilities.cache_pool._free.clear()
+    _counts(counted_engines, reset=True)
+    cold, cold_stats = generate(counted_engines, classes, gen)
+    assert cold_stats.warm_up is None and np.array_equal(cold, warmed)
+    assert any(k.startswith("k_cache_") for k in _counts(counted_engines)["target_jacobi"][1])   # the control
