@@ -220,3 +220,50 @@ def test_the_run_cli_adapts_planned_runs_only(engines):
     assert plan("auto", True).alternative == "jacobi:8" and plan("auto", True).mode == "target"
     assert plan("auto", False).alternative is None
     assert plan(4, True).alternative is None
+
+
+class RowCosts(CountedCosts):
+    """A call costs a fixed part plus one per row and fed token (`per`): rounds over a ragged batch's few last rows
+    are cheap per row in every kind."""
+
+    def __init__(self, engines, per):
+        super().__init__(engines, [(10 ** 9, None)])
+        self.per = per
+
+    def _charged(self, fn):
+        def call(tokens, *rest):
+            self.now += 1.0 + self.per * tokens.shape[0] * tokens.shape[1]
+            self.calls += 1
+            return fn(tokens, *rest)
+        return call
+
+
+def test_a_probe_is_judged_against_rounds_of_its_own_rows():
+    """A ragged batch's tail rounds of few rows cost less per row: Jacobi rounds over 2 rows look 3x faster per
+    token per row than target-only's over 8, but a probe over 8 rows has only target-only's 8-row rounds to be
+    compared with: no switch on the tail's evidence ("unsure" until it is measured at 8 rows), and the switch
+    once it is, measured faster there."""
+    adapter = Adapter(AdaptPolicy())
+    for _ in range(6):
+        adapter.estimate("target").add(1.0, 1.0, rows=8)
+        adapter.estimate("jacobi:8").add(3.0, 1.0, rows=2)
+    assert adapter.decide("target", "jacobi:8") == "switch"             # every round pooled: the bias
+    assert adapter.decide("target", "jacobi:8", rows=8) == "unsure"
+    assert adapter.ratio("jacobi:8", "target", rows=8) == 1.0            # the prior: not measured at 8 rows
+    for seconds in (0.70, 0.72, 0.71, 0.69):
+        adapter.estimate("jacobi:8").add(1.0, seconds, rows=8)
+    assert adapter.decide("target", "jacobi:8", rows=8) == "switch"
+    assert "rounds of ~8 rows" in adapter.reason("jacobi:8", "target", 8)
+
+
+def test_rows_dependent_costs_do_not_make_a_run_switch_to_a_slower_kind(engines):
+    """Costs that grow with a call's rows and fed tokens (compute-bound: Jacobi L = 8 ~1.4x slower than target-only
+    at every row count), 16 images in chunks of 8 (the adapter carries over): the planned target-only keeps
+    running; its probes of Jacobi, over full and ragged rows, never switch."""
+    costed = RowCosts(engines, per=0.2)
+    stats = RunStats()
+    gen = GenerationConfig(mode="target", gamma=8, alternative="jacobi:8", seed=5)
+    generate(costed, np.arange(16) % 10, gen, stats, max_batch=8,
+             adapter=Adapter(AdaptPolicy(budget=1.0), clock=costed.clock))
+    rates = {k: r["seconds"] / r["tokens"] for k, r in stats.mode_rates.items()}
+    assert rates["jacobi:8"] > 1.2 * rates["target"] and stats.switches == [], (stats.switches, rates)
