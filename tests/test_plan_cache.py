@@ -423,3 +423,25 @@ def test_a_stale_plan_is_corrected_within_one_run(shared_onnx_export, cache, tmp
     stats, err = run()
     assert "cached plan" in err and stats["mode"] == "target"
     assert timed_calls == [1] and len(planned_runs) == planned      # nothing timed after the first run
+
+
+def test_a_serving_replica_follows_its_requests_rates(cache):
+    """A replica folds each request's measured rates into its plan (the user's plan cache and its own later
+    requests), as `fastardiff run` does: a request whose loop measured Jacobi 2x faster than the planned
+    target-only makes the replica's next requests speculate; a request without rates changes nothing."""
+    import threading
+
+    from fastardiff.runtime.serve.replica import Generator
+
+    key = plan_key(stub_engines(), 1, 1.0, DRAFTS, {})
+    store_plan(key, _target_plan())
+    replica = object.__new__(Generator)
+    replica._choice_lock, planned = threading.Lock(), _target_plan()
+    replica._choices, replica._plan_keys = {(1.0, DRAFTS): planned}, {(1.0, DRAFTS): key}
+    replica._follow_run(planned, {"images": 1})
+    assert replica._choices[(1.0, DRAFTS)] is planned
+    replica._follow_run(planned, _rates(target=(200, 10.0), jacobi_12=(MIN_EVIDENCE_TOKENS, 5.0)))
+    now = replica._choices[(1.0, DRAFTS)]
+    assert (now.draft, now.gamma) == ("jacobi", 12) and load_plan(key).gamma == 12
+    replica._follow_run(planned, _rates(target=(200, 10.0), jacobi_12=(MIN_EVIDENCE_TOKENS, 5.0)))  # a stale one
+    assert replica._choices[(1.0, DRAFTS)] is now

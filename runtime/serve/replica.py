@@ -64,6 +64,7 @@ class Generator:
         self.merger = EngineCallMerger(self.engines)
         self.max_batch = max_batch
         self._choices: dict = {}
+        self._plan_keys: dict = {}                # (cfg, drafts) -> the plan cache key its choice came from / goes to
         self._choice_lock = threading.Lock()
         self.plans = 0                            # --gamma auto plans made (timed or read from the plan cache)
         # adapt: requests planned by --gamma auto switch proposal kinds as measured (runtime/adaptive.py), each kind
@@ -137,10 +138,13 @@ class Generator:
                 from fastardiff.runtime.plan_cache import cached_choice
 
                 batch = self.planning_batch(cfg_scale)
+                from fastardiff.runtime.plan_cache import plan_key
+
                 with self.merger.join(guided=cfg_scale != 1.0, exclusive=True) as alone:
                     self._choices[key], source = cached_choice(
                         alone, batch, cfg_scale, drafts, None,
                         lambda: choose_gamma(alone, batch, cfg_scale, drafts=drafts))
+                    self._plan_keys[key] = plan_key(alone, batch, cfg_scale, drafts, None)
                 self.plans += 1
                 log.info("replica %d: gamma auto for cfg %g: %s (%s)", os.getpid(), cfg_scale,
                          self._choices[key].reason, source)
@@ -178,9 +182,25 @@ class Generator:
         if choice is not None:
             stats.gamma_choice = choice.to_dict()
         summary = stats.summary()
+        if choice is not None:
+            self._follow_run(choice, summary)
         # the engine calls of this request's loop, and how many requests' calls each ran with on average
         summary["batch"] = {"engine_calls": engines.calls,
                             "requests_per_engine_call": round(engines.merged / max(1, engines.calls), 3)}
         return {"images": [png_base64(im) for im in to_uint8(images)], "classes": list(map(int, classes)),
                 "stats": summary}
+
+    def _follow_run(self, choice, summary) -> None:
+        """What a request's loop measured corrects its plan (runtime/plan_cache.py update_from_run, as `fastardiff
+        run` does): in the user's plan cache, and for this replica's later requests when the plan changed."""
+        from fastardiff.runtime.plan_cache import update_from_run
+
+        with self._choice_lock:
+            key = next((k for k, c in self._choices.items() if c is choice), None)
+            if key is None:
+                return
+            now = update_from_run(self._plan_keys.get(key), choice, summary)
+            if now is not None and now.to_dict() != choice.to_dict():
+                log.info("replica %d: gamma auto for cfg %g now %s", os.getpid(), key[0], now.reason)
+                self._choices[key] = now
 
