@@ -52,6 +52,20 @@ def alternative_for(choice, manifest) -> str | None:
     return f"{best.get('draft', 'model')}:{int(best['gamma'])}"
 
 
+def plan_rates_of(choice) -> tuple:
+    """((label, ms per token), ...) of the kinds a GammaChoice measured in whole-image runs (its `measured`), the
+    labels sorted; () where it measured none or the entries are malformed (a hand-edited cache)."""
+    out = []
+    for label, entry in (choice.measured or {}).items() if isinstance(choice.measured, dict) else ():
+        try:
+            ms = float(entry["ms_per_token"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(ms) and ms > 0:
+            out.append((str(label), ms))
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True)
 class AdaptPolicy:
     first_probe: int = 4        # rounds of the planned kind before the first probe
@@ -119,8 +133,10 @@ class Adapter:
     probe's expected loss stays within `budget` of the run's time so far (a probe that lost much delays the next
     one; a probe of a kind about as fast as the current one costs nothing and may come every `min_gap` rounds)."""
 
-    def __init__(self, policy: AdaptPolicy | None = None, clock=time.perf_counter):
+    def __init__(self, policy: AdaptPolicy | None = None, clock=time.perf_counter, plan_rates=()):
         self.policy, self.clock = policy or AdaptPolicy(), clock
+        # {label: ms per token} the plan measured (GenerationConfig.plan_rates): the prior of ratio()
+        self.plan_rates = {str(label): float(ms) for label, ms in plan_rates if float(ms) > 0}
         self.current: str | None = None        # the label running between probes (None: the plan's, at the start)
         self.estimates: dict[str, Estimate] = {}
         self.rounds = 0                        # rounds run by this adapter (RunStats.switches' round)
@@ -182,12 +198,17 @@ class Adapter:
             self.gap = policy.min_gap
 
     def ratio(self, other: str, current: str, rows: int | None = None) -> float:
-        """`other`'s token rate over `current`'s in rounds of about `rows` rows: measured where both are, else
-        PRIOR_RATIO."""
+        """`other`'s token rate over `current`'s in rounds of about `rows` rows: measured where both are, else the
+        plan's measurement of both (its whole-image runs on this machine), else PRIOR_RATIO. A plan that measured
+        the alternative much slower makes its probes rarer from the start (a first probe of Jacobi L8 at 16
+        images on a busy machine is otherwise priced at par)."""
         m_c, _ = self.estimate(current).value(rows)
         m_o, _ = self.estimate(other).value(rows)
         if math.isfinite(m_c) and math.isfinite(m_o) and m_o > 0:
             return m_c / m_o
+        planned = [self.plan_rates.get(label.replace("rollout:", "model:", 1)) for label in (current, other)]
+        if None not in planned:                  # the plan names the model draft model:<g> however it ran
+            return planned[0] / planned[1]
         return PRIOR_RATIO.get(other, 1.0)
 
     def expected_loss(self, current: str, other: str, rows: int | None = None) -> float:

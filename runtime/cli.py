@@ -190,14 +190,14 @@ def plan_generation(engines, num_images: int, gamma, draft: str, coupling: bool,
         gamma = choice.gamma if choice is not None and choice.gamma else int(engines.manifest.gamma or 4)
     if draft == "auto":   # an explicit --gamma (or target-only): the model draft where the engines have one
         draft = "model" if "draft_step" in engines.manifest.engines else "jacobi"
-    alternative = None
+    alternative, plan_rates = None, ()
     if adapt and choice is not None:
-        from fastardiff.runtime.adaptive import alternative_for
+        from fastardiff.runtime.adaptive import alternative_for, plan_rates_of
 
-        alternative = alternative_for(choice, engines.manifest)
+        alternative, plan_rates = alternative_for(choice, engines.manifest), plan_rates_of(choice)
     gen = GenerationConfig(mode=mode, gamma=gamma, draft=draft, coupling=coupling, early_stop=early_stop,
                            temperature=temperature, cfg_scale=cfg_scale, eta=eta, seed=seed, alternative=alternative,
-                           **head_options)
+                           plan_rates=plan_rates if alternative else (), **head_options)
     check_request(gen, ModelShape.from_config(engines.manifest.config), verify_limit(engines))
     return gen, choice
 

@@ -48,6 +48,8 @@ class GenerationConfig:
                                             # backends only; speculative.in_engine_acceptance)
     alternative: str | None = None  # a proposal the run re-checks while it generates and switches to when measured
                                     # faster ("target", "jacobi:<L>", "model:<g>"; runtime/adaptive.py); None: off
+    plan_rates: tuple = ()          # ((label, ms per token), ...) the plan measured: the run's prior of each kind's
+                                    # speed until it measures them itself (adaptive.Adapter.ratio)
 
 
 @dataclass(frozen=True)

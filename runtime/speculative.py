@@ -198,7 +198,8 @@ def generate(engines, classes, gen: GenerationConfig, stats: RunStats | None = N
         check_proposal(engines, "model" if gen.mode == "draft" else gen.draft)
     if gen.alternative is not None:
         check_alternative(engines, gen)
-        adapter = adapter or Adapter()            # one for the run: a switch carries over to the next chunk
+        adapter = adapter or Adapter(plan_rates=gen.plan_rates)   # one for the run: a switch carries over to the
+                                                                  # next chunk
     chunk = samples_per_call(engines, gen.cfg_scale, max_batch)   # every call fits the engines' batch profile
     if warm:
         stats.warm_up = warm_up(engines, classes, gen, chunk)

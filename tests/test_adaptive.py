@@ -211,14 +211,16 @@ def test_the_run_cli_adapts_planned_runs_only(engines):
     from fastardiff.runtime.cli import plan_generation
     from fastardiff.runtime.gamma_auto import GammaChoice
 
-    busy = GammaChoice(None, "busy", 1.0, [{"draft": "jacobi", "gamma": 8, "speedup": 2.0, "measured_speedup": 0.9}])
+    busy = GammaChoice(None, "busy", 1.0, [{"draft": "jacobi", "gamma": 8, "speedup": 2.0, "measured_speedup": 0.9}],
+                       "model", {"target": {"ms_per_token": 0.9}, "jacobi:8": {"ms_per_token": 1.0}})
 
     def plan(gamma, adapt):
         return plan_generation(engines, 1, gamma, "auto", True, "static", "speculative", 1.0, 1.0, 0.0, 0,
                                lambda *a: busy, None, adapt)[0]
 
     assert plan("auto", True).alternative == "jacobi:8" and plan("auto", True).mode == "target"
-    assert plan("auto", False).alternative is None
+    assert plan("auto", True).plan_rates == (("jacobi:8", 1.0), ("target", 0.9))     # the run's prior
+    assert plan("auto", False).alternative is None and plan("auto", False).plan_rates == ()
     assert plan(4, True).alternative is None
 
 
@@ -267,3 +269,28 @@ def test_rows_dependent_costs_do_not_make_a_run_switch_to_a_slower_kind(engines)
              adapter=Adapter(AdaptPolicy(budget=1.0), clock=costed.clock))
     rates = {k: r["seconds"] / r["tokens"] for k, r in stats.mode_rates.items()}
     assert rates["jacobi:8"] > 1.2 * rates["target"] and stats.switches == [], (stats.switches, rates)
+
+
+def test_the_plans_measurements_are_the_prior_until_the_run_measures():
+    """Before a run has measured both kinds, a probe is priced by the plan's own whole-image measurements
+    (plan_rates_of its GammaChoice): a Jacobi alternative the plan measured at half target-only's rate costs half
+    a probe's time (probes come later), one measured at par costs nothing; without them, the fixed prior."""
+    from fastardiff.runtime.adaptive import PRIOR_RATIO, plan_rates_of
+
+    class Plan:
+        measured = {"target": {"ms_per_token": 0.2, "runs": 5}, "jacobi:8": {"ms_per_token": 0.4, "runs": 5},
+                    "model:4": {"ms_per_token": 0.1}, "bad": {"ms_per_token": "x"}, "nan": {"ms_per_token": "nan"}}
+
+    rates = plan_rates_of(Plan)
+    assert rates == (("jacobi:8", 0.4), ("model:4", 0.1), ("target", 0.2))
+    planned = Adapter(plan_rates=rates)
+    assert planned.ratio("jacobi:8", "target") == pytest.approx(0.5)
+    assert planned.ratio("rollout:4", "target") == pytest.approx(2.0)     # the model draft's rollout label
+    assert Adapter().ratio("jacobi:8", "target") == 1.0 and Adapter().ratio("target", "jacobi:8") == PRIOR_RATIO["target"]
+    for _ in range(3):
+        planned.estimate("target").add(1.0, 1.0)
+    assert planned.expected_loss("target", "jacobi:8") == pytest.approx(4 * 1.0 * 0.5)
+    assert Adapter(plan_rates=(("target", 0.2), ("jacobi:8", 0.2))).ratio("jacobi:8", "target") == 1.0
+    for _ in range(3):
+        planned.estimate("jacobi:8").add(1.0, 0.5)
+    assert planned.ratio("jacobi:8", "target") == pytest.approx(2.0)      # measured: the plan's guess is gone

@@ -162,7 +162,7 @@ class Generator:
 
         key = (gen.mode, gen.draft, gen.gamma, gen.alternative, gen.cfg_scale)
         with self._choice_lock:
-            return self._adapters.setdefault(key, Adapter())
+            return self._adapters.setdefault(key, Adapter(plan_rates=gen.plan_rates))
 
     def _generate(self, classes, gen, choice) -> dict:
         from fastardiff.runtime.images import to_uint8
