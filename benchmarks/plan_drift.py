@@ -75,10 +75,14 @@ def case(engine: str, name: str, args: list, pairs: int, work: Path) -> list[dic
         planned = run(engine, args, stale, work, ["--replan"])
     first = run(engine, args, stale, work)           # quiet, the busy plan: corrected in this run?
     ratios = []
-    for _ in range(pairs):
-        a = run(engine, args, stale, work)
+    for i in range(pairs):                          # AB BA AB ...: a drift of the machine falls on both sides
         shutil.rmtree(fresh, ignore_errors=True)      # a fresh cache: plans on the quiet machine
-        b = run(engine, args, fresh, work)
+        if i % 2 == 0:
+            a = run(engine, args, stale, work)
+            b = run(engine, args, fresh, work)
+        else:
+            b = run(engine, args, fresh, work)
+            a = run(engine, args, stale, work)
         ratios.append(b["total_seconds"] / a["total_seconds"])
     rows.append({"case": name, "direction": "busy plan -> quiet run", "planned": describe(planned),
                  "first run": describe(first), "later runs": describe(a), "median ratio": statistics.median(ratios),
@@ -87,9 +91,13 @@ def case(engine: str, name: str, args: list, pairs: int, work: Path) -> list[dic
     planned = run(engine, args, quiet, work, ["--replan"])          # quiet -> busy
     ratios = []
     with loaded(LOAD_PROCS):
-        for _ in range(pairs):
-            a = run(engine, args, quiet, work)
-            b = run(engine, args, quiet, work, ["--mode", "target"])
+        for i in range(pairs):
+            if i % 2 == 0:
+                a = run(engine, args, quiet, work)
+                b = run(engine, args, quiet, work, ["--mode", "target"])
+            else:
+                b = run(engine, args, quiet, work, ["--mode", "target"])
+                a = run(engine, args, quiet, work)
             ratios.append(b["total_seconds"] / a["total_seconds"])
     rows.append({"case": name, "direction": "quiet plan -> busy run", "planned": describe(planned),
                  "first run": "-", "later runs": describe(a), "median ratio": statistics.median(ratios),
