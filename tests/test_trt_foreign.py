@@ -7,7 +7,7 @@ KV-cache geometry. Built, not run: deserialising an engine needs a GPU (none her
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 
 import pytest
@@ -15,8 +15,17 @@ import torch
 
 from cli_runner import run_cli
 
-HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx is not installed (pip install 'fastardiff[trt-rtx]')")
+
+def _rtx_importable() -> bool:
+    try:                        # not installed, or installed but not loadable (its shared libraries missing)
+        importlib.import_module("tensorrt_rtx")
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+needs_rtx = pytest.mark.skipif(not _rtx_importable(), reason="tensorrt_rtx is not importable (pip install "
+                               "'fastardiff[trt-rtx]')")
 CAPABILITIES = ("8.6",)
 BATCH, GAMMA = 2, 2
 
