@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every contender")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--note", default="", help="written into the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     classes = np.arange(args.batch) % 10
@@ -123,7 +124,8 @@ def main(argv=None) -> None:
         print(f"gamma auto on {d}: {choice['reason']}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "batch": args.batch, "repeats": args.repeats,
-                                         "threads": args.threads, "rows": rows, "gamma_auto": choices}, indent=2))
+                                         "threads": args.threads, "rows": rows, "gamma_auto": choices,
+                                         **({"note": args.note} if args.note else {})}, indent=2))
 
 
 if __name__ == "__main__":

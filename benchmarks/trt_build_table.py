@@ -72,7 +72,7 @@ def build_variant(ckpt, kv_update: str, precision: str, args, work: Path, on_row
             row["export_seconds"] = round(time.perf_counter() - start, 1)
             row["plugin_nodes"] = graph.plugin_nodes
             build_engine_file(built, ckpt.config.to_dict(), graph, work, precision)
-            row.update(parsed=True, built=True, **built.stats[name])
+            row.update(parsed=True, built=True, **table_fields(built.stats[name]))
         except FastardiffError as err:
             row["parsed"] = "could not parse" not in str(err)
             row["error"] = str(err)[:300]
@@ -99,8 +99,13 @@ def manifest_rows(spec: str) -> list[dict]:
     model = data["config"].get("name", engine_dir.name)
     kv = "in-place" if data["export"].get("kv_update", "").startswith("in place") else "host"
     return [{"model": model, "engine": name, "kv_update": kv, "precision": data["precision"], "parsed": True,
-             "built": True, "source": f"fastardiff-export manifest ({engine_dir.name})", **stats}
+             "built": True, "source": f"fastardiff-export manifest ({engine_dir.name})", **table_fields(stats)}
             for name, stats in trt["engines"].items() if not only or name in only.split(",")]
+
+
+def table_fields(stats: dict) -> dict:
+    """A build's figures without its optimisation profile (the manifest keeps that)."""
+    return {k: v for k, v in stats.items() if k != "profile"}
 
 
 def write_atomically(path: Path, text: str) -> None:

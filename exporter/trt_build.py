@@ -151,6 +151,21 @@ def configure_targets(trt, config, library: TensorRTLibrary | None, compute_capa
                                   "8.9, 12.0, 12.1 with --compute-capability")
 
 
+def read_profile(network, profile) -> dict[str, list[list[int]]]:
+    """The optimisation profile as TensorRT holds it: every dynamic network input -> [min, opt, max] shapes (the
+    manifest's record of what the engine accepts; a static input has none)."""
+    held = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if any(d < 0 for d in tensor.shape):
+            held[tensor.name] = [[int(d) for d in shape] for shape in profile.get_shape(tensor.name)]
+    return held
+
+
+def profile_text(shapes: dict) -> str:
+    return ", ".join(f"{name} {list(lo)}..{list(hi)}" for name, (lo, _, hi) in shapes.items())
+
+
 def parse_network(trt, logger, builder, onnx_path: Path):
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -176,7 +191,10 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise FastardiffError(f"TensorRT refused the optimisation profile of '{label}' ({profile_text(shapes)}); "
+                              "the engine's inputs and the profile disagree: report it with the model's config")
+    held = read_profile(network, profile)
     cache = None
     if library is None or library.timing_cache:
         cache = attach_timing_cache(config, timing_cache, label)
@@ -193,5 +211,5 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, shapes: dict, 
     if cache is not None:
         save_timing_cache(config, timing_cache, label)
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": len(data), **counts,
-            "progress_callbacks": monitor.calls,
+            "progress_callbacks": monitor.calls, "profile": held,
             "plugin_embedded": bool(embed_plugin is not None and counts["plugin_layers"])}

@@ -84,9 +84,20 @@ def expected_plugin_nodes(module: torch.nn.Module) -> int:
     times the number of times the engine calls the model (a draft_rollout of length g calls it g times)."""
     from fastardiff.recipes.models import ARTransformer
 
-    calls = max((getattr(m, "gamma", 0) for m in module.modules()), default=0) or 1
-    shallow = all(getattr(m, "shallow_entropy", True) for m in module.modules())   # False: the target engines
-    return calls * sum(len(m.entropy_layers(shallow)) for m in module.modules() if isinstance(m, ARTransformer))
+    models = [m for m in module.modules() if isinstance(m, ARTransformer)]
+    if not models:          # a model trained elsewhere: no entropy attention, no plugin node
+        return 0
+    # only fastardiff's own flags count: a library module may carry a weight under the same name (x-transformers'
+    # LayerNorm has a `gamma` Parameter, whose max() with ints raised 'Boolean value of Tensor ... is ambiguous')
+    calls = max((m.gamma for m in module.modules() if _is_flag(getattr(m, "gamma", None), int)), default=0) or 1
+    shallow = all(m.shallow_entropy for m in module.modules()    # False: the target engines
+                  if _is_flag(getattr(m, "shallow_entropy", None), bool))
+    return calls * sum(len(m.entropy_layers(shallow)) for m in models)
+
+
+def _is_flag(value, kind) -> bool:
+    """A plain Python int / bool attribute (never a tensor or parameter of the same name)."""
+    return isinstance(value, kind) and not isinstance(value, torch.Tensor)
 
 
 # ---------------------------------------------------------------------------------------------- ONNX op

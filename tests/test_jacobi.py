@@ -567,3 +567,41 @@ def test_prior_proposals_for_one_row_equal_the_general_rows_path():
     np.testing.assert_array_equal(mean[0, 6:9], prior[0][0, 6:9])
     np.testing.assert_array_equal(sigma[0, 6:9], prior[1][0, 6:9])
     assert not seq[:, :7].any() and not seq[:, 10:].any() and not seq[1].any() and (sigma[1] == 1).all()
+
+
+def matches_diagonal(x, mean, sigma) -> float:
+    """matches_p for N(mean, diag(sigma^2)) (sigma [R, D]): whitened per dimension, then the same KS tests."""
+    z = (x - mean) / sigma
+    return min(sps.kstest(z[:, 0], "norm").pvalue, sps.kstest(z[:, -1], "norm").pvalue,
+               sps.kstest((z**2).sum(1), sps.chi2(x.shape[1]).cdf).pvalue)
+
+
+@pytest.mark.parametrize("coupling", [True, False])
+def test_resolve_slots_with_diagonal_scales(coupling):
+    """The foreign-gaussian family's round (per-dimension sigma [R, G, D], widths differing by dimension and
+    between p and q): the emitted token follows p0, the next window's first guess after a rejection follows its
+    recorded q = p1 (coupled from g1 or drawn fresh), the bonus follows p2; g1 itself (q1) does not follow p1."""
+    dim, window = 6, 2
+    rng = np.random.default_rng(5)
+    widths = SIG * np.array([0.5, 1.0, 2.0, 0.8, 1.5, 1.2])
+    q_mean = np.tile(rng.normal(size=(1, 2, dim)), (N, 1, 1))
+    p_mean = np.concatenate([q_mean, q_mean[:, -1:]], axis=1) + np.tile(rng.normal(size=(1, 3, dim)) * 0.2 * widths,
+                                                                        (N, 1, 1))
+    p_mean[:, :2, 0] += np.array([1.0, 0.8]) * widths[0]
+    q_sigma = np.tile(widths, (N, 2, 1))
+    p_sigma = np.tile(widths * np.array([1.1, 0.9, 1.3, 1.0, 0.7, 1.2]), (N, 3, 1))
+    guesses = sample_gaussian(rng, q_mean, q_sigma).astype(np.float32).astype(np.float64)
+    p, q = TokenDistribution(p_mean, p_sigma, None), TokenDistribution(q_mean, q_sigma, None)
+    accepted, out, next_mean, next_sigma = resolve_slots(rng, guesses, np.full(N, 2), p, q, window, coupling)
+    first = np.where((accepted >= 1)[:, None], guesses[:, 0], out[:, 0])
+    assert matches_diagonal(first, p_mean[:, 0], p_sigma[:, 0]) > 1e-3
+    stopped = accepted == 0
+    assert 0.2 < stopped.mean() < 0.8
+    g1 = out[stopped, 1]
+    assert matches_diagonal(g1, p_mean[stopped, 1], p_sigma[stopped, 1]) > 1e-3
+    np.testing.assert_allclose(next_sigma[stopped, 0], p_sigma[stopped, 1], rtol=1e-6)
+    kept = (g1 == guesses[stopped, 1]).all(axis=1)
+    assert (kept.mean() > 0.3) if coupling else not kept.any()
+    assert matches_diagonal(guesses[stopped, 1], p_mean[stopped, 1], p_sigma[stopped, 1]) < 1e-6
+    everything = accepted == 2
+    assert matches_diagonal(out[everything, 0], p_mean[everything, 2], p_sigma[everything, 2]) > 1e-3
