@@ -57,7 +57,22 @@ def main(argv=None) -> None:
     g = int(best.split(":")[1].split()[0])
     drafted, _ = run(engines, classes, mode="speculative", draft="model", gamma=g, early_stop="off", seed=3)
     drafted_static, _ = run(engines, classes, mode="speculative", draft="model", gamma=g, early_stop="static", seed=4)
+    from fastardiff.runtime import proposals       # the negative control: q's variance read as its std in the
+    exact = proposals.accept_drafts                 # acceptance (drafts still drawn from q): the test must see it
+
+    def variance_as_std(rng, drafts, num_drafts, p, q, *rest):
+        return exact(rng, drafts, num_drafts, p, q._replace(sigma=q.sigma ** 2), *rest)
+
+    proposals.accept_drafts = variance_as_std
+    try:
+        wrong, _ = run(engines, classes, mode="speculative", draft="model", gamma=g, early_stop="off", seed=5)
+    finally:
+        proposals.accept_drafts = exact
+    # the draft alone: how far q is from p at all (an acceptance bug can only show where q differs from p)
+    draft_only, _ = run(engines, classes, mode="draft", seed=6)
     pvalues = {"target vs target (other seed)": two_sample_pvalue(target, target_again),
+               "target vs draft alone (no acceptance at all)": two_sample_pvalue(target, draft_only),
+               f"target vs model:{g} with the variance-as-std acceptance (mutant)": two_sample_pvalue(target, wrong),
                f"target vs model:{g} (early stop off)": two_sample_pvalue(target, drafted),
                f"target vs model:{g} (early stop static)": two_sample_pvalue(target, drafted_static)}
     print(json.dumps(pvalues, indent=2), flush=True)
