@@ -56,8 +56,8 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
                    "8.0,8.6,8.9,12.0: Ampere, Ada and Blackwell RTX).")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
-def export_command(ckpt, model, draft_ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
-                   kv_update, trt_library, compute_capabilities, verbose):
+def export_command(ckpt, model, draft_ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force,
+                   onnx_only, draft, kv_update, trt_library, compute_capabilities, verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
     if verbose:

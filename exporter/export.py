@@ -158,7 +158,8 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
     versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
                 "numpy": library_versions(["numpy"])["numpy"], "engine_code": engine_code_hash(),
                 **library_versions(TARGET_LIBRARIES[opts.target])}
-    key = cache_key(ckpt_sha if draft_sha is None else f"{ckpt_sha}+draft:{draft_sha}", cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
+    weights = ckpt_sha if draft_sha is None else f"{ckpt_sha}+draft:{draft_sha}"    # another draft: other engines
+    key = cache_key(weights, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
     if not opts.force:
         manifest = cached_manifest(out, key)
         if manifest is not None:
@@ -193,7 +194,8 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
                 gpu=result.gpu or gpu, plugin=result.plugin,
                 export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
                         "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
-                        "seconds": round(time.perf_counter() - start, 2), **_foreign_export(ckpt, draft_ckpt, draft_sha),
+                        "seconds": round(time.perf_counter() - start, 2),
+                        **_foreign_export(ckpt, draft_ckpt, draft_sha),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
             write_manifest(tmp, manifest)
             verify_engine_files(tmp, load_manifest(tmp))

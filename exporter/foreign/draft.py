@@ -34,8 +34,8 @@ FITS = (("token_dim", "token dim"), ("num_classes", "classes"), ("positions", "p
 
 
 def make_hint(cfg: ForeignGaussianConfig) -> str:
-    return (f"make a draft for this model with `python -m fastardiff.recipes.foreign_draft --model {cfg.factory or 'REF'} "
-            "--ckpt WEIGHTS --out draft.pt`")
+    return ("make a draft for this model with `python -m fastardiff.recipes.foreign_draft --model "
+            f"{cfg.factory or 'REF'} --ckpt WEIGHTS --out draft.pt`")
 
 
 def draft_config(cfg: ForeignGaussianConfig, layers: int, mlp_ratio: int = 2) -> ForeignGaussianConfig:
@@ -58,7 +58,7 @@ class ForeignDraft(nn.Module):
         return params, gaussian_entropy(params[..., self.token_dim:], self.variance_floor), shallow, new_k, new_v
 
     def forward_sequence(self, tokens, cond):
-        """Teacher-forced over whole sequences [B, N, D] -> ([mean, log variance] [B, N, 2D], shallow entropy [B, N])."""
+        """Teacher-forced over sequences [B, N, D] -> ([mean, log variance] [B, N, 2D], shallow entropy [B, N])."""
         params, _, shallow = self.model.forward_sequence(tokens, cond)
         return params, shallow
 
@@ -122,7 +122,8 @@ def read_draft(path, cfg: ForeignGaussianConfig) -> tuple[ForeignDraft, ForeignG
         own = draft.state_dict()
         bad = next((k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)), None)
         if bad is not None or set(state) != set(own):
-            raise CheckpointError(f"--draft-ckpt '{path}': its weights do not match its config (key '{bad or sorted(set(state) ^ set(own))[0]}'); "
+            bad = bad or sorted(set(state) ^ set(own))[0]
+            raise CheckpointError(f"--draft-ckpt '{path}': its weights do not match its config (key '{bad}'); "
                                   f"{make_hint(cfg)}")
         draft.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError) as err:
