@@ -84,7 +84,8 @@ def expected_plugin_nodes(module: torch.nn.Module) -> int:
     times the number of times the engine calls the model (a draft_rollout of length g calls it g times)."""
     from fastardiff.recipes.models import ARTransformer
 
-    calls = max((getattr(m, "gamma", 0) for m in module.modules()), default=0) or 1
+    # (an int: a library's own modules may have a `gamma` of their own, x-transformers' LayerNorm gain a tensor)
+    calls = max((g for m in module.modules() if isinstance(g := getattr(m, "gamma", 0), int)), default=0) or 1
     shallow = all(getattr(m, "shallow_entropy", True) for m in module.modules())   # False: the target engines
     return calls * sum(len(m.entropy_layers(shallow)) for m in module.modules() if isinstance(m, ARTransformer))
 

@@ -175,3 +175,18 @@ def test_foreign_engines_without_a_draft_keep_their_refusal():
         check_draft_supported(without, "speculative", "model")
     check_draft_supported(SimpleNamespace(family="foreign-gaussian", engines={**without.engines, "draft_step": 1}),
                           "speculative", "model")
+
+
+def test_trt_plugin_count_ignores_a_library_tensor_named_gamma():
+    """`--target trt` counts the entropy-attention nodes per engine by its modules' int `gamma` (a rollout's length);
+    x-transformers' norms have a tensor `gamma` of their own, which once failed every foreign trt export."""
+    from torch import nn
+
+    from fastardiff.exporter.trt_graph import expected_plugin_nodes
+    from fastardiff.recipes.config import DriftARConfig
+    from fastardiff.recipes.models import ARTransformer
+
+    holder = nn.Module()
+    holder.library, holder.draft = xt.build(dim=32, depth=2, heads=4), ARTransformer(DriftARConfig(), 1)
+    assert any(isinstance(getattr(m, "gamma", None), torch.Tensor) for m in holder.modules())
+    assert expected_plugin_nodes(holder) == 1
