@@ -19,6 +19,9 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
               help="A model trained elsewhere: the factory (your code, imported by module path) that builds it; "
                    "--ckpt is then its state dict (.pt, loaded as tensors only, or .safetensors). See "
                    "docs/export-your-model.md.")
+@click.option("--draft-ckpt", "draft_ckpt", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="With --model: a draft made for that model (`python -m fastardiff.recipes.foreign_draft`); adds "
+                   "its draft_step engine, for `fastardiff-run --draft model`.")
 @click.option("--target", required=True, metavar="onnx|aoti|trt", help="Engine format to build.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Engine directory to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
@@ -53,8 +56,8 @@ DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (6e-2,
                    "8.0,8.6,8.9,12.0: Ampere, Ada and Blackwell RTX).")
 @click.option("-v", "--verbose", count=True, callback=set_verbose,
               help="Detail: shapes, exporter messages; on an internal error, the traceback.")
-def export_command(ckpt, model, target, out, precision, device, max_batch, gamma, atol, rtol, force, onnx_only, draft,
-                   kv_update, trt_library, compute_capabilities, verbose):
+def export_command(ckpt, model, draft_ckpt, target, out, precision, device, max_batch, gamma, atol, rtol, force,
+                   onnx_only, draft, kv_update, trt_library, compute_capabilities, verbose):
     """Export the draft_step, target_verify and decoder engines of a checkpoint, check them against PyTorch
     and write manifest.json (reused when nothing changed)."""
     if verbose:
@@ -86,9 +89,11 @@ def export_command(ckpt, model, target, out, precision, device, max_batch, gamma
 
     ckpt = ckpt or default_checkpoint_path()
     inputs = RunInputs().add(ckpt, "the checkpoint").add(Path(ckpt).with_suffix(".json"), "the checkpoint's JSON")
+    if draft_ckpt is not None:
+        inputs.add(draft_ckpt, "the draft checkpoint")
     inputs.refuse_output(out, "--out", is_dir=True)       # the export replaces --out whole: no input may be in it
     with protected(inputs):
-        manifest, hit = export_engines(ckpt, out, opts, model=model)
+        manifest, hit = export_engines(ckpt, out, opts, model=model, draft_ckpt=draft_ckpt)
     click.echo(f"{'cache hit' if hit else 'built'}: {out} (backend {manifest.backend}, {manifest.precision}, "
                f"{manifest.device})")
     listed = [n for n in ENGINE_NAMES if n in manifest.engines]   # the core engines first, then the others

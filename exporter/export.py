@@ -120,15 +120,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
-                   model: str | None = None) -> tuple[Manifest, bool]:
+                   model: str | None = None, draft_ckpt: str | Path | None = None) -> tuple[Manifest, bool]:
     """Build (or reuse) the engines of `ckpt_path` for `opts.target` in `out`. Returns (manifest, cache_hit).
-    model: a foreign model's factory `package.module:function` (exporter/foreign); ckpt_path is then its weights."""
+    model: a foreign model's factory `package.module:function` (exporter/foreign); ckpt_path is then its weights.
+    draft_ckpt: a draft made for that model (recipes/foreign_draft.py): its draft_step engine is added."""
     from fastardiff.recipes.checkpoint import load_checkpoint
 
     out = Path(out)
+    if draft_ckpt is not None and model is None:
+        raise FastardiffError("--draft-ckpt is the draft of a model trained elsewhere: pass it with --model (a "
+                              "fastardiff checkpoint carries its own draft)")
+    if draft_ckpt is not None and not opts.draft:
+        raise FastardiffError("--draft-ckpt and --no-draft contradict each other: drop one")
     build = get_target(opts.target)          # unknown target / missing dependency fail before any work
-    if model is not None:   # foreign engines: no draft (yet), the cache written by the runtime (host update)
-        opts = dataclasses.replace(opts, draft=False, kv_update="host" if opts.kv_update == "auto" else opts.kv_update)
+    if model is not None:   # foreign engines: a draft only from --draft-ckpt, the cache written by the runtime
+        opts = dataclasses.replace(opts, draft=draft_ckpt is not None,
+                                   kv_update="host" if opts.kv_update == "auto" else opts.kv_update)
         if opts.kv_update != "host":
             raise FastardiffError("--kv-update in-place is built for fastardiff's own models; a foreign model's "
                                   "engines use --kv-update host (the default for --model)")
@@ -141,12 +148,18 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
         ckpt = load_foreign(model, ckpt_path, opts.atol, opts.rtol)
     else:
         ckpt = load_checkpoint(ckpt_path)
+    draft_sha = None
+    if draft_ckpt is not None:   # refused (one line, nothing written) unless it fits the model
+        from .foreign.draft import attach_draft
+
+        draft_sha = attach_draft(ckpt, draft_ckpt)
     cfg = ckpt.config
     ckpt_sha = sha256_file(ckpt_path)
     versions = {"fastardiff": library_versions(["fastardiff"])["fastardiff"], "python": platform.python_version(),
                 "numpy": library_versions(["numpy"])["numpy"], "engine_code": engine_code_hash(),
                 **library_versions(TARGET_LIBRARIES[opts.target])}
-    key = cache_key(ckpt_sha, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
+    weights = ckpt_sha if draft_sha is None else f"{ckpt_sha}+draft:{draft_sha}"    # another draft: other engines
+    key = cache_key(weights, cfg.config_hash(), ckpt.calibration.to_dict(), opts, versions, gpu)
     if not opts.force:
         manifest = cached_manifest(out, key)
         if manifest is not None:
@@ -159,6 +172,11 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
 
         log.info("measuring Jacobi tokens per target call for --gamma auto (torch backend)")
         calibrate_jacobi(ckpt)
+        if ckpt.draft is not None:
+            from .foreign.engines import calibrate_draft
+
+            log.info("measuring the draft's per-position acceptance (torch backend)")
+            calibrate_draft(ckpt, opts.gamma)
     log.info("exporting %s (%s, config %s) to %s: target %s, %s, %s, batch <= %d, gamma %d",
              ckpt_path, cfg.name, cfg.config_hash(), out, opts.target, opts.precision, opts.device, opts.max_batch,
              opts.gamma)
@@ -176,7 +194,8 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
                 gpu=result.gpu or gpu, plugin=result.plugin,
                 export={"cache_key": key, "target": opts.target, "atol": opts.atol, "rtol": opts.rtol,
                         "onnx_only": opts.onnx_only, "checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_sha,
-                        "seconds": round(time.perf_counter() - start, 2), **_foreign_export(ckpt),
+                        "seconds": round(time.perf_counter() - start, 2),
+                        **_foreign_export(ckpt, draft_ckpt, draft_sha),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.extra})
             write_manifest(tmp, manifest)
             verify_engine_files(tmp, load_manifest(tmp))
@@ -189,8 +208,14 @@ def export_engines(ckpt_path: str | Path, out: str | Path, opts: ExportOptions,
     return manifest, False
 
 
-def _foreign_export(ckpt) -> dict:
-    """manifest.export fields of a foreign model: its factory and the adapter's parity with the library's forward."""
+def _foreign_export(ckpt, draft_ckpt=None, draft_sha=None) -> dict:
+    """manifest.export fields of a foreign model: its factory, the adapter's parity with the library's forward and
+    the draft file it was given (path, sha256, how it was made)."""
     parity = ckpt.meta.get("library_parity") if isinstance(getattr(ckpt, "meta", None), dict) else None
-    return {} if parity is None else {"model": ckpt.config.factory, "library": ckpt.config.library,
-                                      "library_parity": parity}
+    if parity is None:
+        return {}
+    fields = {"model": ckpt.config.factory, "library": ckpt.config.library, "library_parity": parity}
+    if draft_sha is not None:
+        fields.update(draft_checkpoint=str(draft_ckpt), draft_checkpoint_sha256=draft_sha,
+                      draft=ckpt.meta.get("draft", {}))
+    return fields

@@ -175,9 +175,16 @@ def time_engine_calls(engines, batch: int, cfg_scale: float, gammas, verify_widt
         max_drafts = np.full(batch, g, np.int64)
         return lambda: fn(tokens, lengths, d_cache, d_cache, cond, noise, threshold, max_drafts, *scalars)
 
+    def draft_steps(g):           # engines without draft_rollout (a foreign model's draft): g draft_step calls
+        d_cache = cache(shape.draft_layers, shape.seq_len)
+        tokens = rng.standard_normal((rows, 1, shape.token_dim), dtype=np.float32)
+        return lambda: [engines.draft_step(tokens, lengths, d_cache, d_cache, cond) for _ in range(g)]
+
     for g in gammas:
         if g in rollouts:
             calls[("rollout", g)] = rollout(rollouts[g], g)
+        elif "draft_step" in engines.manifest.engines:
+            calls[("rollout", g)] = draft_steps(g)
     jacobi = engines.target_jacobi if jacobi_windows and engines.capabilities.target_jacobi else None
     if jacobi is not None:
         from .generation import on_accelerator
@@ -279,6 +286,8 @@ def choose_gamma(engines, batch: int, cfg_scale: float, margin: float = 1.10,
             return GammaChoice(None, "no draft model in these engines; target-only")
         return choose_by_runs(engines, batch, cfg_scale, margin, dict(options or {}))
     gammas = sorted(engines.capabilities.rollout_gammas) if "model" in drafts else []
+    if "model" in drafts and not gammas and "draft_step" in manifest.engines:   # drafted by draft_step calls
+        gammas = list(range(1, int(manifest.gamma) + 1))
     curve = acceptance_curve(manifest.calibration, cfg_scale) if gammas else None
     limit = min(verify_limit(engines) or 1 << 30, ModelShape.from_config(manifest.config).num_tokens)
     windows = {w: t for w, t in (jacobi_tokens(manifest.calibration, cfg_scale) or {}).items() if w + 1 <= limit} \

@@ -349,7 +349,9 @@ def draft_with_steps(draft: AREngine, stopper: EarlyStop, seq, act, base, max_dr
     """Drafting with one draft_step call per token (engines without a draft_rollout of this gamma)."""
     R = len(act)
     k = np.zeros(R, np.int64)
-    q_mean, q_sigma = np.zeros((R, G, seq.shape[-1])), np.ones((R, G))
+    # q's sigma per token [R, G], or per dimension [R, G, D] (a diagonal-Gaussian draft: foreign-gaussian)
+    D = seq.shape[-1]
+    q_mean, q_sigma = np.zeros((R, G, D)), np.ones((R, G) + ((D,) if draft.rule.diagonal else ()))
     q_offset = None                                    # [R, G] once a draft has a log_offset (diffusion heads)
     drafting = max_drafts > 0
     for i in range(G):

@@ -14,9 +14,10 @@ def load_foreign(ref: str, weights, atol: float = 1e-4, rtol: float = 1e-3):
     return load(ref, weights, atol, rtol)
 
 
-def export_foreign(ref: str, weights, out, target: str = "onnx", **options):
-    """Build (or reuse) the engines of a foreign model: (manifest, cache_hit). `options`: ExportOptions fields."""
+def export_foreign(ref: str, weights, out, target: str = "onnx", draft=None, **options):
+    """Build (or reuse) the engines of a foreign model: (manifest, cache_hit). `draft`: a draft file made for it
+    (recipes/foreign_draft.py), adding the draft_step engine. `options`: ExportOptions fields."""
     from fastardiff.exporter.export import export_engines
     from fastardiff.exporter.targets import ExportOptions
 
-    return export_engines(weights, out, ExportOptions(target=target, **options), model=ref)
+    return export_engines(weights, out, ExportOptions(target=target, **options), model=ref, draft_ckpt=draft)

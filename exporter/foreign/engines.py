@@ -3,7 +3,8 @@ the library's own forward before any engine is built.
 
 Engines: `target_verify` (the adapter under the contract: mean = [token mean, log variance] [B, K, 2D], entropy =
 the Gaussian's differential entropy per dimension) and `decoder` (the patch-to-image map: tokens are pixel
-patches). No draft and no in-graph Jacobi engine: the runtime samples, verifies and runs Jacobi rounds on the
+patches); `draft_step` when a draft made for the model is given (foreign/draft.py). No draft_rollout and no
+in-graph Jacobi engine: the runtime samples, verifies and runs Jacobi rounds on the
 host with the diagonal-Gaussian rule (runtime/token_rules.py DiagonalGaussianTokens).
 
 Library parity: the adapter is run (a) teacher-forced over whole sequences in one call with an empty cache and
@@ -53,7 +54,7 @@ class ForeignVerify(nn.Module):
 @dataclass
 class ForeignCheckpoint:
     """What the export targets read of a checkpoint (config, calibration, target, draft, decoder), for a foreign
-    model: `target` is the adapter (its num_layers: attention layers), no draft."""
+    model: `target` is the adapter (its num_layers: attention layers); `draft` a ForeignDraft or None."""
 
     config: ForeignGaussianConfig
     target: nn.Module
@@ -148,8 +149,13 @@ def library_parity(adapter: nn.Module, cfg: ForeignGaussianConfig, atol: float, 
 
 
 def foreign_modules(ckpt: ForeignCheckpoint, gammas=()) -> dict[str, nn.Module]:
-    """The family's export adapter (exporter/targets.py FAMILY_ADAPTERS): no draft, no in-graph Jacobi."""
-    return {"target_verify": ForeignVerify(ckpt.target).eval(), "decoder": ckpt.decoder}
+    """The family's export adapter (exporter/targets.py FAMILY_ADAPTERS): target_verify and the decoder, and
+    draft_step where the checkpoint has a draft (`--draft-ckpt`, foreign/draft.py); no draft_rollout (the runtime
+    drafts with draft_step calls), no in-graph Jacobi."""
+    modules = {"target_verify": ForeignVerify(ckpt.target).eval(), "decoder": ckpt.decoder}
+    if ckpt.draft is not None:
+        modules = {"draft_step": ckpt.draft.eval(), **modules}
+    return modules
 
 
 JACOBI_WINDOWS = (2, 4, 8, 12, 16)
@@ -170,3 +176,18 @@ def calibrate_jacobi(ckpt: ForeignCheckpoint, images: int | None = None, seed: i
                                                      "coupling": True, "eta": 0.0,
                                                      "loop": "runtime (torch backend), at export"}}
     return per_call
+
+
+def calibrate_draft(ckpt: ForeignCheckpoint, gamma: int, images: int | None = None, seed: int = 0) -> list:
+    """The draft's per-position acceptance a_1 .. a_gamma of the real loop (torch backend, early stopping off),
+    written into calibration.extra.acceptance_by_position like `fastardiff calibrate` does (for --gamma auto)."""
+    from fastardiff.exporter.calibrate import measure_position_acceptance
+
+    images = images or CALIBRATION_IMAGES
+    curves = measure_position_acceptance(ckpt, gamma, images, scales=(1.0,), seed=seed,
+                                         batch=min(images, 50))
+    ckpt.calibration.extra = {**ckpt.calibration.extra, "acceptance_by_position": curves,
+                              "acceptance_calibration": {"gamma": gamma, "images": images, "seed": seed,
+                                                         "early_stop": "off",
+                                                         "loop": "runtime (torch backend), at export"}}
+    return curves["1"]
