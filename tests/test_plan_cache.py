@@ -101,8 +101,13 @@ def test_engines_without_hashes_are_timed_every_time(cache):
 
 def test_run_reuses_the_plan_and_replan_times_again(shared_onnx_export, cache, tmp_path, capsys, monkeypatch):
     import fastardiff.runtime.gamma_auto as gamma_auto
+    import fastardiff.runtime.plan_cache as plan_cache
     from cli_runner import run_cli
 
+    # what a run measured may correct its plan (a busy machine's run may mark it stale: test_plan_updates.py); here
+    # the plan is only to be reused, so the corrections are counted, not applied
+    updates = []
+    monkeypatch.setattr(plan_cache, "update_from_run", lambda key, choice, summary: updates.append(key))
     engine_dir = shared_onnx_export[0]
     args = ["run", "--engine", str(engine_dir), "--prompt", "3", "--out", str(tmp_path / "a.png"),
             "--stats-json", str(tmp_path / "s.json")]
@@ -118,6 +123,7 @@ def test_run_reuses_the_plan_and_replan_times_again(shared_onnx_export, cache, t
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     assert "cached plan" in err and json.loads((tmp_path / "s.json").read_text())["gamma_choice"] == first
+    assert len(updates) == 2 and updates[0] == updates[1] is not None     # every planned run offers its rates
     monkeypatch.setattr(gamma_auto, "choose_gamma", lambda engines, batch, cfg, **kw: GammaChoice(
         None, "replanned: target-only"))
     code, _, err = run_cli(args + ["--replan"], capsys)

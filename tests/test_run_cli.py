@@ -126,14 +126,14 @@ def test_runs_stream_their_images_chunk_by_chunk(random_checkpoint_path, tmp_pat
 
     real_generate, seen = speculative.generate, {}
 
-    def in_chunks_of_four(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+    def in_chunks_of_four(engines, classes, gen, stats=None, max_batch=None, on_images=None, warm=False):
         seen.update(engines=engines, classes=classes, gen=gen, chunks=[])
 
         def record(images, first):
             seen["chunks"].append((first, len(images)))
             on_images(images, first)
 
-        images, stats = real_generate(engines, classes, gen, stats, 4, record)
+        images, stats = real_generate(engines, classes, gen, stats, 4, record, warm=warm)
         assert images is None                              # nothing kept: every chunk went to the writer
         return images, stats
 
@@ -160,12 +160,12 @@ def test_a_run_failing_after_its_first_chunk_leaves_nothing(random_checkpoint_pa
 
     real_generate = speculative.generate
 
-    def fails_after_one_chunk(engines, classes, gen, stats=None, max_batch=None, on_images=None):
+    def fails_after_one_chunk(engines, classes, gen, stats=None, max_batch=None, on_images=None, warm=False):
         def then_fail(images, first):
             on_images(images, first)
             raise EngineError("engine 'decoder' returned NaN or inf; re-export the engines")
 
-        return real_generate(engines, classes, gen, stats, 2, then_fail)
+        return real_generate(engines, classes, gen, stats, 2, then_fail, warm=warm)
 
     monkeypatch.setattr(speculative, "generate", fails_after_one_chunk)
     code, _, err = run_in_process(["--ckpt", str(random_checkpoint_path), "--prompt", "0,1,2", "--num-images", "4",

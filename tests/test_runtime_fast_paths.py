@@ -298,7 +298,8 @@ def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines,
     monkeypatch.setattr(speculative, "warm_up", counted_warm_up)
     gen = GenerationConfig(draft="jacobi", gamma=3, seed=4, alternative="target")
     classes = np.array([2])              # one image: no ragged rows (a subset of rows is a copy, bound each call)
-    counted_engines.capabilities.cache_pool._free.clear()               # a fresh process: nothing pooled yet
+    counted_engines.capabilities.cache_pool._free.clear()               # a fresh process: nothing pooled yet,
+    counted_engines._bound_caches.clear()                               # nothing bound
     _counts(counted_engines, reset=True)
     warmed, stats = generate(counted_engines, classes, gen, warm=True)
     assert len(seen) == 1 and stats.warm_up["target_calls"] >= 2 + 2 and stats.warm_up["decode_calls"] == 1
@@ -308,6 +309,7 @@ def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines,
     for name, (runs, inputs) in timed.items():
         assert not any(k.startswith(("k_cache_", "v_cache_")) for k in inputs), (name, inputs)
     counted_engines.capabilities.cache_pool._free.clear()
+    counted_engines._bound_caches.clear()      # (a new buffer may land where the last one was: bound all the same)
     _counts(counted_engines, reset=True)
     cold, cold_stats = generate(counted_engines, classes, gen)
     assert cold_stats.warm_up is None and np.array_equal(cold, warmed)
