@@ -163,6 +163,7 @@ class Adapter:
         while (act := loop.active()).size:
             rounds = next_round(rounds, limit, "adaptive")
             if not probing and self.gap <= 0 and loop.total - int(loop.n[act].min()) > policy.probe_rounds \
+                    and probes_pay(current.label, other.label, act.size) \
                     and self.loss + self.expected_loss(current.label, other.label, act.size) \
                     <= policy.budget * self.elapsed:
                 probing, scored, probe_seconds, rows = policy.probe_rounds, False, 0.0, act.size
@@ -239,6 +240,16 @@ class Adapter:
         m_f, _ = self.estimate(frm).value(rows)
         return (f"{to} measured {m_f / m_t:.2f}x the token rate of {frm} ({1e3 * m_t:.3f} vs {1e3 * m_f:.3f} ms "
                 f"per token per row, rounds of ~{rows} rows, margin {self.policy.margin:.2f}x)")
+
+
+def probes_pay(current: str, other: str, rows: int) -> bool:
+    """Whether a probe of `other` while running `current` over `rows` rows can be judged: not a speculative kind
+    beside target-only over several rows. Its rounds mid-run cannot see what speculation costs a batch at its end
+    (rows finish apart, and the last rounds run for a few stragglers at nearly a full call's price): at 16 images
+    a probe measured Jacobi L8 faster by the margin where whole runs of it measured 0.74x target-only. Falling
+    back to target-only (the other way) is always judged; at several rows, speculation is the plan's call (its
+    whole-image runs), and a plan the machine outgrew is timed again (plan_cache.update_from_run)."""
+    return rows == 1 or current != "target" or other == "target"
 
 
 def record_rate(stats, label: str, tokens: int, seconds: float) -> None:

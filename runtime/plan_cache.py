@@ -290,7 +290,7 @@ def _switches(summary) -> set:
             for m in (moves if isinstance(moves, list) else ()) if isinstance(m, dict) and "from" in m and "to" in m}
 
 
-def _verdict(choice: GammaChoice, rates: dict, switches: set, margin: float):
+def _verdict(choice: GammaChoice, rates: dict, switches: set, margin: float, batch: int = 1):
     """(new choice or None, stale reason or None) from one run's own rates {label: (tokens, seconds)}: rates of
     two modes measured in the same run (the same machine state), each over MIN_EVIDENCE_TOKENS, decide between
     them (target-only -> a speculative mode: at least `margin` faster; speculative -> target-only or another:
@@ -303,7 +303,9 @@ def _verdict(choice: GammaChoice, rates: dict, switches: set, margin: float):
     current = choice.label
     switched = [t for f, t in switches if f == current]
     if current in ms and len(ms) >= 2:
-        best = min(ms, key=ms.get)
+        # over several images a mode's rate mid-run does not see the ragged end of a speculative batch
+        # (adaptive.probes_pay): there the rates only ever move a plan to target-only
+        best = min((label for label in ms if batch == 1 or label == "target" or label == current), key=ms.get)
         needed = margin if current == "target" or best != "target" else 1.0
         if best != current and ms[current] / ms[best] >= needed:
             name = "target-only" if best == "target" else best.replace(":", " gamma ")
@@ -358,7 +360,11 @@ def update_from_run(key: dict | None, choice: GammaChoice | None, summary) -> Ga
                            "tokens": weight + tokens, "runs": runs + 1, "last_ms_per_token": round(ms, 6)}
     record["observed"] = observed
     margin = float(stored.confidence.get("margin", 1.10)) if stored.confidence else 1.10
-    new, stale = _verdict(stored, rates, _switches(summary), margin)
+    try:
+        batch = int(key.get("batch", 1))
+    except (TypeError, ValueError):
+        batch = 1
+    new, stale = _verdict(stored, rates, _switches(summary), margin, batch)
     if new is not None:
         log.info("updated the cached --gamma auto plan %s: %s", path, new.reason)
         record.update(choice=new.to_dict(), written=time.time(), stale=None)
