@@ -281,3 +281,20 @@ def test_target_only_over_several_rows_never_probes_speculation(engines):
     assert set(runs["target", 8]) == {"target"}
     assert runs["target", 1]["jacobi:8"]["tokens"] > 0
     assert runs["jacobi", 8]["target"]["tokens"] > 0
+
+
+def test_an_alternative_never_probed_is_not_set_up(engines):
+    """Target-only over several rows with a Jacobi alternative: the loop has one proposal kind and the KV cache of
+    the sequence alone (no spare window positions, which attention would read every step; set up, 4 rows would
+    get them); one row sets up both."""
+    from fastardiff.runtime.speculative import ModelShape, start_loop
+
+    gen = GenerationConfig(mode="target", gamma=8, alternative="jacobi:8", seed=1)
+    seq_len = ModelShape.from_config(engines.manifest.config).seq_len
+    shapes = {}
+    for rows in (4, 1):
+        loop, proposals = start_loop(engines, np.arange(rows), gen, np.random.default_rng(0), RunStats())
+        shapes[rows] = [p.label for p in proposals], loop.target.cache.capacity
+        loop.release()
+    assert shapes[4] == (["target"], seq_len)
+    assert shapes[1][0] == ["target", "jacobi:8"]
