@@ -76,6 +76,8 @@ class AdaptPolicy:
     margin: float = 1.10        # switch only to a kind measured this much faster (tokens per second) ...
     z: float = 2.0              # ... by this many standard errors of the difference (noise does not flap)
     window: int = 16            # scored rounds kept per kind (older ones fade: the machine changes)
+    probe_all_rows: bool = False  # probe speculation beside target-only over several rows too (probes_pay; the
+                                  # tests that force a switch at every probe, to check the switching path's output)
 
     def __post_init__(self):
         if self.probe_rounds < 2 or self.first_probe < 0 or self.min_gap < 0 or self.window < 2 or self.budget < 0:
@@ -163,7 +165,7 @@ class Adapter:
         while (act := loop.active()).size:
             rounds = next_round(rounds, limit, "adaptive")
             if not probing and self.gap <= 0 and loop.total - int(loop.n[act].min()) > policy.probe_rounds \
-                    and probes_pay(current.label, other.label, act.size) \
+                    and probes_pay(current.label, other.label, act.size, policy.probe_all_rows) \
                     and self.loss + self.expected_loss(current.label, other.label, act.size) \
                     <= policy.budget * self.elapsed:
                 probing, scored, probe_seconds, rows = policy.probe_rounds, False, 0.0, act.size
@@ -242,14 +244,14 @@ class Adapter:
                 f"per token per row, rounds of ~{rows} rows, margin {self.policy.margin:.2f}x)")
 
 
-def probes_pay(current: str, other: str, rows: int) -> bool:
+def probes_pay(current: str, other: str, rows: int, all_rows: bool = False) -> bool:
     """Whether a probe of `other` while running `current` over `rows` rows can be judged: not a speculative kind
     beside target-only over several rows. Its rounds mid-run cannot see what speculation costs a batch at its end
     (rows finish apart, and the last rounds run for a few stragglers at nearly a full call's price): at 16 images
     a probe measured Jacobi L8 faster by the margin where whole runs of it measured 0.74x target-only. Falling
     back to target-only (the other way) is always judged; at several rows, speculation is the plan's call (its
     whole-image runs), and a plan the machine outgrew is timed again (plan_cache.update_from_run)."""
-    return rows == 1 or current != "target" or other == "target"
+    return all_rows or rows == 1 or current != "target" or other == "target"
 
 
 def record_rate(stats, label: str, tokens: int, seconds: float) -> None:

@@ -47,7 +47,8 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
     Algorithm 1, each round one proposal kind's propose / verify / accept / roll back (runtime/proposals.py);
     with gen.alternative, `adapter` (one for the whole run) switches kinds as the measured rates say
     (runtime/adaptive.py)."""
-    loop, proposals = start_loop(engines, np.asarray(classes, np.int64), gen, rng, stats)
+    loop, proposals = start_loop(engines, np.asarray(classes, np.int64), gen, rng, stats,
+                                 adapter.policy.probe_all_rows if adapter is not None else False)
     # the eta prefill (fast-ardiff Algorithm 1) spares the model draft the first tokens; off by default: on the
     # shipped model the draft's acceptance is the same with and without it (measured), so it only costs target
     # calls. Jacobi has no draft calls to spare and its first round is a plain target step already
@@ -65,7 +66,7 @@ def generate_tokens(engines, classes: np.ndarray, gen: GenerationConfig, rng: np
 
 
 def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.random.Generator,
-               stats: RunStats) -> tuple[TokenLoop, list[Proposal]]:
+               stats: RunStats, probe_all_rows: bool = False) -> tuple[TokenLoop, list[Proposal]]:
     """The run's buffers, its AR engines with their caches, and its proposal kinds: the one the request asks
     for, then the alternative it adapts to (gen.alternative), if any."""
     caps, m = engines.capabilities, engines.manifest
@@ -73,7 +74,7 @@ def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.rand
     total = check_request(gen, shape)
     B, specs = len(classes), [(proposal_kind(gen), gen.gamma)]
     if gen.alternative is not None and (alt := check_alternative(engines, gen)) not in specs \
-            and adapts(gen, alt, B):
+            and adapts(gen, alt, B, probe_all_rows):
         specs.append(alt)
     G = max(g for _, g in specs)                      # the widest proposal: its spare positions
     draft_rule, target_rule = token_rules(engines, gen, rng, B, shape.num_tokens + G + 1, stats)
@@ -105,12 +106,12 @@ def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.rand
                   for kind, g in specs]
 
 
-def adapts(gen: GenerationConfig, alternative: tuple, rows: int) -> bool:
+def adapts(gen: GenerationConfig, alternative: tuple, rows: int, probe_all_rows: bool = False) -> bool:
     """Whether a chunk of `rows` rows sets up its alternative kind (adaptive.probes_pay): one it would never probe
     (speculation beside target-only over several rows) is left out, with its buffers and the wider KV cache its
     windows need (attention over the spare positions made such target-only runs ~8 % slower at 16 images)."""
     kind, g = alternative
-    return probes_pay(proposal_kind(gen), "target" if kind == "target" else f"{kind}:{g}", rows)
+    return probes_pay(proposal_kind(gen), "target" if kind == "target" else f"{kind}:{g}", rows, probe_all_rows)
 
 
 def proposal_kind(gen: GenerationConfig) -> str:

@@ -205,7 +205,7 @@ def test_fuzzed_export_flags_work_or_fail_cleanly(flags, monkeypatch, random_che
     built = []
     _, valid = export_manifest
 
-    def fake_export(ckpt, out, opts, model=None):
+    def fake_export(ckpt, out, opts, model=None, draft_ckpt=None):
         from fastardiff.exporter.targets import get_target
 
         get_target(opts.target)      # unknown target, missing dependency: as the real export

@@ -498,7 +498,8 @@ def test_engine_acceptance_choice_and_its_errors(shipped_engines):
     assert not in_engine_acceptance(no_jacobi, GenerationConfig())         # auto: quietly off where it cannot run
 
 
-SWITCH_EVERY_PROBE = dict(first_probe=1, probe_rounds=2, min_gap=1, budget=1e9, margin=0.0, z=0.0)
+SWITCH_EVERY_PROBE = dict(first_probe=1, probe_rounds=2, min_gap=1, budget=1e9, margin=0.0, z=0.0,
+                          probe_all_rows=True)
 
 
 @pytest.fixture

@@ -92,6 +92,7 @@ class StandInTensorRT:
 
             def add_optimization_profile(self, profile):
                 rec.calls.append("add_optimization_profile")
+                return 0                         # the profile's index (TensorRT: -1 where it is refused)
 
             def create_timing_cache(self, serialized_timing_cache):
                 blob = bytes(serialized_timing_cache)
@@ -112,7 +113,8 @@ class StandInTensorRT:
                 return self.cache  # None while no cache is attached
 
         class Network:
-            num_layers = 0      # nothing is parsed: the layer census (trt_build.count_layers) counts none
+            num_layers = 0      # nothing is parsed: the layer census (trt_build.count_layers) counts none,
+            num_inputs = 0      # and the held profile (trt_build.read_profile) reads no input
 
             def __init__(self, flags):
                 self.flags = flags
