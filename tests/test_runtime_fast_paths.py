@@ -286,6 +286,7 @@ def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines,
     buffers are the warm-up's, already bound) and its images are the very ones of an unwarmed run (the warm-up
     has its own random stream). Counted on the engines' own IOBinding; the control, without the warm-up, binds."""
     from fastardiff.runtime import speculative
+    from fastardiff.runtime.adaptive import Adapter, AdaptPolicy
     from fastardiff.runtime.speculative import GenerationConfig, generate
 
     real, seen = speculative.warm_up, []
@@ -301,7 +302,9 @@ def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines,
     counted_engines.capabilities.cache_pool._free.clear()               # a fresh process: nothing pooled yet,
     counted_engines._bound_caches.clear()                               # nothing bound
     _counts(counted_engines, reset=True)
-    warmed, stats = generate(counted_engines, classes, gen, warm=True)
+    # an adapter that never probes: a probe's timing-dependent rounds would change the images
+    never = dict(adapter=Adapter(AdaptPolicy(first_probe=10 ** 9)))
+    warmed, stats = generate(counted_engines, classes, gen, warm=True, **never)
     assert len(seen) == 1 and stats.warm_up["target_calls"] >= 2 + 2 and stats.warm_up["decode_calls"] == 1
     assert seen[0]["target_jacobi"][0] > 0 and seen[0]["target_verify"][0] > 0      # both kinds warmed
     timed = _counts(counted_engines)
@@ -311,6 +314,6 @@ def test_a_warmed_run_makes_its_calls_shapes_before_it_is_timed(counted_engines,
     counted_engines.capabilities.cache_pool._free.clear()
     counted_engines._bound_caches.clear()      # (a new buffer may land where the last one was: bound all the same)
     _counts(counted_engines, reset=True)
-    cold, cold_stats = generate(counted_engines, classes, gen)
+    cold, cold_stats = generate(counted_engines, classes, gen, adapter=Adapter(AdaptPolicy(first_probe=10 ** 9)))
     assert cold_stats.warm_up is None and np.array_equal(cold, warmed)
     assert any(k.startswith("k_cache_") for k in _counts(counted_engines)["target_jacobi"][1])   # the control
