@@ -62,6 +62,17 @@ def run(engine: str, args: list, cache: Path, out: Path, extra=()) -> dict:
     return summary
 
 
+def alternating(pairs: int, first, second):
+    """`pairs` pairs (first(), second()), run AB BA AB ...: a drift of the machine during them falls on both."""
+    for i in range(pairs):
+        if i % 2 == 0:
+            a = first()
+            yield a, second()
+        else:
+            b = second()
+            yield first(), b
+
+
 def describe(s: dict) -> str:
     switches = s.get("switches") or []
     mode = s["mode"] if s["mode"] == "target" else f"{s['draft']}:{s['gamma']}"
@@ -75,14 +86,11 @@ def case(engine: str, name: str, args: list, pairs: int, work: Path) -> list[dic
         planned = run(engine, args, stale, work, ["--replan"])
     first = run(engine, args, stale, work)           # quiet, the busy plan: corrected in this run?
     ratios = []
-    for i in range(pairs):                          # AB BA AB ...: a drift of the machine falls on both sides
+    def fresh_run():
         shutil.rmtree(fresh, ignore_errors=True)      # a fresh cache: plans on the quiet machine
-        if i % 2 == 0:
-            a = run(engine, args, stale, work)
-            b = run(engine, args, fresh, work)
-        else:
-            b = run(engine, args, fresh, work)
-            a = run(engine, args, stale, work)
+        return run(engine, args, fresh, work)
+
+    for a, b in alternating(pairs, lambda: run(engine, args, stale, work), fresh_run):
         ratios.append(b["total_seconds"] / a["total_seconds"])
     rows.append({"case": name, "direction": "busy plan -> quiet run", "planned": describe(planned),
                  "first run": describe(first), "later runs": describe(a), "median ratio": statistics.median(ratios),
@@ -91,13 +99,8 @@ def case(engine: str, name: str, args: list, pairs: int, work: Path) -> list[dic
     planned = run(engine, args, quiet, work, ["--replan"])          # quiet -> busy
     ratios = []
     with loaded(LOAD_PROCS):
-        for i in range(pairs):
-            if i % 2 == 0:
-                a = run(engine, args, quiet, work)
-                b = run(engine, args, quiet, work, ["--mode", "target"])
-            else:
-                b = run(engine, args, quiet, work, ["--mode", "target"])
-                a = run(engine, args, quiet, work)
+        for a, b in alternating(pairs, lambda: run(engine, args, quiet, work),
+                                lambda: run(engine, args, quiet, work, ["--mode", "target"])):
             ratios.append(b["total_seconds"] / a["total_seconds"])
     rows.append({"case": name, "direction": "quiet plan -> busy run", "planned": describe(planned),
                  "first run": "-", "later runs": describe(a), "median ratio": statistics.median(ratios),

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan_drift import CASES, LOAD_PROCS, describe, loaded, run  # noqa: E402  (the same runner and load)
+from plan_drift import CASES, LOAD_PROCS, alternating, describe, loaded, run  # noqa: E402  (the same runner)
 
 NEEDED = {("run-1", "quiet"): 1.8}      # the bar at batch 1 on a quiet machine; 0.95 everywhere else
 
@@ -30,13 +30,8 @@ def measure(engine: str, name: str, condition: str, pairs: int, work: Path) -> d
     with loaded(LOAD_PROCS) if condition == "loaded" else nullcontext():
         planned = run(engine, args, cache, work, ["--replan"])
         ratios, warmed, wall, last = [], [], [], None
-        for i in range(pairs):
-            if i % 2 == 0:
-                last = run(engine, args, cache, work)
-                target = run(engine, args, cache, work, ["--mode", "target"])
-            else:
-                target = run(engine, args, cache, work, ["--mode", "target"])
-                last = run(engine, args, cache, work)
+        for last, target in alternating(pairs, lambda: run(engine, args, cache, work),
+                                        lambda: run(engine, args, cache, work, ["--mode", "target"])):
             ratios.append(target["total_seconds"] / last["total_seconds"])
             warmed.append(with_warm_up(target) / with_warm_up(last))
             wall.append(target["wall_seconds"] / last["wall_seconds"])
