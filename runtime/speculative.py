@@ -163,9 +163,9 @@ def rollout_capacity(manifest, gamma: int) -> int:
 
 
 def warm_up(engines, classes: np.ndarray, gen: GenerationConfig, chunk: int) -> dict:
-    """Every engine call shape a run's first rounds use, called once before the run is timed: each proposal kind
-    the run may use (the planned one, and gen.alternative) for a short prefix at the first chunk's batch, then the
-    decoder. In a fresh process the first call of an engine at a shape is slower (ONNX Runtime plans and allocates
+    """The engine call shapes a run will use, each called before the run is timed: every proposal kind the run may
+    use (the planned one, and gen.alternative where the chunk sets it up) at the first chunk's batch (below: how
+    many tokens), then the decoder. In a fresh process the first call of an engine at a shape is slower (ONNX Runtime plans and allocates
     its memory for the shape; the pooled KV buffers are mapped and bound): measured ~3-4 ms of a 1-image run's
     ~9 ms (Jacobi) or ~18 ms (target-only) on the shipped model, which a cached-plan run paid and a freshly planned
     one (warm from the plan's timing) did not. Its own random stream and statistics: the run's images are the
