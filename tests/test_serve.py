@@ -77,6 +77,7 @@ BAD = [
     ({"prompt": ""}, ["--prompt", ""]),
     ({"prompt": 7}, None, "--prompt must be text"),
     ({"prompt": ["7", 3]}, None, "--prompt must be text or a list of texts"),
+    ({"prompt": [None]}, None, "--prompt must be text or a list of texts (got NoneType in the list)"),   # fuzzer's find
     ({"seed": 1}, [], "Missing option '--prompt'."),
     ({"prompt": "7", "seed": -1}, ["--prompt", "7", "--seed", "-1"]),
     ({"prompt": "7", "seed": "abc"}, ["--prompt", "7", "--seed", "abc"]),

@@ -211,9 +211,9 @@ def _classes(prompt, class_names, num_images) -> list[int]:
     from fastardiff.runtime.cli import request_classes
 
     if isinstance(prompt, list):
-        bad = next((p for p in prompt if not isinstance(p, str)), None)
-        if bad is not None:
-            raise RequestError(f"--prompt must be text or a list of texts (got {type(bad).__name__} in the list)")
+        bad = [p for p in prompt if not isinstance(p, str)]      # (a None in the list is bad too)
+        if bad:
+            raise RequestError(f"--prompt must be text or a list of texts (got {type(bad[0]).__name__} in the list)")
         if len(prompt) > MAX_REQUEST_IMAGES:
             raise RequestError(f"--prompt asks for {len(prompt)} images; a request makes 1..{MAX_REQUEST_IMAGES}, "
                                "split it into several requests")
