@@ -210,3 +210,16 @@ def test_run_cli_device_cuda_on_onnx_engines_without_cuda_is_an_error(shared_onn
                             "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "no CUDA execution provider" in err and "--device cpu" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_statistics_file_is_readable_like_the_images(tmp_path):
+    """--stats-json is written atomically (a temporary file renamed into place) with the permissions any new file
+    of the user gets (0644 under umask 022), not the temporary file's private 0600."""
+    from fastardiff.runtime.stats import RunStats
+
+    old = os.umask(0o022)
+    try:
+        RunStats().write_json(tmp_path / "s.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
