@@ -72,10 +72,7 @@ def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.rand
     caps, m = engines.capabilities, engines.manifest
     shape = ModelShape.from_config(m.config)
     total = check_request(gen, shape)
-    B, specs = len(classes), [(proposal_kind(gen), gen.gamma)]
-    if gen.alternative is not None and (alt := check_alternative(engines, gen)) not in specs \
-            and adapts(gen, alt, B, probe_all_rows):
-        specs.append(alt)
+    B, specs = len(classes), proposal_specs(engines, gen, len(classes), probe_all_rows)
     G = max(g for _, g in specs)                      # the widest proposal: its spare positions
     draft_rule, target_rule = token_rules(engines, gen, rng, B, shape.num_tokens + G + 1, stats)
     # model-draft rounds verify and accept in one target_jacobi call where the engines have one (in_engine_acceptance)
@@ -104,6 +101,16 @@ def start_loop(engines, classes: np.ndarray, gen: GenerationConfig, rng: np.rand
     jacobi_engine = engines.target_jacobi if caps.target_jacobi else None
     return loop, [PROPOSALS[kind](loop, ProposalEngines(kind, g, *model.get(g, (None, None)), jacobi_engine, prior))
                   for kind, g in specs]
+
+
+def proposal_specs(engines, gen: GenerationConfig, rows: int, probe_all_rows: bool = False) -> list[tuple[str, int]]:
+    """[(kind, gamma)] a chunk of `rows` rows runs: the requested kind, then gen.alternative where the chunk sets
+    it up (adapts)."""
+    specs = [(proposal_kind(gen), gen.gamma)]
+    if gen.alternative is not None and (alt := check_alternative(engines, gen)) not in specs \
+            and adapts(gen, alt, rows, probe_all_rows):
+        specs.append(alt)
+    return specs
 
 
 def adapts(gen: GenerationConfig, alternative: tuple, rows: int, probe_all_rows: bool = False) -> bool:
@@ -173,10 +180,8 @@ def warm_up(engines, classes: np.ndarray, gen: GenerationConfig, chunk: int) -> 
     started = time.perf_counter()
     part = np.asarray(classes, np.int64)[:chunk]
     shape = ModelShape.from_config(engines.manifest.config)
-    kinds = [gen]
-    if gen.alternative is not None and adapts(gen, (alt := check_alternative(engines, gen)), len(part)):
-        kind, g = alt
-        kinds.append(dataclasses.replace(gen, mode="target") if kind == "target" else speculating(gen, kind, g))
+    kinds = [gen] + [dataclasses.replace(gen, mode="target") if kind == "target" else speculating(gen, kind, g)
+                     for kind, g in proposal_specs(engines, gen, len(part))[1:]]
     stats = RunStats(mode=gen.mode, early_stop=gen.early_stop, gamma=gen.gamma, draft=gen.draft)
     for kind in kinds:
         # target-only: two steps (one shape). Speculation: its feeds narrow as windows near the end of the image,
